@@ -1,0 +1,218 @@
+"""The balance controller: how μ (the SFT weight in L = (1−μ)·L_RL + μ·L_SFT) moves. AMFT Eq. 4–6.
+
+    μ_{t+1} = clip(μ_t + η_μ·m_t + η_H·(H* − H_t), μ_min, μ_max)
+
+- Entropy term: H_t is the mean token entropy of the current rollouts, H* the same quantity on
+  rollouts of the warm-start policy. Entropy collapsing below H* ⇒ the term is positive ⇒ μ rises
+  ⇒ more imitation, which re-injects the demonstrations' diversity.
+- Meta term: m_t = ∂U(θ'(μ))/∂μ with the one-step lookahead θ'(μ) = θ − α[(1−μ)g_RL + μ g_SFT].
+  By the chain rule ∂θ'/∂μ = −α(g_SFT − g_RL), hence m = α⟨∇_θU(θ'), g_RL − g_SFT⟩.
+  The sign matters: μ moves *up* the validation utility. (The reference code added dL_val/dμ,
+  moving μ to raise validation loss — a bug we do not copy.)
+
+Every baseline of AMFT.md §4 is a controller, not a separate trainer: sft, grpo, sft_grpo, fixed,
+entropy, meta, amft. The state is a frozen dataclass and `controller_step` is pure, so the whole
+controller is checked without a model (tests/unit/test_controller.py) and round-trips through
+checkpoints as JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
+
+import torch
+
+from amft_lib.config import ControllerConfig
+
+USES_META = frozenset({"meta", "amft"})
+USES_ENTROPY = frozenset({"entropy", "amft"})
+
+
+@dataclass(frozen=True)
+class ControllerState:
+    mu: float
+    target_entropy: float | None = None  # H*; None until measured on the warm-start rollouts
+    step: int = 0
+    last_meta_grad: float | None = None  # m of the most recent meta-gradient computation
+    n_meta: int = 0  # how many meta-gradients have been computed
+    history: tuple[tuple[int, float], ...] = ()  # (step, μ) after every update: the audited trajectory
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["history"] = [list(h) for h in self.history]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ControllerState:
+        d = dict(d)
+        d["history"] = tuple((int(s), float(m)) for s, m in d.get("history", ()))
+        return cls(**d)
+
+
+def initial_state(cfg: ControllerConfig) -> ControllerState:
+    """μ_0 per method. sft and sft_grpo start pure SFT; grpo is pure RL."""
+    mu = {"sft": 1.0, "grpo": 0.0, "sft_grpo": 1.0}.get(cfg.method, cfg.mu_init)
+    if cfg.method == "sft_grpo" and cfg.switch_step <= 0:
+        mu = 0.0
+    return ControllerState(mu=mu, target_entropy=cfg.target_entropy, history=((0, mu),))
+
+
+def needs_meta_gradient(cfg: ControllerConfig, step: int) -> bool:
+    """True on the steps where m_t is computed (every T_meta steps, methods meta and amft)."""
+    return cfg.method in USES_META and step % cfg.meta_interval == 0
+
+
+def entropy_term(entropy: float, target_entropy: float, eta_h: float) -> float:
+    """η_H·(H* − H_t): positive when entropy collapses below the warm-start level (⇒ μ rises)."""
+    return eta_h * (target_entropy - entropy)
+
+
+def controller_step(
+    state: ControllerState, entropy: float, meta_grad: float | None, cfg: ControllerConfig
+) -> ControllerState:
+    """One update of μ after training step `state.step` (Eq. 6). Pure: returns a new state.
+
+    entropy: H_t, mean token entropy of this step's rollouts (nats/token).
+    meta_grad: m_t when it was computed this step, else None (the meta term is 0 in between).
+    """
+    step = state.step + 1
+    method = cfg.method
+    if method == "sft":
+        mu = 1.0
+    elif method == "grpo":
+        mu = 0.0
+    elif method == "sft_grpo":
+        mu = 1.0 if step < cfg.switch_step else 0.0
+    elif method == "fixed":
+        mu = cfg.mu_init
+    else:
+        delta = 0.0
+        if method in USES_META and meta_grad is not None:
+            delta += cfg.eta_mu * meta_grad
+        if method in USES_ENTROPY:
+            if state.target_entropy is None:
+                raise ValueError("controller: H* (target_entropy) must be measured before the first update")
+            delta += entropy_term(entropy, state.target_entropy, cfg.eta_h)
+        mu = min(cfg.mu_max, max(cfg.mu_min, state.mu + delta))
+    return replace(
+        state,
+        mu=mu,
+        step=step,
+        last_meta_grad=meta_grad if meta_grad is not None else state.last_meta_grad,
+        n_meta=state.n_meta + (meta_grad is not None),
+        history=(*state.history, (step, mu)),
+    )
+
+
+# ── the meta-gradient ────────────────────────────────────────────────────────────────────────────
+
+
+class MetaGradStats(NamedTuple):
+    """Everything logged each time m is computed (controller.jsonl)."""
+
+    meta_grad: float  # m used by the controller (after `meta_normalize`)
+    raw_meta_grad: float  # α⟨∇U, g_RL − g_SFT⟩, the exact derivative ∂U(θ'(μ))/∂μ
+    grad_u_norm: float  # ‖∇_θU‖
+    grad_rl_norm: float  # ‖g_RL‖
+    grad_sft_norm: float  # ‖g_SFT‖
+    cosine: float  # cos(∇U, g_RL − g_SFT)
+
+
+def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    # float64 accumulation: the dot product of ~1e8 small terms must not lose its sign to rounding.
+    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)))
+
+
+def meta_gradient(
+    grad_u: Sequence[torch.Tensor],
+    g_rl: Sequence[torch.Tensor],
+    g_sft: Sequence[torch.Tensor],
+    alpha: float,
+    normalize: str = "none",
+) -> MetaGradStats:
+    """m = α·⟨∇_θU, g_RL − g_SFT⟩ from the three gradients (lists over the trainable parameters).
+
+    normalize="cosine" returns cos(∇U, g_RL − g_SFT) instead: same sign, scale-free magnitude in
+    [−1, 1]. α > 0 is dropped there because it only rescales and would tie η_μ to the LR schedule.
+    Under data parallelism every gradient here must already be all-reduced.
+    """
+    diff = [gr - gs for gr, gs in zip(g_rl, g_sft, strict=True)]
+    dot = _dot(grad_u, diff)
+    norm_u = math.sqrt(_dot(grad_u, grad_u))
+    norm_d = math.sqrt(_dot(diff, diff))
+    cosine = dot / (norm_u * norm_d) if norm_u > 0 and norm_d > 0 else 0.0
+    raw = alpha * dot
+    if normalize == "none":
+        m = raw
+    elif normalize == "cosine":
+        m = cosine
+    else:
+        raise ValueError(f"unknown meta_normalize {normalize!r}; choose none or cosine")
+    return MetaGradStats(
+        meta_grad=m,
+        raw_meta_grad=raw,
+        grad_u_norm=norm_u,
+        grad_rl_norm=math.sqrt(_dot(g_rl, g_rl)),
+        grad_sft_norm=math.sqrt(_dot(g_sft, g_sft)),
+        cosine=cosine,
+    )
+
+
+def lookahead_params(
+    params: Sequence[torch.Tensor],
+    g_rl: Sequence[torch.Tensor],
+    g_sft: Sequence[torch.Tensor],
+    mu: float,
+    alpha: float,
+) -> list[torch.Tensor]:
+    """θ'(μ) = θ − α·[(1−μ)·g_RL + μ·g_SFT] (SGD form of the next step), as new tensors."""
+    return [p.detach() - alpha * ((1.0 - mu) * gr + mu * gs) for p, gr, gs in zip(params, g_rl, g_sft, strict=True)]
+
+
+def utility_grad_at(
+    params: Sequence[torch.nn.Parameter],
+    values: Sequence[torch.Tensor],
+    utility_grad: Callable[[], list[torch.Tensor]],
+) -> list[torch.Tensor]:
+    """Evaluate `utility_grad()` with `params` temporarily set to `values`, then restore them exactly.
+
+    Restoring copies the saved tensors back (not θ' + step), so θ is bitwise unchanged afterwards
+    and training stays deterministic whether or not a meta step happened.
+    """
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, v in zip(params, values, strict=True):
+                p.copy_(v)
+        return utility_grad()
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+
+
+def compute_meta_gradient(
+    params: Sequence[torch.nn.Parameter],
+    g_rl: Sequence[torch.Tensor],
+    g_sft: Sequence[torch.Tensor],
+    mu: float,
+    alpha: float,
+    utility_grad: Callable[[], list[torch.Tensor]],
+    eval_at: str = "lookahead",
+    normalize: str = "none",
+) -> MetaGradStats:
+    """The full meta step: ∇U at θ'(μ) (or at θ when eval_at="current"), then `meta_gradient`.
+
+    utility_grad: returns ∇_θU at the *current* parameter values, e.g. the policy-gradient
+    estimate mean_i (R_i − b)·∇log π(τ_i) on validation rollouts sampled there.
+    """
+    if eval_at == "lookahead":
+        grad_u = utility_grad_at(params, lookahead_params(params, g_rl, g_sft, mu, alpha), utility_grad)
+    elif eval_at == "current":
+        grad_u = utility_grad()
+    else:
+        raise ValueError(f"unknown meta_eval_at {eval_at!r}; choose lookahead or current")
+    return meta_gradient(grad_u, g_rl, g_sft, alpha, normalize)

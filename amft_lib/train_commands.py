@@ -1,0 +1,69 @@
+"""`amft train`: run the trainer from a YAML config with a few common overrides."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from amft_lib.config import METHODS
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a policy with AMFT or one of its baselines",
+        description="Train with AMFT (or sft, grpo, sft_grpo, fixed, entropy, meta) from a YAML config. "
+        "Writes metrics.jsonl, controller.jsonl, samples.jsonl, config.yaml and model/ under --out.",
+    )
+    p.add_argument("--config", help="YAML config (see configs/); defaults are used when omitted")
+    p.add_argument("--out", help="output directory (required unless --help-config)")
+    p.add_argument("--method", choices=METHODS, help="override controller.method")
+    p.add_argument("--task", help="override data.task")
+    p.add_argument("--model", help="override model.name (tiny, smollm2-135m or a local HF directory)")
+    p.add_argument("--init-model", help="start from this HF directory (e.g. the warm-start model)")
+    p.add_argument("--data", help="override data.path (dataset directory, parquet file or s3:// URI)")
+    p.add_argument("--max-steps", type=int, help="override max_steps")
+    p.add_argument("--seed", type=int, help="override seed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set controller.eta_mu=0.1 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
+    p.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from amft_lib.config import (
+        ConfigError,
+        TrainConfig,
+        apply_overrides,
+        describe,
+        load_config,
+    )
+
+    if args.help_config:
+        for key, default, text in describe():
+            print(f"{key} = {default}\n    {text}")
+        return 0
+    if not args.out:
+        print("error: --out is required", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config) if args.config else TrainConfig()
+        overrides = list(args.set)
+        for flag, key in (("method", "controller.method"), ("task", "data.task"), ("model", "model.name"),
+                          ("data", "data.path"), ("max_steps", "max_steps"), ("seed", "seed")):
+            value = getattr(args, flag)
+            if value is not None:
+                overrides.append(f"{key}={value}")
+        cfg = apply_overrides(cfg, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from amft_lib.trainer import train
+
+    result = train(cfg, args.out, init_model=args.init_model, progress=not args.no_progress)
+    print(
+        f"method={cfg.controller.method} steps={result.steps} val_accuracy {result.val_reward_initial:.3f} -> "
+        f"{result.val_reward_final:.3f} mu_final={result.mu_final:.3f} model={result.model_dir}"
+    )
+    return 0

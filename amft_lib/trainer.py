@@ -1,0 +1,412 @@
+"""The AMFT training loop: one readable loop for all seven methods (AMFT.md §4).
+
+Each step:
+    sample G completions for B prompts → score with the verifier → group advantages →
+    g_RL = ∇L_RL (PPO-clip) and g_SFT = ∇L_SFT (demonstrations) →
+    [every T_meta steps: m = α⟨∇U(θ'), g_RL − g_SFT⟩ on validation rollouts] →
+    θ ← AdamW((1 − μ)·g_RL + μ·g_SFT, clipped) → μ ← controller_step(μ, H_t, m) → log → checkpoint
+
+Why the two gradients are computed separately rather than backpropagating the mixed loss once:
+the meta-gradient needs both, and since L_RL and L_SFT are evaluated on different sequences
+(rollouts vs demonstrations) two backward passes cost the same as one pass over both.
+The baselines differ only in their controller (see controller.py), so an equal budget
+(steps, rollouts, SFT tokens) holds by construction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from amft_lib import controller as ctl
+from amft_lib.config import TrainConfig, config_hash, save_config
+from amft_lib.dataset import load_splits
+from amft_lib.losses import group_advantages, masked_mean, ppo_clip_loss, sft_loss
+from amft_lib.model import load_policy, save_policy, trainable_parameters
+from amft_lib.rollout import TokenBatch, completion_logprobs, demonstration_batch, sample_completions
+from amft_lib.sampler import Cursor
+from amft_lib.scoring import greedy_eval, score_completions
+from amft_lib.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to `min_ratio` at `max_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    model_dir: Path
+    steps: int
+    mu_final: float
+    target_entropy: float | None
+    val_reward_initial: float
+    val_reward_final: float
+    elapsed_s: float
+
+
+# ── gradients of the two losses (chunked so memory is bounded; results are exact sums) ─────────────
+
+
+def _accumulate(acc: list[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+    for a, g in zip(acc, grads, strict=True):
+        if g is not None:
+            a.add_(g)
+
+
+def rl_gradient(
+    model,
+    params: list[torch.nn.Parameter],
+    batch: TokenBatch,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    cfg: TrainConfig,
+    ref_logprobs: torch.Tensor | None = None,
+) -> tuple[list[torch.Tensor], float, dict]:
+    """g_RL = ∇_θ L_RL over the rollout batch, in micro-batches whose weights make the sum exact."""
+    grads = [torch.zeros_like(p) for p in params]
+    n, n_tok = len(batch), max(1, batch.n_tokens)
+    total, clip_frac, approx_kl, kl_ref = 0.0, 0.0, 0.0, 0.0
+    mb = cfg.loss.micro_batch_size
+    device = params[0].device
+    for s in range(0, n, mb):
+        chunk = batch.slice(s, s + mb)
+        mask = chunk.completion_mask.to(device)
+        # token_mean weighs chunks by their token share; seq_mean and dr_grpo by their sequence share
+        w = chunk.n_tokens / n_tok if cfg.loss.loss_agg == "token_mean" else len(chunk) / n
+        with _autocast(cfg):
+            logprobs, _ = completion_logprobs(model, chunk, cfg.rollout.temperature)
+        loss, stats = ppo_clip_loss(
+            logprobs,
+            old_logprobs[s : s + mb].to(device),
+            advantages[s : s + mb].to(device),
+            mask,
+            clip_eps=cfg.loss.clip_eps,
+            agg=cfg.loss.loss_agg,
+            max_len=cfg.rollout.max_new_tokens,
+            ref_logprobs=None if ref_logprobs is None else ref_logprobs[s : s + mb].to(device),
+            kl_beta=cfg.loss.kl_beta,
+        )
+        _accumulate(grads, torch.autograd.grad(loss * w, params, allow_unused=True))
+        total += float(loss) * w
+        clip_frac += stats.clip_frac * w
+        approx_kl += stats.approx_kl * w
+        kl_ref += stats.kl_ref * w
+    return grads, total, {"clip_frac": clip_frac, "approx_kl": approx_kl, "kl_ref": kl_ref}
+
+
+def sft_gradient(model, params: list[torch.nn.Parameter], batch: TokenBatch, cfg: TrainConfig):
+    """g_SFT = ∇_θ L_SFT (token-mean NLL of demonstration tokens; prompt tokens masked)."""
+    grads = [torch.zeros_like(p) for p in params]
+    n_tok = max(1, batch.n_tokens)
+    total = 0.0
+    mb = cfg.loss.micro_batch_size
+    for s in range(0, len(batch), mb):
+        chunk = batch.slice(s, s + mb)
+        w = chunk.n_tokens / n_tok
+        with _autocast(cfg):
+            logprobs, _ = completion_logprobs(model, chunk)
+        loss = sft_loss(logprobs, chunk.completion_mask.to(logprobs.device))
+        _accumulate(grads, torch.autograd.grad(loss * w, params, allow_unused=True))
+        total += float(loss) * w
+    return grads, total
+
+
+def utility_gradient(model, params, tokenizer, task, rows: Sequence[dict], cfg: TrainConfig) -> list[torch.Tensor]:
+    """∇_θU by the policy gradient on fresh validation rollouts: mean_i (R_i − b_g)·∇log π(τ_i).
+
+    b_g is the group mean reward (G = meta_val_group samples per prompt), so groups where every
+    sample got the same reward contribute nothing, as they carry no information about direction.
+    """
+    G = cfg.controller.meta_val_group
+    with _autocast(cfg):
+        batch = sample_completions(
+            model,
+            tokenizer,
+            [r["prompt"] for r in rows],
+            group_size=G,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            chat_template=cfg.model.chat_template,
+        )
+    rewards, _ = score_completions(task, [r["answer"] for r in rows for _ in range(G)], batch.texts)
+    weights = group_advantages(rewards, G, scale=False)  # R_i − b_g: [N]
+    grads = [torch.zeros_like(p) for p in params]
+    mb, n = cfg.loss.micro_batch_size, len(batch)
+    device = params[0].device
+    for s in range(0, n, mb):
+        chunk = batch.slice(s, s + mb)
+        with _autocast(cfg):
+            logprobs, _ = completion_logprobs(model, chunk, cfg.rollout.temperature)
+        seq_logprob = (logprobs * chunk.completion_mask.to(device)).sum(-1)  # [mb]
+        surrogate = (weights[s : s + mb].to(device) * seq_logprob).sum() / n
+        _accumulate(grads, torch.autograd.grad(surrogate, params, allow_unused=True))
+    return grads
+
+
+def _autocast(cfg: TrainConfig):
+    if cfg.precision == "bf16-mixed" and torch.cuda.is_available():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ── the loop ────────────────────────────────────────────────────────────────────────────────────────
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    init_model: str | None = None,
+    splits: dict[str, list[dict]] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train with `cfg.controller.method`; writes metrics.jsonl, controller.jsonl, samples.jsonl,
+    config.yaml and the final model (HF directory, safetensors) under `out_dir`.
+
+    init_model: start from this HF directory (e.g. the warm-start model) instead of cfg.model.name.
+    """
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    model_cfg = cfg.model if init_model is None else replace(cfg.model, name=str(init_model))
+    model, tokenizer = load_policy(model_cfg, device=device, seed=cfg.seed)
+    model.train()
+    params = trainable_parameters(model)
+    task = get_task(cfg.data.task)
+    splits = splits if splits is not None else load_splits(cfg.data)
+    train_rows = splits["train"]
+    demo_rows = [r for r in train_rows if r.get("demonstration")]
+    val_rows = splits.get("val", [])
+    if not train_rows:
+        raise ValueError("the training split is empty")
+    if not demo_rows and cfg.controller.method != "grpo":
+        raise ValueError(f"method {cfg.controller.method!r} needs demonstrations; the train split has none")
+
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(s, cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio),
+    )
+    ref_model = None
+    if cfg.loss.kl_beta > 0:
+        ref_model, _ = load_policy(model_cfg, device=device, seed=cfg.seed)
+        ref_model.eval().requires_grad_(False)
+
+    state = ctl.initial_state(cfg.controller)
+    prompt_cursor = Cursor(len(train_rows), cfg.seed)
+    demo_cursor = Cursor(len(demo_rows), cfg.seed + 1)
+    meta_cursor = Cursor(len(val_rows), cfg.seed + 2)
+    eval_rows = val_rows[: cfg.eval_prompts]
+
+    metrics_f = (out / "metrics.jsonl").open("w")
+    controller_f = (out / "controller.jsonl").open("w")
+    samples_f = (out / "samples.jsonl").open("w")
+    B, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
+
+    def run_eval(step: int) -> float:
+        ev = greedy_eval(
+            model, tokenizer, task, eval_rows, cfg.rollout.max_new_tokens, cfg.model.chat_template, cfg.log_samples
+        )
+        for s in ev.samples:
+            samples_f.write(json.dumps({"step": step, **s}) + "\n")
+        samples_f.flush()
+        return ev.accuracy
+
+    val_initial = run_eval(0) if eval_rows else float("nan")
+    val_last = val_initial
+    bar = _progress(cfg.max_steps, progress)
+    log.info("training %s for %d steps on %s; initial val accuracy %.3f", cfg.controller.method, cfg.max_steps,
+             device, val_initial)
+
+    for step in range(cfg.max_steps):
+        t0 = time.perf_counter()
+        mu = state.mu
+        # ── 1. sample: G completions for each of B training prompts ──
+        rows = [train_rows[i] for i in prompt_cursor.take(B)]
+        with _autocast(cfg):
+            rollouts = sample_completions(
+                model,
+                tokenizer,
+                [r["prompt"] for r in rows],
+                group_size=G,
+                max_new_tokens=cfg.rollout.max_new_tokens,
+                temperature=cfg.rollout.temperature,
+                top_p=cfg.rollout.top_p,
+                chat_template=cfg.model.chat_template,
+            )
+        # ── 2. score: verifier rewards, group-relative advantages, π_old log-probs and entropy ──
+        rewards, format_ok = score_completions(task, [r["answer"] for r in rows for _ in range(G)], rollouts.texts)
+        advantages = group_advantages(rewards, G, scale=cfg.loss.scale_rewards)
+        with torch.no_grad(), _autocast(cfg):
+            old_logprobs, entropy_tok = completion_logprobs(model, rollouts, cfg.rollout.temperature, with_entropy=True)
+            ref_logprobs = None
+            if ref_model is not None:
+                ref_logprobs, _ = completion_logprobs(ref_model, rollouts, cfg.rollout.temperature)
+        mask = rollouts.completion_mask.to(old_logprobs.device)
+        entropy = float(masked_mean(entropy_tok, mask))  # H_t
+        if state.target_entropy is None:
+            # H*: entropy of the starting (warm-start) policy's own rollouts, like-for-like with H_t
+            state = replace(state, target_entropy=entropy)
+        t_rollout = time.perf_counter() - t0
+
+        # ── 3. the two gradients, the meta-gradient, and the mixed update ──
+        t1 = time.perf_counter()
+        do_meta = ctl.needs_meta_gradient(cfg.controller, step) and bool(val_rows)
+        sft_rows = [demo_rows[i] for i in demo_cursor.take(cfg.loss.sft_batch_size)] if demo_rows else []
+        sft_batch = (
+            demonstration_batch(
+                tokenizer,
+                [r["prompt"] for r in sft_rows],
+                [r["demonstration"] for r in sft_rows],
+                cfg.rollout.max_new_tokens,
+                cfg.model.chat_template,
+            )
+            if sft_rows
+            else None
+        )
+        meta_stats, t_meta = None, 0.0
+        rl_loss_v, sft_loss_v, rl_stats = float("nan"), float("nan"), {}
+        grad_norm = 0.0
+        for epoch in range(cfg.loss.ppo_epochs):
+            need_rl = mu < 1.0 or (do_meta and epoch == 0)
+            need_sft = sft_batch is not None and (mu > 0.0 or (do_meta and epoch == 0))
+            g_rl = g_sft = None
+            if need_rl:
+                g_rl, rl_loss_v, rl_stats = rl_gradient(model, params, rollouts, old_logprobs, advantages, cfg,
+                                                        ref_logprobs)
+            if need_sft:
+                g_sft, sft_loss_v = sft_gradient(model, params, sft_batch, cfg)
+            if do_meta and epoch == 0 and g_rl is not None and g_sft is not None:
+                tm = time.perf_counter()
+                val_batch = [val_rows[i] for i in meta_cursor.take(cfg.controller.meta_val_prompts)]
+                meta_stats = ctl.compute_meta_gradient(
+                    params,
+                    g_rl,
+                    g_sft,
+                    mu,
+                    alpha=scheduler.get_last_lr()[0],
+                    utility_grad=lambda vb=val_batch: utility_gradient(model, params, tokenizer, task, vb, cfg),
+                    eval_at=cfg.controller.meta_eval_at,
+                    normalize=cfg.controller.meta_normalize,
+                )
+                t_meta = time.perf_counter() - tm
+            # θ ← AdamW step on (1 − μ)·g_RL + μ·g_SFT   (AMFT Eq. 3)
+            for i, p in enumerate(params):
+                g = torch.zeros_like(p)
+                if g_rl is not None and mu < 1.0:
+                    g.add_(g_rl[i], alpha=1.0 - mu)
+                if g_sft is not None and mu > 0.0:
+                    g.add_(g_sft[i], alpha=mu)
+                p.grad = g
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+            )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        t_update = time.perf_counter() - t1 - t_meta
+
+        # ── 4. controller: μ_{t+1} = clip(μ_t + η_μ·m_t + η_H·(H* − H_t)) ──
+        meta_grad = meta_stats.meta_grad if meta_stats is not None else None
+        state = ctl.controller_step(state, entropy, meta_grad, cfg.controller)
+        if meta_stats is not None:
+            controller_f.write(json.dumps({
+                "step": step, "mu": mu, "mu_next": state.mu, "entropy": entropy,
+                "target_entropy": state.target_entropy, **meta_stats._asdict(),
+            }) + "\n")
+            controller_f.flush()
+
+        # ── 5. log ──
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps and eval_rows:
+            val_last = run_eval(step + 1)
+            val_now: float | None = val_last
+        else:
+            val_now = None
+        dt = time.perf_counter() - t0
+        n_tokens = rollouts.n_tokens + (sft_batch.n_tokens if sft_batch is not None else 0)
+        record = {
+            "step": step, "mu": mu, "mu_next": state.mu, "entropy": entropy,
+            "target_entropy": state.target_entropy, "sft_loss": _num(sft_loss_v), "rl_loss": _num(rl_loss_v),
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+            "format_error_rate": 1.0 - sum(format_ok) / len(format_ok),
+            "frac_reward_zero_std": float((rewards.view(-1, G).std(dim=1) == 0).float().mean()),
+            "meta_grad": meta_grad, "lr": lr, "grad_norm": grad_norm,
+            "clip_frac": rl_stats.get("clip_frac"), "approx_kl": rl_stats.get("approx_kl"),
+            "kl_ref": rl_stats.get("kl_ref"),
+            "completion_len": float(rollouts.completion_mask.sum(-1).mean()),
+            "val_reward": val_now, "tokens_per_s": n_tokens / dt,
+            "time_rollout_s": t_rollout, "time_update_s": t_update, "time_meta_s": t_meta,
+            "elapsed_s": time.perf_counter() - t_start,
+        }
+        metrics_f.write(json.dumps(record) + "\n")
+        metrics_f.flush()
+        if bar is not None:
+            bar.set_postfix(reward=f"{record['reward_mean']:.2f}", mu=f"{mu:.3f}", H=f"{entropy:.2f}",
+                            val=f"{val_last:.3f}")
+            bar.update(1)
+
+    if bar is not None:
+        bar.close()
+    val_final = run_eval(cfg.max_steps) if eval_rows else float("nan")
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": cfg.max_steps, "val_reward": val_final, "final": True,
+                            "mu": state.mu, "config_hash": config_hash(cfg)}) + "\n")
+    for f in (metrics_f, controller_f, samples_f):
+        f.close()
+    model_dir = save_policy(model, tokenizer, out / "model")
+    (out / "controller_state.json").write_text(json.dumps(state.to_dict(), indent=1))
+    result = TrainResult(
+        out_dir=out, model_dir=model_dir, steps=cfg.max_steps, mu_final=state.mu,
+        target_entropy=state.target_entropy, val_reward_initial=val_initial, val_reward_final=val_final,
+        elapsed_s=time.perf_counter() - t_start,
+    )
+    log.info("done: val accuracy %.3f → %.3f, μ %.3f, %.1f s", val_initial, val_final, state.mu, result.elapsed_s)
+    return result
+
+
+def _num(x: float) -> float | None:
+    return None if x != x else x  # NaN (loss not computed this step) → null in JSON
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)

@@ -1,0 +1,105 @@
+"""The μ controller of AMFT Eq. 6 and the baselines expressed as controllers."""
+
+from dataclasses import replace
+
+import pytest
+
+from amft_lib.config import ConfigError, ControllerConfig
+from amft_lib.controller import (
+    ControllerState,
+    controller_step,
+    entropy_term,
+    initial_state,
+    meta_gradient,
+    needs_meta_gradient,
+)
+
+
+def cfg(**kw) -> ControllerConfig:
+    base = dict(method="amft", mu_init=0.5, mu_min=0.05, mu_max=0.95, eta_mu=0.1, eta_h=0.2, meta_interval=5)
+    base.update(kw)
+    return ControllerConfig(**base)
+
+
+def test_entropy_below_target_raises_mu():
+    c = cfg(method="entropy")
+    s = ControllerState(mu=0.5, target_entropy=1.0)
+    # H = 0.5 < H* = 1.0 → μ += 0.2·(1.0 − 0.5) = 0.1
+    assert controller_step(s, 0.5, None, c).mu == pytest.approx(0.6)
+    # H above target → μ falls
+    assert controller_step(s, 1.5, None, c).mu == pytest.approx(0.4)
+    assert entropy_term(0.5, 1.0, 0.2) == pytest.approx(0.1)
+
+
+def test_amft_combines_both_terms_and_clips():
+    c = cfg()
+    s = ControllerState(mu=0.5, target_entropy=1.0)
+    # μ + η_μ·m + η_H·(H* − H) = 0.5 + 0.1·(−1) + 0.2·(0.25) = 0.45
+    assert controller_step(s, 0.75, -1.0, c).mu == pytest.approx(0.45)
+    assert controller_step(ControllerState(mu=0.94, target_entropy=1.0), 0.0, 1.0, c).mu == 0.95
+    assert controller_step(ControllerState(mu=0.06, target_entropy=1.0), 5.0, -1.0, c).mu == 0.05
+
+
+def test_meta_only_ignores_entropy_and_is_zero_between_meta_steps():
+    c = cfg(method="meta")
+    s = ControllerState(mu=0.5, target_entropy=1.0)
+    assert controller_step(s, 0.0, None, c).mu == 0.5  # m_t = 0 between meta steps; entropy ignored
+    assert controller_step(s, 0.0, 0.5, c).mu == pytest.approx(0.55)
+
+
+def test_baselines():
+    s = ControllerState(mu=0.3, target_entropy=1.0)
+    assert controller_step(s, 0.0, 1.0, cfg(method="sft")).mu == 1.0
+    assert controller_step(s, 0.0, 1.0, cfg(method="grpo")).mu == 0.0
+    assert controller_step(s, 0.0, 1.0, cfg(method="fixed", mu_init=0.3)).mu == 0.3
+    sg = cfg(method="sft_grpo", switch_step=3)
+    st = initial_state(sg)
+    mus = []
+    for _ in range(5):
+        st = controller_step(st, 1.0, None, sg)
+        mus.append(st.mu)
+    assert initial_state(sg).mu == 1.0
+    assert mus == [1.0, 1.0, 0.0, 0.0, 0.0]  # μ used at steps 1..5; switches when step reaches 3
+
+
+def test_state_round_trip_and_history():
+    c = cfg()
+    s = replace(initial_state(c), target_entropy=2.0)
+    s = controller_step(s, 1.0, 0.5, c)
+    back = ControllerState.from_dict(s.to_dict())
+    assert back == s
+    assert back.history == ((0, 0.5), (1, s.mu)) and back.n_meta == 1 and back.last_meta_grad == 0.5
+
+
+def test_entropy_methods_require_target():
+    with pytest.raises(ValueError, match="H\\*"):
+        controller_step(ControllerState(mu=0.5), 1.0, None, cfg(method="entropy"))
+
+
+def test_needs_meta_gradient_schedule():
+    c = cfg(meta_interval=5)
+    assert [s for s in range(12) if needs_meta_gradient(c, s)] == [0, 5, 10]
+    assert not any(needs_meta_gradient(cfg(method="entropy"), s) for s in range(12))
+
+
+def test_meta_gradient_formula_and_cosine():
+    import torch
+
+    gu = [torch.tensor([1.0, 0.0]), torch.tensor([2.0])]
+    grl = [torch.tensor([3.0, 1.0]), torch.tensor([0.0])]
+    gsft = [torch.tensor([1.0, 1.0]), torch.tensor([1.0])]
+    # d = g_RL − g_SFT = [2, 0, −1]; ⟨∇U, d⟩ = 2 − 2 = 0 → orthogonal
+    st = meta_gradient(gu, grl, gsft, alpha=0.1)
+    assert st.raw_meta_grad == pytest.approx(0.0) and st.cosine == pytest.approx(0.0)
+    gu2 = [torch.tensor([1.0, 0.0]), torch.tensor([0.0])]
+    st2 = meta_gradient(gu2, grl, gsft, alpha=0.1, normalize="cosine")
+    assert st2.raw_meta_grad == pytest.approx(0.1 * 2.0)
+    assert st2.meta_grad == pytest.approx(2.0 / (1.0 * 5**0.5))  # cos = 2 / (‖∇U‖=1 · ‖d‖=√5)
+    assert st2.grad_rl_norm == pytest.approx(10**0.5) and st2.grad_sft_norm == pytest.approx(3**0.5)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ConfigError, match=r"mu_init=1\.2"):
+        ControllerConfig(mu_init=1.2)
+    with pytest.raises(ConfigError, match="method='ppo'"):
+        ControllerConfig(method="ppo")
