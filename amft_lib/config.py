@@ -250,6 +250,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 continue
         raise ConfigError(f"{where}={value!r}: expected {tp}")
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads `1e-3` as a string; accept any spelling float() accepts.
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{where}={value!r}: expected a number") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}={value!r}: expected a number")
         return float(value)
