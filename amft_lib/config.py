@@ -223,6 +223,41 @@ class TrainConfig:
             raise ConfigError(f"device={self.device!r}: choose auto, cpu or cuda")
 
 
+@dataclass
+class WarmStartConfig:
+    """The rejection-sampled warm start (AMFT.md §3): SFT warm-up → rejection sampling → SFT on
+    demonstrations ∪ accepted samples. Its output model is where every method's training starts."""
+
+    seed: int = _help("Seed for torch, numpy and python RNGs.", 0)
+    device: str = _help("`auto` (cuda if available), `cpu` or `cuda`.", "auto")
+    precision: Literal["fp32", "bf16-mixed"] = _help("As in training.", "fp32")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    warmup_steps: int = _help("W: SFT steps on demonstrations before rejection sampling (reference 50).", 300)
+    batch_size: int = _help("Demonstrations per SFT step.", 64)
+    lr: float = _help("Peak AdamW learning rate of both SFT phases.", 3e-3)
+    rs_samples: int = _help("k: completions sampled per training prompt for rejection sampling.", 8)
+    rs_max_per_prompt: int = _help("c: at most this many distinct accepted completions kept per prompt.", 2)
+    rs_max_prompts: int = _help("Cap on training prompts sampled (0: all of them).", 0)
+    rs_temperature: float = _help("Sampling temperature for rejection sampling.", 1.0)
+    max_new_tokens: int = _help("Maximum completion length while sampling.", 96)
+    final_sft_steps: int = _help("SFT steps on demonstrations ∪ accepted samples (after W).", 100)
+    entropy_prompts: int = _help("Training prompts whose rollouts measure H* of the warm-start model.", 32)
+    entropy_group: int = _help("Completions per prompt for the H* measurement.", 4)
+    eval_prompts: int = _help("Validation prompts for the greedy accuracy reported at each phase.", 64)
+    micro_batch_size: int = _help("Sequences per forward/backward chunk.", 64)
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0 or self.final_sft_steps < 0:
+            raise ConfigError("warmup_steps and final_sft_steps must be >= 0")
+        if self.rs_samples < 1 or self.rs_max_per_prompt < 1:
+            raise ConfigError(
+                f"rs_samples={self.rs_samples}, rs_max_per_prompt={self.rs_max_per_prompt}: both must be >= 1"
+            )
+        if self.rs_temperature <= 0:
+            raise ConfigError(f"rs_temperature={self.rs_temperature}: must be > 0")
+
+
 # ── loading, overriding, hashing ───────────────────────────────────────────────────────────────
 
 

@@ -30,15 +30,57 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     p.set_defaults(handler=_train)
 
+    w = sub.add_parser(
+        "warm-start",
+        help="SFT warm-up → rejection sampling → SFT on demos ∪ accepted (AMFT.md §3)",
+        description="Build the warm-start model. Writes model/, accepted.parquet, sft_history.jsonl and "
+        "stats.json (acceptance rates, pass@k, H*) under --out.",
+    )
+    w.add_argument("--config", help="YAML WarmStartConfig; defaults are used when omitted")
+    w.add_argument("--out", required=True, help="output directory")
+    w.add_argument("--model", help="override model.name")
+    w.add_argument("--task", help="override data.task")
+    w.add_argument("--data", help="override data.path")
+    w.add_argument("--seed", type=int, help="override seed")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    w.set_defaults(handler=_warm_start)
+
+
+_FLAG_KEYS = (("method", "controller.method"), ("task", "data.task"), ("model", "model.name"),
+              ("data", "data.path"), ("max_steps", "max_steps"), ("seed", "seed"))
+
+
+def _load(args: argparse.Namespace, cls: type):
+    """Config from --config (or defaults), then the named flags, then --set overrides."""
+    from amft_lib.config import apply_overrides, load_config
+
+    cfg = load_config(args.config, cls) if args.config else cls()
+    overrides = list(args.set)
+    for flag, key in _FLAG_KEYS:
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return apply_overrides(cfg, overrides)
+
+
+def _warm_start(args: argparse.Namespace) -> int:
+    from amft_lib.config import ConfigError, WarmStartConfig
+
+    try:
+        cfg = _load(args, WarmStartConfig)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from amft_lib.warm_start import run_warm_start
+
+    r = run_warm_start(cfg, args.out)
+    print(f"acceptance_rate={r.acceptance_rate:.3f} pass_at_{cfg.rs_samples}={r.pass_at_k:.3f} "
+          f"target_entropy={r.target_entropy:.3f} val_accuracy={r.val_accuracy} model={r.model_dir}")
+    return 0
+
 
 def _train(args: argparse.Namespace) -> int:
-    from amft_lib.config import (
-        ConfigError,
-        TrainConfig,
-        apply_overrides,
-        describe,
-        load_config,
-    )
+    from amft_lib.config import ConfigError, TrainConfig, describe
 
     if args.help_config:
         for key, default, text in describe():
@@ -48,14 +90,7 @@ def _train(args: argparse.Namespace) -> int:
         print("error: --out is required", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.config) if args.config else TrainConfig()
-        overrides = list(args.set)
-        for flag, key in (("method", "controller.method"), ("task", "data.task"), ("model", "model.name"),
-                          ("data", "data.path"), ("max_steps", "max_steps"), ("seed", "seed")):
-            value = getattr(args, flag)
-            if value is not None:
-                overrides.append(f"{key}={value}")
-        cfg = apply_overrides(cfg, overrides)
+        cfg = _load(args, TrainConfig)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

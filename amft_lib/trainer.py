@@ -116,7 +116,7 @@ def rl_gradient(
             kl_beta=cfg.loss.kl_beta,
         )
         _accumulate(grads, torch.autograd.grad(loss * w, params, allow_unused=True))
-        total += float(loss) * w
+        total += loss.detach().item() * w
         clip_frac += stats.clip_frac * w
         approx_kl += stats.approx_kl * w
         kl_ref += stats.kl_ref * w
@@ -136,7 +136,7 @@ def sft_gradient(model, params: list[torch.nn.Parameter], batch: TokenBatch, cfg
             logprobs, _ = completion_logprobs(model, chunk)
         loss = sft_loss(logprobs, chunk.completion_mask.to(logprobs.device))
         _accumulate(grads, torch.autograd.grad(loss * w, params, allow_unused=True))
-        total += float(loss) * w
+        total += loss.detach().item() * w
     return grads, total
 
 
