@@ -202,7 +202,10 @@ class TrainConfig:
     max_steps: int = _help("Training steps (each: one rollout batch + one SFT batch).", 100)
     eval_every: int = _help("Greedy validation accuracy every this many steps (0: only at the end).", 20)
     eval_prompts: int = _help("Validation prompts used by the periodic evaluation.", 64)
-    checkpoint_every: int = _help("Checkpoint every this many steps (0: only the final model).", 0)
+    checkpoint_every: int = _help(
+        "Checkpoint every this many steps (and at the end) under the checkpoint root; 0 disables checkpoints.", 0
+    )
+    checkpoint_keep_last: int = _help("Newest complete checkpoints kept (the best by val reward is kept too).", 2)
     device: str = _help("`auto` (cuda if available), `cpu` or `cuda`.", "auto")
     precision: Literal["fp32", "bf16-mixed"] = _help(
         "fp32 everywhere, or bf16 autocast for forwards/generation with fp32 weights and optimizer (GPU).",

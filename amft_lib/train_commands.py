@@ -26,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="override seed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set controller.eta_mu=0.1 (repeatable)")
+    p.add_argument("--checkpoint-root", help="run root for checkpoints (local path or s3://BUCKET/PREFIX/runs/RUN_ID)")
+    p.add_argument("--resume", default="never", help="never | auto | URI of one checkpoint (default: never)")
+    p.add_argument("--force-resume", action="store_true", help="resume even if the config hash differs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     p.set_defaults(handler=_train)
@@ -96,7 +99,14 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     from amft_lib.trainer import train
 
-    result = train(cfg, args.out, init_model=args.init_model, progress=not args.no_progress)
+    if args.resume != "never" and args.resume != "auto" and not args.resume.strip():
+        print("error: --resume takes never, auto or a checkpoint URI", file=sys.stderr)
+        return 2
+    if args.resume == "auto" and not args.checkpoint_root:
+        print("error: --resume auto needs --checkpoint-root", file=sys.stderr)
+        return 2
+    result = train(cfg, args.out, init_model=args.init_model, progress=not args.no_progress,
+                   checkpoint_root=args.checkpoint_root, resume=args.resume, force_resume=args.force_resume)
     print(
         f"method={cfg.controller.method} steps={result.steps} val_accuracy {result.val_reward_initial:.3f} -> "
         f"{result.val_reward_final:.3f} mu_final={result.mu_final:.3f} model={result.model_dir}"

@@ -28,7 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from amft_lib import checkpoint as ckpt
 from amft_lib import controller as ctl
+from amft_lib import storage
+from amft_lib.checkpoint import CheckpointPayload, capture_rng_state, restore_rng_state, save_checkpoint
 from amft_lib.config import TrainConfig, config_hash, save_config
 from amft_lib.dataset import load_splits
 from amft_lib.losses import group_advantages, masked_mean, ppo_clip_loss, sft_loss
@@ -189,11 +192,18 @@ def train(
     init_model: str | None = None,
     splits: dict[str, list[dict]] | None = None,
     progress: bool = True,
+    checkpoint_root: str | None = None,
+    resume: str = "never",
+    force_resume: bool = False,
 ) -> TrainResult:
     """Train with `cfg.controller.method`; writes metrics.jsonl, controller.jsonl, samples.jsonl,
     config.yaml and the final model (HF directory, safetensors) under `out_dir`.
 
     init_model: start from this HF directory (e.g. the warm-start model) instead of cfg.model.name.
+    checkpoint_root: local path or s3:// run root; checkpoints go to <root>/checkpoints/step-NNNNNNN
+        every `cfg.checkpoint_every` steps and at the end (see checkpoint.py).
+    resume: "never", "auto" (newest checkpoint under checkpoint_root whose manifest verifies) or
+        the URI of one checkpoint. A different config hash is refused unless force_resume.
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -233,10 +243,53 @@ def train(
     meta_cursor = Cursor(len(val_rows), cfg.seed + 2)
     eval_rows = val_rows[: cfg.eval_prompts]
 
-    metrics_f = (out / "metrics.jsonl").open("w")
-    controller_f = (out / "controller.jsonl").open("w")
-    samples_f = (out / "samples.jsonl").open("w")
     B, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
+    cfg_hash = config_hash(cfg)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    start_step, val_initial, val_last = 0, None, float("nan")
+    restored = _restore(checkpoint_root, resume, cfg_hash, force_resume) if resume != "never" else None
+    if restored is not None:
+        uri, start_step, payload = restored
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(payload.model_state[name].to(p.device, p.dtype))
+        optimizer.load_state_dict(payload.optimizer_state)
+        scheduler.load_state_dict(payload.scheduler_state)
+        state = ctl.ControllerState.from_dict(payload.controller_state)
+        ts = payload.trainer_state
+        prompt_cursor.load_state_dict(ts["prompt_cursor"])
+        demo_cursor.load_state_dict(ts["demo_cursor"])
+        meta_cursor.load_state_dict(ts["meta_cursor"])
+        val_initial, val_last = ts["val_initial"], ts["val_last"]
+        _restore_logs(checkpoint_root, out, start_step)
+        restore_rng_state(payload.rng_state)  # last: nothing between here and step `start_step` draws
+        log.info("resumed from %s at step %d (μ=%.4f)", uri, start_step, state.mu)
+    mode = "a" if restored is not None else "w"
+    metrics_f = (out / "metrics.jsonl").open(mode)
+    controller_f = (out / "controller.jsonl").open(mode)
+    samples_f = (out / "samples.jsonl").open(mode)
+    pending_history: list[dict] = []
+
+    def save(step_done: int) -> None:
+        """Checkpoint after `step_done` steps: everything a resumed run needs to continue bit-exactly."""
+        metrics_f.flush(), controller_f.flush(), samples_f.flush()
+        payload = CheckpointPayload(
+            model_state={n: p.detach().cpu() for n, p in named},
+            optimizer_state=optimizer.state_dict(),
+            scheduler_state=scheduler.state_dict(),
+            controller_state=state.to_dict(),
+            rng_state=capture_rng_state(),
+            trainer_state={
+                "step": step_done, "config_hash": cfg_hash, "method": cfg.controller.method,
+                "prompt_cursor": prompt_cursor.state_dict(), "demo_cursor": demo_cursor.state_dict(),
+                "meta_cursor": meta_cursor.state_dict(), "val_initial": val_initial, "val_last": val_last,
+            },
+        )
+        for name in LOG_FILES:  # logs travel with the run root so a resume on a fresh node keeps them
+            storage.put_file(str(out / name), storage.join(checkpoint_root, "logs", name))
+        save_checkpoint(checkpoint_root, step_done, payload, cfg_hash, history=pending_history,
+                        keep_last=cfg.checkpoint_keep_last, metric=None if val_last != val_last else val_last)
+        pending_history.clear()
 
     def run_eval(step: int) -> float:
         ev = greedy_eval(
@@ -247,13 +300,14 @@ def train(
         samples_f.flush()
         return ev.accuracy
 
-    val_initial = run_eval(0) if eval_rows else float("nan")
-    val_last = val_initial
-    bar = _progress(cfg.max_steps, progress)
+    if val_initial is None:
+        val_initial = run_eval(0) if eval_rows else float("nan")
+        val_last = val_initial
+    bar = _progress(cfg.max_steps, progress, initial=start_step)
     log.info("training %s for %d steps on %s; initial val accuracy %.3f", cfg.controller.method, cfg.max_steps,
              device, val_initial)
 
-    for step in range(cfg.max_steps):
+    for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
         mu = state.mu
         # ── 1. sample: G completions for each of B training prompts ──
@@ -376,6 +430,10 @@ def train(
         }
         metrics_f.write(json.dumps(record) + "\n")
         metrics_f.flush()
+        pending_history.append({k: record[k] for k in ("step", "mu", "mu_next", "entropy", "target_entropy",
+                                                        "meta_grad", "reward_mean")})
+        if checkpoint_root and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            save(step + 1)
         if bar is not None:
             bar.set_postfix(reward=f"{record['reward_mean']:.2f}", mu=f"{mu:.3f}", H=f"{entropy:.2f}",
                             val=f"{val_last:.3f}")
@@ -383,6 +441,10 @@ def train(
 
     if bar is not None:
         bar.close()
+    if restored is not None and start_step >= cfg.max_steps:
+        log.warning("checkpoint %s is already at max_steps=%d: nothing left to train", restored[0], cfg.max_steps)
+    if checkpoint_root and cfg.checkpoint_every and cfg.max_steps % cfg.checkpoint_every and start_step < cfg.max_steps:
+        save(cfg.max_steps)  # the final state is always checkpointed
     val_final = run_eval(cfg.max_steps) if eval_rows else float("nan")
     with (out / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": cfg.max_steps, "val_reward": val_final, "final": True,
@@ -404,9 +466,42 @@ def _num(x: float) -> float | None:
     return None if x != x else x  # NaN (loss not computed this step) → null in JSON
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, initial: int = 0):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+LOG_FILES = ("metrics.jsonl", "controller.jsonl", "samples.jsonl")
+
+
+def _restore(root: str | None, resume: str, cfg_hash: str, force: bool):
+    """(uri, step, payload) of the checkpoint to resume from, or None to start fresh."""
+    if resume == "auto":
+        if not root:
+            raise ValueError("resume='auto' needs a checkpoint root")
+        return ckpt.resume(root, cfg_hash, force=force)
+    step, payload = ckpt.load_checkpoint(resume)
+    saved = payload.trainer_state.get("config_hash")
+    if saved != cfg_hash:
+        if not force:
+            raise ckpt.ConfigMismatchError(
+                f"{resume} was written with config hash {saved[:12]}…, this run has {cfg_hash[:12]}…; "
+                "pass force_resume (--force-resume) to continue with this run's config"
+            )
+        log.warning("config hash differs from %s; this run's config wins", resume)
+    return resume, step, payload
+
+
+def _restore_logs(root: str, out: Path, step: int) -> None:
+    """Bring back the run's logs from the checkpoint root and cut them at `step`, so the resumed
+    run appends exactly what an uninterrupted run would have written after it."""
+    for name in LOG_FILES:
+        src = storage.join(root, "logs", name)
+        lines = storage.get_bytes(src).decode().splitlines() if storage.exists(src) else []
+        # samples are written by the evaluation *after* step-1 and carry its count; the rest carry their index
+        limit = step + 1 if name == "samples.jsonl" else step
+        kept = [line for line in lines if json.loads(line).get("step", 0) < limit]
+        (out / name).write_text("".join(line + "\n" for line in kept))
