@@ -1,0 +1,180 @@
+"""The dataset contract (DESIGN.md "Dataset"): columns, split names, the pyarrow schema, the card.
+
+Every stage that reads or writes a dataset goes through this module, so a change to the contract
+is a change in one place. Writing is deterministic (fixed schema, no pandas metadata, no
+timestamps) and atomic (temp name, then `os.replace`) because the card's sha256 values are what
+lineage records point at: the same inputs must give byte-identical files, and a crash must never
+leave a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+COLUMNS: tuple[str, ...] = ("id", "task", "prompt", "answer", "demonstration", "split", "meta")
+SPLITS: tuple[str, ...] = ("train", "val", "test_id", "test_ood")
+EVAL_SPLITS: tuple[str, ...] = ("val", "test_id", "test_ood")
+NULLABLE_COLUMNS: frozenset[str] = frozenset({"demonstration"})
+CARD_NAME = "card.json"
+CARD_VERSION = 1
+
+# Every column is a string; only `demonstration` may be null (rows without a worked solution
+# still serve RL and evaluation).
+ARROW_SCHEMA = pa.schema([pa.field(name, pa.string(), nullable=name in NULLABLE_COLUMNS) for name in COLUMNS])
+
+# zstd with statistics off: smaller files and nothing in the footer that depends on anything but
+# the rows. pyarrow writes no timestamps; `created_by` names the pyarrow version, which is why the
+# byte-identical promise is "same inputs, seed and library versions".
+_PARQUET_OPTIONS: dict[str, Any] = {
+    "compression": "zstd",
+    "compression_level": 3,
+    "write_statistics": False,
+    "use_dictionary": False,
+    "store_schema": True,
+}
+
+
+class DataError(Exception):
+    """Bad input data or a dataset that cannot be read or written.
+
+    The message is one line and names the file (and line or row) and what to do, because the CLI
+    prints it verbatim as `error: <message>` and exits 2; no traceback is meant for the user.
+    """
+
+
+def split_file_name(split: str) -> str:
+    """File name of one split inside a prepared dataset directory."""
+    return f"{split}.parquet"
+
+
+def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Build a table with exactly ARROW_SCHEMA from row dicts (column order fixed by COLUMNS)."""
+    columns = {name: [row.get(name) for row in rows] for name in COLUMNS}
+    try:
+        return pa.Table.from_pydict(columns, schema=ARROW_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise DataError(f"rows do not fit the dataset schema: {one_line(exc)}") from None
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, streamed so large files do not load into memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temp path beside `final`; rename it onto `final` only if the block succeeds.
+
+    The temp file lives in the same directory so the rename is atomic on one filesystem; on any
+    exception the temp file is removed, so readers see either the old file or the new one.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_parquet(table: pa.Table, path: Path) -> None:
+    """Write `table` deterministically to a temp name beside `path`, then rename it into place."""
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, **_PARQUET_OPTIONS)
+
+
+def write_text(text: str, path: Path) -> None:
+    """Write UTF-8 text atomically (reports, cards)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def dumps_json(obj: Any) -> str:
+    """Stable JSON (sorted keys, fixed indent, trailing newline) so equal content is equal bytes."""
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+@dataclass
+class SplitInfo:
+    """One split file as the card records it."""
+
+    file: str
+    rows: int
+    sha256: str
+
+
+@dataclass
+class DatasetCard:
+    """The JSON written beside the parquet files (`card.json`), last, as the completeness marker.
+
+    Holds what an auditor needs to trace a model back to its data: what made it (generator and
+    config), what came in (inputs with sha256), what was dropped and why, and the exact bytes out.
+    """
+
+    task: str
+    source: str
+    generator: dict[str, Any]
+    splits: dict[str, SplitInfo]
+    dropped: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    version: int = CARD_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (nested dataclasses expanded)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DatasetCard:
+        """Rebuild a card read from JSON; raises DataError if required keys are missing."""
+        try:
+            splits = {name: SplitInfo(**info) for name, info in data["splits"].items()}
+            return cls(
+                task=data["task"],
+                source=data["source"],
+                generator=dict(data["generator"]),
+                splits=splits,
+                dropped=dict(data.get("dropped", {})),
+                notes=dict(data.get("notes", {})),
+                inputs=list(data.get("inputs", [])),
+                version=int(data.get("version", CARD_VERSION)),
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise DataError(f"dataset card is malformed: {one_line(exc)}") from None
+
+
+def read_card(dataset_dir: Path) -> DatasetCard:
+    """Read `card.json` from a prepared dataset directory."""
+    path = dataset_dir / CARD_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no dataset card (was `amft data prepare` run to completion?)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read dataset card: {one_line(exc)}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: dataset card must be a JSON object")
+    return DatasetCard.from_dict(data)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception message squeezed onto one line (messages from pyarrow span several)."""
+    text = " ".join(str(exc).split())
+    return text[:300] + ("…" if len(text) > 300 else "")
