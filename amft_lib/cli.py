@@ -16,6 +16,7 @@ import sys
 COMMAND_MODULES = (
     "amft_lib.data.commands",
     "amft_lib.train_commands",
+    "amft_lib.eval_commands",
     "amft_lib.storage_commands",
 )
 

@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--meta-val-prompts", type=int, default=8)
     ap.add_argument("--meta-val-group", type=int, default=4)
     ap.add_argument("--label", default=None)
+    ap.add_argument("--results-dir", default=str(RESULTS), help="where step_time_<label>.json goes")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,8 +102,9 @@ def main() -> None:
                                                 for r in steps),
         "wall_s": wall, "torch": torch.__version__,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"step_time_{label}.json").write_text(json.dumps(result, indent=2))
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"step_time_{label}.json").write_text(json.dumps(result, indent=2))
     print("| label | device | step s | rollout s | fwd/bwd s | meta s (amortised) | meta overhead | rollout tok/s |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| {label} | {device_name} | {result['mean_step_s']:.3f} | {result['mean_rollout_s']:.3f} | "

@@ -1,0 +1,497 @@
+"""The MLflow Model Registry step: register a model only when the evaluation blessed it.
+
+Why MLflow and these rules (DESIGN.md, research anchors B and F):
+- **Blessed only.** Like TFX's Pusher, registration reads the evaluation verdict and does nothing
+  at all for an unblessed model: no experiment, no run, no version (the result says why).
+- **Plain artifacts.** The model is logged as its Hugging Face directory (config, tokenizer,
+  safetensors) in an MLflow run, never as a pickled `mlflow.pytorch` model; directories holding
+  pickle-format weights are refused. Loading it back needs transformers only.
+- **Provenance on the version.** Tags carry the pipeline run id, data sha256, validation result,
+  base model, warm-start stats, μ summary, flattened eval metrics and the lineage URI, so the
+  registry answers "what made this model" without the pipeline UI (KFP is dropping MLMD lineage).
+- **Idempotent.** A pipeline retry registers the same run id again: the version tagged with that
+  run id is found (`search_model_versions` on the tag) and returned; nothing new is created.
+- **`champion` alias** moves to each newly registered version; the evaluator compares the next
+  candidate against it.
+
+Tracking store: ``--tracking-uri`` / ``$MLFLOW_TRACKING_URI`` when set (any MLflow server in
+production), else an embedded SQLite store ``sqlite:///$AMFT_STATE_DIR/mlflow.db`` (default state
+dir ``~/.local/state/amft``). Artifacts of a new experiment go to ``$AMFT_MLFLOW_ARTIFACT_ROOT``
+(local folder, or ``s3://…`` with ``MLFLOW_S3_ENDPOINT_URL`` and the AWS variables set), else
+``$AMFT_STATE_DIR/mlartifacts``. mlflow is imported inside the functions (``amft --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from amft_lib import lineage, storage
+
+log = logging.getLogger(__name__)
+
+CHAMPION_ALIAS = "champion"
+DEFAULT_EXPERIMENT = "amft"
+MODEL_ARTIFACT_PATH = "model"
+TAG_PREFIX = "amft."
+RUN_ID_TAG = "amft.run_id"
+LINEAGE_TAG = "amft.lineage_uri"
+_MAX_TAG_VALUE = 5000  # MLflow allows more, but tags are for reading; a long value is truncated
+# Weight formats that unpickle on load. A registered model must be loadable without running code.
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}")
+_BAD_NAME_CHARS = set("'\"`\\@:\n\r\t")
+
+
+class RegistryError(Exception):
+    """A registry operation failed; the message is one line naming the model and the cause."""
+
+
+# ── where the registry lives ────────────────────────────────────────────────────────────────────
+
+
+def state_dir() -> Path:
+    """Local state for embedded defaults (SQLite registry, artifacts): $AMFT_STATE_DIR or ~/.local/state/amft."""
+    return Path(os.environ.get("AMFT_STATE_DIR") or Path.home() / ".local" / "state" / "amft")
+
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else the embedded SQLite store in the state dir."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{(state_dir() / 'mlflow.db').resolve()}"
+
+
+def default_artifact_root() -> str:
+    """$AMFT_MLFLOW_ARTIFACT_ROOT (a folder or s3:// URI), else `mlartifacts` in the state dir."""
+    return os.environ.get("AMFT_MLFLOW_ARTIFACT_ROOT") or str((state_dir() / "mlartifacts").resolve())
+
+
+@functools.lru_cache(maxsize=8)
+def _client(tracking_uri: str) -> Any:
+    """One MlflowClient per store: opening a SQLite store runs its schema check (~seconds on first use)."""
+    from mlflow import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def get_client(tracking_uri: str | None = None) -> Any:
+    """An MlflowClient for `tracking_uri` (default: :func:`default_tracking_uri`) for tracking and registry."""
+    return _client(tracking_uri or default_tracking_uri())
+
+
+def _error_code(exc: BaseException) -> str | None:
+    return getattr(exc, "error_code", None)
+
+
+def _mlflow_error() -> type[BaseException]:
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException
+
+
+def _one_line(exc: BaseException) -> str:
+    return lineage.redact_text(" ".join(str(exc).split()))
+
+
+# ── names and specs ─────────────────────────────────────────────────────────────────────────────
+
+
+def _check_name(name: str) -> str:
+    if not name or not name.strip() or _BAD_NAME_CHARS & set(name):
+        raise ValueError(
+            f"model name {name!r}: must be non-empty and must not contain quotes, backslashes, '@', ':' or "
+            "control characters (':' and '@' separate the version or alias)"
+        )
+    return name
+
+
+def _check_run_id(run_id: str) -> str:
+    if not _RUN_ID_RE.fullmatch(run_id or ""):
+        raise ValueError(
+            f"run id {run_id!r}: use letters, digits and . _ : - (at most 200 characters), e.g. a KFP run UUID"
+        )
+    return run_id
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed ``NAME``, ``NAME:VERSION`` or ``NAME@ALIAS`` (``models:/`` prefix and
+    ``models:/NAME/VERSION`` accepted too)."""
+
+    name: str
+    version: str | None = None
+    alias: str | None = None
+
+
+def parse_model_spec(spec: str) -> ModelSpec:
+    """Split a model spec; ValueError (naming the accepted forms) when it is malformed."""
+    text = spec.strip()
+    if text.startswith("models:/"):
+        text = text[len("models:/") :]
+        head, sep, tail = text.rpartition("/")
+        if sep and tail.isdigit():
+            text = f"{head}:{tail}"
+    usage = "expected NAME, NAME:VERSION or NAME@ALIAS (e.g. amft-gp@champion)"
+    if "@" in text:
+        name, _, alias = text.partition("@")
+        if not alias or not re.fullmatch(r"[A-Za-z0-9_\-]+", alias):
+            raise ValueError(f"model spec {spec!r}: bad alias; {usage}")
+        return ModelSpec(_check_name(name), alias=alias)
+    if ":" in text:
+        name, _, version = text.rpartition(":")
+        if not version.isdigit():
+            raise ValueError(f"model spec {spec!r}: version must be a number; {usage}")
+        return ModelSpec(_check_name(name), version=str(int(version)))
+    try:
+        return ModelSpec(_check_name(text))
+    except ValueError:
+        raise ValueError(f"model spec {spec!r}: {usage}") from None
+
+
+# ── results ─────────────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """One registered model version as the registry describes it.
+
+    artifact_uri: where the HF directory lies (a local path or s3:// URI), for loading.
+    """
+
+    name: str
+    version: str
+    run_id: str | None
+    source: str
+    artifact_uri: str | None
+    aliases: tuple[str, ...] = ()
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    """What :func:`register_model` did. `registered` is False only for an unblessed model;
+    `created` is False when the run id was already registered (idempotent retry)."""
+
+    registered: bool
+    reason: str
+    name: str
+    version: str | None = None
+    created: bool = False
+    alias_moved: bool = False
+    mlflow_run_id: str | None = None
+    model_uri: str | None = None
+
+
+# ── tags ────────────────────────────────────────────────────────────────────────────────────────
+
+
+def _tag_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= _MAX_TAG_VALUE else text[: _MAX_TAG_VALUE - 1] + "…"
+
+
+def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> None:
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif obj is not None:
+        out[prefix] = obj
+
+
+def registry_tags(
+    eval_metrics: Mapping[str, Any],
+    run_id: str,
+    record: Mapping[str, Any] | None = None,
+    lineage_uri: str | None = None,
+) -> dict[str, str]:
+    """Model-version tags (pure; secrets redacted): provenance from the lineage `record`, the eval
+    verdict and every scalar eval metric of the candidate flattened as ``amft.eval.<split>.<metric>``."""
+    tags: dict[str, Any] = {
+        RUN_ID_TAG: run_id,
+        "amft.blessed": "true" if eval_metrics.get("blessed") is True else "false",
+        "amft.blessing_reason": eval_metrics.get("reason"),
+    }
+    for split, metrics in eval_metrics.items():
+        if split in ("comparisons", "config", "decoding", "training", "blessing") or not isinstance(metrics, Mapping):
+            continue
+        for key, value in metrics.items():
+            if isinstance(value, int | float | str) and not isinstance(value, bool):
+                tags[f"amft.eval.{split}.{key}"] = value
+    if lineage_uri:
+        tags[LINEAGE_TAG] = lineage_uri
+    if record:
+        data_uris = sorted({e.get("group") or e["uri"] for e in record.get("inputs", []) if e.get("name") == "dataset"})
+        tags["amft.data_sha256"] = lineage.data_digest(record)
+        tags["amft.data_uri"] = ",".join(data_uris) or None
+        tags["amft.config_hash"] = record.get("config_hash")
+        tags["amft.git_commit"] = record.get("git_commit")
+        tags["amft.pipeline_version"] = record.get("pipeline_version")
+        validation = record.get("validation") or {}
+        if validation:
+            passed = validation.get("passed", validation.get("success"))
+            tags["amft.validation.passed"] = None if passed is None else str(bool(passed)).lower()
+            stats = validation.get("statistics") or {}
+            for key in ("success_percent", "evaluated_expectations", "unsuccessful_expectations"):
+                tags[f"amft.validation.{key}"] = stats.get(key)
+        base = record.get("base_model") or {}
+        tags["amft.base_model"] = base.get("id")
+        tags["amft.base_model_sha256"] = base.get("sha256")
+        flat: dict[str, Any] = {}
+        _flatten("amft.warm_start", record.get("warm_start") or {}, flat)
+        _flatten("amft.mu", record.get("mu_summary") or {}, flat)
+        tags.update(flat)
+    secrets = lineage.secret_values()
+    return {
+        lineage.redact_text(k, secrets)[:250]: lineage.redact_text(_tag_value(v), secrets)
+        for k, v in tags.items()
+        if v is not None
+    }
+
+
+# ── registration ────────────────────────────────────────────────────────────────────────────────
+
+
+def read_eval_metrics(eval_uri: str) -> dict[str, Any]:
+    """`metrics.json` of an evaluation output folder (or the file itself), local or s3://."""
+    uri = eval_uri if eval_uri.endswith(".json") else storage.join(eval_uri, "metrics.json")
+    try:
+        data = json.loads(storage.get_bytes(uri).decode("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{uri}: not valid JSON ({exc.msg})") from None
+    if not isinstance(data, dict) or "blessed" not in data:
+        raise ValueError(f"{uri}: not an evaluation metrics.json (no 'blessed' field)")
+    return data
+
+
+def check_model_dir(model_dir: str | Path) -> Path:
+    """The HF directory to register: config.json and safetensors weights, no pickle-format files."""
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
+    files = [p for p in path.rglob("*") if p.is_file()]
+    pickled = sorted(str(p.relative_to(path)) for p in files if p.suffix.lower() in _PICKLE_SUFFIXES)
+    if pickled:
+        raise ValueError(
+            f"{path}: refusing pickle-format weights ({', '.join(pickled[:3])}); save with safetensors "
+            "(amft_lib.model.save_policy does)"
+        )
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise ValueError(f"{path}: no .safetensors weights found")
+    return path
+
+
+def _experiment_id(client: Any, experiment: str, artifact_root: str | None) -> str:
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    location = storage.join(artifact_root or default_artifact_root(), experiment)
+    try:
+        return client.create_experiment(experiment, artifact_location=location)
+    except _mlflow_error() as exc:
+        if _error_code(exc) != "RESOURCE_ALREADY_EXISTS":  # another process won the race
+            raise
+        return client.get_experiment_by_name(experiment).experiment_id
+
+
+def _find_by_run_id(client: Any, name: str, run_id: str) -> Any | None:
+    found = client.search_model_versions(f"name = '{name}' and tags.`{RUN_ID_TAG}` = '{run_id}'")
+    return min(found, key=lambda mv: int(mv.version)) if found else None
+
+
+def _champion_version(client: Any, name: str, alias: str) -> int | None:
+    try:
+        return int(client.get_model_version_by_alias(name, alias).version)
+    except _mlflow_error():
+        return None
+
+
+def _move_alias(client: Any, name: str, alias: str, version: str) -> bool:
+    """Point `alias` at `version` unless it already points at a newer one (a retried old run must not
+    demote a champion registered after it). Returns whether the alias changed."""
+    current = _champion_version(client, name, alias)
+    if current is not None and current >= int(version):
+        return False
+    client.set_registered_model_alias(name, alias, version)
+    return True
+
+
+def _sync_lineage(lineage_uri: str, registry: dict[str, Any]) -> None:
+    """Write the registry name/version into the lineage record (only when they differ)."""
+    record = lineage.read_lineage(lineage_uri)
+    if (record.get("registry") or {}) != registry:
+        record["registry"] = registry
+        lineage.write_lineage(record, lineage_uri if lineage_uri.endswith(".json") else
+                              storage.join(lineage_uri, lineage.LINEAGE_FILE))
+
+
+def register_model(
+    model_dir: str | Path,
+    eval_metrics: Mapping[str, Any],
+    name: str,
+    run_id: str,
+    *,
+    lineage_uri: str | None = None,
+    tracking_uri: str | None = None,
+    artifact_root: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    alias: str = CHAMPION_ALIAS,
+) -> RegisterResult:
+    """Register `model_dir` as a new version of `name` if `eval_metrics` (an evaluation's
+    metrics.json) says blessed; tag it with provenance and move `alias` to it.
+
+    Idempotent on `run_id` (the pipeline run id): when a version with that run id exists it is
+    returned (`created=False`) and nothing is created; only a lineage record missing the registry
+    fields, or an alias left behind by an interrupted earlier attempt, is completed.
+    """
+    _check_name(name)
+    _check_run_id(run_id)
+    if eval_metrics.get("blessed") is not True:
+        reason = eval_metrics.get("reason") or "no verdict in metrics.json"
+        log.info("not registering %s for run %s: not blessed (%s)", name, run_id, reason)
+        reason = lineage.redact_text(f"not registered: the evaluation did not bless the model ({reason})")
+        return RegisterResult(False, reason, name)
+    path = check_model_dir(model_dir)
+    record = lineage.read_lineage(lineage_uri) if lineage_uri else None
+    uri = tracking_uri or default_tracking_uri()
+    client = get_client(uri)
+    safe_uri = lineage.redact_text(uri)
+    MlflowException = _mlflow_error()
+    try:
+        existing = _find_by_run_id(client, name, run_id)
+        if existing is not None:
+            moved = _move_alias(client, name, alias, existing.version)
+            if lineage_uri:
+                _sync_lineage(lineage_uri, {"name": name, "version": str(existing.version), "alias": alias,
+                                            "tracking_uri": safe_uri, "mlflow_run_id": existing.run_id})
+            log.info("run %s is already registered as %s version %s; nothing created", run_id, name, existing.version)
+            return RegisterResult(True, f"already registered by run {run_id}", name, str(existing.version),
+                                  created=False, alias_moved=moved, mlflow_run_id=existing.run_id,
+                                  model_uri=f"models:/{name}/{existing.version}")
+
+        tags = registry_tags(eval_metrics, run_id, record, lineage_uri)
+        exp_id = _experiment_id(client, experiment, artifact_root)
+        run = client.create_run(exp_id, run_name=f"register-{run_id}", tags={RUN_ID_TAG: run_id})
+        mlflow_run_id = run.info.run_id
+        try:
+            log.info("logging %s as plain artifacts of MLflow run %s", path, mlflow_run_id)
+            client.log_artifacts(mlflow_run_id, str(path), artifact_path=MODEL_ARTIFACT_PATH)
+            _log_eval_metrics(client, mlflow_run_id, tags)
+            with contextlib.suppress(MlflowException):
+                client.create_registered_model(name, description="AMFT fine-tuned reasoner (amft register)")
+            version = client.create_model_version(
+                name,
+                source=f"runs:/{mlflow_run_id}/{MODEL_ARTIFACT_PATH}",
+                run_id=mlflow_run_id,
+                tags=tags,
+                description=lineage.redact_text(f"pipeline run {run_id}: {eval_metrics.get('reason', '')}")[:1000],
+            )
+            moved = _move_alias(client, name, alias, version.version)
+            registry = {"name": name, "version": str(version.version), "alias": alias,
+                        "tracking_uri": safe_uri, "mlflow_run_id": mlflow_run_id}
+            if lineage_uri:
+                _sync_lineage(lineage_uri, registry)
+                with tempfile.TemporaryDirectory(prefix="amft-lineage-") as tmp:
+                    local = Path(tmp) / lineage.LINEAGE_FILE
+                    lineage.write_lineage(lineage.read_lineage(lineage_uri), str(local))
+                    client.log_artifact(mlflow_run_id, str(local), artifact_path="lineage")
+            client.set_terminated(mlflow_run_id, "FINISHED")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                client.set_terminated(mlflow_run_id, "FAILED")
+            raise
+    except MlflowException as exc:
+        raise RegistryError(f"register {name} for run {run_id} at {safe_uri} failed: {_one_line(exc)}") from None
+    log.info("registered %s version %s (alias @%s %s)", name, version.version, alias, "moved" if moved else "kept")
+    reason = lineage.redact_text(f"registered: {eval_metrics.get('reason', '')}".strip())
+    return RegisterResult(True, reason, name, str(version.version),
+                          created=True, alias_moved=moved, mlflow_run_id=mlflow_run_id,
+                          model_uri=f"models:/{name}/{version.version}")
+
+
+def _log_eval_metrics(client: Any, run_id: str, tags: Mapping[str, str]) -> None:
+    """Numeric eval metrics also as run metrics, so the MLflow UI can chart them across runs."""
+    for key, value in tags.items():
+        if key.startswith("amft.eval."):
+            with contextlib.suppress(ValueError):
+                client.log_metric(run_id, key[len("amft.eval.") :].replace("@", "_at_"), float(value))
+
+
+# ── lookup ──────────────────────────────────────────────────────────────────────────────────────
+
+
+def _ref(client: Any, mv: Any, aliases: tuple[str, ...] | None = None) -> ModelRef:
+    artifact_uri = None
+    if mv.run_id:
+        with contextlib.suppress(Exception):
+            artifact_uri = storage.join(client.get_run(mv.run_id).info.artifact_uri, MODEL_ARTIFACT_PATH)
+    return ModelRef(
+        name=mv.name,
+        version=str(mv.version),
+        run_id=mv.run_id,
+        source=mv.source,
+        artifact_uri=artifact_uri,
+        aliases=tuple(aliases if aliases is not None else (mv.aliases or ())),
+        tags=dict(mv.tags or {}),
+    )
+
+
+def resolve(spec: str, tracking_uri: str | None = None) -> ModelRef:
+    """Look up ``NAME`` (its latest version), ``NAME:VERSION`` or ``NAME@ALIAS``.
+
+    Raises LookupError (one line) when the model, version or alias does not exist.
+    """
+    parsed = parse_model_spec(spec)
+    client = get_client(tracking_uri)
+    MlflowException = _mlflow_error()
+    try:
+        if parsed.alias:
+            mv = client.get_model_version_by_alias(parsed.name, parsed.alias)
+        elif parsed.version:
+            mv = client.get_model_version(parsed.name, parsed.version)
+        else:
+            versions = client.search_model_versions(f"name = '{parsed.name}'")
+            if not versions:
+                raise LookupError(f"model {parsed.name!r} has no versions in the registry")
+            mv = max(versions, key=lambda v: int(v.version))
+            # search results may leave aliases out; fetch the version itself for them
+            mv = client.get_model_version(parsed.name, str(mv.version))
+    except MlflowException as exc:
+        raise LookupError(f"{spec}: {_one_line(exc)}") from None
+    return _ref(client, mv)
+
+
+def get_champion(name: str, tracking_uri: str | None = None, alias: str = CHAMPION_ALIAS) -> ModelRef | None:
+    """The version the `champion` alias points at, or None (first run, or no such model)."""
+    try:
+        return resolve(f"{_check_name(name)}@{alias}", tracking_uri)
+    except LookupError:
+        return None
+
+
+def download_model(ref: ModelRef | str, dst: str | Path, tracking_uri: str | None = None) -> Path:
+    """Copy a registered model's HF directory to `dst` (e.g. the champion, for evaluation)."""
+    if isinstance(ref, str):
+        ref = resolve(ref, tracking_uri)
+    if not ref.run_id:
+        raise LookupError(f"{ref.uri}: no MLflow run holds its artifacts (source {ref.source})")
+    client = get_client(tracking_uri)
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    local = client.download_artifacts(ref.run_id, MODEL_ARTIFACT_PATH, dst_path=str(dst))
+    return check_model_dir(local)

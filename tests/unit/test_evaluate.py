@@ -1,0 +1,190 @@
+"""Evaluation: the pass@k estimator against hand-worked values, and run_evaluate end to end on a
+tiny model with a tiny General Points dataset (outputs follow the DESIGN.md contract)."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+from fractions import Fraction
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from amft_lib.config import ConfigError
+from amft_lib.evaluate import EvalConfig, mean_pass_at_k, pass_at_k, run_evaluate
+
+# ── pass@k ──────────────────────────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize(
+    "n, c, k, expected",
+    [
+        (5, 0, 1, 0.0),  # nothing correct
+        (5, 5, 3, 1.0),  # everything correct
+        (5, 2, 1, 0.4),  # k=1: 1 - C(3,1)/C(5,1) = 1 - 3/5 = c/n
+        (4, 1, 2, 0.5),  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+        (10, 3, 5, 11 / 12),  # 1 - C(7,5)/C(10,5) = 1 - 21/252 = 1 - 1/12
+        (3, 2, 2, 1.0),  # n - c = 1 < k: every pair holds a correct one
+        (8, 1, 8, 1.0),  # k = n: pass iff any is correct
+    ],
+)
+def test_pass_at_k_hand_values(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_mean_pass_at_k_averages_prompts():
+    # n=4, k=2: c=0 → 0; c=2 → 1 - C(2,2)/C(4,2) = 1 - 1/6 = 5/6; mean = 5/12
+    assert mean_pass_at_k([0, 2], n=4, k=2) == pytest.approx(5 / 12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 9).flatmap(lambda n: st.tuples(st.just(n), st.integers(0, n), st.integers(1, n))))
+def test_pass_at_k_equals_fraction_of_k_subsets_with_a_correct_sample(nck):
+    n, c, k = nck
+    outcomes = [1] * c + [0] * (n - c)
+    subsets = list(itertools.combinations(range(n), k))
+    exact = Fraction(sum(any(outcomes[i] for i in s) for s in subsets), len(subsets))
+    assert pass_at_k(n, c, k) == pytest.approx(float(exact), abs=1e-12)
+
+
+@pytest.mark.parametrize("n, c, k", [(3, 4, 1), (3, 1, 0), (3, 1, 4), (3, -1, 1)])
+def test_pass_at_k_rejects_impossible_counts(n, c, k):
+    with pytest.raises(ValueError):
+        pass_at_k(n, c, k)
+
+
+# ── config validation ───────────────────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"n_samples": 2, "pass_k": 4}, "n >= k"),
+        ({"metric": "test_id.format_error_rate"}, "FIELD in accuracy"),
+        ({"metric": "accuracy"}, "SPLIT.FIELD"),
+        ({"max_regression": -0.1}, "δ"),
+        ({"threshold": 1.5}, r"\[0, 1\]"),
+        ({"splits": ["test"]}, "choose from"),
+        ({"model": ""}, "eval.model is required"),
+    ],
+)
+def test_eval_config_rejects_bad_values(overrides, match):
+    base = {"model": "m", "data": "d", "out_dir": "o"}
+    with pytest.raises(ConfigError, match=match):
+        EvalConfig(**{**base, **overrides})
+
+
+# ── run_evaluate on a tiny model ────────────────────────────────────────────────────────────────
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    from amft_lib.config import ModelConfig
+    from amft_lib.model import load_policy, save_policy
+    from amft_lib.tasks.general_points import generate_rows
+
+    root = tmp_path_factory.mktemp("eval")
+    data = root / "data"
+    data.mkdir()
+    rows = [*generate_rows(3, "face10", seed=1, split="test_id"),
+            *generate_rows(3, "face_ranks", seed=2, split="test_ood")]
+    pq.write_table(pa.Table.from_pylist(rows), data / "eval.parquet")
+    small = {"tiny_hidden": 32, "tiny_layers": 1, "tiny_heads": 2}
+    model, tok = load_policy(ModelConfig(name="tiny", **small), seed=0)
+    candidate = save_policy(model, tok, root / "candidate")
+    model, tok = load_policy(ModelConfig(name="tiny", **small), seed=1)
+    champion = save_policy(model, tok, root / "champion")
+    run = root / "run"
+    run.mkdir()
+    steps = [
+        {"step": s, "mu": 0.5 + 0.05 * s, "entropy": 2.0 - 0.1 * s, "target_entropy": 1.9, "sft_loss": 3.0 - s,
+         "rl_loss": 0.1 * s if s else None, "reward_mean": 0.1 * s, "val_reward": 0.2 if s == 2 else None}
+        for s in range(4)
+    ]
+    steps.append({"step": 4, "val_reward": 0.25, "final": True, "mu": 0.7})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    (run / "controller_state.json").write_text(json.dumps({"mu": 0.7, "history": [[0, 0.55], [1, 0.6], [3, 0.7]]}))
+    return {"data": data, "candidate": candidate, "champion": champion, "run": run, "root": root}
+
+
+def _cfg(setup, out: Path, **kw) -> EvalConfig:
+    args = {
+        "model": str(setup["candidate"]), "data": str(setup["data"]), "out_dir": str(out),
+        "max_new_tokens": 6, "pass_k": 1, "n_samples": 2, "batch_size": 4, "device": "cpu",
+    }
+    return EvalConfig(**{**args, **kw})
+
+
+def test_run_evaluate_writes_contract_metrics_and_self_contained_report(tiny_setup, tmp_path):
+    out = tmp_path / "eval"
+    cfg = _cfg(tiny_setup, out, champion_model=str(tiny_setup["champion"]), base_model="tiny",
+               run_dir=str(tiny_setup["run"]), threshold=0.0, max_regression=1.0)
+    result = run_evaluate(cfg)
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    for split in ("test_id", "test_ood"):
+        block = metrics[split]
+        for key in ("accuracy", "pass_at_k", "n", "format_error_rate", "mean_response_tokens"):
+            assert key in block, (split, key)
+        assert block["n"] == 3
+        assert 0.0 <= block["accuracy"] <= 1.0 and 0.0 <= block["pass_at_k"] <= 1.0
+        assert 0 < block["mean_response_tokens"] <= 6
+    assert metrics["blessed"] is result.blessed is True  # threshold 0, δ=1: nothing can fail
+    assert "vs champion" in metrics["reason"]
+    assert set(metrics["comparisons"]) == {"base", "champion"}
+    assert metrics["comparisons"]["champion"]["test_ood"]["n"] == 3
+    assert metrics["training"]["mu"]["final"] == pytest.approx(0.7)
+
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*")}
+    assert {"metrics.json", "report.md", "report.html", "plots/mu.png", "plots/entropy.png",
+            "plots/losses.png", "plots/val_reward.png", "plots/reward.png"} <= files
+    assert not [f for f in files if ".tmp-" in f]  # atomic writes left no temp files
+
+    page = (out / "report.html").read_text()
+    assert not re.search(r"https?://", page)  # no external CSS/JS/images
+    assert "<script" not in page and "<link" not in page
+    assert page.count("data:image/png;base64,") == 5
+    assert "champion" in page and "BLESSED" in page
+    md = (out / "report.md").read_text()
+    assert "| metric | candidate | base | Δ vs base | champion | Δ vs champion |" in md
+    assert "![mu](plots/mu.png)" in md
+
+
+def test_champion_regression_blocks_blessing_and_first_run_is_explained(tiny_setup, tmp_path):
+    # The candidate compared with itself as champion: Δ = 0, so δ=0 blesses...
+    same = run_evaluate(_cfg(tiny_setup, tmp_path / "a", champion_model=str(tiny_setup["candidate"]),
+                             n_samples=0, splits=["test_id"]))
+    assert same.blessed, same.reason
+    assert same.metrics["test_id"]["pass_at_k"] is None  # n_samples=0 skips pass@k
+    assert "test_ood" not in same.metrics
+    # ...and an unreachable threshold does not, whatever the champion says.
+    first = run_evaluate(_cfg(tiny_setup, tmp_path / "b", threshold=1.0, n_samples=0, splits=["test_id"]))
+    assert not first.blessed and "below the threshold" in first.reason
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["blessed"] is False
+
+
+def test_cli_evaluate_and_error_line(tiny_setup, tmp_path, capsys):
+    from amft_lib.eval_commands import register
+
+    parser = argparse.ArgumentParser(prog="amft")
+    register(parser.add_subparsers(dest="command"))
+    out = tmp_path / "cli"
+    args = parser.parse_args([
+        "evaluate", "--model", str(tiny_setup["candidate"]), "--data", str(tiny_setup["data"]), "--out", str(out),
+        "--max-new-tokens", "4", "--n-samples", "0", "--splits", "test_ood", "--device", "cpu",
+        "--threshold", "1.0", "--fail-if-not-blessed",
+    ])
+    assert args.handler(args) == 1  # not blessed and asked to fail
+    assert "blessed=no" in capsys.readouterr().out
+    assert (out / "metrics.json").exists()
+
+    args = parser.parse_args(["evaluate", "--model", "x", "--data", str(tmp_path / "nope"), "--out", str(out)])
+    assert args.handler(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
