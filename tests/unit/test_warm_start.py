@@ -1,0 +1,87 @@
+"""Rejection-sampled warm start (AMFT.md §3)."""
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from amft_lib.config import WarmStartConfig, apply_overrides
+from amft_lib.model import build_char_tokenizer
+from amft_lib.tasks import get_task
+from amft_lib.tasks.general_points import generate_rows
+from amft_lib.warm_start import rejection_sample, run_warm_start
+
+
+class ScriptedPolicy(torch.nn.Module):
+    """A policy whose outputs are known in advance: the i-th call for a prompt returns script[prompt][i].
+
+    A test double for the sampler only (the real sampling path is exercised by the trainer tests);
+    it lets the test know exactly which samples the verifier must accept.
+    """
+
+    def __init__(self, tokenizer, script: dict[str, list[str]]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.tok, self.script = tokenizer, script
+        self.calls: dict[str, int] = {}
+
+    def generate(self, input_ids, attention_mask, generation_config):
+        outs = []
+        for row, mask in zip(input_ids, attention_mask):
+            prompt = self.tok.decode(row[mask.bool()][1:])  # drop BOS
+            i = self.calls.get(prompt, 0)
+            self.calls[prompt] = i + 1
+            text = self.script[prompt][i % len(self.script[prompt])]
+            outs.append(row.tolist() + self.tok.encode(text, add_special_tokens=False) + [self.tok.eos_token_id])
+        width = max(map(len, outs))
+        return torch.tensor([o + [self.tok.pad_token_id] * (width - len(o)) for o in outs])
+
+
+def test_rejection_sampling_keeps_only_verified_distinct_capped():
+    tok = build_char_tokenizer()
+    task = get_task("general_points")
+    rows = generate_rows(3, "face10", 0, "train")
+    good = [r["demonstration"].strip() for r in rows]
+    script = {
+        rows[0]["prompt"]: ["Answer: 1+1", good[0], good[0], "Answer: 2*2*2*3"],  # 1 distinct good (maybe 2)
+        rows[1]["prompt"]: ["garbage", "Answer: (", "Answer: 24", "Answer: 5*5-1"],  # nothing verifies
+        rows[2]["prompt"]: [good[2] + " ", "x\n" + good[2], "y\n" + good[2], "z\n" + good[2]],  # 4 good, 3 distinct
+    }
+    cfg = WarmStartConfig(rs_samples=4, rs_max_per_prompt=2, max_new_tokens=200)
+    accepted, stats = rejection_sample(ScriptedPolicy(tok, script), tok, task, rows, cfg)
+    assert all(task.verify(a["answer"], a["demonstration"]).reward == 1.0 for a in accepted)
+    by_parent = {}
+    for a in accepted:
+        meta = json.loads(a["meta"])
+        assert meta["source"] == "rejection_sampling"
+        by_parent.setdefault(meta["parent_id"], []).append(a["demonstration"])
+    assert rows[1]["id"] not in by_parent
+    assert len(by_parent[rows[2]["id"]]) == 2  # capped at c=2 although 3 distinct correct samples exist
+    assert all(len(set(v)) == len(v) for v in by_parent.values())  # deduplicated
+    # the demonstration itself is not "new data": sample 0/1 of prompt 0 equal the demo and are skipped
+    assert rows[0]["id"] not in by_parent or all(d.strip() != good[0] for d in by_parent[rows[0]["id"]])
+    correct = [sum(task.verify(r["answer"], t).reward for t in script[r["prompt"]]) for r in rows]
+    assert stats["sampled"] == 12 and stats["correct"] == sum(correct)
+    assert stats["acceptance_rate"] == pytest.approx(sum(correct) / 12)
+    assert stats["pass_at_k"] == pytest.approx(sum(c > 0 for c in correct) / 3)
+
+
+def test_run_warm_start_writes_model_accepted_and_stats(tmp_path):
+    splits = {"train": generate_rows(32, "face10", 1, "train"), "val": generate_rows(4, "face10", 2, "val")}
+    cfg = apply_overrides(WarmStartConfig(), [
+        "model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2", "warmup_steps=3", "batch_size=8",
+        "rs_samples=2", "rs_max_prompts=8", "final_sft_steps=2", "max_new_tokens=16", "entropy_prompts=4",
+        "entropy_group=2", "eval_prompts=4",
+    ])
+    res = run_warm_start(cfg, tmp_path, splits=splits)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["rejection_sampling"]["prompts"] == 8 and stats["rejection_sampling"]["sampled"] == 16
+    assert 0.0 <= stats["rejection_sampling"]["acceptance_rate"] <= 1.0
+    assert stats["target_entropy"] == pytest.approx(res.target_entropy) and res.target_entropy > 0
+    assert set(stats["val_accuracy"]) == {"initial", "after_warmup", "warm_start"}
+    assert (res.model_dir / "model.safetensors").exists()
+    table = pq.read_table(res.accepted_path)
+    assert table.column_names == ["id", "task", "prompt", "answer", "demonstration", "split", "meta"]
+    history = [json.loads(x) for x in (tmp_path / "sft_history.jsonl").read_text().splitlines()]
+    assert [h["phase"] for h in history] == ["warmup"] * 3 + ["final_sft"] * 2
