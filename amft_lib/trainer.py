@@ -150,18 +150,7 @@ def utility_gradient(model, params, tokenizer, task, rows: Sequence[dict], cfg: 
     sample got the same reward contribute nothing, as they carry no information about direction.
     """
     G = cfg.controller.meta_val_group
-    with _autocast(cfg):
-        batch = sample_completions(
-            model,
-            tokenizer,
-            [r["prompt"] for r in rows],
-            group_size=G,
-            max_new_tokens=cfg.rollout.max_new_tokens,
-            temperature=cfg.rollout.temperature,
-            top_p=cfg.rollout.top_p,
-            chat_template=cfg.model.chat_template,
-        )
-    rewards, _ = score_completions(task, [r["answer"] for r in rows for _ in range(G)], batch.texts)
+    batch, rewards, _ = sample_and_score(model, tokenizer, task, rows, G, cfg)
     weights = group_advantages(rewards, G, scale=False)  # R_i − b_g: [N]
     grads = [torch.zeros_like(p) for p in params]
     mb, n = cfg.loss.micro_batch_size, len(batch)
@@ -174,6 +163,23 @@ def utility_gradient(model, params, tokenizer, task, rows: Sequence[dict], cfg: 
         surrogate = (weights[s : s + mb].to(device) * seq_logprob).sum() / n
         _accumulate(grads, torch.autograd.grad(surrogate, params, allow_unused=True))
     return grads
+
+
+def sample_and_score(model, tokenizer, task, rows: Sequence[dict], group_size: int, cfg: TrainConfig):
+    """G rollouts per row at the configured sampling settings, with verifier rewards [N] and format flags."""
+    with _autocast(cfg):
+        batch = sample_completions(
+            model,
+            tokenizer,
+            [r["prompt"] for r in rows],
+            group_size=group_size,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            chat_template=cfg.model.chat_template,
+        )
+    rewards, format_ok = score_completions(task, [r["answer"] for r in rows for _ in range(group_size)], batch.texts)
+    return batch, rewards, format_ok
 
 
 def _autocast(cfg: TrainConfig):
@@ -312,19 +318,8 @@ def train(
         mu = state.mu
         # ── 1. sample: G completions for each of B training prompts ──
         rows = [train_rows[i] for i in prompt_cursor.take(B)]
-        with _autocast(cfg):
-            rollouts = sample_completions(
-                model,
-                tokenizer,
-                [r["prompt"] for r in rows],
-                group_size=G,
-                max_new_tokens=cfg.rollout.max_new_tokens,
-                temperature=cfg.rollout.temperature,
-                top_p=cfg.rollout.top_p,
-                chat_template=cfg.model.chat_template,
-            )
         # ── 2. score: verifier rewards, group-relative advantages, π_old log-probs and entropy ──
-        rewards, format_ok = score_completions(task, [r["answer"] for r in rows for _ in range(G)], rollouts.texts)
+        rollouts, rewards, format_ok = sample_and_score(model, tokenizer, task, rows, G, cfg)
         advantages = group_advantages(rewards, G, scale=cfg.loss.scale_rewards)
         with torch.no_grad(), _autocast(cfg):
             old_logprobs, entropy_tok = completion_logprobs(model, rollouts, cfg.rollout.temperature, with_entropy=True)

@@ -1,0 +1,191 @@
+"""Does AMFT beat its baselines? All seven methods of AMFT.md §4 from one shared warm start.
+
+    python bench/bench_methods.py --out bench/out/methods --seeds 0 1 2 --steps 60
+    python bench/bench_methods.py --out bench/out/methods --tune          # controller sweep, on val only
+
+Equal budget by construction: every method runs the same trainer with the same steps, rollouts
+(B×G per step) and SFT batch; only the controller that sets μ differs. Accuracy is greedy pass@1 on
+val, test_id and test_ood (OOD rule: J/Q/K = 11/12/13). Ablations: `entropy` (no meta-gradient),
+`meta` (no entropy term) and `amft_no_warm_start` (AMFT from the untrained base model).
+Runs go two at a time (one thread each) on a 2-core machine.
+
+Writes <out>/results.json, bench/results/methods.{json,md} and PNG plots (val accuracy vs step,
+μ trajectories, entropy). --tune writes bench/results/tuning.json; it only ever reads `val`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("sft", "grpo", "sft_grpo", "fixed", "entropy", "meta", "amft", "amft_no_warm_start")
+SPLITS = ("val", "test_id", "test_ood")
+
+
+def base_overrides(steps: int) -> list[str]:
+    return [f"max_steps={steps}", f"eval_every={max(1, steps // 6)}", "eval_prompts=200",
+            f"controller.switch_step={steps // 2}"]
+
+
+def one_run(job: dict) -> dict:
+    """Train one (method, seed) from the warm start and score it; runs in a worker process."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    from amft_lib.config import apply_overrides, load_config
+    from amft_lib.dataset import read_rows
+    from amft_lib.model import load_policy
+    from amft_lib.scoring import greedy_eval
+    from amft_lib.tasks import get_task
+    from amft_lib.trainer import train
+
+    method = job["method"]
+    real = "amft" if method == "amft_no_warm_start" else method
+    cfg = load_config(job["config"])
+    cfg = apply_overrides(cfg, [*base_overrides(job["steps"]), f"controller.method={real}", f"seed={job['seed']}",
+                                f"data.path={job['data']}", *job.get("extra", [])])
+    if method != "amft_no_warm_start":
+        cfg = apply_overrides(cfg, [f"controller.target_entropy={job['target_entropy']}"])
+    init = None if method == "amft_no_warm_start" else job["warm_model"]
+    t0 = time.perf_counter()
+    res = train(cfg, job["run_dir"], init_model=init, progress=False)
+    splits = read_rows(job["data"])
+    model, tok = load_policy(cfg.model.__class__(**{**cfg.model.__dict__, "name": str(res.model_dir)}))
+    task = get_task(cfg.data.task)
+    acc = {s: greedy_eval(model, tok, task, splits[s], cfg.rollout.max_new_tokens).accuracy
+           for s in job["splits"] if s in splits}
+    return {"method": method, "seed": job["seed"], "accuracy": acc, "mu_final": res.mu_final,
+            "run_dir": str(job["run_dir"]), "extra": job.get("extra", []), "train_s": time.perf_counter() - t0}
+
+
+def summarise(runs: list[dict]) -> dict:
+    out: dict = {}
+    for method in dict.fromkeys(r["method"] for r in runs):
+        rs = [r for r in runs if r["method"] == method]
+        out[method] = {}
+        for split in SPLITS:
+            vals = [r["accuracy"][split] for r in rs if split in r["accuracy"]]
+            if vals:
+                out[method][split] = {"mean": statistics.mean(vals),
+                                      "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+    return out
+
+
+def markdown(summary: dict, warm: dict, meta: dict) -> str:
+    lines = [f"Command: `{meta['command']}`  ", f"Seeds: {meta['seeds']}; steps: {meta['steps']}; "
+             f"warm start val accuracy {warm.get('warm_start', float('nan')):.3f}", "",
+             "| method | val | test_id | test_ood |", "|---|---|---|---|"]
+    for method, s in summary.items():
+        cells = [f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" if k in s else "–" for k in SPLITS]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for r in runs:
+        if r["seed"] != runs[0]["seed"]:
+            continue
+        rows = [json.loads(x) for x in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        steps = [x for x in rows if not x.get("final")]
+        val = [(x["step"] + 1, x["val_reward"]) for x in steps if x.get("val_reward") is not None]
+        if val:
+            axes[0].plot(*zip(*val, strict=True), marker="o", label=r["method"])
+        axes[1].plot([x["step"] for x in steps], [x["mu"] for x in steps], label=r["method"])
+        axes[2].plot([x["step"] for x in steps], [x["entropy"] for x in steps], label=r["method"])
+    for ax, title in zip(axes, ("val accuracy (greedy)", "μ", "rollout entropy H_t"), strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "methods_curves.png"
+    fig.savefig(path, dpi=110)
+    return [str(path)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/out/methods")
+    ap.add_argument("--config", default="configs/tiny_gp.yaml")
+    ap.add_argument("--warm-config", default="configs/tiny_warm_start.yaml")
+    ap.add_argument("--warm-start", help="reuse this warm-start output dir instead of building one")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--tune", action="store_true", help="sweep AMFT controller settings, scored on val only")
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+    from amft_lib.config import WarmStartConfig, apply_overrides, load_config
+    from amft_lib.data.prepare import PrepareConfig, run_prepare
+
+    data = out / "data"
+    if not (data / "card.json").exists():
+        run_prepare(PrepareConfig(task="general_points", out_dir=str(data)))
+    warm = Path(args.warm_start) if args.warm_start else out / "warm_start"
+    if not (warm / "stats.json").exists():
+        from amft_lib.warm_start import run_warm_start
+
+        wcfg = apply_overrides(load_config(args.warm_config, WarmStartConfig), [f"data.path={data}"])
+        run_warm_start(wcfg, warm)
+    wstats = json.loads((warm / "stats.json").read_text())
+    common = {"config": args.config, "data": str(data), "warm_model": str(warm / "model"), "steps": args.steps,
+              "target_entropy": wstats["target_entropy"]}
+
+    if args.tune:
+        grid = [[f"controller.eta_mu={a}", f"controller.eta_h={b}", f"controller.meta_normalize={c}",
+                 f"controller.mu_init={d}"]
+                for a, b, c, d in itertools.product([0.02, 0.1], [0.02, 0.1], ["cosine"], [0.3, 0.6])]
+        jobs = [{**common, "method": "amft", "seed": 0, "extra": g, "splits": ["val"],
+                 "run_dir": out / "tune" / f"g{i}"} for i, g in enumerate(grid)]
+    else:
+        jobs = [{**common, "method": m, "seed": s, "splits": list(SPLITS), "run_dir": out / "runs" / f"{m}-s{s}"}
+                for s in args.seeds for m in args.methods]
+    t0 = time.perf_counter()
+    runs = []
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        for i, r in enumerate(pool.map(one_run, jobs), 1):
+            runs.append(r)
+            elapsed = time.perf_counter() - t0
+            print(f"[{i}/{len(jobs)}] {r['method']} seed {r['seed']} {r['extra']} acc={r['accuracy']} "
+                  f"mu_final={r['mu_final']:.3f} ({elapsed:.0f} s, ETA {elapsed / i * (len(jobs) - i):.0f} s)",
+                  flush=True)
+    meta = {"command": "python bench/bench_methods.py " + " ".join(sys.argv[1:]), "seeds": args.seeds,
+            "steps": args.steps, "warm_start": wstats, "wall_s": time.perf_counter() - t0}
+    RESULTS.mkdir(exist_ok=True)
+    if args.tune:
+        ranked = sorted(runs, key=lambda r: -r["accuracy"]["val"])
+        (RESULTS / "tuning.json").write_text(json.dumps({"meta": meta, "runs": ranked}, indent=2, default=str))
+        for r in ranked:
+            print(f"val={r['accuracy']['val']:.3f} {r['extra']}")
+        return
+    summary = summarise(runs)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2, default=str))
+    (RESULTS / "methods.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2,
+                                                     default=str))
+    md = markdown(summary, wstats["val_accuracy"], meta)
+    (RESULTS / "methods.md").write_text(md)
+    for p in plot(runs, RESULTS):
+        print("plot:", p)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
