@@ -1,0 +1,650 @@
+"""Resumable training checkpoints on a local folder or S3, decoupled from the trainer.
+
+The trainer hands over plain dicts with named keys (STYLE.md §2.6) and gets them back; this module
+owns the layout, integrity and retention. Layout under a run root (DESIGN.md, "S3 layout")::
+
+    <root>/checkpoints/step-0000200/model.safetensors   model or LoRA-adapter tensors (safetensors)
+                                    optimizer.pt        torch.save(optimizer.state_dict())
+                                    scheduler.pt        torch.save(scheduler.state_dict())
+                                    rng.pt              python/numpy/torch RNG states, tensors only
+                                    controller.json     μ controller state
+                                    trainer_state.json  step, data cursor / sampler position, …
+                                    MANIFEST.json       written LAST: sha256 + size of every file above
+    <root>/checkpoints/LATEST                          "step-0000200", written after the manifest
+    <root>/checkpoints/controller_history.jsonl        μ trajectory, one JSON record per line
+
+**Complete means "has a MANIFEST.json".** Files go up first, the manifest after them, ``LATEST``
+last, so a crash or an unreachable store at any point leaves either the previous state or an
+incomplete folder that :func:`find_resumable` skips; ``LATEST`` never names an incomplete checkpoint.
+Resuming does not trust ``LATEST``: it scans for the newest checkpoint whose manifest verifies, so a
+crash between the manifest and ``LATEST`` loses nothing. ``LATEST`` is for people and tools.
+
+**Nothing is unpickled**: tensors in safetensors, the ``.pt`` files are read with
+``torch.load(weights_only=True)`` (tensors, dicts, lists, numbers, strings only), the rest is JSON.
+Python's and numpy's RNG states are stored as tensors so ``rng.pt`` loads under the same rule.
+
+**Controller history and S3's missing append.** Each save rewrites ``controller_history.jsonl``
+(read, modify, single atomic PUT) rather than leaving one segment per checkpoint: auditors get one
+file, and segments inside step folders would vanish with retention. The rewrite also repairs the
+timeline after a resume from an older checkpoint: existing records at or after the first new
+record's step, and any beyond the checkpoint's step, came from an abandoned run and are dropped.
+Cost: O(records so far) per save — ~100 B per record, so 100k steps ≈ 10 MB per save.
+
+**Retention** after each save: keep the ``keep_last`` newest complete checkpoints (by step), the best
+one by the caller's metric (``metric_mode`` "max" or "min"; ties go to the newer), and whatever
+``LATEST`` names; delete the other complete ones, manifest first so an interrupted deletion leaves an
+incomplete folder, never a complete-looking one with files missing. Incomplete folders are left
+alone (only a crashed save makes them; saving that step again clears it).
+
+Single writer: call the save on one rank (rank 0) per run root. Staging goes through a local temp
+dir (``$TMPDIR``; point it at a big or memory-backed disk for large models) that is removed even on
+failure. Files are uploaded three at a time while a background thread hashes them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import json
+import logging
+import math
+import os
+import random
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from amft_lib import storage
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "amft-checkpoint/1"
+CHECKPOINTS = "checkpoints"
+LATEST = "LATEST"
+MANIFEST = "MANIFEST.json"
+HISTORY = "controller_history.jsonl"
+
+# Named keys of a checkpoint (torchtune keeps these as constants too) → file names.
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng.pt"
+CONTROLLER_FILE = "controller.json"
+TRAINER_FILE = "trainer_state.json"
+FILES = (MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE, CONTROLLER_FILE, TRAINER_FILE)
+
+_STEP_DIR = re.compile(r"^step-(\d{7,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used (incomplete, corrupt, or refused)."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """Missing manifest or file, sha256/size mismatch, or content that fails to load safely."""
+
+
+class ConfigMismatchError(CheckpointError):
+    """The newest valid checkpoint was written under a different config hash."""
+
+
+@dataclass
+class CheckpointPayload:
+    """Everything a resumed run needs, as plain dicts with named keys.
+
+    model_state: tensors by name (full model or only the trainable/LoRA ones; saved as given).
+    optimizer_state / scheduler_state: their ``state_dict()``s (tensors, numbers, strings, lists).
+    controller_state: the μ controller's state as JSON (μ, its optimiser moments, H*, …).
+    rng_state: from :func:`capture_rng_state`.
+    trainer_state: JSON with at least the step and the data cursor / sampler position.
+    """
+
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    scheduler_state: dict[str, Any]
+    controller_state: dict[str, Any]
+    rng_state: dict[str, Any]
+    trainer_state: dict[str, Any]
+
+
+# ── names ───────────────────────────────────────────────────────────────────────────────────────
+
+
+def step_dir_name(step: int) -> str:
+    """``step-0000200``: 7 digits so names sort by step up to 10M steps (parsing never relies on it)."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"step-{step:07d}"
+
+
+def checkpoint_uri(root: str, step: int) -> str:
+    return storage.join(root, CHECKPOINTS, step_dir_name(step))
+
+
+def _parent_and_name(uri: str) -> tuple[str, str]:
+    head, _, name = uri.rstrip("/").rpartition("/")
+    if not storage.is_s3(uri):
+        head, name = os.path.split(os.path.normpath(uri))
+    return head, name
+
+
+def _scan(root: str) -> dict[int, set[str]]:
+    """step → names of the files present in its folder (one listing of ``checkpoints/``)."""
+    base = storage.join(root, CHECKPOINTS)
+    found: dict[int, set[str]] = {}
+    for uri in storage.list_prefix(base):
+        rel = uri[len(base) :].replace(os.sep, "/").strip("/")
+        parts = rel.split("/")
+        if len(parts) != 2:
+            continue
+        match = _STEP_DIR.match(parts[0])
+        if match:
+            found.setdefault(int(match.group(1)), set()).add(parts[1])
+    return found
+
+
+def _read_latest(root: str) -> str | None:
+    uri = storage.join(root, CHECKPOINTS, LATEST)
+    try:
+        return storage.get_bytes(uri).decode().strip() or None
+    except storage.ObjectNotFoundError:
+        return None
+
+
+# ── JSON helpers ────────────────────────────────────────────────────────────────────────────────
+
+
+def _json_default(value: Any) -> Any:
+    """Let callers pass 0-dim tensors / numpy scalars and small arrays in JSON states and records."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable; convert it before checkpointing")
+
+
+def _dumps(obj: Any, **kwargs: Any) -> str:
+    return json.dumps(obj, default=_json_default, **kwargs)
+
+
+# ── RNG ─────────────────────────────────────────────────────────────────────────────────────────
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python ``random``, numpy's global RNG, torch CPU and (once CUDA is in use) every CUDA device.
+
+    Stored as tensors and numbers only, so ``torch.load(weights_only=True)`` accepts it. numpy
+    ``Generator`` objects the caller creates itself are not global state: keep their seeds in
+    ``trainer_state``.
+    """
+    import numpy as np
+
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    return {
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),  # 624 words + index, all < 2**32
+            "gauss_next": gauss_next,
+        },
+        "numpy": {
+            "bit_generator": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+        # Only if CUDA is already in use: get_rng_state_all() would otherwise create a context on
+        # every GPU (hundreds of MB each) in a process that never meant to touch them.
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`; after it the next random numbers repeat.
+
+    CUDA states are restored for as many devices as both the checkpoint and this machine have.
+    """
+    import numpy as np
+
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(x) for x in py["state"].tolist()), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state(
+        (
+            npy["bit_generator"],
+            npy["keys"].numpy().astype(np.uint32),
+            int(npy["pos"]),
+            int(npy["has_gauss"]),
+            float(npy["cached_gaussian"]),
+        )
+    )
+    torch.set_rng_state(state["torch"].to(torch.uint8).cpu())
+    cuda_states = list(state.get("cuda") or [])
+    if cuda_states and torch.cuda.is_available():
+        count = min(len(cuda_states), torch.cuda.device_count())
+        if count < len(cuda_states):
+            logger.warning("checkpoint has RNG states for %d GPUs, this machine %d", len(cuda_states), count)
+        for device, cuda_state in enumerate(cuda_states[:count]):
+            torch.cuda.set_rng_state(cuda_state.to(torch.uint8).cpu(), device)
+
+
+# ── save ────────────────────────────────────────────────────────────────────────────────────────
+
+
+def _safetensors_ready(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, and no two entries sharing memory (tied embeddings): safetensors refuses
+    shared storage, so later aliases are cloned; loading gives separate but equal tensors."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"model_state[{name!r}] is {type(tensor).__name__}, expected a tensor")
+        t = tensor.detach().cpu().contiguous()
+        ident = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if t.numel() and ident in seen:
+            t = t.clone()
+        else:
+            seen.add(ident)
+        out[name] = t
+    return out
+
+
+def _stage(payload: CheckpointPayload, folder: str, step: int) -> None:
+    from safetensors.torch import save_file
+
+    save_file(
+        _safetensors_ready(payload.model_state),
+        os.path.join(folder, MODEL_FILE),
+        metadata={"format": "pt", "step": str(step)},
+    )
+    torch.save(payload.optimizer_state, os.path.join(folder, OPTIMIZER_FILE))
+    torch.save(payload.scheduler_state, os.path.join(folder, SCHEDULER_FILE))
+    torch.save(payload.rng_state, os.path.join(folder, RNG_FILE))
+    for name, obj in ((CONTROLLER_FILE, payload.controller_state), (TRAINER_FILE, payload.trainer_state)):
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(_dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _update_history(root: str, step: int, records: Iterable[Mapping[str, Any]]) -> int:
+    """Rewrite controller_history.jsonl with ``records`` appended; returns the record count."""
+    uri = storage.join(root, CHECKPOINTS, HISTORY)
+    new = [dict(r) for r in records]
+    try:
+        lines = storage.get_bytes(uri).decode().splitlines()
+    except storage.ObjectNotFoundError:
+        lines = []
+    old = [json.loads(line) for line in lines if line.strip()]
+    new_steps = [r["step"] for r in new if isinstance(r.get("step"), int)]
+    cut = min(new_steps) if new_steps else None
+
+    def current(record: dict[str, Any]) -> bool:
+        s = record.get("step")
+        if not isinstance(s, int):
+            return True
+        return s <= step and (cut is None or s < cut)
+
+    kept = [r for r in old if current(r)]
+    if len(kept) < len(old):
+        logger.warning(
+            "controller history: dropped %d record(s) from an abandoned run (steps beyond the resume point)",
+            len(old) - len(kept),
+        )
+    merged = kept + new
+    if new or len(kept) < len(old) or not lines:
+        storage.put_bytes(uri, "".join(_dumps(r, separators=(",", ":")) + "\n" for r in merged).encode())
+    return len(merged)
+
+
+def save_checkpoint(
+    root: str,
+    step: int,
+    payload: CheckpointPayload,
+    config_hash: str,
+    *,
+    history: Iterable[Mapping[str, Any]] = (),
+    keep_last: int = 2,
+    metric: float | None = None,
+    metric_mode: Literal["max", "min"] = "max",
+) -> str:
+    """Write checkpoint ``step`` under ``root`` and return its URI.
+
+    Args:
+        root: run root, local path or ``s3://bucket/prefix/runs/RUN_ID``.
+        step: optimizer steps done; the folder is ``step-NNNNNNN``.
+        payload: the state to save (see :class:`CheckpointPayload`).
+        config_hash: hash of the training config; resuming under another hash is refused.
+        history: controller records (dicts with an int ``step``) since the previous save; appended
+            to ``controller_history.jsonl``.
+        keep_last: how many newest complete checkpoints retention keeps (>= 1).
+        metric: this checkpoint's score for "keep the best" (e.g. validation reward); None = unscored.
+        metric_mode: "max" if higher is better, "min" if lower is.
+
+    Raises:
+        storage.StorageError: the store failed (after botocore's retries). The checkpoint is then
+            incomplete (no manifest) and ``LATEST`` still names the previous one.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    if metric_mode not in ("max", "min"):
+        raise ValueError(f"metric_mode must be 'max' or 'min', got {metric_mode!r}")
+    name = step_dir_name(step)
+    uri = checkpoint_uri(root, step)
+    present = _scan(root)
+    newer = sorted(s for s, files in present.items() if s > step and MANIFEST in files)
+    if newer:
+        logger.warning(
+            "saving %s while newer checkpoints exist (%s); resume prefers the newest valid one. "
+            "Branch from an old checkpoint into a new run root instead.",
+            name,
+            ", ".join(step_dir_name(s) for s in newer),
+        )
+    if step in present:
+        _clear_step(root, step, present)
+
+    with tempfile.TemporaryDirectory(prefix="amft-ckpt-") as staging:
+        _stage(payload, staging, step)
+        files = _upload_and_hash(staging, uri)
+
+    history_records = _update_history(root, step, history)
+    manifest = {
+        "format": FORMAT,
+        "step": step,
+        "config_hash": config_hash,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "files": files,
+        "metric": metric,
+        "metric_mode": metric_mode,
+        "history_records": history_records,
+    }
+    storage.put_bytes(storage.join(uri, MANIFEST), (_dumps(manifest, indent=2) + "\n").encode())
+    storage.put_bytes(storage.join(root, CHECKPOINTS, LATEST), (name + "\n").encode())
+    logger.info("saved checkpoint %s", uri)
+    complete = sorted({s for s, f in present.items() if MANIFEST in f} | {step})
+    _apply_retention(root, complete, latest=step, keep_last=keep_last, metric_mode=metric_mode, known={step: metric})
+    return uri
+
+
+def _upload_and_hash(staging: str, uri: str) -> dict[str, dict[str, Any]]:
+    """Upload the staged files (3 at a time, largest first, so the small ones ride along with the
+    model) while one background thread hashes them (hashlib releases the GIL): the manifest then
+    costs about nothing beyond the upload itself. Returns the manifest's ``files`` entry."""
+    paths = {n: os.path.join(staging, n) for n in FILES}
+    sizes = {n: os.path.getsize(p) for n, p in paths.items()}
+    order = sorted(FILES, key=lambda n: -sizes[n])
+    with (
+        concurrent.futures.ThreadPoolExecutor(max_workers=1) as hash_pool,
+        concurrent.futures.ThreadPoolExecutor(max_workers=3) as upload_pool,
+    ):
+        digests = {n: hash_pool.submit(storage.sha256_file, paths[n]) for n in order}
+        uploads = {n: upload_pool.submit(storage.put_file, paths[n], storage.join(uri, n)) for n in order}
+        try:
+            for n in order:
+                uploads[n].result()  # the first failure propagates; the folder stays incomplete
+        except BaseException:
+            for future in (*uploads.values(), *digests.values()):
+                future.cancel()
+            raise
+        return {n: {"sha256": digests[n].result(), "size": sizes[n]} for n in FILES}
+
+
+def _clear_step(root: str, step: int, present: dict[int, set[str]]) -> None:
+    """Make room to save ``step`` again (a crashed save, or a re-save after resume)."""
+    name = step_dir_name(step)
+    if _read_latest(root) == name:
+        others = [s for s, files in present.items() if s != step and MANIFEST in files]
+        latest_uri = storage.join(root, CHECKPOINTS, LATEST)
+        if others:
+            storage.put_bytes(latest_uri, (step_dir_name(max(others)) + "\n").encode())
+        else:
+            storage.delete(latest_uri)
+    uri = checkpoint_uri(root, step)
+    storage.delete(storage.join(uri, MANIFEST))  # incomplete first, then empty
+    storage.delete_prefix(uri)
+
+
+def _apply_retention(
+    root: str,
+    complete: list[int],
+    *,
+    latest: int,
+    keep_last: int,
+    metric_mode: str,
+    known: Mapping[int, float | None],
+) -> list[int]:
+    """Delete complete checkpoints outside last-K ∪ best ∪ LATEST; returns the deleted steps.
+
+    ``complete`` comes from the save's own listing (plus the new step), so a save in steady state
+    costs no extra listing; manifests are read for their metric only when something may go.
+    """
+    keep = set(complete[-keep_last:]) | {latest}
+    if all(s in keep for s in complete):
+        return []
+    scored: list[tuple[float, int]] = []
+    for s in complete:
+        if s in known:
+            value = known[s]
+        else:
+            try:
+                value = read_manifest(checkpoint_uri(root, s)).get("metric")
+            except CheckpointError:
+                continue
+        if isinstance(value, int | float) and math.isfinite(value):
+            scored.append((value if metric_mode == "max" else -value, s))
+    if scored:
+        keep.add(max(scored)[1])  # ties → the newer step
+    deleted = []
+    for s in complete:
+        if s in keep:
+            continue
+        uri = checkpoint_uri(root, s)
+        storage.delete(storage.join(uri, MANIFEST))  # incomplete first, then gone
+        storage.delete_prefix(uri)
+        deleted.append(s)
+    if deleted:
+        logger.info("retention: deleted %s", ", ".join(step_dir_name(s) for s in deleted))
+    return deleted
+
+
+# ── verify and load ─────────────────────────────────────────────────────────────────────────────
+
+
+def read_manifest(uri: str) -> dict[str, Any]:
+    """The parsed MANIFEST.json of checkpoint ``uri``; CorruptCheckpointError if missing or malformed."""
+    try:
+        manifest = json.loads(storage.get_bytes(storage.join(uri, MANIFEST)))
+    except storage.ObjectNotFoundError:
+        raise CorruptCheckpointError(f"{uri} is incomplete: no {MANIFEST} (an interrupted save)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"{uri}/{MANIFEST} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise CorruptCheckpointError(f"{uri}/{MANIFEST} is not an {FORMAT} manifest")
+    files = manifest.get("files")
+    if manifest.get("format") != FORMAT or not isinstance(files, dict) or not isinstance(manifest.get("step"), int):
+        raise CorruptCheckpointError(f"{uri}/{MANIFEST} is not an {FORMAT} manifest")
+    missing = [n for n in FILES if n not in files]
+    if missing:
+        raise CorruptCheckpointError(f"{uri}/{MANIFEST} does not list {', '.join(missing)}")
+    _, name = _parent_and_name(uri)
+    if _STEP_DIR.match(name) and int(name[5:]) != manifest["step"]:
+        raise CorruptCheckpointError(f"{uri}/{MANIFEST} says step {manifest['step']}, the folder says {name}")
+    return manifest
+
+
+def _fetch_verified(uri: str, manifest: Mapping[str, Any], staging: str) -> dict[str, str]:
+    """Local paths of the checkpoint's files, each checked against the manifest's size and sha256.
+
+    S3 files are downloaded into ``staging`` (3 at a time; each download hashes as it goes); local
+    ones are checked in place.
+    """
+    if storage.is_s3(uri):
+        with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
+            futures = {
+                n: pool.submit(_fetch_one, uri, n, manifest["files"][n], os.path.join(staging, n)) for n in FILES
+            }
+            try:
+                return {n: futures[n].result() for n in FILES}
+            except BaseException:
+                for future in futures.values():
+                    future.cancel()
+                raise
+    return {n: _check_local(uri, n, manifest["files"][n]) for n in FILES}
+
+
+def _fetch_one(uri: str, name: str, entry: Mapping[str, Any], path: str) -> str:
+    src = storage.join(uri, name)
+    try:
+        storage.get_file(src, path, expected_sha256=entry["sha256"])
+    except storage.ObjectNotFoundError as exc:
+        raise CorruptCheckpointError(f"{uri} is missing {name}: {exc}") from None
+    except storage.IntegrityError as exc:
+        raise CorruptCheckpointError(str(exc)) from None
+    return path
+
+
+def _check_local(uri: str, name: str, entry: Mapping[str, Any]) -> str:
+    path = storage.join(uri, name)
+    if not os.path.isfile(path):
+        raise CorruptCheckpointError(f"{uri} is missing {name}")
+    size = os.path.getsize(path)
+    if size != entry["size"]:
+        raise CorruptCheckpointError(f"{path} has {size} bytes, the manifest says {entry['size']} (truncated?)")
+    actual = storage.sha256_file(path)
+    if actual != entry["sha256"]:
+        raise CorruptCheckpointError(f"sha256 mismatch for {path}: expected {entry['sha256']}, got {actual}")
+    return path
+
+
+def _load_files(uri: str, paths: Mapping[str, str]) -> CheckpointPayload:
+    from safetensors.torch import load_file
+
+    def pt(name: str) -> Any:
+        try:
+            return torch.load(paths[name], map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError for anything beyond plain tensors/containers
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CorruptCheckpointError(f"{uri}/{name} refused by torch.load(weights_only=True): {first}") from None
+
+    def js(name: str) -> Any:
+        with open(paths[name]) as f:
+            return json.load(f)
+
+    try:
+        model_state = load_file(paths[MODEL_FILE])
+    except Exception as exc:  # SafetensorError: a header that does not parse
+        raise CorruptCheckpointError(f"{uri}/{MODEL_FILE} is not a readable safetensors file: {exc}") from None
+    return CheckpointPayload(
+        model_state=model_state,
+        optimizer_state=pt(OPTIMIZER_FILE),
+        scheduler_state=pt(SCHEDULER_FILE),
+        controller_state=js(CONTROLLER_FILE),
+        rng_state=pt(RNG_FILE),
+        trainer_state=js(TRAINER_FILE),
+    )
+
+
+def load_checkpoint(uri: str) -> tuple[int, CheckpointPayload]:
+    """Verify every file of checkpoint ``uri`` against its manifest, then load it (tensors on CPU).
+
+    Raises CorruptCheckpointError if anything is missing, truncated, altered or unsafe to load.
+    """
+    manifest = read_manifest(uri)
+    with tempfile.TemporaryDirectory(prefix="amft-ckpt-") as staging:
+        paths = _fetch_verified(uri, manifest, staging)
+        return manifest["step"], _load_files(uri, paths)
+
+
+def verify_checkpoint(uri: str) -> dict[str, Any]:
+    """Check every file's size and sha256; returns the manifest or raises CorruptCheckpointError."""
+    manifest = read_manifest(uri)
+    with tempfile.TemporaryDirectory(prefix="amft-ckpt-") as staging:
+        _fetch_verified(uri, manifest, staging)
+    return manifest
+
+
+def _newest_valid(
+    root: str, config_hash: str, force: bool, use: Callable[[str, dict[str, Any]], Any]
+) -> tuple[str, dict[str, Any], Any] | None:
+    """Walk checkpoints newest first; skip (with a warning) incomplete or corrupt ones; apply the
+    config-hash rule to the first valid one; return (uri, manifest, use(uri, manifest))."""
+    for step in sorted(_scan(root), reverse=True):
+        uri = checkpoint_uri(root, step)
+        try:
+            manifest = read_manifest(uri)
+            result = use(uri, manifest)
+        except CorruptCheckpointError as exc:
+            logger.warning("skipping checkpoint %s: %s", step_dir_name(step), exc)
+            continue
+        found = manifest.get("config_hash")
+        if found != config_hash:
+            if not force:
+                raise ConfigMismatchError(
+                    f"newest valid checkpoint {uri} was written with config hash {found}, this run has "
+                    f"{config_hash}; resume with force=True (the run's config wins) or start a new run root"
+                )
+            logger.warning(
+                "resuming from %s despite a config hash mismatch (checkpoint %s, run %s): the run's config wins",
+                uri,
+                found,
+                config_hash,
+            )
+        return uri, manifest, result
+    return None
+
+
+def find_resumable(root: str, config_hash: str, *, force: bool = False) -> str | None:
+    """URI of the newest checkpoint under ``root`` whose files all match its manifest, or None.
+
+    Incomplete (no manifest) and corrupt (missing, truncated or altered file) checkpoints are skipped
+    with a warning. A different config hash raises ConfigMismatchError unless ``force`` (then a
+    warning says the run's config wins). This downloads S3 checkpoints to hash them; to verify and
+    load in one pass use :func:`resume`.
+    """
+
+    def check(uri: str, manifest: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory(prefix="amft-ckpt-") as staging:
+            _fetch_verified(uri, manifest, staging)
+
+    found = _newest_valid(root, config_hash, force, check)
+    return None if found is None else found[0]
+
+
+def resume(root: str, config_hash: str, *, force: bool = False) -> tuple[str, int, CheckpointPayload] | None:
+    """:func:`find_resumable` + :func:`load_checkpoint` with one download: (uri, step, payload) or None."""
+    staging_dirs: list[tempfile.TemporaryDirectory[str]] = []
+
+    def fetch(uri: str, manifest: dict[str, Any]) -> CheckpointPayload:
+        staging = tempfile.TemporaryDirectory(prefix="amft-ckpt-")
+        staging_dirs.append(staging)
+        return _load_files(uri, _fetch_verified(uri, manifest, staging.name))
+
+    try:
+        found = _newest_valid(root, config_hash, force, fetch)
+    finally:
+        for staging in staging_dirs:
+            staging.cleanup()
+    if found is None:
+        return None
+    uri, manifest, payload = found
+    return uri, manifest["step"], payload
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str, bool]]:
+    """(step, uri, complete) for every step folder under ``root``, oldest first (no verification)."""
+    return [
+        (step, checkpoint_uri(root, step), MANIFEST in files) for step, files in sorted(_scan(root).items())
+    ]
+
+
+def read_controller_history(root: str) -> list[dict[str, Any]]:
+    """The μ trajectory records saved so far (empty if none)."""
+    try:
+        data = storage.get_bytes(storage.join(root, CHECKPOINTS, HISTORY))
+    except storage.ObjectNotFoundError:
+        return []
+    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]

