@@ -202,6 +202,11 @@ class TrainConfig:
     max_steps: int = _help("Training steps (each: one rollout batch + one SFT batch).", 100)
     eval_every: int = _help("Greedy validation accuracy every this many steps (0: only at the end).", 20)
     eval_prompts: int = _help("Validation prompts used by the periodic evaluation.", 64)
+    eval_samples: int = _help(
+        "Sampled completions per validation prompt for val_reward, the estimate of the validation utility "
+        "U(θ) = E[R] that the meta-gradient climbs (val_accuracy is greedy pass@1 on the same prompts).",
+        4,
+    )
     checkpoint_every: int = _help(
         "Checkpoint every this many steps (and at the end) under the checkpoint root; 0 disables checkpoints.", 0
     )

@@ -406,9 +406,9 @@ def _task_for(cfg: EvalConfig, splits: Mapping[str, Sequence[dict]]) -> Any:
 
 def read_training_curves(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     """Per-step series from `metrics.jsonl` ([(step, value)] per metric; nulls dropped). The final
-    record (``"final": true``) only contributes its `val_reward`."""
+    record (``"final": true``) only contributes its `val_reward` and `val_accuracy`."""
     text = storage.get_bytes(storage.join(run_dir, "metrics.jsonl")).decode("utf-8")
-    names = ("mu", "reward_mean", "entropy", "target_entropy", "sft_loss", "rl_loss", "val_reward")
+    names = ("mu", "reward_mean", "entropy", "target_entropy", "sft_loss", "rl_loss", "val_reward", "val_accuracy")
     curves: dict[str, list[tuple[int, float]]] = {n: [] for n in names}
     for line in text.splitlines():
         if not line.strip():
@@ -416,7 +416,7 @@ def read_training_curves(run_dir: str) -> dict[str, list[tuple[int, float]]]:
         rec = json.loads(line)
         step = int(rec.get("step", 0))
         for name in names:
-            if rec.get("final") and name != "val_reward":
+            if rec.get("final") and name not in ("val_reward", "val_accuracy"):
                 continue
             value = rec.get(name)
             if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
@@ -431,7 +431,8 @@ _PLOTS = (
     ("entropy", "policy entropy vs target H*", "nats/token",
      [("entropy", "entropy H_t", "-"), ("target_entropy", "target H*", "--")]),
     ("losses", "SFT and RL losses", "loss", [("sft_loss", "sft_loss", "-"), ("rl_loss", "rl_loss", "-")]),
-    ("val_reward", "validation accuracy (greedy)", "accuracy", [("val_reward", "val_reward", "o-")]),
+    ("val_reward", "validation: sampled reward Û(θ) and greedy accuracy", "reward / accuracy",
+     [("val_reward", "val_reward (sampled)", "o-"), ("val_accuracy", "val_accuracy (greedy)", "s--")]),
 )
 
 

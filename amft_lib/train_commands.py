@@ -108,7 +108,8 @@ def _train(args: argparse.Namespace) -> int:
     result = train(cfg, args.out, init_model=args.init_model, progress=not args.no_progress,
                    checkpoint_root=args.checkpoint_root, resume=args.resume, force_resume=args.force_resume)
     print(
-        f"method={cfg.controller.method} steps={result.steps} val_accuracy {result.val_reward_initial:.3f} -> "
-        f"{result.val_reward_final:.3f} mu_final={result.mu_final:.3f} model={result.model_dir}"
+        f"method={cfg.controller.method} steps={result.steps} val_reward {result.val_reward_initial:.3f} -> "
+        f"{result.val_reward_final:.3f} val_accuracy {result.val_accuracy_initial:.3f} -> "
+        f"{result.val_accuracy_final:.3f} mu_final={result.mu_final:.3f} model={result.model_dir}"
     )
     return 0

@@ -71,8 +71,10 @@ class TrainResult:
     steps: int
     mu_final: float
     target_entropy: float | None
-    val_reward_initial: float
+    val_reward_initial: float  # sampled validation reward Û(θ) before training
     val_reward_final: float
+    val_accuracy_initial: float  # greedy pass@1 on the same validation prompts
+    val_accuracy_final: float
     elapsed_s: float
 
 
@@ -252,7 +254,8 @@ def train(
     B, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
     cfg_hash = config_hash(cfg)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    start_step, val_initial, val_last = 0, None, float("nan")
+    nan_eval = {"val_reward": float("nan"), "val_accuracy": float("nan")}
+    start_step, val_initial, val_last = 0, None, nan_eval
     restored = _restore(checkpoint_root, resume, cfg_hash, force_resume) if resume != "never" else None
     if restored is not None:
         uri, start_step, payload = restored
@@ -294,24 +297,31 @@ def train(
         for name in LOG_FILES:  # logs travel with the run root so a resume on a fresh node keeps them
             storage.put_file(str(out / name), storage.join(checkpoint_root, "logs", name))
         save_checkpoint(checkpoint_root, step_done, payload, cfg_hash, history=pending_history,
-                        keep_last=cfg.checkpoint_keep_last, metric=None if val_last != val_last else val_last)
+                        keep_last=cfg.checkpoint_keep_last,
+                        metric=None if val_last["val_reward"] != val_last["val_reward"] else val_last["val_reward"])
         pending_history.clear()
 
-    def run_eval(step: int) -> float:
+    def run_eval(step: int) -> dict[str, float]:
+        """Greedy accuracy and sampled reward on the validation prompts. Sampling runs on a forked RNG
+        seeded by the step, so evaluating (or not) never changes the training trajectory."""
         ev = greedy_eval(
             model, tokenizer, task, eval_rows, cfg.rollout.max_new_tokens, cfg.model.chat_template, cfg.log_samples
         )
         for s in ev.samples:
             samples_f.write(json.dumps({"step": step, **s}) + "\n")
         samples_f.flush()
-        return ev.accuracy
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(cfg.seed * 7919 + step)
+            _, rewards, _ = sample_and_score(model, tokenizer, task, eval_rows, cfg.eval_samples, cfg)
+        return {"val_reward": float(rewards.mean()), "val_accuracy": ev.accuracy}
 
     if val_initial is None:
-        val_initial = run_eval(0) if eval_rows else float("nan")
+        val_initial = run_eval(0) if eval_rows else nan_eval
         val_last = val_initial
     bar = _progress(cfg.max_steps, progress, initial=start_step)
     log.info("training %s for %d steps on %s; initial val accuracy %.3f", cfg.controller.method, cfg.max_steps,
-             device, val_initial)
+             device, val_initial["val_accuracy"])
 
     for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
@@ -404,9 +414,9 @@ def train(
         # ── 5. log ──
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps and eval_rows:
             val_last = run_eval(step + 1)
-            val_now: float | None = val_last
+            val_now: dict = val_last
         else:
-            val_now = None
+            val_now = {"val_reward": None, "val_accuracy": None}
         dt = time.perf_counter() - t0
         n_tokens = rollouts.n_tokens + (sft_batch.n_tokens if sft_batch is not None else 0)
         record = {
@@ -419,7 +429,7 @@ def train(
             "clip_frac": rl_stats.get("clip_frac"), "approx_kl": rl_stats.get("approx_kl"),
             "kl_ref": rl_stats.get("kl_ref"),
             "completion_len": float(rollouts.completion_mask.sum(-1).mean()),
-            "val_reward": val_now, "tokens_per_s": n_tokens / dt,
+            **val_now, "tokens_per_s": n_tokens / dt,
             "time_rollout_s": t_rollout, "time_update_s": t_update, "time_meta_s": t_meta,
             "elapsed_s": time.perf_counter() - t_start,
         }
@@ -431,7 +441,7 @@ def train(
             save(step + 1)
         if bar is not None:
             bar.set_postfix(reward=f"{record['reward_mean']:.2f}", mu=f"{mu:.3f}", H=f"{entropy:.2f}",
-                            val=f"{val_last:.3f}")
+                            val=f"{val_last['val_reward']:.3f}")
             bar.update(1)
 
     if bar is not None:
@@ -440,9 +450,9 @@ def train(
         log.warning("checkpoint %s is already at max_steps=%d: nothing left to train", restored[0], cfg.max_steps)
     if checkpoint_root and cfg.checkpoint_every and cfg.max_steps % cfg.checkpoint_every and start_step < cfg.max_steps:
         save(cfg.max_steps)  # the final state is always checkpointed
-    val_final = run_eval(cfg.max_steps) if eval_rows else float("nan")
+    val_final = run_eval(cfg.max_steps) if eval_rows else nan_eval
     with (out / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"step": cfg.max_steps, "val_reward": val_final, "final": True,
+        f.write(json.dumps({"step": cfg.max_steps, **val_final, "final": True,
                             "mu": state.mu, "config_hash": config_hash(cfg)}) + "\n")
     for f in (metrics_f, controller_f, samples_f):
         f.close()
@@ -450,10 +460,14 @@ def train(
     (out / "controller_state.json").write_text(json.dumps(state.to_dict(), indent=1))
     result = TrainResult(
         out_dir=out, model_dir=model_dir, steps=cfg.max_steps, mu_final=state.mu,
-        target_entropy=state.target_entropy, val_reward_initial=val_initial, val_reward_final=val_final,
+        target_entropy=state.target_entropy, val_reward_initial=val_initial["val_reward"],
+        val_reward_final=val_final["val_reward"], val_accuracy_initial=val_initial["val_accuracy"],
+        val_accuracy_final=val_final["val_accuracy"],
         elapsed_s=time.perf_counter() - t_start,
     )
-    log.info("done: val accuracy %.3f → %.3f, μ %.3f, %.1f s", val_initial, val_final, state.mu, result.elapsed_s)
+    log.info("done: val reward %.3f → %.3f, val accuracy %.3f → %.3f, μ %.3f, %.1f s", result.val_reward_initial,
+             result.val_reward_final, result.val_accuracy_initial, result.val_accuracy_final, state.mu,
+             result.elapsed_s)
     return result
 
 
