@@ -91,15 +91,20 @@ def rl_gradient(
     model,
     params: list[torch.nn.Parameter],
     batch: TokenBatch,
-    old_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     cfg: TrainConfig,
     ref_logprobs: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], float, dict]:
-    """g_RL = ∇_θ L_RL over the rollout batch, in micro-batches whose weights make the sum exact."""
+    """g_RL = ∇_θ L_RL over the rollout batch, in micro-batches whose weights make the sum exact.
+
+    old_logprobs=None means "on policy": this forward *is* π_old (the first and only update on these
+    rollouts), so log π_old = log π_θ detached (ratio exactly 1) and the rollout entropy H_t comes from
+    the same logits. That saves the separate no-grad forward over the batch.
+    """
     grads = [torch.zeros_like(p) for p in params]
     n, n_tok = len(batch), max(1, batch.n_tokens)
-    total, clip_frac, approx_kl, kl_ref = 0.0, 0.0, 0.0, 0.0
+    total, clip_frac, approx_kl, kl_ref, entropy_sum = 0.0, 0.0, 0.0, 0.0, 0.0
     mb = cfg.loss.micro_batch_size
     device = params[0].device
     for s in range(0, n, mb):
@@ -108,10 +113,13 @@ def rl_gradient(
         # token_mean weighs chunks by their token share; seq_mean and dr_grpo by their sequence share
         w = chunk.n_tokens / n_tok if cfg.loss.loss_agg == "token_mean" else len(chunk) / n
         with _autocast(cfg):
-            logprobs, _ = completion_logprobs(model, chunk, cfg.rollout.temperature)
+            logprobs, entropy = completion_logprobs(model, chunk, cfg.rollout.temperature,
+                                                    with_entropy=old_logprobs is None)
+        if entropy is not None:
+            entropy_sum += float((entropy * mask).sum())
         loss, stats = ppo_clip_loss(
             logprobs,
-            old_logprobs[s : s + mb].to(device),
+            logprobs.detach() if old_logprobs is None else old_logprobs[s : s + mb].to(device),
             advantages[s : s + mb].to(device),
             mask,
             clip_eps=cfg.loss.clip_eps,
@@ -125,7 +133,10 @@ def rl_gradient(
         clip_frac += stats.clip_frac * w
         approx_kl += stats.approx_kl * w
         kl_ref += stats.kl_ref * w
-    return grads, total, {"clip_frac": clip_frac, "approx_kl": approx_kl, "kl_ref": kl_ref}
+    stats = {"clip_frac": clip_frac, "approx_kl": approx_kl, "kl_ref": kl_ref}
+    if old_logprobs is None:
+        stats["entropy"] = entropy_sum / n_tok
+    return grads, total, stats
 
 
 def sft_gradient(model, params: list[torch.nn.Parameter], batch: TokenBatch, cfg: TrainConfig):
@@ -331,21 +342,22 @@ def train(
         # ── 2. score: verifier rewards, group-relative advantages, π_old log-probs and entropy ──
         rollouts, rewards, format_ok = sample_and_score(model, tokenizer, task, rows, G, cfg)
         advantages = group_advantages(rewards, G, scale=cfg.loss.scale_rewards)
+        do_meta = ctl.needs_meta_gradient(cfg.controller, step) and bool(val_rows)
+        # With one update per batch the RL forward doubles as the π_old / entropy forward (see rl_gradient).
+        on_policy = cfg.loss.ppo_epochs == 1 and (mu < 1.0 or do_meta)
+        old_logprobs = ref_logprobs = None
+        entropy = float("nan")
         with torch.no_grad(), _autocast(cfg):
-            old_logprobs, entropy_tok = completion_logprobs(model, rollouts, cfg.rollout.temperature, with_entropy=True)
-            ref_logprobs = None
+            if not on_policy:
+                old_logprobs, entropy_tok = completion_logprobs(model, rollouts, cfg.rollout.temperature,
+                                                                with_entropy=True)
+                entropy = float(masked_mean(entropy_tok, rollouts.completion_mask.to(old_logprobs.device)))  # H_t
             if ref_model is not None:
                 ref_logprobs, _ = completion_logprobs(ref_model, rollouts, cfg.rollout.temperature)
-        mask = rollouts.completion_mask.to(old_logprobs.device)
-        entropy = float(masked_mean(entropy_tok, mask))  # H_t
-        if state.target_entropy is None:
-            # H*: entropy of the starting (warm-start) policy's own rollouts, like-for-like with H_t
-            state = replace(state, target_entropy=entropy)
         t_rollout = time.perf_counter() - t0
 
         # ── 3. the two gradients, the meta-gradient, and the mixed update ──
         t1 = time.perf_counter()
-        do_meta = ctl.needs_meta_gradient(cfg.controller, step) and bool(val_rows)
         sft_rows = [demo_rows[i] for i in demo_cursor.take(cfg.loss.sft_batch_size)] if demo_rows else []
         sft_batch = (
             demonstration_batch(
@@ -368,6 +380,8 @@ def train(
             if need_rl:
                 g_rl, rl_loss_v, rl_stats = rl_gradient(model, params, rollouts, old_logprobs, advantages, cfg,
                                                         ref_logprobs)
+                if on_policy:
+                    entropy = rl_stats.pop("entropy")  # H_t at θ before this step's update
             if need_sft:
                 g_sft, sft_loss_v = sft_gradient(model, params, sft_batch, cfg)
             if do_meta and epoch == 0 and g_rl is not None and g_sft is not None:
@@ -401,6 +415,9 @@ def train(
         scheduler.step()
         t_update = time.perf_counter() - t1 - t_meta
 
+        if state.target_entropy is None:
+            # H*: entropy of the starting (warm-start) policy's own rollouts, like-for-like with H_t
+            state = replace(state, target_entropy=entropy)
         # ── 4. controller: μ_{t+1} = clip(μ_t + η_μ·m_t + η_H·(H* − H_t)) ──
         meta_grad = meta_stats.meta_grad if meta_stats is not None else None
         state = ctl.controller_step(state, entropy, meta_grad, cfg.controller)
