@@ -667,10 +667,10 @@ def markdown(r: dict) -> str:
         f"{fl['sequences']} sequences × {fl['seq_len']} positions (prompt + padded completion); attention FLOPs not "
         f"counted. Whole run: {r['wall_s']:.0f} s.",
         "",
-        f"Our step splits into a rollout phase of {o['rollout_phase_median_s']:.3f} s (generation, reward, "
-        f"no-grad forward for π_old log-probs and entropy) and an update phase of {o['update_phase_median_s']:.3f} s "
-        "(forward/backward, clip, AdamW). With one update per batch TRL skips the π_old forward (the ratio is 1, so "
-        "it reuses the detached training log-probs) and takes entropy from the training forward.",
+        f"Our step splits into a rollout phase of {o['rollout_phase_median_s']:.3f} s (generation and reward) and an "
+        f"update phase of {o['update_phase_median_s']:.3f} s (forward/backward, clip, AdamW). With one update per "
+        "batch both loops skip a separate π_old forward (the ratio is exactly 1, so the detached training log-probs "
+        "serve) and take the entropy from the training forward.",
         "",
     ]
     return "\n".join(lines)
