@@ -31,7 +31,7 @@ SPLITS = ("val", "test_id", "test_ood")
 
 
 def base_overrides(steps: int) -> list[str]:
-    return [f"max_steps={steps}", f"eval_every={max(1, steps // 6)}", "eval_prompts=200",
+    return [f"max_steps={steps}", f"eval_every={max(1, steps // 3)}", "eval_prompts=100",
             f"controller.switch_step={steps // 2}"]
 
 
@@ -65,6 +65,36 @@ def one_run(job: dict) -> dict:
            for s in job["splits"] if s in splits}
     return {"method": method, "seed": job["seed"], "accuracy": acc, "mu_final": res.mu_final,
             "run_dir": str(job["run_dir"]), "extra": job.get("extra", []), "train_s": time.perf_counter() - t0}
+
+
+def prompt_split(src: Path, dst: Path) -> Path:
+    """Re-split the key-split dataset: per training hand, one held-out prompt goes to val and one to
+    test_id (prompts never shared with train); test_ood is kept as is."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from amft_lib.dataset import read_rows
+
+    if (dst / "train.parquet").exists():
+        return dst
+    rows = read_rows(src)
+    by_key: dict[str, list[dict]] = {}
+    for r in rows["train"]:
+        by_key.setdefault(json.dumps(sorted(json.loads(r["answer"])["values"])), []).append(r)
+    out: dict[str, list[dict]] = {"train": [], "val": [], "test_id": [], "test_ood": rows.get("test_ood", [])}
+    for group in by_key.values():
+        prompts = list(dict.fromkeys(r["prompt"] for r in group))
+        held = {"val": prompts[-1]} if len(prompts) >= 2 else {}
+        if len(prompts) >= 3:
+            held["test_id"] = prompts[-2]
+        for split, prompt in held.items():
+            out[split].append({**next(r for r in group if r["prompt"] == prompt), "split": split})
+        out["train"] += [r for r in group if r["prompt"] not in held.values()]
+    dst.mkdir(parents=True, exist_ok=True)
+    cols = ["id", "task", "prompt", "answer", "demonstration", "split", "meta"]
+    for split, rs in out.items():
+        pq.write_table(pa.table({c: [r[c] for r in rs] for c in cols}), dst / f"{split}.parquet")
+    return dst
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -128,6 +158,10 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tune", action="store_true", help="sweep AMFT controller settings, scored on val only")
+    ap.add_argument("--split-mode", choices=["key", "prompt"], default="key",
+                    help="key: the pipeline's split (no hand in two splits; test_id/test_ood are unseen hands). "
+                    "prompt: val and test_id are held-out *prompts* (card orders) of training hands, test_ood "
+                    "stays unseen OOD hands — measures what a small model can transfer, not generalisation")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -139,6 +173,8 @@ def main() -> None:
     data = out / "data"
     if not (data / "card.json").exists():
         run_prepare(PrepareConfig(task="general_points", out_dir=str(data)))
+    if args.split_mode == "prompt":
+        data = prompt_split(data, out / "data_prompt")
     warm = Path(args.warm_start) if args.warm_start else out / "warm_start"
     if not (warm / "stats.json").exists():
         from amft_lib.warm_start import run_warm_start
