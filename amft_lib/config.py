@@ -181,7 +181,12 @@ class ControllerConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _help("Peak AdamW learning rate (also α of the meta-gradient lookahead).", 1e-3)
+    lr: float = _help(
+        "Peak AdamW learning rate (also α of the meta-gradient lookahead). Adam's first steps move every weight by "
+        "~lr whatever the gradient's size, so RL from a warm start wants a small value (TRL's default is 1e-6 "
+        "for 7B models; 2e-4 suits the `tiny` model).",
+        2e-4,
+    )
     weight_decay: float = _help("AdamW weight decay.", 0.0)
     beta1: float = _help("AdamW β1.", 0.9)
     beta2: float = _help("AdamW β2.", 0.99)

@@ -409,7 +409,11 @@ def train(
             grad_norm = float(
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
             )
-            optimizer.step()
+            # A batch with no signal (every group's rewards equal, μ = 0) has an exactly zero gradient. Adam
+            # would still move θ along its stale momentum, drifting a converged policy with no evidence;
+            # skip the step instead (the LR schedule still advances).
+            if grad_norm > 0.0:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
