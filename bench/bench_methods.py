@@ -120,7 +120,7 @@ def markdown(summary: dict, warm: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: list[dict], out: Path) -> list[str]:
+def plot(runs: list[dict], out: Path, stem: str = "methods") -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,7 +142,7 @@ def plot(runs: list[dict], out: Path) -> list[str]:
         ax.set_xlabel("step")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    path = out / "methods_curves.png"
+    path = out / f"{stem}_curves.png"
     fig.savefig(path, dpi=110)
     return [str(path)]
 
@@ -214,11 +214,12 @@ def main() -> None:
         return
     summary = summarise(runs)
     (out / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2, default=str))
-    (RESULTS / "methods.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2,
+    stem = "methods" if args.split_mode == "key" else f"methods_{args.split_mode}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2,
                                                      default=str))
     md = markdown(summary, wstats["val_accuracy"], meta)
-    (RESULTS / "methods.md").write_text(md)
-    for p in plot(runs, RESULTS):
+    (RESULTS / f"{stem}.md").write_text(md)
+    for p in plot(runs, RESULTS, stem):
         print("plot:", p)
     print(md)
 

@@ -1,0 +1,83 @@
+"""Regenerate README.md's Results section from bench/results/*.json (run after any benchmark).
+
+    python bench/render_results.py
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def methods_section() -> list[str]:
+    out = []
+    for name, title in (("methods_prompt.json", "held-out prompts of training hands (`--split-mode prompt`)"),
+                        ("methods.json", "key split: unseen hands (`--split-mode key`)")):
+        data = _load(name)
+        if not data:
+            continue
+        meta, summary = data["meta"], data["summary"]
+        out += [f"**Methods, {title}** — tiny model, {meta['steps']} steps, seeds {meta['seeds']}, one shared warm "
+                f"start (val accuracy {meta['warm_start']['val_accuracy'].get('warm_start', float('nan')):.3f}); "
+                f"greedy pass@1, mean ± std. Command: `{meta['command']}`", "",
+                "| method | val | test_id | test_ood |", "|---|---|---|---|"]
+        for method, s in summary.items():
+            cells = [f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" if k in s else "–"
+                     for k in ("val", "test_id", "test_ood")]
+            out.append(f"| {method} | " + " | ".join(cells) + " |")
+        out.append("")
+    return out
+
+
+def speed_section() -> list[str]:
+    out = []
+    speed = RESULTS / "speed.md"
+    if speed.exists():
+        text = speed.read_text()
+        table = [line for line in text.splitlines() if line.startswith("|")]
+        out += ["**Speed vs TRL** (`python bench/bench_speed.py`, CPU, tiny model, B=8 × G=8, 64 new tokens):", "",
+                *table, ""]
+    rows = sorted(RESULTS.glob("step_time_*.json"))
+    if rows:
+        out += ["**Step time split** (`bench/bench_step.py`; T_meta = 10; GPU rows from `bench/gpu_check.sh`):", "",
+                "| run | device | step s | rollout s | fwd/bwd s | meta s (amortised) | meta overhead |",
+                "|---|---|---|---|---|---|---|"]
+        for path in rows:
+            r = json.loads(path.read_text())
+            out.append(f"| {r['label']} | {r['device']} | {r['mean_step_s']:.3f} | {r['mean_rollout_s']:.3f} | "
+                       f"{r['mean_update_s']:.3f} | {r['mean_meta_s_amortised']:.3f} | "
+                       f"{r['meta_overhead_pct']:.1f} % |")
+        out.append("")
+    gpu = _load("gpu_check.json")
+    if gpu:
+        f = gpu["train_fwd_bwd"]
+        out += [f"**GPU check** ({gpu['device']}, torch {gpu['torch']}): bf16 matmul "
+                f"{gpu['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s; bf16-mixed SFT loss "
+                f"{gpu['sft_sanity']['loss_first5']:.2f} → "
+                f"{gpu['sft_sanity']['loss_last5']:.2f} in 60 steps; SmolLM2-135M-architecture train step "
+                f"(32×256) {f['tokens_per_s']:.0f} tokens/s = {f['achieved_flops'] / 1e12:.0f} TFLOP/s "
+                f"({100 * f['utilisation_of_matmul_peak']:.1f} % of the matmul peak).", ""]
+    return out
+
+
+def main() -> None:
+    body = "\n".join([*methods_section(), *speed_section()]).rstrip() + "\n"
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{body}{END}", text, flags=re.S)
+    readme.write_text(new)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
