@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "amft_lib.train_commands",
     "amft_lib.eval_commands",
     "amft_lib.storage_commands",
+    "amft_lib.pipeline_commands",
 )
 
 

@@ -1,0 +1,284 @@
+"""The AMFT retraining pipeline (Kubeflow Pipelines v2).
+
+    preflight → prepare data → validate (gate) → warm start (GPU) → train (GPU) → evaluate → register (gate)
+    exit handler: run summary
+
+Two variants are built from one definition, because what a cluster needs cannot run locally:
+
+- `amft_pipeline` (cluster; compiled to amft_pipeline.yaml by `amft pipeline compile`): GPU requests,
+  CPU/memory requests, node selector and tolerations for the GPU pool, /dev/shm, and S3/registry
+  credentials from Kubernetes secrets (kfp-kubernetes).
+- `amft_pipeline_local` (`amft pipeline run-local`): the same tasks, gates, retries and caching
+  settings without those. kfp.local ignores resource setters (with a warning) and cannot apply
+  kfp-kubernetes platform config; locally the tasks inherit S3 and registry settings from the
+  environment that `run-local` sets up.
+
+Every stage's caching is off: each one writes into the run's S3 root keyed by the run id, and a
+cache hit would skip that write and leave the run root incomplete.
+"""
+
+# No `from __future__ import annotations`: KFP reads the pipeline signature's real types.
+from typing import Any
+
+from kfp import dsl, kubernetes
+
+from components import CPU_IMAGE, CUDA_IMAGE
+from components.evaluate import evaluate
+from components.preflight import preflight
+from components.prepare_data import prepare_data
+from components.register import register
+from components.run_summary import run_summary
+from components.stop_run import stop_run
+from components.train import train
+from components.validate_data import validate_data
+from components.warm_start import warm_start
+
+PIPELINE_NAME = "amft-pipeline"
+
+# Defaults of the dict/list parameters (named so the signature stays readable).
+MIN_ROWS = {"train": 100, "val": 10, "test_id": 10}
+MODEL_SETTINGS = ["model.lora=true", "model.chat_template=true", "precision=bf16-mixed"]
+GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+NO_OVERRIDES: list = []
+
+# CPU-side requests are fixed; the GPU stages' are pipeline parameters (node pools differ most there).
+CPU_REQUEST, MEMORY_REQUEST = "1", "4Gi"
+EVAL_CPU_REQUEST, EVAL_MEMORY_REQUEST = "4", "16Gi"
+
+# `amft pipeline run-local`'s profile: the tiny character-level model (configs/tiny_*.yaml's size) and
+# budgets sized for 2 CPU cores in about 15 minutes. Every entry is a pipeline parameter, so
+# `--set` overrides any of them; the lead's tuning lives here.
+LOCAL_PROFILE: dict[str, Any] = {
+    "p1_data_train_size": 1000,
+    "p1_data_val_size": 100,
+    "p1_data_test_id_size": 100,
+    "p1_data_test_ood_size": 100,
+    "p3_model_name": "tiny",
+    "p3_model_settings": ["model.tiny_hidden=128", "model.tiny_layers=4", "model.tiny_heads=4", "device=cpu"],
+    "p3_model_max_new_tokens": 48,
+    "p3_warm_start_warmup_steps": 300,
+    "p3_warm_start_final_sft_steps": 60,
+    "p3_warm_start_rs_samples": 4,
+    "p3_warm_start_rs_max_prompts": 128,
+    "p3_warm_start_overrides": ["batch_size=32", "entropy_prompts=16", "eval_prompts=50"],
+    "p4_train_max_steps": 60,
+    "p4_train_lr": 1e-3,
+    "p4_train_checkpoint_every": 20,
+    "p4_train_overrides": ["eval_every=20", "eval_prompts=50", "rollout.prompts_per_step=4", "rollout.group_size=4",
+                           "loss.sft_batch_size=16", "controller.meta_val_prompts=4"],
+    "p5_eval_n_samples": 4,
+    "p5_eval_pass_k": 2,
+    "p5_eval_threshold": 0.01,
+}
+
+
+def build_pipeline(target: str = "cluster") -> Any:
+    """The pipeline for `target` "cluster" (everything) or "local" (what kfp.local can run)."""
+    if target not in ("cluster", "local"):
+        raise ValueError(f"target={target!r}: choose cluster or local")
+    cluster = target == "cluster"
+    # A GPU task that died is usually a lost node or preemption: give the cluster a minute to
+    # reschedule. kfp.local sleeps the backoff too, and locally there is nothing to wait for.
+    gpu_backoff = "60s" if cluster else "1s"
+
+    def cpu_task(task: Any, cpu: str = CPU_REQUEST, memory: str = MEMORY_REQUEST) -> None:
+        if cluster:
+            task.set_cpu_request(cpu).set_memory_request(memory)
+
+    def gpu_task(task: Any, gpus: Any, cpu: Any, memory: Any, node_selector: Any, tolerations: Any) -> None:
+        if cluster:
+            task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
+            task.set_cpu_request(cpu).set_memory_request(memory)
+            kubernetes.add_node_selector_json(task, node_selector)
+            kubernetes.add_toleration_json(task, tolerations)
+            # NCCL and DataLoader workers need more shared memory than a pod's 64 MiB default
+            kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+
+    def secrets(task: Any, s3_secret: Any, registry_secret: Any = None) -> None:
+        """S3 keys (required) and registry credentials (optional) from Kubernetes secrets, as env vars."""
+        if cluster:
+            kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env={
+                "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
+            if registry_secret is not None:
+                kubernetes.use_secret_as_env(task, secret_name=registry_secret, optional=True, secret_key_to_env={
+                    "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+                    "MLFLOW_TRACKING_TOKEN": "MLFLOW_TRACKING_TOKEN"})
+
+    @dsl.pipeline(name=PIPELINE_NAME)
+    def amft_pipeline(
+        # ── phase 0: run, storage, credentials, GPU pool ──
+        p0_run_id: str = "",
+        p0_s3_root: str = "s3://amft/pipelines",
+        p0_s3_endpoint_url: str = "",
+        p0_s3_secret: str = "amft-s3",
+        p0_registry_secret: str = "amft-registry",
+        p0_gpu_count: int = 1,
+        p0_gpu_cpu_request: str = "8",
+        p0_gpu_memory_request: str = "32Gi",
+        p0_gpu_node_selector: dict = GPU_NODE_SELECTOR,
+        p0_gpu_tolerations: list = GPU_TOLERATIONS,
+        # ── phase 1: data ──
+        p1_data_task: str = "general_points",
+        p1_data_input_uri: str = "",
+        p1_data_train_size: int = 2000,
+        p1_data_val_size: int = 200,
+        p1_data_test_id_size: int = 200,
+        p1_data_test_ood_size: int = 200,
+        p1_data_seed: int = 1234,
+        # ── phase 2: validation gate ──
+        p2_validate_min_rows: dict = MIN_ROWS,
+        p2_validate_max_prompt_tokens: int = 2048,
+        # ── phase 3: base model and warm start ──
+        p3_model_name: str = "smollm2-135m",
+        p3_model_settings: list = MODEL_SETTINGS,
+        p3_model_max_new_tokens: int = 128,
+        p3_warm_start_warmup_steps: int = 300,
+        p3_warm_start_final_sft_steps: int = 100,
+        p3_warm_start_rs_samples: int = 8,
+        p3_warm_start_rs_max_prompts: int = 256,
+        p3_warm_start_overrides: list = NO_OVERRIDES,
+        # ── phase 4: AMFT training ──
+        p4_train_method: str = "amft",
+        p4_train_max_steps: int = 200,
+        p4_train_lr: float = 2e-4,
+        p4_train_mu_init: float = 0.5,
+        p4_train_mu_min: float = 0.05,
+        p4_train_mu_max: float = 0.95,
+        p4_train_eta_mu: float = 0.05,
+        p4_train_eta_h: float = 0.05,
+        p4_train_meta_interval: int = 10,
+        p4_train_checkpoint_every: int = 20,
+        p4_train_seed: int = 0,
+        p4_train_overrides: list = NO_OVERRIDES,
+        # ── phase 5: evaluation and blessing ──
+        p5_eval_metric: str = "test_id.accuracy",
+        p5_eval_threshold: float = 0.0,
+        p5_eval_max_regression: float = 0.0,
+        p5_eval_pass_k: int = 4,
+        p5_eval_n_samples: int = 8,
+        p5_eval_max_examples: int = 0,
+        # ── phase 6: registry ──
+        p6_registry_model_name: str = "amft-gp",
+        p6_registry_tracking_uri: str = "",
+        p6_registry_artifact_root: str = "",
+    ):
+        """AMFT retraining: preflight → prepare data → validate (gate) → warm start (GPU) → train (GPU,
+        checkpoints + μ history to s3://…/runs/RUN_ID, resume auto) → evaluate (vs base, warm start,
+        champion) → register if blessed; the run summary runs whatever happened. Parameters are
+        grouped by phase (p0 … p6); *_overrides take KEY=VALUE for any config key not listed."""
+        job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
+
+        # ── exit handler: the run summary, whatever happens inside ──
+        summary_task = run_summary(s3_root=p0_s3_root, run_id=p0_run_id, job_id=job_id,
+                                   s3_endpoint_url=p0_s3_endpoint_url)
+        summary_task.set_display_name("run summary").set_caching_options(False)
+        cpu_task(summary_task)
+        secrets(summary_task, p0_s3_secret)
+
+        with dsl.ExitHandler(summary_task, name="amft"):
+            # ── Stage 0: preflight (CPU, before any GPU is requested) ──
+            pre = preflight(
+                s3_root=p0_s3_root, run_id=p0_run_id, job_id=job_id, s3_endpoint_url=p0_s3_endpoint_url,
+                registry_tracking_uri=p6_registry_tracking_uri, data_task=p1_data_task,
+                data_input_uri=p1_data_input_uri, model_name=p3_model_name, model_settings=p3_model_settings,
+                max_new_tokens=p3_model_max_new_tokens, warmup_steps=p3_warm_start_warmup_steps,
+                final_sft_steps=p3_warm_start_final_sft_steps, rs_samples=p3_warm_start_rs_samples,
+                rs_max_prompts=p3_warm_start_rs_max_prompts, warm_start_overrides=p3_warm_start_overrides,
+                method=p4_train_method, max_steps=p4_train_max_steps, lr=p4_train_lr, mu_init=p4_train_mu_init,
+                mu_min=p4_train_mu_min, mu_max=p4_train_mu_max, eta_mu=p4_train_eta_mu, eta_h=p4_train_eta_h,
+                meta_interval=p4_train_meta_interval, checkpoint_every=p4_train_checkpoint_every,
+                seed=p4_train_seed, train_overrides=p4_train_overrides)
+            pre.set_display_name("preflight").set_caching_options(False)
+            cpu_task(pre)
+            secrets(pre, p0_s3_secret, p0_registry_secret)
+            run_root = pre.outputs["run_root"]
+
+            # ── Stage 1: prepare data ──
+            data = prepare_data(
+                run_root=run_root, s3_endpoint_url=p0_s3_endpoint_url, task=p1_data_task,
+                input_uri=p1_data_input_uri, train_size=p1_data_train_size, val_size=p1_data_val_size,
+                test_id_size=p1_data_test_id_size, test_ood_size=p1_data_test_ood_size, seed=p1_data_seed)
+            data.set_display_name("prepare data").set_caching_options(False).set_retry(num_retries=1)
+            cpu_task(data)
+            secrets(data, p0_s3_secret)
+
+            # ── Stage 2: validation gate ──
+            gate = validate_data(dataset=data.outputs["dataset"], run_root=run_root,
+                                 s3_endpoint_url=p0_s3_endpoint_url, min_rows=p2_validate_min_rows,
+                                 max_prompt_tokens=p2_validate_max_prompt_tokens)
+            gate.set_display_name("validate data").set_caching_options(False).set_retry(num_retries=1)
+            cpu_task(gate)
+            secrets(gate, p0_s3_secret)
+
+            # Gates compare a task's single `Output` with a literal of its own type (bool here, 0.5 for
+            # floats): kfp.local skips a branch silently when it cannot resolve or type a condition.
+            with dsl.If(gate.outputs["Output"] == True, name="data-valid"):  # noqa: E712 (a KFP condition)
+                # ── Stage 3: warm start (GPU) ──
+                warm = warm_start(dataset=data.outputs["dataset"], warm_start_config=pre.outputs["warm_start_config"],
+                                  run_root=run_root, s3_endpoint_url=p0_s3_endpoint_url)
+                warm.set_display_name("warm start").set_caching_options(False)
+                warm.set_retry(num_retries=2, backoff_duration=gpu_backoff, backoff_factor=2.0,
+                               backoff_max_duration="600s")
+                gpu_task(warm, p0_gpu_count, p0_gpu_cpu_request, p0_gpu_memory_request, p0_gpu_node_selector,
+                         p0_gpu_tolerations)
+                secrets(warm, p0_s3_secret)
+
+                # ── Stage 4: AMFT training (GPU; checkpoints to the run root, resume auto) ──
+                trained = train(warm_start_model=warm.outputs["model"], dataset=data.outputs["dataset"],
+                                train_config=pre.outputs["train_config"], target_entropy=warm.outputs["Output"],
+                                run_root=run_root, s3_endpoint_url=p0_s3_endpoint_url)
+                trained.set_display_name("train").set_caching_options(False)
+                # a retried task resumes from its newest checkpoint instead of starting over
+                trained.set_retry(num_retries=2, backoff_duration=gpu_backoff, backoff_factor=2.0,
+                                  backoff_max_duration="600s")
+                gpu_task(trained, p0_gpu_count, p0_gpu_cpu_request, p0_gpu_memory_request, p0_gpu_node_selector,
+                         p0_gpu_tolerations)
+                secrets(trained, p0_s3_secret)
+
+                # ── Stage 5: evaluate (vs base, warm start and champion) ──
+                scored = evaluate(
+                    model=trained.outputs["model"], base_model=warm.outputs["base_model"],
+                    warm_start_model=warm.outputs["model"], train_run=trained.outputs["run_dir"],
+                    dataset=data.outputs["dataset"], train_config=pre.outputs["train_config"], run_root=run_root,
+                    s3_endpoint_url=p0_s3_endpoint_url, registry_model_name=p6_registry_model_name,
+                    registry_tracking_uri=p6_registry_tracking_uri, metric=p5_eval_metric,
+                    threshold=p5_eval_threshold, max_regression=p5_eval_max_regression, pass_k=p5_eval_pass_k,
+                    n_samples=p5_eval_n_samples, max_examples=p5_eval_max_examples)
+                scored.set_display_name("evaluate").set_caching_options(False).set_retry(num_retries=1)
+                cpu_task(scored, EVAL_CPU_REQUEST, EVAL_MEMORY_REQUEST)
+                secrets(scored, p0_s3_secret, p0_registry_secret)
+
+                with dsl.If(scored.outputs["Output"] == True, name="blessed"):  # noqa: E712 (a KFP condition)
+                    # ── Stage 6: register (MLflow, champion alias, lineage record) ──
+                    registered = register(
+                        model=trained.outputs["model"], run_id=pre.outputs["run_id"], run_root=run_root,
+                        s3_root=p0_s3_root, s3_endpoint_url=p0_s3_endpoint_url,
+                        registry_model_name=p6_registry_model_name, registry_tracking_uri=p6_registry_tracking_uri,
+                        registry_artifact_root=p6_registry_artifact_root)
+                    # idempotent on the run id, so retrying cannot create a second version
+                    registered.set_display_name("register").set_caching_options(False).set_retry(num_retries=2)
+                    cpu_task(registered)
+                    secrets(registered, p0_s3_secret, p0_registry_secret)
+                    if cluster:  # the lineage record names the images (pin them by digest at compile time)
+                        registered.set_env_variable("AMFT_IMAGE_DIGEST_CPU", CPU_IMAGE)
+                        registered.set_env_variable("AMFT_IMAGE_DIGEST_CUDA", CUDA_IMAGE)
+
+            with dsl.Else(name="data-invalid"):
+                stopped = stop_run(reason="data validation failed",
+                                   details="the validate-data task's report lists the failed checks")
+                stopped.set_display_name("stop: data invalid").set_caching_options(False)
+                cpu_task(stopped)
+
+    return amft_pipeline
+
+
+amft_pipeline = build_pipeline("cluster")
+amft_pipeline_local = build_pipeline("local")
+
+
+if __name__ == "__main__":
+    from kfp import compiler
+
+    compiler.Compiler().compile(amft_pipeline, "pipelines/amft_pipeline.yaml")

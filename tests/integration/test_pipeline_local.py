@@ -1,0 +1,191 @@
+"""The whole DAG under kfp.local (SubprocessRunner) against a real SeaweedFS and an MLflow SQLite
+registry, with a tiny model (hidden 32, one layer) and a handful of steps per stage.
+
+Three runs, each shared by the tests that read it:
+- happy path: every stage succeeds, the model is registered as champion and its lineage verifies;
+- bad data (through the `amft pipeline run-local` CLI, which starts and stops its own SeaweedFS):
+  the validation gate stops the run and no GPU stage runs;
+- an impossible blessing threshold plus a training task that SIGKILLs itself once after its first
+  checkpoint: KFP's retry brings it back, it resumes from the checkpoint, and the unblessed model is
+  not registered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from amft_lib import cli, lineage, registry, storage
+from amft_lib import pipeline_commands as pc
+from amft_lib.s3server import EmbeddedS3
+
+pytestmark = [pytest.mark.s3, pytest.mark.slow]
+
+TRAIN_STEPS = 8
+TINY = {
+    "p1_data_train_size": 120, "p1_data_val_size": 20, "p1_data_test_id_size": 16, "p1_data_test_ood_size": 16,
+    "p3_model_name": "tiny",
+    "p3_model_settings": ["model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2", "device=cpu"],
+    "p3_model_max_new_tokens": 24,
+    "p3_warm_start_warmup_steps": 10, "p3_warm_start_final_sft_steps": 4, "p3_warm_start_rs_samples": 2,
+    "p3_warm_start_rs_max_prompts": 8,
+    "p3_warm_start_overrides": ["batch_size=8", "entropy_prompts=4", "entropy_group=2", "eval_prompts=8"],
+    "p4_train_max_steps": TRAIN_STEPS, "p4_train_lr": 1e-2, "p4_train_checkpoint_every": 2,
+    "p4_train_meta_interval": 2,
+    "p4_train_overrides": ["eval_every=4", "eval_prompts=4", "rollout.prompts_per_step=2", "rollout.group_size=2",
+                           "loss.sft_batch_size=4", "controller.meta_val_prompts=2", "controller.meta_val_group=2"],
+    "p5_eval_n_samples": 0, "p5_eval_max_examples": 8,  # greedy accuracy only; pass@k has its own unit tests
+}
+
+
+@pytest.fixture(scope="module")
+def registry_uri(tmp_path_factory) -> str:
+    """One SQLite registry for the module (its schema takes seconds to create); runs use distinct names."""
+    return f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
+
+
+def run_pipeline(state_dir: Path, s3_server: EmbeddedS3, registry_uri: str, **overrides) -> pc.LocalRun:
+    run_id = f"t-{uuid.uuid4().hex[:8]}"
+    arguments = {**TINY, "p0_run_id": run_id, "p0_s3_root": s3_server.settings.uri("tests", "pipeline"),
+                 "p6_registry_tracking_uri": registry_uri, "p6_registry_model_name": f"gp-{run_id}", **overrides}
+    return pc.run_local(state_dir, arguments, s3_settings=s3_server.settings, threads=1)
+
+
+@pytest.fixture(scope="module")
+def happy(tmp_path_factory, s3_server, registry_uri) -> pc.LocalRun:
+    return run_pipeline(tmp_path_factory.mktemp("happy"), s3_server, registry_uri)
+
+
+@pytest.fixture(scope="module")
+def unblessed_and_killed(tmp_path_factory, s3_server, registry_uri) -> pc.LocalRun:
+    os.environ[pc.FAULT_ENV] = "1"  # the tasks inherit it; only the train task acts on it
+    try:
+        return run_pipeline(tmp_path_factory.mktemp("killed"), s3_server, registry_uri, p5_eval_threshold=1.0)
+    finally:
+        del os.environ[pc.FAULT_ENV]
+
+
+def stage_states(run: pc.LocalRun) -> dict[str, str]:
+    return {name: task["status"] for name, task in run.tasks.items()}
+
+
+def read_json(uri: str) -> dict:
+    return json.loads(storage.get_bytes(uri))
+
+
+# ── happy path ──────────────────────────────────────────────────────────────────────────────────
+
+
+def test_happy_path_runs_every_stage_once(happy):
+    assert happy.state == "SUCCEEDED", happy.error
+    assert stage_states(happy) == {name: "SUCCESS" for name in (
+        "preflight", "prepare-data", "validate-data", "warm-start", "train", "evaluate", "register", "run-summary")}
+    assert all(task["attempts"] == 1 for task in happy.tasks.values())
+
+
+def test_happy_path_registers_the_champion_with_a_verifiable_lineage(happy, s3, registry_uri):
+    reg = happy.summary["stages"]["register"]
+    assert reg["registered"] is True and reg["version"] == "1"
+    ref = registry.resolve(f"{reg['name']}@champion", registry_uri)
+    assert ref.version == "1" and ref.tags[registry.RUN_ID_TAG] == happy.summary["run_id"]
+    record = lineage.read_lineage(ref.tags[registry.LINEAGE_TAG])
+    assert record["registry"]["version"] == "1" and record["validation"]["passed"] is True
+    assert record["base_model"]["id"] == "tiny" and record["base_model"]["sha256"]
+    assert len(record["checkpoints"]) >= 1
+    assert record["mu_summary"]["final"] == pytest.approx(happy.summary["stages"]["train"]["mu_final"])
+    assert lineage.verify_lineage(record) == []
+    # the command the summary prints works against the same store
+    assert cli.main(["lineage", f"{reg['name']}:1", "--tracking-uri", registry_uri, "--verify"]) == 0
+
+
+def test_happy_path_leaves_the_documented_s3_layout(happy, s3):
+    root = happy.summary["run_root"]
+    for rel in ("data/card.json", "validation/report.md", pc.GATE_FILE, "warm_start/stats.json",
+                "warm_start/model/config.json", "base_model/config.json", "train/metrics.jsonl",
+                pc.TRAIN_RESULT_FILE, "model/config.json", "checkpoints/LATEST", "eval/metrics.json",
+                "eval/report.html", "lineage.json", pc.REGISTRY_FILE, pc.SUMMARY_FILE):
+        assert storage.exists(storage.join(root, rel)), rel
+    stored = read_json(storage.join(root, pc.SUMMARY_FILE))  # written by the exit handler
+    assert stored["state"] == "SUCCEEDED"
+    assert set(stored["accuracy"]) >= {"base", "warm_start", "final"}
+    steps = [json.loads(line)["step"] for line in storage.get_bytes(storage.join(root, "train/metrics.jsonl"))
+             .decode().splitlines() if not json.loads(line).get("final")]
+    assert steps == list(range(TRAIN_STEPS))
+
+
+def test_no_credentials_in_task_outputs_or_summaries(happy, s3):
+    """Keys reach the tasks through the environment only: not as parameters, not in any output."""
+    secret = s3.secret_access_key
+    for path in happy.pipeline_root.rglob("*"):
+        if path.is_file() and path.stat().st_size < 5_000_000:
+            assert secret.encode() not in path.read_bytes(), path
+    text = pc.local_report(happy, happy.pipeline_root.parent.parent)
+    assert secret not in text and secret not in json.dumps(happy.summary)
+    assert secret.encode() not in storage.get_bytes(storage.join(happy.summary["run_root"], "lineage.json"))
+
+
+# ── bad data: the gate stops the run before any GPU stage ─────────────────────────────────────────
+
+
+def test_bad_data_stops_at_the_gate_and_services_stop(tmp_path, capsys, monkeypatch):
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    state = tmp_path / "state"
+    settings = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in TINY.items()]
+    # 20 training rows against the suite's minimum of 100: the dataset breaks the contract
+    settings += ["p1_data_train_size=20", "p0_run_id=bad-data", "p0_s3_root=s3://amft/local"]
+    code = cli.main(["pipeline", "run-local", "--state-dir", str(state), "--profile", "default", "--threads", "1",
+                     *[arg for s in settings for arg in ("--set", s)]])
+    out = capsys.readouterr().out
+    assert code == 1
+    report = out[out.index("AMFT local pipeline run"):]
+    assert "FAILED" in report and "validation gate: FAILED" in report
+    for line in ("warm-start      not run", "train           not run", "register        not run"):
+        assert line in report
+    assert "stop-run        FAILURE" in report and "run-summary     SUCCESS" in report
+    # run-local stopped its SeaweedFS; the data survives a restart and tells the same story
+    server = EmbeddedS3(state / "s3")
+    settings_ = server.start()
+    try:
+        for key, value in settings_.env().items():
+            monkeypatch.setenv(key, value)
+        root = "s3://amft/local/runs/bad-data"
+        gate = read_json(f"{root}/{pc.GATE_FILE}")
+        assert gate["passed"] is False and gate["failed_checks"]
+        assert storage.exists(f"{root}/validation/report.html")
+        assert not storage.list_prefix(f"{root}/warm_start") and not storage.list_prefix(f"{root}/checkpoints")
+        assert read_json(f"{root}/{pc.SUMMARY_FILE}")["state"] == "FAILED"
+    finally:
+        server.stop()
+
+
+# ── a killed training task resumes; an unblessed model is not registered ────────────────────────
+
+
+def test_killed_training_task_is_retried_and_resumes_from_its_checkpoint(unblessed_and_killed, s3):
+    run = unblessed_and_killed
+    assert run.tasks["train"]["attempts"] == 2 and run.tasks["train"]["status"] == "SUCCESS"
+    root = run.summary["run_root"]
+    assert storage.exists(storage.join(root, pc.FAULT_MARKER))
+    result = read_json(storage.join(root, pc.TRAIN_RESULT_FILE))
+    assert 0 < result["resumed_from_step"] < TRAIN_STEPS and result["steps"] == TRAIN_STEPS
+    # the resumed run's log holds every step exactly once (cut at the checkpoint, then continued)
+    records = [json.loads(line) for line in storage.get_bytes(storage.join(root, "train/metrics.jsonl"))
+               .decode().splitlines()]
+    assert [r["step"] for r in records if not r.get("final")] == list(range(TRAIN_STEPS))
+
+
+def test_unblessed_model_is_not_registered(unblessed_and_killed, registry_uri):
+    run = unblessed_and_killed
+    assert run.state == "SUCCEEDED", run.error  # not blessed is an outcome, not a failure
+    assert "register" not in run.tasks and "register" not in run.summary["stages"]
+    assert run.summary["stages"]["eval"]["blessed"] is False
+    assert "below the threshold 1.0000" in run.summary["stages"]["eval"]["reason"]
+    name = f"gp-{run.summary['run_id']}"
+    assert registry.get_champion(name, registry_uri) is None
+    with pytest.raises(LookupError):
+        registry.resolve(name, registry_uri)
