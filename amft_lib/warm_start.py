@@ -146,7 +146,7 @@ def _difficulty(row: dict) -> str:
     n = meta.get("n_solutions")
     if n is None:
         return "all"
-    return "hard(<=2)" if n <= 2 else "medium(3-10)" if n <= 10 else "easy(>10)"
+    return "hard_le2" if n <= 2 else "medium_3to10" if n <= 10 else "easy_gt10"  # tag-safe names (MLflow)
 
 
 @torch.no_grad()

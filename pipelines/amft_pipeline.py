@@ -63,7 +63,7 @@ LOCAL_PROFILE: dict[str, Any] = {
     "p3_warm_start_rs_max_prompts": 128,
     "p3_warm_start_overrides": ["batch_size=32", "entropy_prompts=16", "eval_prompts=50"],
     "p4_train_max_steps": 60,
-    "p4_train_lr": 1e-3,
+    "p4_train_lr": 2e-4,
     "p4_train_checkpoint_every": 20,
     "p4_train_overrides": ["eval_every=20", "eval_prompts=50", "rollout.prompts_per_step=4", "rollout.group_size=4",
                            "loss.sft_batch_size=16", "controller.meta_val_prompts=4"],

@@ -60,7 +60,8 @@ def train(
                        progress=False, checkpoint_root=run_root, resume="auto")
     shutil.move(str(result.model_dir), model.path)
     summary = {"steps": result.steps, "mu_final": result.mu_final, "target_entropy": result.target_entropy,
-               "val_accuracy_initial": result.val_reward_initial, "val_accuracy_final": result.val_reward_final,
+               "val_accuracy_initial": result.val_accuracy_initial, "val_accuracy_final": result.val_accuracy_final,
+               "val_reward_initial": result.val_reward_initial, "val_reward_final": result.val_reward_final,
                "resumed_from_step": max(done, default=0), "elapsed_s": result.elapsed_s,
                "method": cfg.controller.method}
     with open(curves.path, "w", encoding="utf-8") as f:
