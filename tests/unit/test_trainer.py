@@ -142,3 +142,18 @@ def test_cli_tiny_budget(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "amft_lib.cli", "train", "--out", str(out), "--set", "seed=x"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "seed='x': expected an integer" in bad.stderr
+
+
+def test_periodic_evaluation_does_not_change_training(splits, tmp_path):
+    """Evaluation samples on a forked RNG: evaluating every step must leave the trajectory untouched."""
+    skip = TIMING | {"val_reward", "val_accuracy", "config_hash"}  # the hash covers eval_every itself
+
+    def run(d, every):
+        train(small_cfg("amft", steps=4, eval_every=every), d, splits=splits, progress=False)
+        rows = read_jsonl(d / "metrics.jsonl")
+        return [{k: v for k, v in r.items() if k not in skip} for r in rows], rows
+
+    quiet, _ = run(tmp_path / "quiet", 0)
+    busy, raw = run(tmp_path / "busy", 1)
+    assert quiet == busy
+    assert sum(r["val_reward"] is not None for r in raw) == 4  # steps 1..3 plus the final record
