@@ -248,10 +248,14 @@ def test_store_stopped_mid_save_then_restarted(
     caplog.set_level(logging.DEBUG, logger="botocore.retries")
     with pytest.raises(storage.StorageError) as info:
         checkpoint.save_checkpoint(root, 2, _payload(step=2), HASH, history=[{"step": 2, "mu": 0.6}])
-    # Which request fails first depends on timing (a part, the history or the manifest): all are
-    # connection failures on this run's checkpoints/ folder.
-    assert info.value.code in {"EndpointConnectionError", "ConnectionClosedError", "ResponseStreamingError"}
-    assert "/checkpoints/" in str(info.value) and "gave up after" in str(info.value)
+    # Which request fails first depends on timing (a part, the history or the manifest): a connection
+    # failure once the server is gone, or the 500 a shutting-down server answers (seen on a loaded CI
+    # box); both are retried by botocore first, and both name this run's checkpoints/ folder.
+    connection = {"EndpointConnectionError", "ConnectionClosedError", "ResponseStreamingError"}
+    assert info.value.code in connection | {"InternalError", "ServiceUnavailable"}
+    assert "/checkpoints/" in str(info.value)
+    if info.value.code in connection:
+        assert "gave up after" in str(info.value)
     assert any("Retry needed" in r.getMessage() for r in caplog.records)
     assert list(staging_root.iterdir()) == []  # the local staging dir was cleaned up
     monkeypatch.setattr(storage, "put_file", real_put_file)
