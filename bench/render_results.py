@@ -46,6 +46,13 @@ def methods_section() -> list[str]:
                 "pipeline's split) the tiny model scores ≈ 0 with every method (partial run, seed 0: sft, grpo, "
                 "sft_grpo, fixed all ≤ 0.005 val, 0.000 test_id/test_ood), so that table is not shown; test_ood "
                 "is 0.000 everywhere. A comparison that separates the methods needs a pretrained policy.", ""]
+    tuning = _load("tuning.json")
+    if tuning:
+        runs = tuning["runs"]
+        out += [f"**Controller sweep on val only** (`{tuning['meta']['command']}`, seed 0, "
+                f"{tuning['meta']['steps']} steps): " + "; ".join(
+                    f"{' '.join(x.split('=')[0].split('.')[-1] + '=' + x.split('=')[1] for x in r['extra'])} → "
+                    f"{r['accuracy']['val']:.3f}" for r in runs) + ".", ""]
     return out
 
 
