@@ -334,14 +334,9 @@ def evaluate_model(model_path: str, splits: Mapping[str, Sequence[dict]], task: 
 
 
 def _stage_folder(uri: str, dest: Path) -> Path:
-    """Copy an s3:// folder to `dest` (files keep their relative paths)."""
-    base = uri.rstrip("/")
-    files = storage.list_prefix(base)
-    if not files:
+    """Copy an s3:// folder to `dest` (files keep their relative paths); an empty prefix is an error."""
+    if not storage.download_prefix(uri.rstrip("/"), dest):
         raise FileNotFoundError(f"{uri}: no objects under this prefix")
-    for file_uri in files:
-        rel = file_uri[len(base) :].lstrip("/")
-        storage.get_file(file_uri, dest / rel)
     return dest
 
 

@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -171,7 +171,7 @@ def run_warm_start(cfg: WarmStartConfig, out_dir: str | Path, splits: dict[str, 
     save_config(cfg, out / "config.yaml")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    model_cfg = cfg.model if init_model is None else type(cfg.model)(**{**cfg.model.__dict__, "name": init_model})
+    model_cfg = cfg.model if init_model is None else replace(cfg.model, name=str(init_model))
     model, tokenizer = load_policy(model_cfg, device=device, seed=cfg.seed)
     task = get_task(cfg.data.task)
     splits = splits if splits is not None else load_splits(cfg.data)
