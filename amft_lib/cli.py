@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "amft_lib.eval_commands",
     "amft_lib.storage_commands",
     "amft_lib.pipeline_commands",
+    "amft_lib.bench_commands",
 )
 
 

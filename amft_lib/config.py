@@ -78,7 +78,7 @@ class DataConfig:
         "is general_points, a dataset is generated in memory from the sizes below.",
         None,
     )
-    train_size: int = _help("Generated datasets only: training hands.", 2000)
+    train_size: int = _help("Generated datasets only: training rows.", 8000)
     val_size: int = _help("Generated datasets only: validation hands (meta-utility and periodic eval).", 200)
     seed: int = _help("Generated datasets only: generator seed (independent of the training seed).", 1234)
 
@@ -87,7 +87,7 @@ class DataConfig:
 class RolloutConfig:
     prompts_per_step: int = _help("Training prompts per RL step (B).", 8)
     group_size: int = _help("Completions per prompt (G). Group-relative advantages need G >= 2.", 8)
-    max_new_tokens: int = _help("Maximum completion length in tokens.", 96)
+    max_new_tokens: int = _help("Maximum completion length in tokens.", 128)
     temperature: float = _help("Sampling temperature for rollouts (also scales log-probs and entropy).", 1.0)
     top_p: float = _help("Nucleus sampling threshold for rollouts; 1.0 disables it.", 1.0)
 
@@ -253,7 +253,7 @@ class WarmStartConfig:
     rs_max_per_prompt: int = _help("c: at most this many distinct accepted completions kept per prompt.", 2)
     rs_max_prompts: int = _help("Cap on training prompts sampled (0: all of them).", 0)
     rs_temperature: float = _help("Sampling temperature for rejection sampling.", 1.0)
-    max_new_tokens: int = _help("Maximum completion length while sampling.", 96)
+    max_new_tokens: int = _help("Maximum completion length while sampling.", 128)
     final_sft_steps: int = _help("SFT steps on demonstrations ∪ accepted samples (after W).", 100)
     entropy_prompts: int = _help("Training prompts whose rollouts measure H* of the warm-start model.", 32)
     entropy_group: int = _help("Completions per prompt for the H* measurement.", 4)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -88,6 +89,7 @@ def speed_section() -> list[str]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, and no stray arguments
     body = "\n".join([*methods_section(), *speed_section()]).rstrip() + "\n"
     readme = ROOT / "README.md"
     text = readme.read_text()

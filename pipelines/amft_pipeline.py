@@ -122,7 +122,7 @@ def build_pipeline(target: str = "cluster") -> Any:
         # ── phase 1: data ──
         p1_data_task: str = "general_points",
         p1_data_input_uri: str = "",
-        p1_data_train_size: int = 2000,
+        p1_data_train_size: int = 8000,
         p1_data_val_size: int = 200,
         p1_data_test_id_size: int = 200,
         p1_data_test_ood_size: int = 200,

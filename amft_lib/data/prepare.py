@@ -80,7 +80,11 @@ class PrepareConfig:
     seed: int = _help("Seed of the generator and of the split hash; same seed + inputs => same bytes.", 1234)
 
     # ── generated General Points ──
-    train_size: int = _help("Generated only: training rows (ID rule).", 2000)
+    train_size: int = _help(
+        "Generated only: training rows (ID rule); the ~450 train hands come back as other card orders, each "
+        "with the next of the hand's solution routes.",
+        8000,
+    )
     val_size: int = _help("Generated only: validation rows (ID rule).", 200)
     test_id_size: int = _help("Generated only: in-distribution test rows (ID rule).", 200)
     test_ood_size: int = _help("Generated only: out-of-distribution test rows (OOD rule).", 200)
@@ -108,7 +112,8 @@ class PrepareConfig:
         False,
     )
     split_fractions: dict[str, float] = _help(
-        "Ingested only: fraction of canonical keys per split (sums to 1); splits: train, val, test_id, test_ood.",
+        "Fraction of canonical keys per split (sums to 1); splits: train, val, test_id, test_ood. Generated "
+        "General Points uses the train/val/test_id shares (renormalised) to divide the ID hands.",
         DEFAULT_FRACTIONS,
     )
     max_row_bytes: int = _help(
@@ -254,8 +259,10 @@ def _generate_general_points(cfg: PrepareConfig, task: Task) -> tuple[list[dict]
     """Draw ID hands until train/val/test_id quotas fill (split by key hash), then OOD hands for test_ood.
 
     Split by key *before* filling quotas: the quota of a split only ever takes hands whose key hashes
-    there, so the sizes are met without any key in two splits. The hash fractions follow the
-    requested sizes, so each split draws from a share of the puzzle space in proportion to its size.
+    there, so the sizes are met without any key in two splits. Which share of the puzzle space each
+    split owns comes from `split_fractions` (renormalised over train/val/test_id; test_ood has its
+    own rule), not from the row quotas: only ~566 ID hands exist, so a large train quota (many card
+    orders and solution routes per hand) must not shrink the hands the evaluation sees.
     """
     from amft_lib.tasks.general_points import RULES, generate_rows
 
@@ -264,7 +271,13 @@ def _generate_general_points(cfg: PrepareConfig, task: Task) -> tuple[list[dict]
             raise ConfigError(f"{name}={getattr(cfg, name)!r}: choose one of {', '.join(RULES)}")
     quotas = {"train": cfg.train_size, "val": cfg.val_size, "test_id": cfg.test_id_size}
     total = sum(quotas.values())
-    fractions = {name: size / total for name, size in quotas.items()} if total else {}
+    owned = {name: float(cfg.split_fractions.get(name, 0.0)) for name in quotas}
+    starved = [name for name, size in quotas.items() if size and not owned[name]]
+    if starved:
+        raise ConfigError(f"split_fractions={cfg.split_fractions} gives no hands to {', '.join(starved)}, "
+                          "which asks for rows: give it a fraction or set its size to 0")
+    weight = sum(owned[name] for name, size in quotas.items() if size)
+    fractions = {name: owned[name] / weight for name, size in quotas.items() if size} if total else {}
     dropped: Counter[str] = Counter()
     candidates = 0
 

@@ -28,14 +28,25 @@ Prompt (`make_prompt`, ≤ ~100 chars, printable ASCII):
 
     Cards: A 7 Q 3. A=1, J=Q=K=10. Use each card once with + - * / ( ) to make 24.
 
-Demonstration (`make_demonstration`): one line per step, combining two numbers at a time in the
-tree's post-order, then the whole expression. Operands that are fractions or negative are wrapped in
-parentheses so every step line is itself a valid expression; the result after "=" is printed bare:
+Demonstration (`make_demonstration`). The hand's values sorted, then one line per step that
+combines two of the numbers still in play, each followed by the numbers left after it, then the
+whole expression:
 
-    10-4=6
-    2+2=4
+    Numbers: 2 2 4 10
+    10-4=6 left 2 2 6
+    2+2=4 left 4 6
     6*4=24
     Answer: (10-4)*(2+2)
+
+Why this shape: a model that must hold the remaining numbers in its head memorises hands instead of
+computing them. Writing the state down makes every line a local problem (pick two numbers from the
+line above, do one operation, copy the rest), and `solution_paths` gives *every* such sequence for a
+hand, so the rows of one hand teach different routes rather than one string to recite. Measured with
+the `tiny` model, SFT on unseen hands (key split, same steps): the old one-solution,
+no-state format reached greedy accuracy 0.02 on val; every-path-with-state 0.21
+(experiment recorded in the issue 6 closing note). Operands that are fractions or negative are
+wrapped in parentheses so every step line is itself a valid expression; results and the numbers
+left are printed bare. `+` and `*` write the larger operand first.
 
 Verifier (`verify_completion`). The final answer is the last line starting with "Answer:" (its
 content may be wrapped in `\\boxed{}`); failing that, the last `\\boxed{...}` anywhere. Everything
@@ -331,6 +342,90 @@ def is_solvable(values: Sequence[int], target: int = TARGET) -> bool:
     return solve(values, target) is not None
 
 
+@dataclass(frozen=True, slots=True)
+class SolutionPath:
+    """One sequential solution: combine two numbers at a time until only the target is left.
+
+    `steps` are the demonstration's step lines ("7-1=6 left 2 2 6"; the last one has no "left"),
+    `expression` the whole computation as one expression with minimum parentheses, `natural` says
+    every intermediate result is a non-negative integer.
+    """
+
+    steps: tuple[str, ...]
+    expression: str
+    natural: bool
+
+
+def _state_text(items: Sequence[tuple[Fraction, _Expr]]) -> str:
+    return " ".join(_fmt(value) for value in sorted(value for value, _ in items))
+
+
+@lru_cache(maxsize=65_536)
+def _can_make(values: tuple[Fraction, ...], goal: Fraction) -> bool:
+    """Whether a sorted multiset of exact numbers makes `goal`: the pruning test of `_paths_sorted`,
+    on values only, so strings are built for successful routes alone."""
+    if len(values) == 1:
+        return values[0] == goal
+    for i in range(len(values)):
+        for j in range(i + 1, len(values)):
+            a, b = values[i], values[j]
+            rest = values[:i] + values[i + 1 : j] + values[j + 1 :]
+            results = {a + b, a - b, b - a, a * b}
+            if b:
+                results.add(a / b)
+            if a:
+                results.add(b / a)
+            if any(_can_make(tuple(sorted((*rest, r))), goal) for r in results):
+                return True
+    return False
+
+
+@lru_cache(maxsize=8192)
+def _paths_sorted(values: tuple[int, ...], target: int) -> tuple[SolutionPath, ...]:
+    goal = Fraction(target)
+    found: dict[tuple[str, ...], SolutionPath] = {}
+
+    def walk(items: list[tuple[Fraction, _Expr]], lines: tuple[str, ...], natural: bool) -> None:
+        if len(items) == 1:
+            if items[0][0] == goal and lines not in found:
+                found[lines] = SolutionPath(lines, items[0][1].text, natural)
+            return
+        for i, (a, ea) in enumerate(items):
+            for j, (b, eb) in enumerate(items):
+                if i == j:
+                    continue
+                rest = [item for k, item in enumerate(items) if k not in (i, j)]
+                for op in "+-*/":
+                    if op in "+*" and (a, i) < (b, j):  # commutative: larger operand first, once
+                        continue
+                    expr = _combine(ea, op, eb)
+                    if expr is None:
+                        continue
+                    value = expr.value
+                    left = [*rest, (value, expr)]
+                    if not _can_make(tuple(sorted(v for v, _ in left)), goal):
+                        continue
+                    line = f"{_operand(a)}{op}{_operand(b)}={_fmt(value)}"
+                    if len(left) > 1:
+                        line += f" left {_state_text(left)}"
+                    is_natural = natural and value.denominator == 1 and value >= 0
+                    walk(left, (*lines, line), is_natural)
+
+    walk([(Fraction(v), _leaf(v)) for v in values], (), True)
+    paths = tuple(found.values())
+    natural = tuple(p for p in paths if p.natural)
+    return natural or paths
+
+
+def solution_paths(values: Sequence[int], target: int = TARGET) -> tuple[SolutionPath, ...]:
+    """Every distinct sequential solution of a hand, in a deterministic order; empty if unsolvable.
+
+    Only the natural-number paths when the hand has any (fractions and negatives are hard to write
+    for a small model); otherwise all paths. Order of `values` does not matter.
+    """
+    return _paths_sorted(tuple(sorted(int(v) for v in values)), int(target))
+
+
 # ── Rows: prompt, answer, demonstration ─────────────────────────────────────────────────────────
 _RULE_TEXT = {"face10": "A=1, J=Q=K=10.", "face_ranks": "A=1, J=11, Q=12, K=13."}
 
@@ -342,9 +437,11 @@ def make_prompt(cards: Sequence[str], rule: str, target: int = TARGET) -> str:
     return f"Cards: {' '.join(cards)}. {_RULE_TEXT[rule]} Use each card once with + - * / ( ) to make {target}.\n"
 
 
-def make_demonstration(solution: Solution) -> str:
-    """Step lines then "Answer: <expression>", newline-terminated (the newline is the stop cue)."""
-    return "".join(f"{line}\n" for line in solution.steps) + f"Answer: {solution.expression}\n"
+def make_demonstration(values: Sequence[int], path: SolutionPath) -> str:
+    """"Numbers:" line, the path's step lines, then "Answer: <expression>", newline-terminated (the
+    newline is the stop cue)."""
+    numbers = " ".join(str(v) for v in sorted(values))
+    return f"Numbers: {numbers}\n" + "".join(f"{line}\n" for line in path.steps) + f"Answer: {path.expression}\n"
 
 
 @dataclass(frozen=True)
@@ -414,19 +511,31 @@ def generate_rows(n: int, rule: str, seed: int, split: str, id_prefix: str = "gp
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
     rng = random.Random(seed)
+    route_rng = random.Random(seed * 7_919 + 1)  # own stream: the hands drawn do not depend on it
+    first_route: dict[tuple[int, ...], int] = {}
+    seen: dict[tuple[int, ...], int] = {}
     rows = []
     for i in range(n):
         cards = draw_hand(rng, rule)
-        solution = solve(hand_values(cards, rule))
+        values = hand_values(cards, rule)
+        solution = solve(values)
         assert solution is not None  # draw_hand only returns solvable hands
-        meta = {"rule": rule, "n_solutions": solution.n_solutions, "needs_fraction": solution.needs_fraction}
+        # Each time a hand comes back it gets the next of its routes, starting at a random one, so
+        # the rows of one hand show as many different solutions as it has.
+        paths = solution_paths(values)
+        key = tuple(sorted(values))
+        start = first_route.setdefault(key, route_rng.randrange(len(paths)))
+        path = paths[(start + seen.get(key, 0)) % len(paths)]
+        seen[key] = seen.get(key, 0) + 1
+        meta = {"rule": rule, "n_solutions": solution.n_solutions, "needs_fraction": solution.needs_fraction,
+                "n_routes": len(paths)}
         rows.append(
             {
                 "id": f"{id_prefix}-{rule}-{split}-s{seed}-{i:06d}",
                 "task": TASK_NAME,
                 "prompt": make_prompt(cards, rule),
                 "answer": encode_answer(cards, rule),
-                "demonstration": make_demonstration(solution),
+                "demonstration": make_demonstration(values, path),
                 "split": split,
                 "meta": json.dumps(meta),
             }

@@ -19,7 +19,7 @@ def prepare_data(
     s3_endpoint_url: str,
     task: str = "general_points",
     input_uri: str = "",
-    train_size: int = 2000,
+    train_size: int = 8000,
     val_size: int = 200,
     test_id_size: int = 200,
     test_ood_size: int = 200,

@@ -41,14 +41,14 @@ def test_amft_raises_validation_reward_after_warm_start(tmp_path):
     splits = prompt_split(40)
     assert len(splits["val"]) >= 30
     assert not {r["prompt"] for r in splits["val"]} & {r["prompt"] for r in splits["train"]}
-    wcfg = apply_overrides(WarmStartConfig(), [*MODEL, "batch_size=32", "lr=3e-3", "max_new_tokens=48"])
+    wcfg = apply_overrides(WarmStartConfig(), [*MODEL, "batch_size=32", "lr=3e-3", "max_new_tokens=112"])
     model, tok = load_policy(wcfg.model, seed=0)
     sft_steps(model, tok, splits["train"], 300, wcfg, seed=0, phase="warmup")
     warm = save_policy(model, tok, tmp_path / "warm")
 
     cfg = apply_overrides(TrainConfig(), [
         *MODEL, "controller.method=amft", "max_steps=30", "eval_every=10", "eval_prompts=64", "eval_samples=8",
-        "rollout.prompts_per_step=8", "rollout.group_size=8", "rollout.max_new_tokens=48", "loss.sft_batch_size=16",
+        "rollout.prompts_per_step=8", "rollout.group_size=8", "rollout.max_new_tokens=112", "loss.sft_batch_size=16",
         "controller.meta_interval=5", "controller.meta_val_prompts=8", "controller.meta_val_group=4",
         "optim.lr=5e-4", "optim.warmup_steps=2",
     ])

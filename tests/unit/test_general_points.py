@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 import string
 import time
 from fractions import Fraction
@@ -163,7 +164,6 @@ def test_every_solver_output_verifies(ranks, rule):
     if solution is None:  # the solver says unsolvable: at least the brute force agrees
         assert not brute_force_trees(values, 24)
         return
-    assert verdict(gp.make_demonstration(solution), hand) == (1.0, True, "ok")
     assert verdict(f"Answer: {solution.expression}", hand) == (1.0, True, "ok")
     assert rpn_value(solution.expression) == 24
     for line in solution.steps:  # each step line is itself a true equation
@@ -218,8 +218,91 @@ def test_prompt_and_demonstration_format():
     assert gp.make_prompt(("A", "7", "Q", "3"), "face10") == (
         "Cards: A 7 Q 3. A=1, J=Q=K=10. Use each card once with + - * / ( ) to make 24.\n"
     )
-    demo = gp.make_demonstration(gp.Solution("(10-4)*(2+2)", ("10-4=6", "2+2=4", "6*4=24"), 1, False))
-    assert demo == "10-4=6\n2+2=4\n6*4=24\nAnswer: (10-4)*(2+2)\n"
+    path = gp.SolutionPath(("10-4=6 left 2 2 6", "2+2=4 left 4 6", "6*4=24"), "(10-4)*(2+2)", True)
+    demo = gp.make_demonstration((10, 2, 4, 2), path)
+    assert demo == "Numbers: 2 2 4 10\n10-4=6 left 2 2 6\n2+2=4 left 4 6\n6*4=24\nAnswer: (10-4)*(2+2)\n"
+    assert path in gp.solution_paths((2, 2, 4, 10))
+
+
+# ── Routes: every sequential solution, with the numbers left ────────────────────────────────────
+def _fmt(x: Fraction) -> str:
+    return str(x.numerator) if x.denominator == 1 else f"{x.numerator}/{x.denominator}"
+
+
+def brute_force_routes(values, target) -> set[tuple[str, ...]]:
+    """Every route's step lines, by plain recursion over ordered pairs (no pruning, no memo)."""
+    out: set[tuple[str, ...]] = set()
+
+    def operand(x: Fraction) -> str:
+        return _fmt(x) if x.denominator == 1 and x >= 0 else f"({_fmt(x)})"
+
+    def walk(items: list[Fraction], lines: tuple[str, ...]) -> None:
+        if len(items) == 1:
+            if items[0] == target:
+                out.add(lines)
+            return
+        for i, j in itertools.permutations(range(len(items)), 2):
+            a, b = items[i], items[j]
+            rest = [x for k, x in enumerate(items) if k not in (i, j)]
+            ops = [("-", a - b)] + ([("/", a / b)] if b else [])
+            if a >= b:
+                ops += [("+", a + b), ("*", a * b)]
+            for op, value in ops:
+                left = sorted([*rest, value])
+                line = f"{operand(a)}{op}{operand(b)}={_fmt(value)}"
+                line += f" left {' '.join(map(_fmt, left))}" if len(left) > 1 else ""
+                walk(left, (*lines, line))
+
+    walk([Fraction(v) for v in values], ())
+    return out
+
+
+def _is_natural(route: tuple[str, ...]) -> bool:
+    return all(Fraction(line.split("=")[1].split(" left")[0]) >= 0 and "/" not in line.split("=")[1]
+               for line in route)
+
+
+@FAST
+@given(ranks=st.lists(st.sampled_from(gp.RANKS), min_size=4, max_size=4), rule=st.sampled_from(gp.RULES))
+def test_routes_are_every_sequential_solution_natural_first(ranks, rule):
+    values = gp.hand_values(ranks, rule)
+    routes = gp.solution_paths(values)
+    every = brute_force_routes(values, 24)
+    natural = {r for r in every if _is_natural(r)}
+    assert {p.steps for p in routes} == (natural or every)  # complete, and natural-only when possible
+    assert bool(routes) == gp.is_solvable(values)
+    assert all(p.natural == bool(natural) for p in routes)
+    assert gp.solution_paths(list(reversed(values))) == routes  # card order does not matter
+
+
+@FAST
+@given(ranks=st.lists(st.sampled_from(gp.RANKS), min_size=4, max_size=4), rule=st.sampled_from(gp.RULES))
+def test_every_route_demonstration_verifies_and_keeps_the_books(ranks, rule):
+    values = gp.hand_values(ranks, rule)
+    hand = gp.Hand(tuple(ranks), values, 24, rule)
+    for path in gp.solution_paths(values):
+        demo = gp.make_demonstration(values, path)
+        assert verdict(demo, hand) == (1.0, True, "ok")
+        state = sorted(Fraction(v) for v in values)
+        assert demo.splitlines()[0] == "Numbers: " + " ".join(map(_fmt, state))
+        for line in path.steps:
+            equation, _, left = line.partition(" left ")
+            lhs, rhs = equation.split("=")
+            assert rpn_value(lhs) == Fraction(rhs)  # the step is a true equation
+            for operand in re.findall(r"\(-?\d+(?:/\d+)?\)|\d+", lhs):
+                state.remove(Fraction(operand.strip("()")))  # both operands were in play
+            state = sorted([*state, Fraction(rhs)])
+            assert (left.split() if left else [str(24)]) == [_fmt(x) for x in state]  # the books balance
+
+
+def test_rows_of_one_hand_cycle_through_its_routes():
+    rows = gp.generate_rows(400, "face10", seed=3, split="train")
+    by_hand: dict[tuple[int, ...], list[str]] = {}
+    for row in rows:
+        by_hand.setdefault(tuple(sorted(gp.decode_answer(row["answer"]).values)), []).append(row["demonstration"])
+    for values, demos in by_hand.items():
+        n_routes = len(gp.solution_paths(values))
+        assert len(set(demos)) == min(len(demos), n_routes)  # no route repeats before all were shown
 
 
 def test_generator_rejects_bad_arguments():
