@@ -188,7 +188,7 @@ def main() -> None:
     if args.tune:
         grid = [[f"controller.eta_mu={a}", f"controller.eta_h={b}", f"controller.meta_normalize={c}",
                  f"controller.mu_init={d}"]
-                for a, b, c, d in itertools.product([0.02, 0.1], [0.02, 0.1], ["cosine"], [0.3, 0.6])]
+                for a, b, c, d in itertools.product([0.05, 0.5], [0.05, 0.5], ["cosine"], [0.5, 0.7])]
         jobs = [{**common, "method": "amft", "seed": 0, "extra": g, "splits": ["val"],
                  "run_dir": out / "tune" / f"g{i}"} for i, g in enumerate(grid)]
     else:

@@ -94,6 +94,18 @@ def test_general_points_no_key_in_two_splits(tmp_path: Path) -> None:
             assert not keys[a] & keys[b], f"{a} and {b} share canonical keys"
 
 
+def test_general_points_hands_per_split_follow_split_fractions_not_row_quotas(tmp_path: Path) -> None:
+    # A train quota 40x the eval quotas must not squeeze the eval splits into a sliver of the hands:
+    # the key hash gives val and test_id their split_fractions share whatever the row counts.
+    small = keys_by_split(read_split_rows(gp(tmp_path / "a", train_size=100, val_size=40, test_id_size=40)))
+    big = keys_by_split(read_split_rows(gp(tmp_path / "b", train_size=1600, val_size=40, test_id_size=40)))
+    for split in ("val", "test_id"):
+        assert len(big[split]) >= 0.8 * len(small[split]) and len(big[split]) >= 15, (split, len(big[split]))
+    assert len(big["train"]) > 300  # most of the ~566 ID hands, each in many card orders
+    with pytest.raises(ConfigError, match="gives no hands to val"):
+        gp(tmp_path / "c", val_size=5, split_fractions={"train": 0.9, "test_id": 0.1})
+
+
 def test_general_points_byte_identical_across_runs_and_seed_matters(tmp_path: Path) -> None:
     first, second, other = gp(tmp_path / "a"), gp(tmp_path / "b"), gp(tmp_path / "c", seed=7)
     for split in first.files:
