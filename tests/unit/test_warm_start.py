@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from amft_lib.config import WarmStartConfig, apply_overrides
+from amft_lib.config import ConfigError, WarmStartConfig, apply_overrides
 from amft_lib.model import build_char_tokenizer
 from amft_lib.tasks import get_task
 from amft_lib.tasks.general_points import generate_rows
@@ -85,3 +85,12 @@ def test_run_warm_start_writes_model_accepted_and_stats(tmp_path):
     assert table.column_names == ["id", "task", "prompt", "answer", "demonstration", "split", "meta"]
     history = [json.loads(x) for x in (tmp_path / "sft_history.jsonl").read_text().splitlines()]
     assert [h["phase"] for h in history] == ["warmup"] * 3 + ["final_sft"] * 2
+    # the final phase peaks at lr × final_sft_lr_ratio: it refines a converged model, it does not restart it
+    peak = {phase: max(h["lr"] for h in history if h["phase"] == phase) for phase in ("warmup", "final_sft")}
+    assert peak["warmup"] == pytest.approx(cfg.lr) and peak["final_sft"] == pytest.approx(cfg.lr * cfg.final_sft_lr_ratio)
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5])
+def test_final_sft_lr_ratio_is_validated(ratio):
+    with pytest.raises(ConfigError, match="final_sft_lr_ratio"):
+        WarmStartConfig(final_sft_lr_ratio=ratio)
