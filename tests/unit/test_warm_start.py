@@ -87,7 +87,8 @@ def test_run_warm_start_writes_model_accepted_and_stats(tmp_path):
     assert [h["phase"] for h in history] == ["warmup"] * 3 + ["final_sft"] * 2
     # the final phase peaks at lr × final_sft_lr_ratio: it refines a converged model, it does not restart it
     peak = {phase: max(h["lr"] for h in history if h["phase"] == phase) for phase in ("warmup", "final_sft")}
-    assert peak["warmup"] == pytest.approx(cfg.lr) and peak["final_sft"] == pytest.approx(cfg.lr * cfg.final_sft_lr_ratio)
+    assert peak["warmup"] == pytest.approx(cfg.lr)
+    assert peak["final_sft"] == pytest.approx(cfg.lr * cfg.final_sft_lr_ratio)
 
 
 @pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5])
