@@ -49,6 +49,15 @@ def one_run(job: dict) -> dict:
     from amft_lib.trainer import train
 
     method = job["method"]
+    if method == "warm_start":  # the common starting point, scored on the same rows (greedy: seed-free)
+        cfg = apply_overrides(load_config(job["config"]), [f"data.path={job['data']}"])
+        splits = read_rows(job["data"])
+        model, tok = load_policy(cfg.model.__class__(**{**cfg.model.__dict__, "name": job["warm_model"]}))
+        task = get_task(cfg.data.task)
+        acc = {s: greedy_eval(model, tok, task, splits[s], cfg.rollout.max_new_tokens).accuracy
+               for s in job["splits"] if s in splits}
+        return {"method": method, "seed": job["seed"], "accuracy": acc, "mu_final": float("nan"),
+                "run_dir": "", "extra": [], "train_s": 0.0}
     real = "amft" if method == "amft_no_warm_start" else method
     cfg = load_config(job["config"])
     cfg = apply_overrides(cfg, [*base_overrides(job["steps"]), f"controller.method={real}", f"seed={job['seed']}",
@@ -128,11 +137,11 @@ def plot(runs: list[dict], out: Path, stem: str = "methods") -> list[str]:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for r in runs:
-        if r["seed"] != runs[0]["seed"]:
+        if r["seed"] != runs[0]["seed"] or not r["run_dir"]:  # one seed; the warm-start row has no curve
             continue
         rows = [json.loads(x) for x in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         steps = [x for x in rows if not x.get("final")]
-        val = [(x["step"] + 1, x["val_reward"]) for x in steps if x.get("val_reward") is not None]
+        val = [(x["step"] + 1, x["val_accuracy"]) for x in steps if x.get("val_accuracy") is not None]
         if val:
             axes[0].plot(*zip(*val, strict=True), marker="o", label=r["method"])
         axes[1].plot([x["step"] for x in steps], [x["mu"] for x in steps], label=r["method"])
@@ -192,8 +201,9 @@ def main() -> None:
         jobs = [{**common, "method": "amft", "seed": 0, "extra": g, "splits": ["val"],
                  "run_dir": out / "tune" / f"g{i}"} for i, g in enumerate(grid)]
     else:
-        jobs = [{**common, "method": m, "seed": s, "splits": list(SPLITS), "run_dir": out / "runs" / f"{m}-s{s}"}
-                for s in args.seeds for m in args.methods]
+        jobs = [{**common, "method": "warm_start", "seed": args.seeds[0], "splits": list(SPLITS)}]
+        jobs += [{**common, "method": m, "seed": s, "splits": list(SPLITS), "run_dir": out / "runs" / f"{m}-s{s}"}
+                 for s in args.seeds for m in args.methods]
     t0 = time.perf_counter()
     runs = []
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
