@@ -106,6 +106,10 @@ def prompt_split(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _load_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def summarise(runs: list[dict]) -> dict:
     out: dict = {}
     for method in dict.fromkeys(r["method"] for r in runs):
@@ -167,6 +171,11 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tune", action="store_true", help="sweep AMFT controller settings, scored on val only")
+    ap.add_argument("--grid", nargs="+", metavar="KEY=V1,V2",
+                    help="with --tune: config keys and values to sweep (their product); default η_μ × η_H × μ_init")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the runs of <out>/results.json and replace only the (method, seed) pairs run now, "
+                    "e.g. to rerun the μ-dependent methods after retuning μ_init")
     ap.add_argument("--split-mode", choices=["key", "prompt"], default="key",
                     help="key: the pipeline's split (no hand in two splits; test_id/test_ood are unseen hands). "
                     "prompt: val and test_id are held-out *prompts* (card orders) of training hands, test_ood "
@@ -195,13 +204,15 @@ def main() -> None:
               "target_entropy": wstats["target_entropy"]}
 
     if args.tune:
-        grid = [[f"controller.eta_mu={a}", f"controller.eta_h={b}", f"controller.meta_normalize={c}",
-                 f"controller.mu_init={d}"]
-                for a, b, c, d in itertools.product([0.05, 0.5], [0.05, 0.5], ["cosine"], [0.5, 0.7])]
+        axes = dict(item.split("=", 1) for item in args.grid) if args.grid else {
+            "controller.eta_mu": "0.05,0.5", "controller.eta_h": "0.05,0.5", "controller.meta_normalize": "cosine",
+            "controller.mu_init": "0.5,0.7"}
+        grid = [[f"{k}={v}" for k, v in zip(axes, values, strict=True)]
+                for values in itertools.product(*(v.split(",") for v in axes.values()))]
         jobs = [{**common, "method": "amft", "seed": 0, "extra": g, "splits": ["val"],
                  "run_dir": out / "tune" / f"g{i}"} for i, g in enumerate(grid)]
     else:
-        jobs = [{**common, "method": "warm_start", "seed": args.seeds[0], "splits": list(SPLITS)}]
+        jobs = [] if args.merge else [{**common, "method": "warm_start", "seed": args.seeds[0], "splits": list(SPLITS)}]
         jobs += [{**common, "method": m, "seed": s, "splits": list(SPLITS), "run_dir": out / "runs" / f"{m}-s{s}"}
                  for s in args.seeds for m in args.methods]
     t0 = time.perf_counter()
@@ -218,10 +229,21 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     if args.tune:
         ranked = sorted(runs, key=lambda r: -r["accuracy"]["val"])
+        previous = _load_json(RESULTS / "tuning.json") if args.grid else None
+        if previous:  # a further sweep adds to the record instead of replacing it
+            meta["earlier_sweeps"] = [*previous["meta"].get("earlier_sweeps", []), previous["meta"]["command"]]
+            ranked = sorted([*previous["runs"], *ranked], key=lambda r: -r["accuracy"]["val"])
         (RESULTS / "tuning.json").write_text(json.dumps({"meta": meta, "runs": ranked}, indent=2, default=str))
         for r in ranked:
             print(f"val={r['accuracy']['val']:.3f} {r['extra']}")
         return
+    earlier = _load_json(out / "results.json") if args.merge else None
+    if earlier:
+        fresh = {(r["method"], r["seed"]) for r in runs}
+        runs = [r for r in earlier["runs"] if (r["method"], r["seed"]) not in fresh] + runs
+        order = {m: i for i, m in enumerate(("warm_start", *METHODS))}
+        runs.sort(key=lambda r: (order.get(r["method"], 99), r["seed"]))
+        meta["commands"] = [*earlier["meta"].get("commands", [earlier["meta"]["command"]]), meta["command"]]
     summary = summarise(runs)
     (out / "results.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2, default=str))
     stem = "methods" if args.split_mode == "key" else f"methods_{args.split_mode}"

@@ -22,38 +22,37 @@ def _load(name: str) -> dict | None:
 
 def methods_section() -> list[str]:
     out = []
-    for name, title in (("methods_prompt.json", "held-out prompts of training hands (`--split-mode prompt`)"),
-                        ("methods.json", "key split: unseen hands (`--split-mode key`)")):
-        data = _load(name)
-        if not data:
-            continue
+    data = _load("methods.json")
+    if data:
         meta, summary = data["meta"], data["summary"]
-        out += [f"**Methods, {title}** — tiny model, {meta['steps']} steps, seeds {meta['seeds']}, one shared warm "
-                f"start; greedy pass@1 on every row of each split, mean ± std. Command: `{meta['command']}`", "",
+        out += [f"**Methods on unseen hands (key split)** — tiny model, {meta['steps']} steps, seeds {meta['seeds']}, "
+                "one shared warm start; greedy pass@1 on every row of each split, mean ± std over seeds. "
+                f"Command: `{meta['command']}`", "",
                 "| method | val | test_id | test_ood |", "|---|---|---|---|"]
-        if "warm_start_eval" in meta:
-            ws = meta["warm_start_eval"]
-            out.append("| *warm start (start of every run)* | " + " | ".join(f"{ws[k]:.3f}" for k in
-                                                                         ("val", "test_id", "test_ood")) + " |")
         for method, s in summary.items():
+            if method == "warm_start":  # the common starting point, one greedy evaluation
+                out.append("| *warm start (start of every run)* | " + " | ".join(
+                    f"{s[k]['mean']:.3f}" if k in s else "–" for k in ("val", "test_id", "test_ood")) + " |")
+                continue
             cells = [f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" if k in s else "–"
                      for k in ("val", "test_id", "test_ood")]
             out.append(f"| {method} | " + " | ".join(cells) + " |")
         out.append("")
-    if _load("methods_prompt.json") and not _load("methods.json"):
-        out += ["Reading: every method that keeps an SFT term moves test_id up 0.01–0.04 from the warm start; "
-                "pure GRPO loses 0.04 (it drifts with few successes per group); AMFT is level with `fixed`/`meta` "
-                "and does **not** beat plain continued SFT on val. On *unseen* hands (`--split-mode key`, the "
-                "pipeline's split) the tiny model scores ≈ 0 with every method (partial run, seed 0: sft, grpo, "
-                "sft_grpo, fixed all ≤ 0.005 val, 0.000 test_id/test_ood), so that table is not shown; test_ood "
-                "is 0.000 everywhere. A comparison that separates the methods needs a pretrained policy.", ""]
+        reading = RESULTS / "methods_reading.md"
+        if reading.exists():
+            out += [reading.read_text().strip(), ""]
+        if (RESULTS / "methods_curves.png").exists():
+            out += ["![val accuracy, μ and entropy per method (seed 0)](bench/results/methods_curves.png)", ""]
     tuning = _load("tuning.json")
     if tuning:
         runs = tuning["runs"]
-        out += [f"**Controller sweep on val only** (`{tuning['meta']['command']}`, seed 0, "
-                f"{tuning['meta']['steps']} steps): " + "; ".join(
-                    f"{' '.join(x.split('=')[0].split('.')[-1] + '=' + x.split('=')[1] for x in r['extra'])} → "
-                    f"{r['accuracy']['val']:.3f}" for r in runs) + ".", ""]
+        commands = [*tuning["meta"].get("earlier_sweeps", []), tuning["meta"]["command"]]
+        out += ["**Tuning sweeps on val only** (seed 0, from the same warm start; "
+                + ", ".join(f"`{c}`" for c in commands) + "): " + "; ".join(
+                    f"{' '.join(x.split('=')[0].split('.')[-1] + '=' + x.split('=')[1] for x in r['extra'])}"
+                    f"{' (' + str(r['steps']) + ' steps)' if 'steps' in r else ''} → {r['accuracy']['val']:.3f}"
+                    for r in runs) + ".", ""]
+    out += ["Superseded results (first demonstration format, prompt split) are kept in `bench/results/archive/`.", ""]
     return out
 
 

@@ -58,13 +58,14 @@ LOCAL_PROFILE: dict[str, Any] = {
     # 2 layers: on unseen hands it generalised as well per SFT step as 4 layers at half the cost
     "p3_model_settings": ["model.tiny_hidden=128", "model.tiny_layers=2", "model.tiny_heads=4", "device=cpu"],
     "p3_model_max_new_tokens": 112,
-    "p3_warm_start_warmup_steps": 1000,
+    "p3_warm_start_warmup_steps": 1400,
     "p3_warm_start_final_sft_steps": 100,
     "p3_warm_start_rs_samples": 4,
     "p3_warm_start_rs_max_prompts": 64,
     "p3_warm_start_overrides": ["batch_size=64", "entropy_prompts=16", "eval_prompts=50"],
     "p4_train_max_steps": 60,
     "p4_train_lr": 2e-4,
+    "p4_train_mu_init": 0.7,  # configs/tiny_gp.yaml's value, tuned on val
     "p4_train_checkpoint_every": 20,
     "p4_train_overrides": ["eval_every=20", "eval_prompts=50", "rollout.prompts_per_step=4", "rollout.group_size=4",
                            "loss.sft_batch_size=16", "controller.meta_val_prompts=4"],
