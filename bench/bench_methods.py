@@ -73,7 +73,8 @@ def one_run(job: dict) -> dict:
     acc = {s: greedy_eval(model, tok, task, splits[s], cfg.rollout.max_new_tokens).accuracy
            for s in job["splits"] if s in splits}
     return {"method": method, "seed": job["seed"], "accuracy": acc, "mu_final": res.mu_final,
-            "run_dir": str(job["run_dir"]), "extra": job.get("extra", []), "train_s": time.perf_counter() - t0}
+            "run_dir": str(job["run_dir"]), "extra": job.get("extra", []), "steps": job["steps"],
+            "train_s": time.perf_counter() - t0}
 
 
 def prompt_split(src: Path, dst: Path) -> Path:
@@ -173,6 +174,8 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="sweep AMFT controller settings, scored on val only")
     ap.add_argument("--grid", nargs="+", metavar="KEY=V1,V2",
                     help="with --tune: config keys and values to sweep (their product); default η_μ × η_H × μ_init")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every run (e.g. rollout.temperature=2.0), recorded in the results")
     ap.add_argument("--merge", action="store_true",
                     help="keep the runs of <out>/results.json and replace only the (method, seed) pairs run now, "
                     "e.g. to rerun the μ-dependent methods after retuning μ_init")
@@ -201,7 +204,7 @@ def main() -> None:
         run_warm_start(wcfg, warm)
     wstats = json.loads((warm / "stats.json").read_text())
     common = {"config": args.config, "data": str(data), "warm_model": str(warm / "model"), "steps": args.steps,
-              "target_entropy": wstats["target_entropy"]}
+              "target_entropy": wstats["target_entropy"], "extra": list(args.set)}
 
     if args.tune:
         axes = dict(item.split("=", 1) for item in args.grid) if args.grid else {
@@ -209,7 +212,7 @@ def main() -> None:
             "controller.mu_init": "0.5,0.7"}
         grid = [[f"{k}={v}" for k, v in zip(axes, values, strict=True)]
                 for values in itertools.product(*(v.split(",") for v in axes.values()))]
-        jobs = [{**common, "method": "amft", "seed": 0, "extra": g, "splits": ["val"],
+        jobs = [{**common, "method": "amft", "seed": 0, "extra": [*args.set, *g], "splits": ["val"],
                  "run_dir": out / "tune" / f"g{i}"} for i, g in enumerate(grid)]
     else:
         jobs = [] if args.merge else [{**common, "method": "warm_start", "seed": args.seeds[0], "splits": list(SPLITS)}]

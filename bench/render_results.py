@@ -22,8 +22,10 @@ def _load(name: str) -> dict | None:
 
 def methods_section() -> list[str]:
     out = []
-    data = _load("methods.json")
-    if data:
+    for stem in ("methods", "methods_temp1"):
+        data = _load(f"{stem}.json")
+        if not data:
+            continue
         meta, summary = data["meta"], data["summary"]
         out += [f"**Methods on unseen hands (key split)** — tiny model, {meta['steps']} steps, seeds {meta['seeds']}, "
                 "one shared warm start; greedy pass@1 on every row of each split, mean ± std over seeds. "
@@ -38,11 +40,11 @@ def methods_section() -> list[str]:
                      for k in ("val", "test_id", "test_ood")]
             out.append(f"| {method} | " + " | ".join(cells) + " |")
         out.append("")
-        reading = RESULTS / "methods_reading.md"
+        reading = RESULTS / f"{stem}_reading.md"
         if reading.exists():
             out += [reading.read_text().strip(), ""]
-        if (RESULTS / "methods_curves.png").exists():
-            out += ["![val accuracy, μ and entropy per method (seed 0)](bench/results/methods_curves.png)", ""]
+        if (RESULTS / f"{stem}_curves.png").exists():
+            out += [f"![val accuracy, μ and entropy per method (seed 0)](bench/results/{stem}_curves.png)", ""]
     tuning = _load("tuning.json")
     if tuning:
         runs = tuning["runs"]
