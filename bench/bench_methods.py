@@ -35,6 +35,20 @@ def base_overrides(steps: int) -> list[str]:
             f"controller.switch_step={steps // 2}"]
 
 
+def greedy_accuracy(model_dir: str, cfg, job: dict) -> dict[str, float]:
+    """Greedy pass@1 of the model in `model_dir` on every row of the job's splits."""
+    from amft_lib.dataset import read_rows
+    from amft_lib.model import load_policy
+    from amft_lib.scoring import greedy_eval
+    from amft_lib.tasks import get_task
+
+    splits = read_rows(job["data"])
+    model, tok = load_policy(cfg.model.__class__(**{**cfg.model.__dict__, "name": model_dir}))
+    task = get_task(cfg.data.task)
+    return {s: greedy_eval(model, tok, task, splits[s], cfg.rollout.max_new_tokens).accuracy
+            for s in job["splits"] if s in splits}
+
+
 def one_run(job: dict) -> dict:
     """Train one (method, seed) from the warm start and score it; runs in a worker process."""
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -42,22 +56,13 @@ def one_run(job: dict) -> dict:
 
     torch.set_num_threads(1)
     from amft_lib.config import apply_overrides, load_config
-    from amft_lib.dataset import read_rows
-    from amft_lib.model import load_policy
-    from amft_lib.scoring import greedy_eval
-    from amft_lib.tasks import get_task
     from amft_lib.trainer import train
 
     method = job["method"]
     if method == "warm_start":  # the common starting point, scored on the same rows (greedy: seed-free)
         cfg = apply_overrides(load_config(job["config"]), [f"data.path={job['data']}"])
-        splits = read_rows(job["data"])
-        model, tok = load_policy(cfg.model.__class__(**{**cfg.model.__dict__, "name": job["warm_model"]}))
-        task = get_task(cfg.data.task)
-        acc = {s: greedy_eval(model, tok, task, splits[s], cfg.rollout.max_new_tokens).accuracy
-               for s in job["splits"] if s in splits}
-        return {"method": method, "seed": job["seed"], "accuracy": acc, "mu_final": float("nan"),
-                "run_dir": "", "extra": [], "train_s": 0.0}
+        return {"method": method, "seed": job["seed"], "accuracy": greedy_accuracy(job["warm_model"], cfg, job),
+                "mu_final": float("nan"), "run_dir": "", "extra": [], "train_s": 0.0}
     real = "amft" if method == "amft_no_warm_start" else method
     cfg = load_config(job["config"])
     cfg = apply_overrides(cfg, [*base_overrides(job["steps"]), f"controller.method={real}", f"seed={job['seed']}",
@@ -67,14 +72,9 @@ def one_run(job: dict) -> dict:
     init = None if method == "amft_no_warm_start" else job["warm_model"]
     t0 = time.perf_counter()
     res = train(cfg, job["run_dir"], init_model=init, progress=False)
-    splits = read_rows(job["data"])
-    model, tok = load_policy(cfg.model.__class__(**{**cfg.model.__dict__, "name": str(res.model_dir)}))
-    task = get_task(cfg.data.task)
-    acc = {s: greedy_eval(model, tok, task, splits[s], cfg.rollout.max_new_tokens).accuracy
-           for s in job["splits"] if s in splits}
-    return {"method": method, "seed": job["seed"], "accuracy": acc, "mu_final": res.mu_final,
-            "run_dir": str(job["run_dir"]), "extra": job.get("extra", []), "steps": job["steps"],
-            "train_s": time.perf_counter() - t0}
+    return {"method": method, "seed": job["seed"], "accuracy": greedy_accuracy(str(res.model_dir), cfg, job),
+            "mu_final": res.mu_final, "run_dir": str(job["run_dir"]), "extra": job.get("extra", []),
+            "steps": job["steps"], "train_s": time.perf_counter() - t0}
 
 
 def prompt_split(src: Path, dst: Path) -> Path:

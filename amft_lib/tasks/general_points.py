@@ -356,10 +356,6 @@ class SolutionPath:
     natural: bool
 
 
-def _state_text(items: Sequence[tuple[Fraction, _Expr]]) -> str:
-    return " ".join(_fmt(value) for value in sorted(value for value, _ in items))
-
-
 @lru_cache(maxsize=65_536)
 def _can_make(values: tuple[Fraction, ...], goal: Fraction) -> bool:
     """Whether a sorted multiset of exact numbers makes `goal`: the pruning test of `_paths_sorted`,
@@ -403,11 +399,12 @@ def _paths_sorted(values: tuple[int, ...], target: int) -> tuple[SolutionPath, .
                         continue
                     value = expr.value
                     left = [*rest, (value, expr)]
-                    if not _can_make(tuple(sorted(v for v, _ in left)), goal):
+                    state = tuple(sorted(v for v, _ in left))  # the pruning key and the "left" text
+                    if not _can_make(state, goal):
                         continue
                     line = f"{_operand(a)}{op}{_operand(b)}={_fmt(value)}"
                     if len(left) > 1:
-                        line += f" left {_state_text(left)}"
+                        line += f" left {' '.join(map(_fmt, state))}"
                     is_natural = natural and value.denominator == 1 and value >= 0
                     walk(left, (*lines, line), is_natural)
 
