@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="AMFT: single-stage SFT+RL with a meta-learned balance, as a Kubeflow pipeline.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error (bad input)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -43,7 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    return int(args.handler(args) or 0)
+    from amft_lib.errors import UserError
+
+    try:
+        return int(args.handler(args) or 0)
+    except UserError as exc:  # a mistake the user can fix: one line, exit 2 (traceback with --debug)
+        if args.debug:
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

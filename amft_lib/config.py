@@ -20,11 +20,13 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from amft_lib.errors import UserError
+
 METHODS = ("sft", "grpo", "sft_grpo", "fixed", "entropy", "meta", "amft")
 Method = Literal["sft", "grpo", "sft_grpo", "fixed", "entropy", "meta", "amft"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value or file is invalid; the message names the field and the fix."""
 
 

@@ -522,6 +522,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="local: small-but-real settings that finish on 2 CPU cores; default: the pipeline's defaults")
     _add_param_flags(r)
     r.add_argument("--threads", type=int, help="OMP/torch threads per task (default: the environment's)")
+    r.add_argument("--record", type=Path,
+                   help="also write the run record (state, stages, summary, registry) as JSON to this file "
+                   "(default: STATE_DIR/run-record.json)")
     r.set_defaults(handler=_run_local)
 
     for name, text in (("submit", "submit one run to a KFP API server"),
@@ -838,8 +841,24 @@ def _run_local(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run = run_local(args.state_dir, arguments, threads=args.threads)
+    write_run_record(run, args.record or Path(args.state_dir) / "run-record.json")
     print(local_report(run, args.state_dir))
     return 0 if run.state == "SUCCEEDED" else 1
+
+
+def run_record(run: LocalRun) -> dict[str, Any]:
+    """What a local run did, as JSON: what schedulers (Airflow) and the README read back."""
+    return {"state": run.state, "error": run.error, "seconds": round(run.seconds, 1),
+            "tasks": {k: {**v, "seconds": round(v["seconds"], 1)} for k, v in run.tasks.items()},
+            "summary": run.summary, "tracking_uri": run.tracking_uri}
+
+
+def write_run_record(run: LocalRun, path: Path) -> None:
+    """Atomically write `run_record(run)` to `path` (temp name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(run_record(run), indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
 
 
 # ── submit / schedule ──────────────────────────────────────────────────────────────────────────

@@ -22,6 +22,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from amft_lib.errors import UserError
+
 COLUMNS: tuple[str, ...] = ("id", "task", "prompt", "answer", "demonstration", "split", "meta")
 SPLITS: tuple[str, ...] = ("train", "val", "test_id", "test_ood")
 EVAL_SPLITS: tuple[str, ...] = ("val", "test_id", "test_ood")
@@ -45,7 +47,7 @@ _PARQUET_OPTIONS: dict[str, Any] = {
 }
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Bad input data or a dataset that cannot be read or written.
 
     The message is one line and names the file (and line or row) and what to do, because the CLI
