@@ -14,17 +14,15 @@ the pure function :func:`decide_blessing`, so it is table-tested without a model
 
 Outputs in `out_dir` (local folder or s3:// URI), each written atomically, `metrics.json` last so
 its presence means the evaluation finished: `report.md`, `report.html` (self-contained: inline
-CSS, plots as base64 PNG, no external references), `plots/*.png` (training curves, when a run
-dir is given) and `metrics.json` (DESIGN.md "Evaluation" contract plus the comparison models).
+CSS, plots as base64 PNG, no external references; both rendered from one report model in
+`amft_lib.reports`), `plots/*.png` (training curves, when a run dir is given) and `metrics.json`
+(DESIGN.md "Evaluation" contract plus the comparison models).
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import gc
-import html
-import io
 import json
 import logging
 import math
@@ -43,8 +41,6 @@ log = logging.getLogger(__name__)
 EVAL_SPLITS = ("test_id", "test_ood")
 # Metrics the blessing may gate on: both "higher is better", so a regression is a decrease.
 GATE_FIELDS = ("accuracy", "pass_at_k")
-COMPARISON_ROLES = ("base", "warm_start", "champion")
-ROLE_TITLES = {"candidate": "candidate", "base": "base", "warm_start": "warm start", "champion": "champion"}
 METRICS_FILE = "metrics.json"
 SCHEMA_VERSION = 1
 _EPS = 1e-9  # float slack so "exactly δ worse" or "exactly at threshold" is not decided by rounding
@@ -396,269 +392,6 @@ def _task_for(cfg: EvalConfig, splits: Mapping[str, Sequence[dict]]) -> Any:
     return get_task(names.pop())
 
 
-# ── training curves ─────────────────────────────────────────────────────────────────────────────
-
-
-def read_training_curves(run_dir: str) -> dict[str, list[tuple[int, float]]]:
-    """Per-step series from `metrics.jsonl` ([(step, value)] per metric; nulls dropped). The final
-    record (``"final": true``) only contributes its `val_reward` and `val_accuracy`."""
-    text = storage.get_bytes(storage.join(run_dir, "metrics.jsonl")).decode("utf-8")
-    names = ("mu", "reward_mean", "entropy", "target_entropy", "sft_loss", "rl_loss", "val_reward", "val_accuracy")
-    curves: dict[str, list[tuple[int, float]]] = {n: [] for n in names}
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
-        step = int(rec.get("step", 0))
-        for name in names:
-            if rec.get("final") and name not in ("val_reward", "val_accuracy"):
-                continue
-            value = rec.get(name)
-            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-                curves[name].append((step, float(value)))
-    return curves
-
-
-# (file stem, title, y label, [(series, label, style)])
-_PLOTS = (
-    ("mu", "μ (weight of the SFT loss)", "μ", [("mu", "μ", "-")]),
-    ("reward", "rollout reward", "mean reward", [("reward_mean", "reward_mean", "-")]),
-    ("entropy", "policy entropy vs target H*", "nats/token",
-     [("entropy", "entropy H_t", "-"), ("target_entropy", "target H*", "--")]),
-    ("losses", "SFT and RL losses", "loss", [("sft_loss", "sft_loss", "-"), ("rl_loss", "rl_loss", "-")]),
-    ("val_reward", "validation: sampled reward Û(θ) and greedy accuracy", "reward / accuracy",
-     [("val_reward", "val_reward (sampled)", "o-"), ("val_accuracy", "val_accuracy (greedy)", "s--")]),
-)
-
-
-def plot_training_curves(curves: Mapping[str, Sequence[tuple[int, float]]]) -> dict[str, bytes]:
-    """PNG bytes per plot (mu, reward, entropy, losses, val_reward); plots with no data are left out.
-
-    Uses matplotlib's object API with the Agg canvas: no pyplot global state, no display needed.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    pngs: dict[str, bytes] = {}
-    for stem, title, ylabel, series in _PLOTS:
-        if not any(curves.get(name) for name, _, _ in series):
-            continue
-        fig = Figure(figsize=(6.0, 3.2), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        for name, label, style in series:
-            points = curves.get(name) or []
-            if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label, linewidth=1.4,
-                        markersize=3)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if len(series) > 1:
-            ax.legend(loc="best", fontsize=8)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        pngs[stem] = buf.getvalue()
-    return pngs
-
-
-# ── reports ─────────────────────────────────────────────────────────────────────────────────────
-
-_ROWS = (  # (field, label, better: +1 higher, -1 lower, 0 neutral)
-    ("accuracy", "accuracy (pass@1, greedy)", 1),
-    ("pass_at_k", "pass@k", 1),
-    ("format_error_rate", "format error rate", -1),
-    ("mean_response_tokens", "mean response tokens", 0),
-    ("n", "n", 0),
-)
-
-
-def _num(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
-
-
-def _delta(cand: Any, other: Any, better: int) -> tuple[str, str]:
-    """(text, kind) for candidate − other; kind is improvement, regression, same or neutral
-    (`better` = 0: a difference that is neither, such as response length)."""
-    if not isinstance(cand, int | float) or not isinstance(other, int | float):
-        return "", "neutral"
-    diff = cand - other
-    if abs(diff) <= _EPS:
-        return "±0", "same"
-    if better == 0:
-        return f"{diff:+.4g}", "neutral"
-    kind = "improvement" if diff * better > 0 else "regression"
-    return f"{'▲' if diff > 0 else '▼'} {diff:+.4f}", kind
-
-
-def comparison_rows(metrics: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
-    """Table rows for one split: the candidate's value and, per comparison model, its value and the
-    signed difference candidate − model with whether that is an improvement or a regression."""
-    cand = metrics.get(split) or {}
-    rows = []
-    for fld, label, better in _ROWS:
-        if fld == "pass_at_k" and cand.get("k"):
-            temperature = (metrics.get("decoding") or {}).get("temperature")
-            label = f"pass@{cand['k']} ({cand.get('n_samples')} samples/prompt, T={temperature})"
-        row: dict[str, Any] = {"field": fld, "label": label, "candidate": cand.get(fld), "others": {}}
-        for role, comp in (metrics.get("comparisons") or {}).items():
-            other = (comp.get(split) or {}).get(fld)
-            text, kind = _delta(cand.get(fld), other, better)
-            row["others"][role] = {"value": other, "delta": text, "kind": kind}
-        rows.append(row)
-    return rows
-
-
-def changes(metrics: Mapping[str, Any]) -> dict[str, list[str]]:
-    """Improvements and regressions of the gated fields and format errors, per comparison model."""
-    out: dict[str, list[str]] = {}
-    for role in metrics.get("comparisons") or {}:
-        lines = []
-        for split in EVAL_SPLITS:
-            if split not in metrics:
-                continue
-            for row in comparison_rows(metrics, split):
-                info = row["others"][role]
-                if info["kind"] in ("improvement", "regression"):
-                    lines.append(f"{split} {row['field']}: {info['kind']} {info['delta']} "
-                                 f"({_num(info['value'])} -> {_num(row['candidate'])})")
-        out[role] = lines
-    return out
-
-
-def _std_err_note(metrics: Mapping[str, Any]) -> str:
-    parts = []
-    for split in EVAL_SPLITS:
-        m = metrics.get(split)
-        if isinstance(m, Mapping) and m.get("n"):
-            p, n = m["accuracy"], m["n"]
-            parts.append(f"{split} ±{1.96 * math.sqrt(max(p * (1 - p), 1 / n) / n):.3f}")
-    return ("Accuracy differences smaller than the 95% interval of the candidate's accuracy ("
-            + ", ".join(parts) + ") are within sampling noise.") if parts else ""
-
-
-def render_markdown(metrics: Mapping[str, Any], plots: Sequence[str], samples: Mapping[str, list[dict]]) -> str:
-    """The Markdown report: verdict, comparison tables per split, improvements/regressions, plots, samples."""
-    roles = list((metrics.get("comparisons") or {}).keys())
-    b = metrics.get("blessing", {})
-    lines = [
-        f"# Evaluation of `{metrics.get('model')}`",
-        "",
-        f"**{'BLESSED' if metrics.get('blessed') else 'NOT BLESSED'}** — {metrics.get('reason')}",
-        "",
-        f"Rule: `{b.get('metric')}` ≥ {b.get('threshold')} and no drop larger than δ={b.get('max_regression')} "
-        "vs the champion on any eval split (change check skipped without a champion).",
-        "",
-    ]
-    for split in EVAL_SPLITS:
-        if split not in metrics:
-            continue
-        lines += [f"## {split}", ""]
-        header = ["metric", "candidate"]
-        for role in roles:
-            header += [ROLE_TITLES[role], f"Δ vs {ROLE_TITLES[role]}"]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "---|" * len(header))
-        for row in comparison_rows(metrics, split):
-            cells = [row["label"], _num(row["candidate"])]
-            for role in roles:
-                info = row["others"][role]
-                cells += [_num(info["value"]), info["delta"]]
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-    note = _std_err_note(metrics)
-    if note:
-        lines += [note, ""]
-    for role, items in changes(metrics).items():
-        model = metrics["comparisons"][role]["model"]
-        lines += [f"### Improvements and regressions vs {ROLE_TITLES[role]} (`{model}`)", ""]
-        lines += [f"- {item}" for item in items] or ["- no change"]
-        lines.append("")
-    if plots:
-        lines += ["## Training curves", ""]
-        lines += [f"![{stem}](plots/{stem}.png)" for stem in plots]
-        lines.append("")
-    if any(samples.values()):
-        lines += ["## Sample completions (candidate, greedy)", ""]
-        for split, items in samples.items():
-            for s in items:
-                completion = s["completion"].replace("```", "'''")
-                lines += [f"- **{split}** `{s.get('id')}` reward {s['reward']:.0f}", "", "  ```text",
-                          *("  " + ln for ln in completion.splitlines() or [""]), "  ```", ""]
-    return "\n".join(lines) + "\n"
-
-
-def _h(text: Any) -> str:
-    """HTML-escape untrusted text (model output, paths) and defuse anything URL-shaped, so the
-    report never holds a reference a browser would follow."""
-    return html.escape(str(text)).replace("://", ":&#47;&#47;")
-
-
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222}
-table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
-th:first-child,td:first-child{text-align:left}.improvement{color:#0a7a2f}.regression{color:#b3261e;font-weight:600}
-.verdict{padding:.6em 1em;border-radius:.4em}.yes{background:#e3f5e8}.no{background:#fbe4e2}
-pre{background:#f5f5f5;padding:.6em;white-space:pre-wrap}img{max-width:100%}"""
-
-
-def render_html(metrics: Mapping[str, Any], plots: Mapping[str, bytes], samples: Mapping[str, list[dict]]) -> str:
-    """Self-contained HTML report: inline CSS, plots embedded as base64 PNG, no scripts or links."""
-    roles = list((metrics.get("comparisons") or {}).keys())
-    b = metrics.get("blessing", {})
-    blessed = bool(metrics.get("blessed"))
-    out = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>Evaluation {_h(metrics.get('model'))}</title><style>{_CSS}</style></head><body>",
-        f"<h1>Evaluation of <code>{_h(metrics.get('model'))}</code></h1>",
-        f"<p class='verdict {'yes' if blessed else 'no'}'><b>{'BLESSED' if blessed else 'NOT BLESSED'}</b> — "
-        f"{_h(metrics.get('reason'))}</p>",
-        f"<p>Rule: <code>{_h(b.get('metric'))}</code> ≥ {_h(b.get('threshold'))} and no drop larger than "
-        f"δ={_h(b.get('max_regression'))} vs the champion on any eval split.</p>",
-    ]
-    for split in EVAL_SPLITS:
-        if split not in metrics:
-            continue
-        out.append(f"<h2>{_h(split)}</h2><table><tr><th>metric</th><th>candidate</th>")
-        for role in roles:
-            out.append(f"<th>{_h(ROLE_TITLES[role])}</th><th>Δ vs {_h(ROLE_TITLES[role])}</th>")
-        out.append("</tr>")
-        for row in comparison_rows(metrics, split):
-            out.append(f"<tr><td>{_h(row['label'])}</td><td>{_h(_num(row['candidate']))}</td>")
-            for role in roles:
-                info = row["others"][role]
-                out.append(f"<td>{_h(_num(info['value']))}</td><td class='{info['kind']}'>{_h(info['delta'])}</td>")
-            out.append("</tr>")
-        out.append("</table>")
-    note = _std_err_note(metrics)
-    if note:
-        out.append(f"<p>{_h(note)}</p>")
-    for role, items in changes(metrics).items():
-        out.append(f"<h3>Improvements and regressions vs {_h(ROLE_TITLES[role])} "
-                   f"(<code>{_h(metrics['comparisons'][role]['model'])}</code>)</h3><ul>")
-        out += [f"<li class='{'regression' if ' regression ' in item else 'improvement'}'>{_h(item)}</li>"
-                for item in items] or ["<li>no change</li>"]
-        out.append("</ul>")
-    if plots:
-        out.append("<h2>Training curves</h2>")
-        for stem, png in plots.items():
-            data = base64.b64encode(png).decode("ascii")
-            out.append(f"<figure><img alt='{_h(stem)}' src='data:image/png;base64,{data}'></figure>")
-    if any(samples.values()):
-        out.append("<h2>Sample completions (candidate, greedy)</h2>")
-        for split, items in samples.items():
-            for s in items:
-                out.append(f"<p><b>{_h(split)}</b> <code>{_h(s.get('id'))}</code> reward {s['reward']:.0f}</p>"
-                           f"<pre>{_h(s['completion'])}</pre>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
-
-
 # ── the stage ───────────────────────────────────────────────────────────────────────────────────
 
 
@@ -700,16 +433,18 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
                                       cfg.max_regression)
     log.info("%s", reason)
 
+    from amft_lib import reports
+
     curves: dict[str, list[tuple[int, float]]] = {}
     pngs: dict[str, bytes] = {}
     training = None
     if cfg.run_dir:
         try:
-            curves = read_training_curves(cfg.run_dir)
+            curves = reports.read_training_curves(cfg.run_dir)
         except storage.ObjectNotFoundError:
             log.warning("run dir %s has no metrics.jsonl; no training curves", cfg.run_dir)
         else:
-            pngs = plot_training_curves(curves)
+            pngs = reports.plot_training_curves(curves)
             training = _training_summary(cfg.run_dir, curves)
 
     metrics: dict[str, Any] = {
@@ -740,8 +475,9 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
 
     for stem, png in pngs.items():
         put(f"plots/{stem}.png", png)
-    put("report.md", render_markdown(metrics, list(pngs), samples).encode("utf-8"))
-    put("report.html", render_html(metrics, pngs, samples).encode("utf-8"))
+    report = reports.evaluation_report(metrics, pngs, samples)
+    put("report.md", reports.to_markdown(report).encode("utf-8"))
+    put("report.html", reports.to_html(report).encode("utf-8"))
     # last: a reader that finds metrics.json finds every other output complete
     put(METRICS_FILE, (json.dumps(metrics, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"))
     elapsed = time.perf_counter() - t_start

@@ -22,6 +22,7 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 
+from amft_lib.run.settings import pipeline_docstring
 from components import CPU_IMAGE, CUDA_IMAGE
 from components.evaluate import evaluate
 from components.preflight import preflight
@@ -34,45 +35,17 @@ from components.validate_data import validate_data
 from components.warm_start import warm_start
 
 PIPELINE_NAME = "amft-pipeline"
-
-# Defaults of the dict/list parameters (named so the signature stays readable).
-MIN_ROWS = {"train": 100, "val": 10, "test_id": 10}
-MODEL_SETTINGS = ["model.lora=true", "model.chat_template=true", "precision=bf16-mixed"]
-GPU_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
-GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-NO_OVERRIDES: list = []
+# The pipeline parameters preflight takes under their own names (it turns them into stage configs).
+PREFLIGHT_INPUTS = frozenset(preflight.component_spec.inputs) - {"job_id"}
 
 # CPU-side requests are fixed; the GPU stages' are pipeline parameters (node pools differ most there).
 CPU_REQUEST, MEMORY_REQUEST = "1", "4Gi"
 EVAL_CPU_REQUEST, EVAL_MEMORY_REQUEST = "4", "16Gi"
 
-# `amft pipeline run-local`'s profile: the tiny character-level model (configs/tiny_*.yaml's size) and
-# budgets sized for 2 CPU cores in about 15 minutes. Every entry is a pipeline parameter, so
-# `--set` overrides any of them; the lead's tuning lives here.
-LOCAL_PROFILE: dict[str, Any] = {
-    "p1_data_train_size": 7000,  # ≤ 95 % of all rows, the validation gate's default share for train
-    "p1_data_val_size": 100,
-    "p1_data_test_id_size": 200,
-    "p1_data_test_ood_size": 100,
-    "p3_model_name": "tiny",
-    # 2 layers: on unseen hands it generalised as well per SFT step as 4 layers at half the cost
-    "p3_model_settings": ["model.tiny_hidden=128", "model.tiny_layers=2", "model.tiny_heads=4", "device=cpu"],
-    "p3_model_max_new_tokens": 112,
-    "p3_warm_start_warmup_steps": 1400,
-    "p3_warm_start_final_sft_steps": 100,
-    "p3_warm_start_rs_samples": 4,
-    "p3_warm_start_rs_max_prompts": 64,
-    "p3_warm_start_overrides": ["batch_size=64", "entropy_prompts=16", "eval_prompts=50"],
-    "p4_train_max_steps": 60,
-    "p4_train_lr": 2e-4,
-    "p4_train_mu_init": 0.7,  # configs/tiny_gp.yaml's value, tuned on val
-    "p4_train_checkpoint_every": 20,
-    "p4_train_overrides": ["eval_every=20", "eval_prompts=50", "rollout.prompts_per_step=4", "rollout.group_size=4",
-                           "loss.sft_batch_size=16", "controller.meta_val_prompts=4"],
-    "p5_eval_n_samples": 2,
-    "p5_eval_pass_k": 2,
-    "p5_eval_threshold": 0.01,
-}
+SUMMARY = """AMFT retraining: preflight → prepare data → validate (gate) → warm start (GPU) → train (GPU,
+checkpoints + μ history to s3://…/runs/RUN_ID, resume auto) → evaluate (vs base, warm start,
+champion) → register if blessed; the run summary runs whatever happened. Parameters are grouped by
+phase (p0 … p6); *_overrides take KEY=VALUE for any config key not listed."""
 
 
 def build_pipeline(target: str = "cluster") -> Any:
@@ -108,7 +81,6 @@ def build_pipeline(target: str = "cluster") -> Any:
                     "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
                     "MLFLOW_TRACKING_TOKEN": "MLFLOW_TRACKING_TOKEN"})
 
-    @dsl.pipeline(name=PIPELINE_NAME)
     def amft_pipeline(
         # ── phase 0: run, storage, credentials, GPU pool ──
         p0_run_id: str = "",
@@ -119,8 +91,8 @@ def build_pipeline(target: str = "cluster") -> Any:
         p0_gpu_count: int = 1,
         p0_gpu_cpu_request: str = "8",
         p0_gpu_memory_request: str = "32Gi",
-        p0_gpu_node_selector: dict = GPU_NODE_SELECTOR,
-        p0_gpu_tolerations: list = GPU_TOLERATIONS,
+        p0_gpu_node_selector: dict = {"nvidia.com/gpu.present": "true"},  # noqa: B006 (a KFP default)
+        p0_gpu_tolerations: list = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],  # noqa: B006
         # ── phase 1: data ──
         p1_data_task: str = "general_points",
         p1_data_input_uri: str = "",
@@ -130,17 +102,17 @@ def build_pipeline(target: str = "cluster") -> Any:
         p1_data_test_ood_size: int = 200,
         p1_data_seed: int = 1234,
         # ── phase 2: validation gate ──
-        p2_validate_min_rows: dict = MIN_ROWS,
+        p2_validate_min_rows: dict = {"train": 100, "val": 10, "test_id": 10},  # noqa: B006
         p2_validate_max_prompt_tokens: int = 2048,
         # ── phase 3: base model and warm start ──
         p3_model_name: str = "smollm2-135m",
-        p3_model_settings: list = MODEL_SETTINGS,
+        p3_model_settings: list = ["model.lora=true", "model.chat_template=true", "precision=bf16-mixed"],  # noqa: B006
         p3_model_max_new_tokens: int = 128,
         p3_warm_start_warmup_steps: int = 300,
         p3_warm_start_final_sft_steps: int = 100,
         p3_warm_start_rs_samples: int = 8,
         p3_warm_start_rs_max_prompts: int = 256,
-        p3_warm_start_overrides: list = NO_OVERRIDES,
+        p3_warm_start_overrides: list = [],  # noqa: B006
         # ── phase 4: AMFT training ──
         p4_train_method: str = "amft",
         p4_train_max_steps: int = 200,
@@ -153,7 +125,7 @@ def build_pipeline(target: str = "cluster") -> Any:
         p4_train_meta_interval: int = 10,
         p4_train_checkpoint_every: int = 20,
         p4_train_seed: int = 0,
-        p4_train_overrides: list = NO_OVERRIDES,
+        p4_train_overrides: list = [],  # noqa: B006
         # ── phase 5: evaluation and blessing ──
         p5_eval_metric: str = "test_id.accuracy",
         p5_eval_threshold: float = 0.0,
@@ -166,10 +138,8 @@ def build_pipeline(target: str = "cluster") -> Any:
         p6_registry_tracking_uri: str = "",
         p6_registry_artifact_root: str = "",
     ):
-        """AMFT retraining: preflight → prepare data → validate (gate) → warm start (GPU) → train (GPU,
-        checkpoints + μ history to s3://…/runs/RUN_ID, resume auto) → evaluate (vs base, warm start,
-        champion) → register if blessed; the run summary runs whatever happened. Parameters are
-        grouped by phase (p0 … p6); *_overrides take KEY=VALUE for any config key not listed."""
+        # The docstring (with every parameter's description) comes from the settings table: see below.
+        params = dict(locals())
         job_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER
 
         # ── exit handler: the run summary, whatever happens inside ──
@@ -181,17 +151,7 @@ def build_pipeline(target: str = "cluster") -> Any:
 
         with dsl.ExitHandler(summary_task, name="amft"):
             # ── Stage 0: preflight (CPU, before any GPU is requested) ──
-            pre = preflight(
-                s3_root=p0_s3_root, run_id=p0_run_id, job_id=job_id, s3_endpoint_url=p0_s3_endpoint_url,
-                registry_tracking_uri=p6_registry_tracking_uri, data_task=p1_data_task,
-                data_input_uri=p1_data_input_uri, model_name=p3_model_name, model_settings=p3_model_settings,
-                max_new_tokens=p3_model_max_new_tokens, warmup_steps=p3_warm_start_warmup_steps,
-                final_sft_steps=p3_warm_start_final_sft_steps, rs_samples=p3_warm_start_rs_samples,
-                rs_max_prompts=p3_warm_start_rs_max_prompts, warm_start_overrides=p3_warm_start_overrides,
-                method=p4_train_method, max_steps=p4_train_max_steps, lr=p4_train_lr, mu_init=p4_train_mu_init,
-                mu_min=p4_train_mu_min, mu_max=p4_train_mu_max, eta_mu=p4_train_eta_mu, eta_h=p4_train_eta_h,
-                meta_interval=p4_train_meta_interval, checkpoint_every=p4_train_checkpoint_every,
-                seed=p4_train_seed, train_overrides=p4_train_overrides)
+            pre = preflight(job_id=job_id, **{k: v for k, v in params.items() if k in PREFLIGHT_INPUTS})
             pre.set_display_name("preflight").set_caching_options(False)
             cpu_task(pre)
             secrets(pre, p0_s3_secret, p0_registry_secret)
@@ -273,7 +233,8 @@ def build_pipeline(target: str = "cluster") -> Any:
                 stopped.set_display_name("stop: data invalid").set_caching_options(False)
                 cpu_task(stopped)
 
-    return amft_pipeline
+    amft_pipeline.__doc__ = pipeline_docstring(SUMMARY)  # KFP reads each parameter's description from it
+    return dsl.pipeline(name=PIPELINE_NAME)(amft_pipeline)
 
 
 amft_pipeline = build_pipeline("cluster")

@@ -44,34 +44,20 @@ def evaluate(
             than max_regression vs the champion (skipped on the first run).
         max_examples: prompts per split (0 = all).
     """
-    import json
-
-    from amft_lib import storage
-    from amft_lib.evaluate import EvalConfig, run_evaluate
-    from amft_lib.pipeline_commands import use_s3_endpoint
+    from amft_lib.run.layout import RunRoot, use_s3_endpoint
+    from amft_lib.run.stages import evaluate_stage
 
     use_s3_endpoint(s3_endpoint_url)
-    cfg = json.loads(train_config)
-    out = storage.join(run_root, "eval")
-    result = run_evaluate(EvalConfig(
-        model=model.path, data=dataset.path, out_dir=out, base_model=base_model.path,
-        warm_start_model=warm_start_model.path, champion_model=f"models:/{registry_model_name}@champion",
-        run_dir=train_run.path, tracking_uri=registry_tracking_uri or None, metric=metric, threshold=threshold,
+    out = evaluate_stage(
+        RunRoot.at(run_root), dataset.path, train_config, model=model.path, base_model=base_model.path,
+        warm_start_model=warm_start_model.path, train_run=train_run.path, registry_model_name=registry_model_name,
+        registry_tracking_uri=registry_tracking_uri, metric=metric, threshold=threshold,
         max_regression=max_regression, pass_k=pass_k, n_samples=n_samples, max_examples=max_examples,
-        max_new_tokens=cfg["rollout"]["max_new_tokens"], chat_template=cfg["model"]["chat_template"],
-        seed=cfg["seed"], device=cfg["device"]))
-    storage.get_file(storage.join(out, "report.html"), report.path)
-    storage.get_file(storage.join(out, "report.md"), report_md.path)
-    for split in ("test_id", "test_ood"):
-        for field in ("accuracy", "pass_at_k", "format_error_rate"):
-            value = (result.metrics.get(split) or {}).get(field)
-            if isinstance(value, int | float):
-                metrics.log_metric(f"{split}_{field}", float(value))
-    metrics.log_metric("blessed", 1.0 if result.blessed else 0.0)
-    report.metadata["reason"] = result.reason  # Metrics metadata must stay numeric for the UI
-    print(result.reason)
-    return result.blessed
-
+        html_path=report.path, markdown_path=report_md.path)
+    for key, value in out.metrics.items():
+        metrics.log_metric(key, value)
+    report.metadata.update(out.metadata["report"])  # Metrics metadata must stay numeric for the UI
+    return out.value
 
 if __name__ == "__main__":
     from kfp import compiler

@@ -34,25 +34,15 @@ def prepare_data(
         train_size, val_size, test_id_size, test_ood_size: generated rows per split.
         seed: generator and split-hash seed.
     """
-    import tempfile
-
-    from amft_lib import storage
-    from amft_lib.data.prepare import PrepareConfig, run_prepare
-    from amft_lib.pipeline_commands import fetch_input, publish, use_s3_endpoint
+    from amft_lib.run.layout import RunRoot, use_s3_endpoint
+    from amft_lib.run.stages import prepare_stage
 
     use_s3_endpoint(s3_endpoint_url)
-    with tempfile.TemporaryDirectory(prefix="amft-input-") as tmp:
-        local_input = fetch_input(input_uri, tmp) if input_uri else None
-        result = run_prepare(PrepareConfig(
-            out_dir=dataset.path, task=task, input=local_input, seed=seed, train_size=train_size, val_size=val_size,
-            test_id_size=test_id_size, test_ood_size=test_ood_size))
-    publish(dataset.path, storage.join(run_root, "data"))
-    dataset.metadata.update({"task": result.card.task, "rows": result.rows, "uri": storage.join(run_root, "data")})
-    for split, n in result.rows.items():
-        stats.log_metric(f"rows_{split}", n)
-    for reason, n in result.card.dropped.items():
-        stats.log_metric(f"dropped_{reason}", n)
-
+    out = prepare_stage(RunRoot.at(run_root), dataset.path, task=task, input_uri=input_uri, train_size=train_size,
+                        val_size=val_size, test_id_size=test_id_size, test_ood_size=test_ood_size, seed=seed)
+    dataset.metadata.update(out.metadata["dataset"])
+    for key, value in out.metrics.items():
+        stats.log_metric(key, value)
 
 if __name__ == "__main__":
     from kfp import compiler

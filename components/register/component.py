@@ -27,27 +27,21 @@ def register(
     """Register the model with its provenance tags and lineage.
 
     Args:
+        run_id: the resolved run id (preflight's output); the registry is idempotent on it.
         registry_tracking_uri: MLflow tracking URI; empty uses $MLFLOW_TRACKING_URI.
         registry_artifact_root: where a new MLflow experiment keeps artifacts; empty uses <s3_root>/mlflow.
     """
     from collections import namedtuple
 
-    from amft_lib import storage
-    from amft_lib.pipeline_commands import REGISTRY_FILE, put_json, use_s3_endpoint, write_run_lineage
-    from amft_lib.registry import read_eval_metrics, register_model
+    from amft_lib.run.layout import RunRoot, use_s3_endpoint
+    from amft_lib.run.stages import register_stage
 
     use_s3_endpoint(s3_endpoint_url)
-    lineage_uri = write_run_lineage(run_root, run_id)
-    result = register_model(
-        model.path, read_eval_metrics(storage.join(run_root, "eval")), registry_model_name, run_id,
-        lineage_uri=lineage_uri, tracking_uri=registry_tracking_uri or None,
-        artifact_root=registry_artifact_root or storage.join(s3_root.rstrip("/"), "mlflow"))
-    put_json(storage.join(run_root, REGISTRY_FILE), {
-        "registered": result.registered, "name": result.name, "version": result.version, "created": result.created,
-        "model_uri": result.model_uri, "alias_moved": result.alias_moved, "reason": result.reason})
+    result = register_stage(RunRoot(run_root, run_id), model.path, s3_root=s3_root,
+                            registry_model_name=registry_model_name, registry_tracking_uri=registry_tracking_uri,
+                            registry_artifact_root=registry_artifact_root)
     return namedtuple("Outputs", ["registered", "version", "model_uri"])(
         result.registered, result.version or "", result.model_uri or "")
-
 
 if __name__ == "__main__":
     from kfp import compiler

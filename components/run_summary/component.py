@@ -27,20 +27,12 @@ def run_summary(
         status: the final state of the tasks inside the exit handler (filled in by KFP).
         run_id / job_id: as given to preflight; the explicit run id wins.
     """
-    import contextlib
-
-    from amft_lib import storage
-    from amft_lib.pipeline_commands import SUMMARY_FILE, put_json, summarize_run, summary_markdown, use_s3_endpoint
+    from amft_lib.run.layout import use_s3_endpoint
+    from amft_lib.run.stages import summary_stage
 
     use_s3_endpoint(s3_endpoint_url)
-    result = summarize_run(s3_root, run_id, job_id, status.state, status.error_message or "")
-    result["kfp_job"] = status.pipeline_job_resource_name
-    with open(summary.path, "w", encoding="utf-8") as f:
-        f.write(summary_markdown(result))
-    if result.get("run_root"):
-        with contextlib.suppress(storage.StorageError):  # S3 down is reported in the artifact, not fatal here
-            put_json(storage.join(result["run_root"], SUMMARY_FILE), result)
-
+    summary_stage(s3_root, run_id, job_id, state=status.state, error=status.error_message or "",
+                  kfp_job=status.pipeline_job_resource_name, markdown_path=summary.path)
 
 if __name__ == "__main__":
     from kfp import compiler

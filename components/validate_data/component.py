@@ -30,33 +30,16 @@ def validate_data(
         min_rows: minimum rows per split, e.g. {"train": 100, "val": 10, "test_id": 10}.
         max_prompt_tokens: longest prompt accepted (characters without a tokenizer).
     """
-    import shutil
-    import tempfile
-
-    from amft_lib import storage
-    from amft_lib.data.validate import ValidateConfig, run_validate
-    from amft_lib.pipeline_commands import GATE_FILE, publish, put_json, use_s3_endpoint
+    from amft_lib.run.layout import RunRoot, use_s3_endpoint
+    from amft_lib.run.stages import validate_stage
 
     use_s3_endpoint(s3_endpoint_url)
-    with tempfile.TemporaryDirectory(prefix="amft-validate-") as tmp:
-        # KFP passes a dict parameter's numbers as floats; the suite wants integer row counts
-        rows = {split: int(n) for split, n in min_rows.items()}
-        result = run_validate(ValidateConfig(dataset=dataset.path, out_dir=tmp, min_rows=rows,
-                                             max_prompt_tokens=max_prompt_tokens))
-        shutil.copyfile(result.html_path, report.path)
-        shutil.copyfile(result.markdown_path, report_md.path)
-        publish(tmp, storage.join(run_root, "validation"))
-    failed = [f.check for f in result.failures]
-    put_json(storage.join(run_root, GATE_FILE),
-             {"passed": result.passed, "failed_checks": failed, "statistics": result.statistics})
-    for key in ("evaluated_expectations", "successful_expectations", "unsuccessful_expectations", "success_percent"):
-        if isinstance(result.statistics.get(key), int | float):
-            stats.log_metric(key, float(result.statistics[key]))
-    stats.log_metric("passed", 1.0 if result.passed else 0.0)
-    report_md.metadata["failed_checks"] = failed  # Metrics metadata must stay numeric for the UI
-    print(f"validation {'passed' if result.passed else 'FAILED'}; failed checks: {', '.join(failed) or 'none'}")
-    return result.passed
-
+    out = validate_stage(RunRoot.at(run_root), dataset.path, html_path=report.path, markdown_path=report_md.path,
+                         min_rows=min_rows, max_prompt_tokens=max_prompt_tokens)
+    for key, value in out.metrics.items():
+        stats.log_metric(key, value)
+    report_md.metadata.update(out.metadata["report_md"])  # Metrics metadata must stay numeric for the UI
+    return out.value
 
 if __name__ == "__main__":
     from kfp import compiler

@@ -29,39 +29,17 @@ def warm_start(
         warm_start_config: WarmStartConfig as JSON (preflight's output).
         run_root: s3://…/runs/<run id>.
     """
-    import dataclasses
-    import json
-    import shutil
-    import tempfile
-
-    from amft_lib import storage
-    from amft_lib.config import WarmStartConfig, config_from_dict
-    from amft_lib.dataset import read_rows
-    from amft_lib.model import load_policy, save_policy
-    from amft_lib.pipeline_commands import publish, use_s3_endpoint
-    from amft_lib.warm_start import run_warm_start
+    from amft_lib.run.layout import RunRoot, use_s3_endpoint
+    from amft_lib.run.stages import warm_start_stage
 
     use_s3_endpoint(s3_endpoint_url)
-    cfg = config_from_dict(json.loads(warm_start_config), WarmStartConfig)
-    cfg.data.path = storage.join(run_root, "data")  # the durable copy; rows are read from the local artifact
-    policy, tokenizer = load_policy(dataclasses.replace(cfg.model, lora=False), device="cpu", seed=cfg.seed)
-    save_policy(policy, tokenizer, base_model.path)
-    del policy
-    with tempfile.TemporaryDirectory(prefix="amft-warm-start-") as tmp:
-        result = run_warm_start(cfg, tmp, splits=read_rows(dataset.path), init_model=base_model.path)
-        shutil.copytree(result.model_dir, model.path)
-        publish(tmp, storage.join(run_root, "warm_start"))
-    publish(base_model.path, storage.join(run_root, "base_model"))
-    base_model.metadata.update({"model_name": cfg.model.name, "uri": storage.join(run_root, "base_model")})
-    model.metadata.update({"target_entropy": result.target_entropy,
-                           "uri": storage.join(run_root, "warm_start", "model")})
-    stats.log_metric("acceptance_rate", result.acceptance_rate)
-    stats.log_metric(f"pass_at_{cfg.rs_samples}", result.pass_at_k)
-    stats.log_metric("target_entropy", result.target_entropy)
-    for phase, accuracy in result.val_accuracy.items():
-        stats.log_metric(f"val_accuracy_{phase}", accuracy)
-    return float(result.target_entropy)
-
+    out = warm_start_stage(RunRoot.at(run_root), dataset.path, warm_start_config, model_dir=model.path,
+                           base_model_dir=base_model.path)
+    model.metadata.update(out.metadata["model"])
+    base_model.metadata.update(out.metadata["base_model"])
+    for key, value in out.metrics.items():
+        stats.log_metric(key, value)
+    return out.value
 
 if __name__ == "__main__":
     from kfp import compiler

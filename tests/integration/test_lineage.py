@@ -29,7 +29,7 @@ def tracking(tmp_path_factory) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from amft_lib.eval_commands import register
+    from amft_lib.cli.evaluate import register
 
     parser = argparse.ArgumentParser(prog="amft")
     register(parser.add_subparsers(dest="command"))

@@ -20,26 +20,15 @@ from pathlib import Path
 import pytest
 
 from amft_lib import cli, lineage, registry, storage
-from amft_lib import pipeline_commands as pc
+from amft_lib.run.stages import FAULT_ENV
 from amft_lib.s3server import EmbeddedS3
+from pipelines import local as pc
+from pipelines.profiles import TEST
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
-TRAIN_STEPS = 8
-TINY = {
-    "p1_data_train_size": 120, "p1_data_val_size": 20, "p1_data_test_id_size": 16, "p1_data_test_ood_size": 16,
-    "p3_model_name": "tiny",
-    "p3_model_settings": ["model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2", "device=cpu"],
-    "p3_model_max_new_tokens": 24,
-    "p3_warm_start_warmup_steps": 10, "p3_warm_start_final_sft_steps": 4, "p3_warm_start_rs_samples": 2,
-    "p3_warm_start_rs_max_prompts": 8,
-    "p3_warm_start_overrides": ["batch_size=8", "entropy_prompts=4", "entropy_group=2", "eval_prompts=8"],
-    "p4_train_max_steps": TRAIN_STEPS, "p4_train_lr": 1e-2, "p4_train_checkpoint_every": 2,
-    "p4_train_meta_interval": 2,
-    "p4_train_overrides": ["eval_every=4", "eval_prompts=4", "rollout.prompts_per_step=2", "rollout.group_size=2",
-                           "loss.sft_batch_size=4", "controller.meta_val_prompts=2", "controller.meta_val_group=2"],
-    "p5_eval_n_samples": 0, "p5_eval_max_examples": 8,  # greedy accuracy only; pass@k has its own unit tests
-}
+TRAIN_STEPS = TEST["p4_train_max_steps"]
+TINY = TEST
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +51,11 @@ def happy(tmp_path_factory, s3_server, registry_uri) -> pc.LocalRun:
 
 @pytest.fixture(scope="module")
 def unblessed_and_killed(tmp_path_factory, s3_server, registry_uri) -> pc.LocalRun:
-    os.environ[pc.FAULT_ENV] = "1"  # the tasks inherit it; only the train task acts on it
+    os.environ[FAULT_ENV] = "1"  # the tasks inherit it; only the train task acts on it
     try:
         return run_pipeline(tmp_path_factory.mktemp("killed"), s3_server, registry_uri, p5_eval_threshold=1.0)
     finally:
-        del os.environ[pc.FAULT_ENV]
+        del os.environ[FAULT_ENV]
 
 
 def stage_states(run: pc.LocalRun) -> dict[str, str]:
@@ -104,12 +93,12 @@ def test_happy_path_registers_the_champion_with_a_verifiable_lineage(happy, s3, 
 
 def test_happy_path_leaves_the_documented_s3_layout(happy, s3):
     root = happy.summary["run_root"]
-    for rel in ("data/card.json", "validation/report.md", pc.GATE_FILE, "warm_start/stats.json",
+    for rel in ("data/card.json", "validation/report.md", "validation/gate.json", "warm_start/stats.json",
                 "warm_start/model/config.json", "base_model/config.json", "train/metrics.jsonl",
-                pc.TRAIN_RESULT_FILE, "model/config.json", "checkpoints/LATEST", "eval/metrics.json",
-                "eval/report.html", "lineage.json", pc.REGISTRY_FILE, pc.SUMMARY_FILE):
+                "train/result.json", "model/config.json", "checkpoints/LATEST", "eval/metrics.json",
+                "eval/report.html", "lineage.json", "registry.json", "summary.json"):
         assert storage.exists(storage.join(root, rel)), rel
-    stored = read_json(storage.join(root, pc.SUMMARY_FILE))  # written by the exit handler
+    stored = read_json(storage.join(root, "summary.json"))  # written by the exit handler
     assert stored["state"] == "SUCCEEDED"
     assert set(stored["accuracy"]) >= {"base", "warm_start", "final"}
     steps = [json.loads(line)["step"] for line in storage.get_bytes(storage.join(root, "train/metrics.jsonl"))
@@ -154,11 +143,11 @@ def test_bad_data_stops_at_the_gate_and_services_stop(tmp_path, capsys, monkeypa
         for key, value in settings_.env().items():
             monkeypatch.setenv(key, value)
         root = "s3://amft/local/runs/bad-data"
-        gate = read_json(f"{root}/{pc.GATE_FILE}")
+        gate = read_json(f"{root}/validation/gate.json")
         assert gate["passed"] is False and gate["failed_checks"]
         assert storage.exists(f"{root}/validation/report.html")
         assert not storage.list_prefix(f"{root}/warm_start") and not storage.list_prefix(f"{root}/checkpoints")
-        assert read_json(f"{root}/{pc.SUMMARY_FILE}")["state"] == "FAILED"
+        assert read_json(f"{root}/summary.json")["state"] == "FAILED"
     finally:
         server.stop()
 
@@ -170,8 +159,8 @@ def test_killed_training_task_is_retried_and_resumes_from_its_checkpoint(unbless
     run = unblessed_and_killed
     assert run.tasks["train"]["attempts"] == 2 and run.tasks["train"]["status"] == "SUCCESS"
     root = run.summary["run_root"]
-    assert storage.exists(storage.join(root, pc.FAULT_MARKER))
-    result = read_json(storage.join(root, pc.TRAIN_RESULT_FILE))
+    assert storage.exists(storage.join(root, "faults/train-killed"))
+    result = read_json(storage.join(root, "train/result.json"))
     assert 0 < result["resumed_from_step"] < TRAIN_STEPS and result["steps"] == TRAIN_STEPS
     # the resumed run's log holds every step exactly once (cut at the checkpoint, then continued)
     records = [json.loads(line) for line in storage.get_bytes(storage.join(root, "train/metrics.jsonl"))

@@ -203,7 +203,7 @@ def test_parse_model_spec_rejects(spec):
 
 
 def test_cli_register_and_lineage_verify_local(store, tmp_path, capsys):
-    from amft_lib.eval_commands import register as add_commands
+    from amft_lib.cli.evaluate import register as add_commands
 
     parser = argparse.ArgumentParser(prog="amft")
     add_commands(parser.add_subparsers(dest="command"))

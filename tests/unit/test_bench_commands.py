@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from amft_lib import bench_commands
+from amft_lib.cli import bench as bench_commands
 from amft_lib.cli import main
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,9 @@ import pytest
 import yaml
 from kfp import compiler, dsl
 
-from amft_lib import pipeline_commands as pc
+from amft_lib.run import settings
+from amft_lib.run.layout import RunRoot, put_json
+from amft_lib.run.summary import summarize_run, summary_markdown
 from components.evaluate import evaluate
 from components.preflight import preflight
 from components.prepare_data import prepare_data
@@ -54,7 +57,13 @@ def test_component_folder_layout(folder):
     meta = yaml.safe_load((base / "metadata.yaml").read_text())
     assert meta["name"] == folder and meta["stability"] and meta["dependencies"]
     body = (base / "component.py").read_text().split("@dsl.component", 1)[1].split('if __name__ == "__main__"')[0]
-    assert len(body.splitlines()) <= 80, f"{folder}: keep the component thin; logic belongs in amft_lib"
+    code = body.split('"""', 2)[2] if '"""' in body else body  # after the docstring
+    lines = [ln for ln in code.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    assert len(lines) <= 25, f"{folder}: {len(lines)} lines; keep the component thin (logic goes in amft_lib.run)"
+    readme = (base / "README.md").read_text()
+    spec = COMPONENTS[meta["name"].replace("_", "-")].component_spec
+    listed = re.findall(r"^\| `(\w+)` \|", readme.split("## Inputs", 1)[1].split("## Outputs", 1)[0], re.M)
+    assert listed == list(spec.inputs or {}), f"components/{folder}/README.md: Inputs table out of date"
 
 
 def test_images_come_from_the_environment_at_compile_time(tmp_path):
@@ -81,12 +90,13 @@ def artifact(cls, tmp_path: Path, name: str):
     return cls(name=name, uri=str(tmp_path / "artifacts" / name))
 
 
-PREFLIGHT_KNOBS = dict(
-    data_task="general_points", data_input_uri="", model_name="tiny",
-    model_settings=["model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2"], max_new_tokens=24,
-    warmup_steps=5, final_sft_steps=2, rs_samples=2, rs_max_prompts=4, warm_start_overrides=[], method="amft",
-    max_steps=4, lr=1e-3, mu_init=0.5, mu_min=0.05, mu_max=0.95, eta_mu=0.05, eta_h=0.05, meta_interval=2,
-    checkpoint_every=2, seed=0, train_overrides=["eval_every=2"])
+# Every preflight input by its pipeline name: the table's defaults, then a small tiny-model run.
+PREFLIGHT_KNOBS = {name: settings.SETTINGS[name].default for name in preflight.component_spec.inputs
+                   if name in settings.SETTINGS} | dict(
+    p3_model_name="tiny", p3_model_settings=["model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2"],
+    p3_model_max_new_tokens=24, p3_warm_start_warmup_steps=5, p3_warm_start_final_sft_steps=2,
+    p3_warm_start_rs_samples=2, p3_warm_start_rs_max_prompts=4, p4_train_max_steps=4, p4_train_lr=1e-3,
+    p4_train_meta_interval=2, p4_train_checkpoint_every=2, p4_train_overrides=["eval_every=2"])
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +107,8 @@ def tracking_uri(tmp_path_factory) -> str:
 def test_preflight_resolves_the_run_and_both_configs(tmp_path, tracking_uri):
     report = artifact(dsl.Markdown, tmp_path, "report")
     Path(report.path).parent.mkdir(parents=True)
-    out = preflight.python_func(report=report, s3_root=str(tmp_path / "s3"), run_id="", job_id="job-123",
-                                s3_endpoint_url="", registry_tracking_uri=tracking_uri, **PREFLIGHT_KNOBS)
+    out = preflight.python_func(report=report, job_id="job-123", **{
+        **PREFLIGHT_KNOBS, "p0_s3_root": str(tmp_path / "s3"), "p6_registry_tracking_uri": tracking_uri})
     assert out.run_id == "job-123"
     assert out.run_root == str(tmp_path / "s3" / "runs" / "job-123")
     train_cfg = json.loads(out.train_config)
@@ -107,17 +117,18 @@ def test_preflight_resolves_the_run_and_both_configs(tmp_path, tracking_uri):
     assert json.loads(out.warm_start_config)["warmup_steps"] == 5
     text = Path(report.path).read_text()
     assert "Preflight: passed" in text and "| s3 | ok |" in text and "| registry | ok |" in text
-    assert (Path(out.run_root) / pc.PREFLIGHT_FILE).is_file()
+    assert Path(RunRoot.at(out.run_root).preflight).is_file()
 
 
 def test_preflight_reports_every_problem_before_failing(tmp_path, tracking_uri):
     report = artifact(dsl.Markdown, tmp_path, "report")
     Path(report.path).parent.mkdir(parents=True)
-    knobs = {**PREFLIGHT_KNOBS, "mu_init": 0.99, "model_name": str(tmp_path / "no-such-model")}
+    knobs = {**PREFLIGHT_KNOBS, "p4_train_mu_init": 0.99, "p3_model_name": str(tmp_path / "no-such-model"),
+             "p0_s3_root": str(tmp_path / "s3"), "p0_run_id": "bad id!", "p6_registry_tracking_uri": tracking_uri}
     with pytest.raises(RuntimeError, match="preflight failed") as err:
-        preflight.python_func(report=report, s3_root=str(tmp_path / "s3"), run_id="bad id!", job_id="",
-                              s3_endpoint_url="", registry_tracking_uri=tracking_uri, **knobs)
+        preflight.python_func(report=report, job_id="", **knobs)
     assert "mu_init=0.99" in str(err.value) and "run id" in str(err.value) and "no-such-model" in str(err.value)
+    assert "p3_model_name=" in str(err.value)  # the error names the pipeline parameter
     text = Path(report.path).read_text()
     assert "FAILED" in text and "| config | **failed** |" in text and "| registry | ok |" in text
 
@@ -152,7 +163,7 @@ def test_validate_data_gate(prepared, min_train, passed, tmp_path):
     result = validate_data.python_func(dataset=prepared["dataset"], run_root=run_root, s3_endpoint_url="",
                                        min_rows={"train": float(min_train), "val": 10.0}, **outs)
     assert result is passed
-    gate = json.loads((Path(run_root) / pc.GATE_FILE).read_text())
+    gate = json.loads(Path(RunRoot.at(run_root).gate).read_text())
     assert gate["passed"] is passed and (gate["failed_checks"] == []) is passed
     assert "<html" in Path(outs["report"].path).read_text().lower()
     assert (Path(run_root) / "validation" / "report.md").is_file()
@@ -168,35 +179,39 @@ def test_run_summary_survives_an_empty_run_root(tmp_path):
                             s3_endpoint_url="")
     text = Path(summary.path).read_text()
     assert "AMFT run j1: FAILED" in text and "Task preflight failed." in text
-    written = json.loads((tmp_path / "s3" / "runs" / "j1" / pc.SUMMARY_FILE).read_text())
+    written = json.loads(Path(RunRoot.resolve(str(tmp_path / "s3"), "j1").summary).read_text())
     assert written["state"] == "FAILED" and written["stages"] == {}
 
 
 def test_run_summary_reads_what_the_stages_left(prepared, tmp_path):
     run_root = Path(prepared["run_root"])
-    pc.put_json(str(run_root / "eval" / "metrics.json"), {
+    run = RunRoot.at(str(run_root))
+    put_json(run.eval_metrics, {
         "blessed": True, "reason": "blessed: ok",
         "test_id": {"accuracy": 0.25, "pass_at_k": 0.5, "n": 12}, "test_ood": {"accuracy": 0.1, "n": 12},
         "comparisons": {"base": {"test_id": {"accuracy": 0.0}}, "warm_start": {"test_id": {"accuracy": 0.125}}}})
-    pc.put_json(str(run_root / pc.REGISTRY_FILE), {"registered": True, "name": "amft-gp", "version": "3"})
-    (run_root / "lineage.json").write_text("{}")
-    summary = pc.summarize_run(str(prepared["tmp"]), "r1", "", "SUCCEEDED")
+    put_json(run.registry, {"registered": True, "name": "amft-gp", "version": "3"})
+    Path(run.lineage).write_text("{}")
+    summary = summarize_run(str(prepared["tmp"]), "r1", "", "SUCCEEDED")
     assert summary["accuracy"]["final"]["test_id"]["accuracy"] == 0.25
     assert summary["accuracy"]["base"]["test_id"]["accuracy"] == 0.0
     assert summary["stages"]["lineage"]["command"] == "amft lineage amft-gp:3 --verify"
-    text = pc.summary_markdown(summary)
+    text = summary_markdown(summary)
     assert "| final | 0.2500 | 0.5000 | 0.1000 |" in text and "amft-gp version 3" in text
 
 
 def test_configs_reject_unknown_override_keys():
     from amft_lib.config import ConfigError
 
-    knobs = {k: v for k, v in PREFLIGHT_KNOBS.items() if k not in ("data_task", "data_input_uri")}
     with pytest.raises(ConfigError, match=r"controller\.no_such_knob"):
-        pc.build_configs(task="general_points", **{**knobs, "train_overrides": ["controller.no_such_knob=1"]})
+        settings.build_configs({"p4_train_overrides": ["controller.no_such_knob=1"]})
+    with pytest.raises(ConfigError, match="p9_nothing"):
+        settings.build_configs({"p9_nothing": 1})
 
 
 def test_stable_header_sorts_dict_defaults():
     text = "# Inputs:\n#    x: dict [Default: {'b': 1.0, 'a': [{'z': 1, 'y': 2}]}]\nroot: {}\n"
     expected = "# Inputs:\n#    x: dict [Default: {'a': [{'y': 2, 'z': 1}], 'b': 1.0}]\nroot: {}\n"
-    assert pc.stable_header(text) == expected
+    from pipelines.build import stable_header
+
+    assert stable_header(text) == expected

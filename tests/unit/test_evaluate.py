@@ -153,7 +153,9 @@ def test_run_evaluate_writes_contract_metrics_and_self_contained_report(tiny_set
     assert "champion" in page and "BLESSED" in page
     md = (out / "report.md").read_text()
     assert "| metric | candidate | base | Δ vs base | champion | Δ vs champion |" in md
-    assert "![mu](plots/mu.png)" in md
+    # images travel inside the report (the KFP UI shows the artifact without its folder)
+    assert "![mu](data:image/png;base64," in md
+    assert not re.search(r"!\[[^\]]*\]\((?!data:)", md)  # no relative image links
 
 
 def test_champion_regression_blocks_blessing_and_first_run_is_explained(tiny_setup, tmp_path):
@@ -170,7 +172,7 @@ def test_champion_regression_blocks_blessing_and_first_run_is_explained(tiny_set
 
 
 def test_cli_evaluate_and_error_line(tiny_setup, tmp_path, capsys):
-    from amft_lib.eval_commands import register
+    from amft_lib.cli.evaluate import register
 
     parser = argparse.ArgumentParser(prog="amft")
     register(parser.add_subparsers(dest="command"))

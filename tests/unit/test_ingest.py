@@ -158,7 +158,7 @@ def test_bad_parquet_inputs(tmp_path: Path) -> None:
 def test_bad_input_leaves_no_output_and_cli_prints_one_line(tmp_path: Path, capsys) -> None:
     import argparse
 
-    from amft_lib.data.commands import register
+    from amft_lib.cli.data import register
 
     bad = write_lines(tmp_path / "bad.jsonl", [json.dumps(GOOD), "{oops"])
     out = tmp_path / "out"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from amft_lib.pipeline_commands import compile_pipeline
+from pipelines.build import compile_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "pipelines" / "amft_pipeline.yaml"

@@ -274,7 +274,7 @@ def test_bad_rule_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_cli_prepare(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from amft_lib.data.commands import register
+    from amft_lib.cli.data import register
 
     parser = argparse.ArgumentParser(prog="amft")
     register(parser.add_subparsers())

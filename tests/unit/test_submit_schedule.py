@@ -19,7 +19,8 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 from amft_lib import cli
-from amft_lib.pipeline_commands import normalize_cron, parse_params, schedule_run, submit_run
+from pipelines.build import parse_params
+from pipelines.remote import normalize_cron, schedule_run, submit_run
 
 API = "/apis/v2beta1"
 

@@ -250,7 +250,7 @@ def test_config_errors_name_the_value(kwargs: dict, fragment: str) -> None:
 
 
 def test_cli_exit_codes(gp_dir: Path, gp_rows: list[dict], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from amft_lib.data.commands import register
+    from amft_lib.cli.data import register
 
     parser = argparse.ArgumentParser(prog="amft")
     register(parser.add_subparsers())

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 # name → (script, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "methods": ("bench_methods.py", "seven methods, one warm start, ≥3 seeds; --tune sweeps μ settings on val"),

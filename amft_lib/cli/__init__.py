@@ -1,8 +1,15 @@
 """`amft`: one command line for every stage. Each subcommand calls the same library function
 that the KFP component calls, so what runs here is what runs on the cluster.
 
-Stage modules add their own subcommands through `register(subparsers)` and import their heavy
-dependencies inside the handler, which keeps `amft --help` fast.
+One module per subcommand group (`amft_lib.cli.data`, `.train`, `.evaluate`, `.s3`, `.bench`), each
+adding its subcommands through `register(subparsers)` and importing heavy dependencies inside the
+handler, which keeps `amft --help` fast. Groups that live outside the library — `amft pipeline`, in
+`pipelines/cli.py` — come in through the `amft.commands` entry point group (setup.cfg), so the
+library never imports the orchestration layer.
+
+The boundary: a `UserError` (bad value, missing file, refused resume …) becomes one line
+`error: <what>: <why>` and exit 2; `amft --debug` shows its traceback. Anything else is a bug and
+surfaces as one.
 """
 
 from __future__ import annotations
@@ -11,16 +18,17 @@ import argparse
 import importlib
 import logging
 import sys
+from importlib.metadata import entry_points
 
 # Modules that contribute subcommands, in the order `amft --help` lists them.
 COMMAND_MODULES = (
-    "amft_lib.data.commands",
-    "amft_lib.train_commands",
-    "amft_lib.eval_commands",
-    "amft_lib.storage_commands",
-    "amft_lib.pipeline_commands",
-    "amft_lib.bench_commands",
+    "amft_lib.cli.data",
+    "amft_lib.cli.train",
+    "amft_lib.cli.evaluate",
+    "amft_lib.cli.s3",
+    "amft_lib.cli.bench",
 )
+ENTRY_POINT_GROUP = "amft.commands"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        entry.load()(sub)
     return parser
 
 

@@ -1,0 +1,132 @@
+"""Preflight: everything that can fail before a GPU is requested (research anchors F.1).
+
+Checks the run id, both stage configs (built from the pipeline settings), S3 write/read/delete
+under the run root, the registry, the base model and the input data. Every check runs even after
+a failure, so one report lists every problem; the preflight component fails the task afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from amft_lib.run.layout import RunRoot, put_json
+from amft_lib.run.settings import SETTINGS, build_configs
+
+
+@dataclasses.dataclass
+class Check:
+    """One preflight check: a name, whether it passed, and a one-line detail (never a secret)."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclasses.dataclass
+class Preflight:
+    """The checks, and — only when all passed — the resolved run and both configs as JSON."""
+
+    checks: list[Check]
+    run: RunRoot | None = None
+    warm_start_config: str = ""
+    train_config: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def failures(self) -> list[str]:
+        return [f"{c.name}: {c.detail}" for c in self.checks if not c.ok]
+
+
+def run_preflight(params: Mapping[str, Any], *, job_id: str = "") -> Preflight:
+    """Run every check for the pipeline parameters `params` (names from the settings table; missing
+    ones take their defaults). Writes `preflight.json` under the run root when all checks pass."""
+    from amft_lib import lineage, storage
+    from amft_lib.config import config_to_dict
+
+    values = {name: params.get(name, SETTINGS[name].default) for name in SETTINGS}
+    result = Preflight(checks=[])
+
+    def attempt(name: str, fn: Callable[[], tuple[Any, str]]) -> Any:
+        try:
+            value, detail = fn()
+        except Exception as exc:  # a failed check is a result, reported with its cause
+            detail = lineage.redact_text(" ".join(str(exc).split()) or type(exc).__name__)
+            result.checks.append(Check(name, False, detail))
+            return None
+        result.checks.append(Check(name, True, detail))
+        return value
+
+    run = attempt("run id", lambda: (RunRoot.resolve(values["p0_s3_root"], values["p0_run_id"], job_id),
+                                     values["p0_run_id"] or job_id))
+    config_values = {name: values[name] for name, s in SETTINGS.items() if s.keys}
+    configs = attempt("config", lambda: (build_configs(config_values), "warm-start and training configs are valid"))
+
+    def probe_s3() -> tuple[bool, str]:
+        probe = run.path(f".preflight-{uuid.uuid4().hex[:8]}")
+        payload = b"amft preflight\n"
+        storage.put_bytes(probe, payload)
+        try:
+            if storage.get_bytes(probe) != payload:
+                raise RuntimeError(f"{probe}: read back different bytes")
+        finally:
+            storage.delete(probe)
+        from amft_lib import checkpoint
+
+        done = [step for step, _, complete in checkpoint.list_checkpoints(run.uri) if complete]
+        resume = f"; existing checkpoints up to step {max(done)} (training will resume)" if done else ""
+        return True, f"write/read/delete under {run.uri} ok{resume}"
+
+    if run is not None:
+        attempt("s3", probe_s3)
+
+    def probe_registry() -> tuple[bool, str]:
+        from amft_lib import registry
+
+        uri = values["p6_registry_tracking_uri"] or registry.default_tracking_uri()
+        registry.get_client(uri).search_registered_models(max_results=1)
+        return True, f"reachable at {lineage.redact_text(uri)}"
+
+    attempt("registry", probe_registry)
+
+    def probe_model() -> tuple[bool, str]:
+        name = values["p3_model_name"]
+        if name in ("tiny", "smollm2-135m"):
+            return True, f"built-in model {name!r}"
+        if not Path(name, "config.json").is_file():
+            raise FileNotFoundError(f"p3_model_name={name}: not a built-in name and no config.json there "
+                                    "(local dirs only)")
+        return True, f"local model directory {name}"
+
+    attempt("base model", probe_model)
+    data_uri = values["p1_data_input_uri"]
+    if data_uri:
+        def probe_data() -> tuple[bool, str]:
+            if not storage.exists(data_uri):
+                raise FileNotFoundError(f"p1_data_input_uri={data_uri}: input data not found")
+            return True, f"{data_uri} exists"
+
+        attempt("input data", probe_data)
+
+    if result.passed:
+        result.run = run
+        result.warm_start_config = json.dumps(config_to_dict(configs[0]), sort_keys=True)
+        result.train_config = json.dumps(config_to_dict(configs[1]), sort_keys=True)
+        put_json(run.preflight, {"checks": [dataclasses.asdict(c) for c in result.checks], "run_id": run.run_id,
+                                 "warm_start_config": config_to_dict(configs[0]),
+                                 "train_config": config_to_dict(configs[1])})
+    return result
+
+
+def checks_markdown(checks: Sequence[Check]) -> str:
+    """The preflight report shown in the KFP UI."""
+    ok = all(c.ok for c in checks)
+    lines = [f"# Preflight: {'passed' if ok else 'FAILED'}", "", "| check | result | detail |", "|---|---|---|"]
+    lines += [f"| {c.name} | {'ok' if c.ok else '**failed**'} | {c.detail.replace('|', '/')} |" for c in checks]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,258 @@
+"""Each pipeline stage as a plain function: what a KFP component does besides reading its input
+artifacts and writing its outputs.
+
+Why here and not in the components: a component body is embedded as source in the compiled YAML
+and only runs inside kfp; logic there is logic that `amft` and the unit tests never execute. Each
+function below takes local paths (the component's artifact paths, or any folder) and a `RunRoot`,
+runs one library stage, publishes what it wrote to the run root (the durable layout), and returns a
+`StageOutcome` the component copies into KFP's UI: scalar metrics, artifact metadata, and the
+task's return value (a gate's decision, H*).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from amft_lib.run.layout import RunRoot, fetch_input, publish, put_json
+
+log = logging.getLogger(__name__)
+
+# Test hook: SIGKILL the training task once, right after its first complete checkpoint.
+FAULT_ENV = "AMFT_FAULT_KILL_TRAIN_AFTER_CHECKPOINT"
+
+
+@dataclass
+class StageOutcome:
+    """What a stage reports to the orchestrator: `metrics` (finite scalars for a KFP Metrics
+    artifact), `metadata` per output artifact name, and `value` (the task's return value)."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    value: Any = None
+
+    def add_metrics(self, values: dict[str, Any], prefix: str = "") -> None:
+        """Keep the finite numbers of `values` (NaN and non-numbers have no place in KFP Metrics)."""
+        for key, value in values.items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and value == value:
+                self.metrics[prefix + key] = float(value)
+
+
+# ── Stage 1: prepare data ───────────────────────────────────────────────────────────────────────
+
+
+def prepare_stage(run: RunRoot, dataset_dir: str, *, task: str, input_uri: str, train_size: int, val_size: int,
+                  test_id_size: int, test_ood_size: int, seed: int) -> StageOutcome:
+    """Generate or ingest the dataset into `dataset_dir` and publish it to `<run>/data/`."""
+    from amft_lib.data.prepare import PrepareConfig, run_prepare
+
+    with tempfile.TemporaryDirectory(prefix="amft-input-") as tmp:
+        local_input = fetch_input(input_uri, tmp) if input_uri else None
+        result = run_prepare(PrepareConfig(
+            out_dir=dataset_dir, task=task, input=local_input, seed=seed, train_size=train_size, val_size=val_size,
+            test_id_size=test_id_size, test_ood_size=test_ood_size))
+    publish(dataset_dir, run.data)
+    out = StageOutcome(metadata={"dataset": {"task": result.card.task, "rows": result.rows, "uri": run.data}})
+    out.add_metrics(result.rows, "rows_")
+    out.add_metrics(dict(result.card.dropped), "dropped_")
+    return out
+
+
+# ── Stage 2: validation gate ────────────────────────────────────────────────────────────────────
+
+
+def validate_stage(run: RunRoot, dataset_dir: str, *, html_path: str, markdown_path: str,
+                   min_rows: dict[str, Any], max_prompt_tokens: int) -> StageOutcome:
+    """Run the GX suite; copy its reports to the given paths and `<run>/validation/`, record the gate.
+    `value` is whether the data passed."""
+    from amft_lib.data.validate import ValidateConfig, run_validate
+
+    with tempfile.TemporaryDirectory(prefix="amft-validate-") as tmp:
+        # KFP passes a dict parameter's numbers as floats; the suite wants integer row counts
+        rows = {split: int(n) for split, n in min_rows.items()}
+        result = run_validate(ValidateConfig(dataset=dataset_dir, out_dir=tmp, min_rows=rows,
+                                             max_prompt_tokens=max_prompt_tokens))
+        shutil.copyfile(result.html_path, html_path)
+        shutil.copyfile(result.markdown_path, markdown_path)
+        publish(tmp, run.validation)
+    failed = [f.check for f in result.failures]
+    put_json(run.gate, {"passed": result.passed, "failed_checks": failed, "statistics": result.statistics})
+    out = StageOutcome(metadata={"report_md": {"failed_checks": failed}}, value=result.passed)
+    keys = ("evaluated_expectations", "successful_expectations", "unsuccessful_expectations", "success_percent")
+    out.add_metrics({k: result.statistics.get(k) for k in keys})
+    out.metrics["passed"] = 1.0 if result.passed else 0.0
+    print(f"validation {'passed' if result.passed else 'FAILED'}; failed checks: {', '.join(failed) or 'none'}")
+    return out
+
+
+# ── Stage 3: warm start ─────────────────────────────────────────────────────────────────────────
+
+
+def warm_start_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model_dir: str,
+                     base_model_dir: str) -> StageOutcome:
+    """Snapshot the base model, build the warm-start model (SFT → rejection sampling → SFT) and
+    publish both; `value` is H* (nats/token) for the training controller."""
+    import dataclasses
+
+    from amft_lib.config import WarmStartConfig, config_from_dict
+    from amft_lib.dataset import read_rows
+    from amft_lib.model import load_policy, save_policy
+    from amft_lib.warm_start import run_warm_start
+
+    cfg = config_from_dict(json.loads(config_json), WarmStartConfig)
+    cfg.data.path = run.data  # the durable copy; rows are read from the local artifact
+    policy, tokenizer = load_policy(dataclasses.replace(cfg.model, lora=False), device="cpu", seed=cfg.seed)
+    save_policy(policy, tokenizer, base_model_dir)
+    del policy
+    with tempfile.TemporaryDirectory(prefix="amft-warm-start-") as tmp:
+        result = run_warm_start(cfg, tmp, splits=read_rows(dataset_dir), init_model=base_model_dir)
+        shutil.copytree(result.model_dir, model_dir)
+        publish(tmp, run.warm_start)
+    publish(base_model_dir, run.base_model)
+    out = StageOutcome(value=float(result.target_entropy), metadata={
+        "base_model": {"model_name": cfg.model.name, "uri": run.base_model},
+        "model": {"target_entropy": result.target_entropy, "uri": run.warm_start_model}})
+    out.add_metrics({"acceptance_rate": result.acceptance_rate, f"pass_at_{cfg.rs_samples}": result.pass_at_k,
+                     "target_entropy": result.target_entropy})
+    out.add_metrics(result.val_accuracy, "val_accuracy_")
+    return out
+
+
+# ── Stage 4: train ──────────────────────────────────────────────────────────────────────────────
+
+
+def train_stage(run: RunRoot, dataset_dir: str, config_json: str, *, target_entropy: float, init_model: str,
+                run_dir: str, model_dir: str, curves_path: str) -> StageOutcome:
+    """The AMFT loop with checkpoints under the run root and `resume="auto"`, so a retried task (or a
+    new pipeline run given the same run id) continues from the newest verified checkpoint."""
+    from amft_lib import checkpoint
+    from amft_lib.config import TrainConfig, config_from_dict
+    from amft_lib.dataset import read_rows
+    from amft_lib.reports import training_report_html
+    from amft_lib.trainer import train
+
+    cfg = config_from_dict(json.loads(config_json), TrainConfig)
+    cfg.data.path = run.data  # the durable copy; rows are read from the local artifact
+    cfg.controller.target_entropy = target_entropy
+    done = [step for step, _, complete in checkpoint.list_checkpoints(run.uri) if complete]
+    arm_train_fault(run)
+    result = train(cfg, run_dir, init_model=init_model, splits=read_rows(dataset_dir), progress=False,
+                   checkpoint_root=run.uri, resume="auto")
+    shutil.move(str(result.model_dir), model_dir)
+    summary = {"steps": result.steps, "mu_final": result.mu_final, "target_entropy": result.target_entropy,
+               "val_accuracy_initial": result.val_accuracy_initial, "val_accuracy_final": result.val_accuracy_final,
+               "val_reward_initial": result.val_reward_initial, "val_reward_final": result.val_reward_final,
+               "resumed_from_step": max(done, default=0), "elapsed_s": result.elapsed_s,
+               "method": cfg.controller.method}
+    Path(curves_path).write_text(training_report_html(run_dir, summary), encoding="utf-8")
+    publish(run_dir, run.train)
+    publish(model_dir, run.model)
+    put_json(run.train_result, summary)
+    out = StageOutcome(metadata={"model": {"uri": run.model, "method": cfg.controller.method}})
+    out.add_metrics(summary)
+    return out
+
+
+def arm_train_fault(run: RunRoot) -> None:
+    """Test hook (``AMFT_FAULT_KILL_TRAIN_AFTER_CHECKPOINT=1``): SIGKILL this process once, as soon as
+    the first complete checkpoint is under the run root, to prove a retried task resumes from it.
+    A marker object under the run root makes the retry (a fresh process) leave itself alone."""
+    if os.environ.get(FAULT_ENV) != "1":
+        return
+    from amft_lib import checkpoint, storage
+
+    if storage.exists(run.fault_marker):
+        return
+
+    def watch() -> None:
+        while True:
+            with contextlib.suppress(Exception):
+                if any(complete for _, _, complete in checkpoint.list_checkpoints(run.uri)):
+                    storage.put_bytes(run.fault_marker, b"SIGKILL after the first complete checkpoint\n")
+                    log.warning("fault injection: SIGKILL after the first checkpoint (%s)", FAULT_ENV)
+                    os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, name="amft-fault", daemon=True).start()
+
+
+# ── Stage 5: evaluate ───────────────────────────────────────────────────────────────────────────
+
+
+def evaluate_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model: str, base_model: str,
+                   warm_start_model: str, train_run: str, registry_model_name: str, registry_tracking_uri: str,
+                   metric: str, threshold: float, max_regression: float, pass_k: int, n_samples: int,
+                   max_examples: int, html_path: str, markdown_path: str) -> StageOutcome:
+    """Score the candidate against base, warm start and champion into `<run>/eval/`; `value` is the
+    blessing. Decoding follows the training config (max_new_tokens, chat template, seed, device)."""
+    from amft_lib import storage
+    from amft_lib.evaluate import EvalConfig, run_evaluate
+
+    cfg = json.loads(config_json)
+    result = run_evaluate(EvalConfig(
+        model=model, data=dataset_dir, out_dir=run.eval, base_model=base_model, warm_start_model=warm_start_model,
+        champion_model=f"models:/{registry_model_name}@champion", run_dir=train_run,
+        tracking_uri=registry_tracking_uri or None, metric=metric, threshold=threshold, max_regression=max_regression,
+        pass_k=pass_k, n_samples=n_samples, max_examples=max_examples,
+        max_new_tokens=cfg["rollout"]["max_new_tokens"], chat_template=cfg["model"]["chat_template"],
+        seed=cfg["seed"], device=cfg["device"]))
+    storage.get_file(run.path("eval", "report.html"), html_path)
+    storage.get_file(run.path("eval", "report.md"), markdown_path)
+    out = StageOutcome(value=result.blessed, metadata={"report": {"reason": result.reason}})
+    for split in ("test_id", "test_ood"):
+        fields = ("accuracy", "pass_at_k", "format_error_rate")
+        out.add_metrics({f: (result.metrics.get(split) or {}).get(f) for f in fields}, f"{split}_")
+    out.metrics["blessed"] = 1.0 if result.blessed else 0.0
+    print(result.reason)
+    return out
+
+
+# ── Stage 6: register ───────────────────────────────────────────────────────────────────────────
+
+
+def register_stage(run: RunRoot, model_dir: str, *, s3_root: str, registry_model_name: str,
+                   registry_tracking_uri: str, registry_artifact_root: str) -> Any:
+    """Write the lineage record, register the blessed model (idempotent on the run id) and record
+    what happened in `<run>/registry.json`. Returns the registry's RegisterResult."""
+    from amft_lib import storage
+    from amft_lib.registry import read_eval_metrics, register_model
+    from amft_lib.run.summary import write_run_lineage
+
+    lineage_uri = write_run_lineage(run)
+    result = register_model(
+        model_dir, read_eval_metrics(run.eval), registry_model_name, run.run_id, lineage_uri=lineage_uri,
+        tracking_uri=registry_tracking_uri or None,
+        artifact_root=registry_artifact_root or storage.join(s3_root.rstrip("/"), "mlflow"))
+    put_json(run.registry, {
+        "registered": result.registered, "name": result.name, "version": result.version, "created": result.created,
+        "model_uri": result.model_uri, "alias_moved": result.alias_moved, "reason": result.reason})
+    return result
+
+
+# ── exit handler: run summary ───────────────────────────────────────────────────────────────────
+
+
+def summary_stage(s3_root: str, run_id: str, job_id: str, *, state: str, error: str, kfp_job: str,
+                  markdown_path: str) -> dict[str, Any]:
+    """Summarise the run into `markdown_path` and `<run>/summary.json`; never fails because of what
+    the run left behind (S3 down is reported in the artifact, not raised)."""
+    from amft_lib import storage
+    from amft_lib.run.summary import summarize_run, summary_markdown
+
+    result = summarize_run(s3_root, run_id, job_id, state, error)
+    result["kfp_job"] = kfp_job
+    Path(markdown_path).write_text(summary_markdown(result), encoding="utf-8")
+    if result.get("run_root"):
+        with contextlib.suppress(storage.StorageError):
+            put_json(RunRoot.at(result["run_root"]).summary, result)
+    return result

@@ -1,0 +1,194 @@
+"""What a run did, read back from its run root: the run summary (the exit handler's artifact,
+`run-local`'s closing print, what Airflow puts in XCom) and the lineage record the register stage
+writes. Readers never raise for a missing or unreadable record: a failed run has few.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from amft_lib.run.layout import RunError, RunRoot
+
+
+def write_run_lineage(run: RunRoot) -> str:
+    """Build the lineage record of a run from what its stages left under the run root and write it
+    to `lineage.json` there (the registry then adds its name/version). Returns the URI."""
+    import yaml
+
+    from amft_lib import lineage, storage
+    from amft_lib.evaluate import load_metrics
+
+    warm_cfg = yaml.safe_load(storage.get_bytes(run.warm_start_config))
+    gate = read_json(run.gate)
+    record = lineage.build_lineage(
+        run.run_id,
+        config={"warm_start": warm_cfg, "train": lineage.read_run_config(run.train)},
+        inputs=lineage.describe_inputs("dataset", run.data),
+        validation={"passed": gate.get("passed"), "statistics": gate.get("statistics")},
+        base_model={"id": warm_cfg["model"]["name"], "uri": run.base_model},
+        warm_start=_tag_safe({**read_json(run.warm_start_stats), "model_uri": run.warm_start_model}),
+        checkpoints=lineage.find_checkpoints(run.uri),
+        mu_summary=lineage.summarize_mu(lineage.mu_trajectory(run.train)),
+        eval_metrics=load_metrics(run.eval),
+    )
+    return lineage.write_lineage(record, run.lineage)
+
+
+def read_json(uri: str) -> Any:
+    """One JSON record from the run root (or anywhere storage reaches)."""
+    import json
+
+    from amft_lib import storage
+
+    return json.loads(storage.get_bytes(uri).decode("utf-8"))
+
+
+def _tag_safe(obj: Any) -> Any:
+    """Keys MLflow accepts as tag names (the registry flattens warm-start stats into tags, and
+    acceptance buckets are named like `easy(>10)`); values are left alone."""
+    if isinstance(obj, Mapping):
+        return {re.sub(r"[^A-Za-z0-9_\-. :/]", "_", str(k)): _tag_safe(v) for k, v in obj.items()}
+    return obj
+
+
+def summarize_run(s3_root: str, run_id: str, job_id: str, state: str, error: str = "") -> dict[str, Any]:
+    """What happened in a run, from the stage records under its run root: data, gate, warm start,
+    training, evaluation (base / warm start / final accuracy), registration and lineage. Never
+    raises for a missing or unreadable record (a failed run has few); `problems` lists them."""
+    from amft_lib import lineage, storage
+
+    summary: dict[str, Any] = {"run_id": run_id or job_id, "state": state, "error": lineage.redact_text(error or ""),
+                               "stages": {}, "accuracy": {}, "problems": []}
+    try:
+        run = RunRoot.resolve(s3_root, run_id, job_id)
+    except RunError as exc:
+        summary["problems"].append(str(exc))
+        return summary
+    summary.update(run_id=run.run_id, run_root=run.uri)
+
+    def read(uri: str) -> Any:
+        try:
+            return read_json(uri)
+        except storage.ObjectNotFoundError:
+            return None
+        except Exception as exc:  # unreadable: note it and carry on
+            rel = uri[len(run.uri):].lstrip("/")
+            summary["problems"].append(f"{rel}: {lineage.redact_text(' '.join(str(exc).split()))}")
+            return None
+
+    stages = summary["stages"]
+    card = read(run.data_card)
+    if card:
+        stages["data"] = {"uri": run.data,
+                          "rows": {k: v.get("rows") for k, v in (card.get("splits") or {}).items()}}
+    gate = read(run.gate)
+    if gate:
+        stages["validation"] = {"passed": gate.get("passed"), "failed_checks": gate.get("failed_checks"),
+                                "report": run.path("validation", "report.md")}
+    ws = read(run.warm_start_stats)
+    if ws:
+        rs = ws.get("rejection_sampling") or {}
+        stages["warm_start"] = {"acceptance_rate": rs.get("acceptance_rate"), "pass_at_k": rs.get("pass_at_k"),
+                                "target_entropy": ws.get("target_entropy"), "val_accuracy": ws.get("val_accuracy"),
+                                "model": run.warm_start_model}
+    train = read(run.train_result)
+    if train:
+        stages["train"] = {**train, "model": run.model, "checkpoints": run.path("checkpoints")}
+    metrics = read(run.eval_metrics)
+    if metrics:
+        stages["eval"] = {"blessed": metrics.get("blessed"), "reason": metrics.get("reason"),
+                          "report": run.path("eval", "report.html")}
+        roles = {"base": (metrics.get("comparisons") or {}).get("base"),
+                 "warm_start": (metrics.get("comparisons") or {}).get("warm_start"),
+                 "final": metrics,
+                 "champion": (metrics.get("comparisons") or {}).get("champion")}
+        for role, block in roles.items():
+            if not isinstance(block, Mapping):
+                continue
+            summary["accuracy"][role] = {
+                split: {"accuracy": block[split].get("accuracy"), "pass_at_k": block[split].get("pass_at_k"),
+                        "n": block[split].get("n")}
+                for split in ("test_id", "test_ood") if isinstance(block.get(split), Mapping)
+            }
+    reg = read(run.registry)
+    if reg:
+        stages["register"] = reg
+    if storage_exists(run.lineage):
+        stages["lineage"] = {"uri": run.lineage}
+        if reg and reg.get("registered"):
+            stages["lineage"]["command"] = f"amft lineage {reg.get('name')}:{reg.get('version')} --verify"
+    summary["finished_at"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return summary
+
+
+def storage_exists(uri: str) -> bool:
+    """storage.exists that answers False (not an exception) when S3 cannot be reached."""
+    from amft_lib import storage
+
+    try:
+        return storage.exists(uri)
+    except storage.StorageError:
+        return False
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if value is None:
+        return "–"
+    return str(value)
+
+
+def accuracy_table(accuracy: Mapping[str, Any]) -> list[str]:
+    """Markdown rows: one per model role, accuracy (pass@1) and pass@k on ID and OOD test splits."""
+    lines = ["| model | test_id acc | test_id pass@k | test_ood acc | test_ood pass@k |", "|---|---|---|---|---|"]
+    for role in ("base", "warm_start", "final", "champion"):
+        block = accuracy.get(role)
+        if not block:
+            continue
+        cells = [_fmt((block.get(s) or {}).get(f)) for s in ("test_id", "test_ood") for f in ("accuracy", "pass_at_k")]
+        lines.append(f"| {role.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary_markdown(summary: Mapping[str, Any]) -> str:
+    """The run summary as Markdown (the exit handler's UI artifact and `run-local`'s closing print)."""
+    stages = summary.get("stages") or {}
+    lines = [f"# AMFT run {summary.get('run_id')}: {summary.get('state')}", ""]
+    if summary.get("error"):
+        lines += [f"Error: {summary['error']}", ""]
+    lines += [f"Run root: `{summary.get('run_root', '?')}`", ""]
+    if "data" in stages:
+        rows = ", ".join(f"{k} {v}" for k, v in (stages["data"].get("rows") or {}).items())
+        lines.append(f"- data: {rows}")
+    if "validation" in stages:
+        v = stages["validation"]
+        failed = f" (failed: {', '.join(v.get('failed_checks') or [])})" if not v.get("passed") else ""
+        lines.append(f"- validation gate: {'passed' if v.get('passed') else 'FAILED'}{failed}; report `{v['report']}`")
+    if "warm_start" in stages:
+        w = stages["warm_start"]
+        lines.append(f"- warm start: acceptance {_fmt(w.get('acceptance_rate'))}, pass@k {_fmt(w.get('pass_at_k'))}, "
+                     f"H* {_fmt(w.get('target_entropy'))}")
+    if "train" in stages:
+        t = stages["train"]
+        resumed = f", resumed from step {t['resumed_from_step']}" if t.get("resumed_from_step") else ""
+        lines.append(f"- training: {t.get('steps')} steps, μ final {_fmt(t.get('mu_final'))}, val accuracy "
+                     f"{_fmt(t.get('val_accuracy_initial'))} → {_fmt(t.get('val_accuracy_final'))}{resumed}")
+    if "eval" in stages:
+        e = stages["eval"]
+        lines.append(f"- evaluation: {'BLESSED' if e.get('blessed') else 'not blessed'} — {e.get('reason')}")
+    if "register" in stages:
+        r = stages["register"]
+        what = f"{r.get('name')} version {r.get('version')}" if r.get("registered") else "nothing registered"
+        lines.append(f"- registry: {what}")
+    if "lineage" in stages:
+        cmd = stages["lineage"].get("command")
+        lines.append(f"- lineage: `{stages['lineage']['uri']}`" + (f"; `{cmd}`" if cmd else ""))
+    if summary.get("accuracy"):
+        lines += ["", *accuracy_table(summary["accuracy"])]
+    if summary.get("problems"):
+        lines += ["", "Problems reading the run root:", *[f"- {p}" for p in summary["problems"]]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,206 @@
+"""`amft pipeline run-local`: the whole DAG under kfp.local, against an embedded SeaweedFS (S3) and
+an MLflow registry on SQLite, with the services started and stopped around the run.
+
+kfp.local runs each task as a subprocess (`SubprocessRunner(use_venv=False)`) in this environment,
+so what runs here is the component code a cluster runs, minus the platform config (GPUs, secrets)
+that only Kubernetes can apply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from amft_lib.run.summary import summarize_run, summary_markdown
+from pipelines.build import load_pipeline
+
+STAGES = ("preflight", "prepare-data", "validate-data", "stop-run", "warm-start", "train", "evaluate", "register",
+          "run-summary")
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_TASK_START = re.compile(r"^Executing task '([^']+)'")
+_TASK_END = re.compile(r"^Task '([^']+)' finished with status (\w+)")
+
+
+class TaskLog(logging.Filter):
+    """Stage status, attempts and wall time from kfp.local's own log lines (it reports no timings).
+
+    A filter on the root logger rather than a handler: kfp.local swaps the root logger's handlers
+    while it runs, but leaves its filters alone. It only observes; every record passes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tasks: dict[str, dict[str, Any]] = {}
+        self._started: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = _ANSI.sub("", record.getMessage())
+        if m := _TASK_START.match(message):
+            self._started[m.group(1)] = record.created
+        elif m := _TASK_END.match(message):
+            name, status = m.groups()
+            task = self.tasks.setdefault(name, {"status": status, "attempts": 0, "seconds": 0.0})
+            task["attempts"] += 1
+            task["status"] = status
+            task["seconds"] += record.created - self._started.pop(name, record.created)
+        return True
+
+
+@dataclasses.dataclass
+class LocalRun:
+    """What `run_local` did: the pipeline state, per-task records, the run summary and where things are."""
+
+    state: str
+    error: str
+    tasks: dict[str, dict[str, Any]]
+    summary: dict[str, Any]
+    pipeline_root: Path
+    tracking_uri: str
+    lineage_chain: str
+    seconds: float
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Set environment variables for the block (the task subprocesses inherit them), then restore."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
+@contextlib.contextmanager
+def _s3_for(state_dir: Path, settings: Any | None) -> Iterator[Any]:
+    """The caller's S3 settings, or an embedded SeaweedFS under the state dir, stopped on exit."""
+    if settings is not None:
+        yield settings
+        return
+    from amft_lib.s3server import EmbeddedS3
+
+    server = EmbeddedS3(state_dir / "s3")
+    server.start()
+    try:
+        yield server.settings
+    finally:
+        server.stop()
+
+
+def run_local(state_dir: Path | str, arguments: Mapping[str, Any], *, s3_settings: Any | None = None,
+              threads: int | None = None) -> LocalRun:
+    """Run the local variant of the DAG end to end under kfp.local; never raises for a failed run.
+
+    Services live under `state_dir`: `s3/` (SeaweedFS data and keys), `mlflow.db` (+ `mlartifacts/`),
+    `kfp/outputs` (pipeline root), `tmp/` (TMPDIR of every task). `s3_settings` reuses a running S3
+    (tests) instead of starting one. Credentials reach the tasks through the inherited environment
+    only: they are not pipeline arguments, so they never appear in task logs or outputs.
+    """
+    from kfp import local
+
+    from amft_lib import lineage
+
+    t0 = time.perf_counter()
+    state = Path(state_dir).absolute()
+    for sub in ("tmp", "kfp/outputs"):
+        (state / sub).mkdir(parents=True, exist_ok=True)
+    tracking_uri = f"sqlite:///{state / 'mlflow.db'}"
+    pipeline = load_pipeline(local=True)
+    args = dict(arguments)
+    args.setdefault("p0_run_id", "local-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    args.setdefault("p0_s3_root", "s3://amft/local")
+    args.setdefault("p6_registry_tracking_uri", tracking_uri)
+    env = {"TMPDIR": str(state / "tmp"), "AMFT_STATE_DIR": str(state), "GX_ANALYTICS_ENABLED": "false",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1"}
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    task_log = TaskLog()  # kfp.local logs through the root logger
+    root_logger = logging.getLogger()
+    state_name, error, chain = "SUCCEEDED", "", ""
+    with _s3_for(state, s3_settings) as s3, _environment({**env, **s3.env()}):
+        tempfile.tempdir = None  # re-read TMPDIR
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(state / "kfp" / "outputs"),
+                   workspace_root=str(state / "kfp" / "workspace"), raise_on_error=True)
+        root_logger.addFilter(task_log)
+        try:
+            with warnings.catch_warnings():
+                # Known and expected locally: our image is not a plain Python image, and display
+                # names are for the cluster UI. Anything else kfp.local warns about stays visible.
+                warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
+                warnings.filterwarnings("ignore", message=r".*settings \['display_name'\] have no effect")
+                pipeline(**args)
+        except RuntimeError as exc:
+            state_name, error = "FAILED", _ANSI.sub("", str(exc))
+        finally:
+            root_logger.removeFilter(task_log)
+            tempfile.tempdir = None
+            # each task leaves its ephemeral component file behind (`mktemp -d` in the task command)
+            for leftover in (state / "tmp").glob("tmp.*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        # Re-read rather than trust the exit handler's copy: it cannot see the pipeline's final state.
+        summary = summarize_run(args["p0_s3_root"], args["p0_run_id"], "", state_name, error)
+        reg = summary["stages"].get("register") or {}
+        if reg.get("registered"):
+            with contextlib.suppress(Exception):
+                record = lineage.read_lineage(summary["stages"]["lineage"]["uri"])
+                chain = lineage.format_chain(record, {"name": reg.get("name"), "version": reg.get("version")})
+    return LocalRun(state_name, error, task_log.tasks, summary, state / "kfp" / "outputs",
+                    args["p6_registry_tracking_uri"], chain, time.perf_counter() - t0)
+
+
+def local_report(run: LocalRun, state_dir: Path) -> str:
+    """The closing print of `amft pipeline run-local`."""
+    lines = ["", "═" * 100, f"AMFT local pipeline run {run.summary.get('run_id')}: {run.state} in {run.seconds:.0f} s"]
+    if run.error:
+        lines.append(f"error: {run.error}")
+    lines += ["", f"{'stage':<16}{'status':<12}{'attempts':>9}{'seconds':>10}"]
+    for name in STAGES:
+        task = run.tasks.get(name)
+        if task is None:
+            if name != "stop-run":
+                lines.append(f"{name:<16}{'not run':<12}{'-':>9}{'-':>10}")
+            continue
+        lines.append(f"{name:<16}{task['status']:<12}{task['attempts']:>9}{task['seconds']:>10.1f}")
+    lines += ["", summary_markdown(run.summary).rstrip(), "", f"KFP artifacts (pipeline root): {run.pipeline_root}",
+              f"registry: {run.tracking_uri}"]
+    reg = (run.summary.get("stages") or {}).get("register") or {}
+    if reg.get("registered"):
+        s3_dir = state_dir.absolute() / "s3"
+        lines += ["lineage (S3 must be up: `amft s3 serve --data-dir "
+                  f"{s3_dir}` in another shell, then `. {s3_dir}/s3.env`):",
+                  f"  amft lineage {reg.get('name')}:{reg.get('version')} --tracking-uri {run.tracking_uri} --verify"]
+    if run.lineage_chain:
+        lines += ["", run.lineage_chain]
+    return "\n".join(lines) + "\n"
+
+
+def run_record(run: LocalRun) -> dict[str, Any]:
+    """What a local run did, as JSON: what schedulers (Airflow) and the README read back."""
+    return {"state": run.state, "error": run.error, "seconds": round(run.seconds, 1),
+            "tasks": {k: {**v, "seconds": round(v["seconds"], 1)} for k, v in run.tasks.items()},
+            "summary": run.summary, "tracking_uri": run.tracking_uri}
+
+
+def write_run_record(run: LocalRun, path: Path) -> None:
+    """Atomically write `run_record(run)` to `path` (temp name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(run_record(run), indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    tmp.replace(path)
