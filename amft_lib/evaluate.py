@@ -262,7 +262,7 @@ def evaluate_split(model: Any, tokenizer: Any, task: Any, rows: Sequence[dict], 
     for start in range(0, n_rows, cfg.batch_size):
         chunk = rows[start : start + cfg.batch_size]
         greedy = greedy_eval(model, tokenizer, task, chunk, cfg.max_new_tokens, cfg.chat_template,
-                             n_samples=max(0, cfg.report_samples - len(samples)), batch_size=cfg.batch_size)
+                             n_samples=len(chunk), batch_size=cfg.batch_size)
         correct += greedy.accuracy * greedy.n
         fmt_errors += greedy.format_error_rate * greedy.n
         tokens += greedy.mean_response_tokens * greedy.n
@@ -290,7 +290,18 @@ def evaluate_split(model: Any, tokenizer: Any, task: Any, rows: Sequence[dict], 
         "format_error_rate": fmt_errors / n_rows,
         "mean_response_tokens": tokens / n_rows,
     }
-    return metrics, samples
+    return metrics, pick_samples(samples, cfg.report_samples)
+
+
+def pick_samples(samples: Sequence[dict], n: int) -> list[dict]:
+    """Up to `n` samples for the report, alternating solved and failed ones (in split order), so a
+    reader sees what the model gets right and wrong — not just the first rows, often all failures."""
+    solved = [s for s in samples if s["reward"] > 0.5]
+    failed = [s for s in samples if s["reward"] <= 0.5]
+    picked = []
+    for i in range(max(len(solved), len(failed))):
+        picked += [group[i] for group in (solved, failed) if i < len(group)]
+    return picked[:n]
 
 
 def evaluate_model(model_path: str, splits: Mapping[str, Sequence[dict]], task: Any, cfg: EvalConfig,

@@ -131,7 +131,7 @@ def h(text: Any) -> str:
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:70em;color:#222}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right}
-th:first-child,td:first-child{text-align:left}.improvement{color:#0a7a2f}.regression{color:#b3261e;font-weight:600}
+th:first-child,td:first-child{text-align:left}.improvement{color:#0a7a2f}.noise{color:#777}.regression{color:#b3261e;font-weight:600}
 .yes{background:#e3f5e8;padding:.6em 1em;border-radius:.4em}.no{background:#fbe4e2;padding:.6em 1em;border-radius:.4em}
 pre{background:#f5f5f5;padding:.6em;white-space:pre-wrap}img{max-width:100%}figure{display:inline-block;margin:.5em}"""
 
@@ -269,9 +269,16 @@ _ROWS = (  # (field, label, better: +1 higher, -1 lower, 0 neutral)
 _EPS = 1e-9
 
 
-def _delta(cand: Any, other: Any, better: int) -> tuple[str, str]:
-    """(text, kind) for candidate − other; kind is improvement, regression, same or neutral
-    (`better` = 0: a difference that is neither, such as response length)."""
+def noise_band(p: float, n: int) -> float:
+    """Half-width of the 95 % normal interval of an accuracy `p` measured on `n` prompts (the floor
+    1/n keeps it non-zero at p = 0 or 1): differences inside it are sampling noise."""
+    return 1.96 * math.sqrt(max(p * (1 - p), 1 / n) / n) if n else 0.0
+
+
+def _delta(cand: Any, other: Any, better: int, noise: float = 0.0) -> tuple[str, str]:
+    """(text, kind) for candidate − other; kind is improvement, regression, noise (inside the
+    candidate's noise band: not coloured as a change), same, or neutral (`better` = 0: neither
+    better nor worse, such as response length)."""
     if not isinstance(cand, int | float) or not isinstance(other, int | float):
         return "", "neutral"
     diff = cand - other
@@ -279,6 +286,8 @@ def _delta(cand: Any, other: Any, better: int) -> tuple[str, str]:
         return "±0", "same"
     if better == 0:
         return f"{diff:+.4g}", "neutral"
+    if abs(diff) < noise:
+        return f"{diff:+.4f} (noise)", "noise"
     kind = "improvement" if diff * better > 0 else "regression"
     return f"{'▲' if diff > 0 else '▼'} {diff:+.4f}", kind
 
@@ -293,9 +302,12 @@ def comparison_rows(metrics: Mapping[str, Any], split: str) -> list[dict[str, An
             temperature = (metrics.get("decoding") or {}).get("temperature")
             label = f"pass@{cand['k']} ({cand.get('n_samples')} samples/prompt, T={temperature})"
         row: dict[str, Any] = {"field": fld, "label": label, "candidate": cand.get(fld), "others": {}}
+        value = cand.get(fld)
+        noise = noise_band(value, cand.get("n") or 0) if fld in ("accuracy", "pass_at_k") and value is not None \
+            else 0.0
         for role, comp in (metrics.get("comparisons") or {}).items():
             other = (comp.get(split) or {}).get(fld)
-            text, kind = _delta(cand.get(fld), other, better)
+            text, kind = _delta(value, other, better, noise)
             row["others"][role] = {"value": other, "delta": text, "kind": kind}
         rows.append(row)
     return rows
@@ -327,10 +339,9 @@ def _std_err_note(metrics: Mapping[str, Any]) -> str:
     for split in _eval_splits(metrics):
         m = metrics[split]
         if isinstance(m, Mapping) and m.get("n"):
-            p, n = m["accuracy"], m["n"]
-            parts.append(f"{split} ±{1.96 * math.sqrt(max(p * (1 - p), 1 / n) / n):.3f}")
+            parts.append(f"{split} ±{noise_band(m['accuracy'], m['n']):.3f}")
     return ("Accuracy differences smaller than the 95% interval of the candidate's accuracy ("
-            + ", ".join(parts) + ") are within sampling noise.") if parts else ""
+            + ", ".join(parts) + ") are marked (noise) and not counted as changes.") if parts else ""
 
 
 def evaluation_report(metrics: Mapping[str, Any], plots: Mapping[str, bytes],
@@ -340,9 +351,10 @@ def evaluation_report(metrics: Mapping[str, Any], plots: Mapping[str, bytes],
     roles = list((metrics.get("comparisons") or {}).keys())
     b = metrics.get("blessing", {})
     blessed = bool(metrics.get("blessed"))
-    report = Report(f"Evaluation of {metrics.get('model')}")
+    report = Report(f"Evaluation: candidate vs {', '.join(ROLE_TITLES[r] for r in roles) or 'nothing'}")
     report.add(Text(str(metrics.get("reason")), strong="BLESSED —" if blessed else "NOT BLESSED —",
                     kind="yes" if blessed else "no"),
+               Text(f"Candidate: {metrics.get('model')}; data: {metrics.get('data')}; task: {metrics.get('task')}."),
                Text(f"Rule: {b.get('metric')} ≥ {b.get('threshold')} and no drop larger than "
                     f"δ={b.get('max_regression')} vs the champion on any eval split (change check skipped "
                     "without a champion)."))
@@ -361,6 +373,9 @@ def evaluation_report(metrics: Mapping[str, Any], plots: Mapping[str, bytes],
     note = _std_err_note(metrics)
     if note:
         report.add(Text(note))
+    chart = accuracy_chart(metrics)
+    if chart:
+        report.add(Figure("accuracy by model and split", chart))
     for role, items in changes(metrics).items():
         model = metrics["comparisons"][role]["model"]
         report.add(Heading(3, f"Improvements and regressions vs {ROLE_TITLES[role]} ({model})"),
@@ -371,5 +386,36 @@ def evaluation_report(metrics: Mapping[str, Any], plots: Mapping[str, bytes],
     if any(samples.values()):
         report.add(Heading(2, "Sample completions (candidate, greedy)"))
         for split, items in samples.items():
-            report.add(*(Code(f"{split} {s.get('id')} reward {s['reward']:.0f}", s["completion"]) for s in items))
+            report.add(*(Code(f"{split} {s.get('id')}: {'solved' if s['reward'] > 0.5 else 'failed'}",
+                              f"{s.get('prompt', '').rstrip()}\n── completion ──\n{s['completion']}")
+                         for s in items))
     return report
+
+
+def accuracy_chart(metrics: Mapping[str, Any]) -> bytes | None:
+    """Grouped bars: greedy accuracy per eval split for every model (candidate and comparisons),
+    each with its 95 % noise band as an error bar."""
+    splits = _eval_splits(metrics)
+    if not splits:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure as MplFigure
+
+    models = [("candidate", metrics)] + [(ROLE_TITLES[r], c) for r, c in (metrics.get("comparisons") or {}).items()]
+    fig = MplFigure(figsize=(6.0, 3.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(models)
+    for i, (label, block) in enumerate(models):
+        values = [((block.get(s) or {}).get("accuracy") or 0.0) for s in splits]
+        errors = [noise_band(v, (block.get(s) or {}).get("n") or 0) for v, s in zip(values, splits, strict=True)]
+        ax.bar([j + i * width for j in range(len(splits))], values, width, yerr=errors, capsize=3, label=label)
+    ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(len(splits))], splits)
+    ax.set_ylabel("accuracy (greedy pass@1)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

@@ -104,7 +104,7 @@ def _run_local(args: argparse.Namespace) -> int:
     from pipelines.local import local_report, run_local, write_run_record
 
     arguments = parse_params(load_pipeline(local=True), args.set, args.params_file, base=PROFILES[args.profile])
-    run = run_local(args.state_dir, arguments, threads=args.threads)
+    run = run_local(args.state_dir, arguments, threads=args.threads, verbose=args.verbose)
     write_run_record(run, args.record or Path(args.state_dir) / "run-record.json")
     print(local_report(run, args.state_dir))
     return 0 if run.state == "SUCCEEDED" else 1

@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import io
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -104,14 +106,60 @@ def _s3_for(state_dir: Path, settings: Any | None) -> Iterator[Any]:
         server.stop()
 
 
+class KfpChatter(logging.Filter):
+    """Drop kfp.local's bookkeeping records ("Streamed logs:", each task's output dump — the resolved
+    configs as JSON — and the dashed rulers) so the log keeps one line per event. `--verbose` keeps them."""
+
+    _NOISE = re.compile(r"^(Streamed logs:|Task '[^']+' outputs:|-{20,}$)")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self._NOISE.match(_ANSI.sub("", record.getMessage()))
+
+
+class QuietExecutor(io.TextIOBase):
+    """A stdout that drops the KFP executor's own lines from the streamed task logs: its
+    "[KFP Executor …]" bookkeeping and the executor_input JSON it dumps (two thirds of a demo's
+    log). The task's own output — our stage logs and progress — passes through unchanged."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self._in_dump = False
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            if self._keep(line):
+                self.target.write(line + "\n")
+        return len(text)
+
+    def _keep(self, line: str) -> bool:
+        stripped = line.strip()
+        if self._in_dump:
+            self._in_dump = line.rstrip() != "    }"  # the dump's closing brace, at its own indent
+            return False
+        if stripped.startswith("[KFP Executor"):
+            self._in_dump = stripped.endswith("Got executor_input:")
+            return False
+        return bool(stripped)
+
+    def flush(self) -> None:
+        if self._pending and self._keep(self._pending):
+            self.target.write(self._pending)
+        self._pending = ""
+        self.target.flush()
+
+
 def run_local(state_dir: Path | str, arguments: Mapping[str, Any], *, s3_settings: Any | None = None,
-              threads: int | None = None) -> LocalRun:
+              threads: int | None = None, verbose: bool = False) -> LocalRun:
     """Run the local variant of the DAG end to end under kfp.local; never raises for a failed run.
 
     Services live under `state_dir`: `s3/` (SeaweedFS data and keys), `mlflow.db` (+ `mlartifacts/`),
     `kfp/outputs` (pipeline root), `tmp/` (TMPDIR of every task). `s3_settings` reuses a running S3
     (tests) instead of starting one. Credentials reach the tasks through the inherited environment
-    only: they are not pipeline arguments, so they never appear in task logs or outputs.
+    only: they are not pipeline arguments, so they never appear in task logs or outputs. Unless
+    `verbose`, kfp.local's own bookkeeping (executor input dumps, output dumps) is left out of the log.
     """
     from kfp import local
 
@@ -139,8 +187,14 @@ def run_local(state_dir: Path | str, arguments: Mapping[str, Any], *, s3_setting
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(state / "kfp" / "outputs"),
                    workspace_root=str(state / "kfp" / "workspace"), raise_on_error=True)
         root_logger.addFilter(task_log)
+        quiet = contextlib.ExitStack()
+        if not verbose:  # a root-logger filter: kfp.local swaps the handlers while it runs, not the filters
+            chatter = KfpChatter()
+            quiet.enter_context(contextlib.redirect_stdout(QuietExecutor(sys.stdout)))
+            root_logger.addFilter(chatter)  # after task_log, which still sees every record
+            quiet.callback(root_logger.removeFilter, chatter)
         try:
-            with warnings.catch_warnings():
+            with quiet, warnings.catch_warnings():
                 # Known and expected locally: our image is not a plain Python image, and display
                 # names are for the cluster UI. Anything else kfp.local warns about stays visible.
                 warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom")
@@ -180,12 +234,9 @@ def local_report(run: LocalRun, state_dir: Path) -> str:
         lines.append(f"{name:<16}{task['status']:<12}{task['attempts']:>9}{task['seconds']:>10.1f}")
     lines += ["", summary_markdown(run.summary).rstrip(), "", f"KFP artifacts (pipeline root): {run.pipeline_root}",
               f"registry: {run.tracking_uri}"]
-    reg = (run.summary.get("stages") or {}).get("register") or {}
-    if reg.get("registered"):
-        s3_dir = state_dir.absolute() / "s3"
-        lines += ["lineage (S3 must be up: `amft s3 serve --data-dir "
-                  f"{s3_dir}` in another shell, then `. {s3_dir}/s3.env`):",
-                  f"  amft lineage {reg.get('name')}:{reg.get('version')} --tracking-uri {run.tracking_uri} --verify"]
+    command = ((run.summary.get("stages") or {}).get("lineage") or {}).get("command")
+    if command:  # it starts this state dir's S3 and registry by itself
+        lines += ["lineage of the registered model:", f"  {command}"]
     if run.lineage_chain:
         lines += ["", run.lineage_chain]
     return "\n".join(lines) + "\n"

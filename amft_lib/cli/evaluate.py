@@ -9,10 +9,13 @@ one `error: …` line on stderr with secrets redacted (the traceback is logged a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +165,9 @@ def _add_lineage(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="NAME, NAME:VERSION or NAME@champion")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or embedded SQLite)")
+    p.add_argument("--state-dir", type=Path,
+                   help="a local run's state dir (`amft pipeline run-local --state-dir`): use its registry and, "
+                   "unless an S3 endpoint is configured, start its embedded SeaweedFS for this command")
     p.add_argument("--verify", action="store_true", help="re-read every input and check its sha256")
     p.add_argument("--json", action="store_true", help="print the lineage record as JSON instead of the chain")
     p.set_defaults(handler=_guarded(_lineage))
@@ -188,7 +194,39 @@ def _record_for(ref, tracking_uri: str | None) -> dict:
     raise LookupError(f"{ref.uri}: no lineage record (no {registry.LINEAGE_TAG} tag and none logged in its run)")
 
 
+@contextlib.contextmanager
+def _local_services(state_dir: Path | None, tracking_uri: str | None) -> Iterator[str | None]:
+    """The tracking URI to use; with a run-local state dir, its SQLite registry and — when no S3
+    endpoint is configured — its SeaweedFS, started for the command and stopped after it."""
+    if state_dir is None:
+        yield tracking_uri
+        return
+    if not (state_dir / "mlflow.db").is_file():
+        raise FileNotFoundError(f"--state-dir {state_dir}: no mlflow.db there (run `amft pipeline run-local` first)")
+    uri = tracking_uri or f"sqlite:///{(state_dir / 'mlflow.db').resolve()}"
+    if os.environ.get("AWS_ENDPOINT_URL_S3") or not (state_dir / "s3").is_dir():
+        yield uri
+        return
+    from amft_lib.s3server import EmbeddedS3
+
+    server = EmbeddedS3(state_dir / "s3")
+    saved = dict(os.environ)
+    os.environ.update(server.start().env())
+    try:
+        yield uri
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        server.stop()
+
+
 def _lineage(args: argparse.Namespace) -> int:
+    with _local_services(args.state_dir, args.tracking_uri) as tracking_uri:
+        args.tracking_uri = tracking_uri
+        return _print_lineage(args)
+
+
+def _print_lineage(args: argparse.Namespace) -> int:
     from amft_lib import lineage, registry
 
     ref = registry.resolve(args.model, args.tracking_uri)

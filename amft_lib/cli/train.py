@@ -83,11 +83,16 @@ def _warm_start(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from amft_lib.config import ConfigError, TrainConfig, describe
+    from amft_lib.config import ConfigError, TrainConfig, config_to_dict, describe
 
-    if args.help_config:
+    if args.help_config:  # with --config/--set: the values this run would use, and the defaults they replace
+        values = config_to_dict(_load(args, TrainConfig))
         for key, default, text in describe():
-            print(f"{key} = {default}\n    {text}")
+            value = values
+            for part in key.split("."):
+                value = value[part]
+            shown = repr(value) if repr(value) == default else f"{value!r}  (default {default})"
+            print(f"{key} = {shown}\n    {text}")
         return 0
     if not args.out:
         print("error: --out is required", file=sys.stderr)

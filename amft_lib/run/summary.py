@@ -6,6 +6,7 @@ writes. Readers never raise for a missing or unreadable record: a failed run has
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -119,7 +120,9 @@ def summarize_run(s3_root: str, run_id: str, job_id: str, state: str, error: str
     if storage_exists(run.lineage):
         stages["lineage"] = {"uri": run.lineage}
         if reg and reg.get("registered"):
-            stages["lineage"]["command"] = f"amft lineage {reg.get('name')}:{reg.get('version')} --verify"
+            # a local run (`amft pipeline run-local`) names its state dir: the registry and S3 live there
+            local = f" --state-dir {os.environ['AMFT_STATE_DIR']}" if os.environ.get("AMFT_STATE_DIR") else ""
+            stages["lineage"]["command"] = f"amft lineage {reg.get('name')}:{reg.get('version')}{local} --verify"
     summary["finished_at"] = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     return summary
 

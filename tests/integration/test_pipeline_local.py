@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import uuid
 from pathlib import Path
 
@@ -37,16 +38,19 @@ def registry_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
 
 
-def run_pipeline(state_dir: Path, s3_server: EmbeddedS3, registry_uri: str, **overrides) -> pc.LocalRun:
+def run_pipeline(state_dir: Path, s3_server: EmbeddedS3, registry_uri: str | None, **overrides) -> pc.LocalRun:
+    """One run; `registry_uri` None keeps run-local's own registry in the state dir (as the demo does)."""
     run_id = f"t-{uuid.uuid4().hex[:8]}"
     arguments = {**TINY, "p0_run_id": run_id, "p0_s3_root": s3_server.settings.uri("tests", "pipeline"),
-                 "p6_registry_tracking_uri": registry_uri, "p6_registry_model_name": f"gp-{run_id}", **overrides}
+                 "p6_registry_model_name": f"gp-{run_id}", **overrides}
+    if registry_uri:
+        arguments["p6_registry_tracking_uri"] = registry_uri
     return pc.run_local(state_dir, arguments, s3_settings=s3_server.settings, threads=1)
 
 
 @pytest.fixture(scope="module")
-def happy(tmp_path_factory, s3_server, registry_uri) -> pc.LocalRun:
-    return run_pipeline(tmp_path_factory.mktemp("happy"), s3_server, registry_uri)
+def happy(tmp_path_factory, s3_server) -> pc.LocalRun:
+    return run_pipeline(tmp_path_factory.mktemp("happy"), s3_server, None)
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +80,10 @@ def test_happy_path_runs_every_stage_once(happy):
     assert all(task["attempts"] == 1 for task in happy.tasks.values())
 
 
-def test_happy_path_registers_the_champion_with_a_verifiable_lineage(happy, s3, registry_uri):
+def test_happy_path_registers_the_champion_with_a_verifiable_lineage(happy, s3):
     reg = happy.summary["stages"]["register"]
     assert reg["registered"] is True and reg["version"] == "1"
-    ref = registry.resolve(f"{reg['name']}@champion", registry_uri)
+    ref = registry.resolve(f"{reg['name']}@champion", happy.tracking_uri)
     assert ref.version == "1" and ref.tags[registry.RUN_ID_TAG] == happy.summary["run_id"]
     record = lineage.read_lineage(ref.tags[registry.LINEAGE_TAG])
     assert record["registry"]["version"] == "1" and record["validation"]["passed"] is True
@@ -87,8 +91,11 @@ def test_happy_path_registers_the_champion_with_a_verifiable_lineage(happy, s3, 
     assert len(record["checkpoints"]) >= 1
     assert record["mu_summary"]["final"] == pytest.approx(happy.summary["stages"]["train"]["mu_final"])
     assert lineage.verify_lineage(record) == []
-    # the command the summary prints works against the same store
-    assert cli.main(["lineage", f"{reg['name']}:1", "--tracking-uri", registry_uri, "--verify"]) == 0
+    # the command the summary (and run-local's closing print) shows works exactly as printed
+    command = happy.summary["stages"]["lineage"]["command"]
+    assert command.startswith(f"amft lineage {reg['name']}:1 --state-dir ") and command.endswith(" --verify")
+    assert command in pc.local_report(happy, happy.pipeline_root.parent.parent)
+    assert cli.main(shlex.split(command)[1:]) == 0
 
 
 def test_happy_path_leaves_the_documented_s3_layout(happy, s3):

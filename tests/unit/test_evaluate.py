@@ -149,7 +149,7 @@ def test_run_evaluate_writes_contract_metrics_and_self_contained_report(tiny_set
     page = (out / "report.html").read_text()
     assert not re.search(r"https?://", page)  # no external CSS/JS/images
     assert "<script" not in page and "<link" not in page
-    assert page.count("data:image/png;base64,") == 5
+    assert page.count("data:image/png;base64,") == 6  # 5 training curves + the accuracy chart
     assert "champion" in page and "BLESSED" in page
     md = (out / "report.md").read_text()
     assert "| metric | candidate | base | Δ vs base | champion | Δ vs champion |" in md

@@ -44,3 +44,23 @@ def test_both_renderers_show_the_same_cells():
 def test_fmt_rounds_floats_and_keeps_ints():
     assert reports.fmt(0.03999999910593033) == "0.0400"
     assert reports.fmt(12) == "12" and reports.fmt(None) == "–" and reports.fmt(123.456) == "123.5"
+
+
+def test_a_delta_inside_the_noise_band_is_not_a_change():
+    # candidate 0.50 on n=100: band = 1.96·sqrt(0.25/100) = 0.098; +0.05 is noise, +0.15 is a change
+    metrics = {"test_id": {"accuracy": 0.50, "n": 100},
+               "comparisons": {"base": {"model": "b", "test_id": {"accuracy": 0.45}},
+                               "warm_start": {"model": "w", "test_id": {"accuracy": 0.35}}}}
+    row = reports.comparison_rows(metrics, "test_id")[0]
+    assert row["others"]["base"]["kind"] == "noise" and "(noise)" in row["others"]["base"]["delta"]
+    assert row["others"]["warm_start"]["kind"] == "improvement"
+    assert reports.changes(metrics) == {"base": [], "warm_start": ["test_id accuracy: improvement ▲ +0.1500 "
+                                                                   "(0.3500 -> 0.5000)"]}
+
+
+def test_report_samples_alternate_solved_and_failed():
+    from amft_lib.evaluate import pick_samples
+
+    samples = [{"id": i, "reward": r} for i, r in enumerate([0, 0, 0, 1, 0, 1])]
+    assert [s["id"] for s in pick_samples(samples, 4)] == [3, 0, 5, 1]
+    assert [s["id"] for s in pick_samples(samples[:3], 2)] == [0, 1]  # no solved ones: failures only
