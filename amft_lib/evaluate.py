@@ -102,6 +102,9 @@ class EvalConfig:
         "δ: the largest drop of FIELD vs the champion tolerated on any eval split (TFX change_threshold).", 0.0
     )
     report_samples: int = _help("Completions per split shown in the reports.", 3)
+    score_cache: str | None = _help(
+        "Folder (or s3:// URI) of comparison-model scores keyed by model content hash, data and decoding: a "
+        "base model or unchanged champion is generated once, not on every run. None: no cache.", None)
 
     def __post_init__(self) -> None:
         for name in ("model", "data", "out_dir"):
@@ -416,6 +419,42 @@ def _training_summary(run_dir: str, curves: Mapping[str, Sequence[tuple[int, flo
     }
 
 
+def _data_digest(data: str) -> str | None:
+    """Content digest of the eval data (a folder or one parquet file); None when it cannot be hashed."""
+    try:
+        return lineage.tree_sha256(data) if not data.endswith(".parquet") else lineage.sha256_uri(data)[0]
+    except (FileNotFoundError, storage.StorageError):
+        return None
+
+
+def _cache_uri(cfg: EvalConfig, model_dir: str, data_digest: str, task: str) -> str | None:
+    """Where the scores of `model_dir` under this data and decoding are cached; None for a model
+    without files to hash (a builtin name)."""
+    if not Path(model_dir, "config.json").is_file():
+        return None
+    key = {"schema": SCHEMA_VERSION, "model": lineage.tree_sha256(model_dir), "data": data_digest, "task": task,
+           "splits": list(cfg.splits), "max_examples": cfg.max_examples, "max_new_tokens": cfg.max_new_tokens,
+           "pass_k": cfg.pass_k, "n_samples": cfg.n_samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
+           "batch_size": cfg.batch_size, "seed": cfg.seed, "chat_template": cfg.chat_template, "dtype": cfg.dtype}
+    return storage.join(cfg.score_cache, lineage.canonical_hash(key) + ".json")
+
+
+def _same_content(a: str | None, b: str | None) -> bool:
+    """Whether two model folders hold the same files (content hash); False when either has none."""
+    if not a or not b or not Path(a, "config.json").is_file() or not Path(b, "config.json").is_file():
+        return False
+    return lineage.tree_sha256(a) == lineage.tree_sha256(b)
+
+
+def _cached_scores(uri: str | None) -> dict[str, Any] | None:
+    if not uri:
+        return None
+    try:
+        return json.loads(storage.get_bytes(uri).decode("utf-8"))["scores"]
+    except storage.ObjectNotFoundError:
+        return None
+
+
 def run_evaluate(cfg: EvalConfig) -> EvalResult:
     """Score the candidate and the comparison models, decide the blessing, write the outputs."""
     t_start = time.perf_counter()
@@ -432,16 +471,31 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
         candidate, samples = evaluate_model(candidate_path, splits, task, cfg, "candidate")
 
         comparisons: dict[str, dict[str, Any]] = {}
+        champion_path = None
+        data_digest = _data_digest(cfg.data) if cfg.score_cache else None
         for role, uri in (("base", cfg.base_model), ("warm_start", cfg.warm_start_model),
                           ("champion", cfg.champion_model)):
             path = _resolve_model(uri, work, role, cfg.tracking_uri)
             if path is None:
                 continue
-            scores, _ = evaluate_model(path, splits, task, cfg, role)
+            if role == "champion":
+                champion_path = path
+            cache_uri = _cache_uri(cfg, path, data_digest, task.name) if data_digest else None
+            scores = _cached_scores(cache_uri)
+            if scores is None:
+                scores, _ = evaluate_model(path, splits, task, cfg, role)
+                if cache_uri:
+                    storage.put_bytes(cache_uri, json.dumps({"scores": scores}, sort_keys=True).encode("utf-8"))
+            else:
+                log.info("eval %s: scores reused from %s (same model content, data and decoding)", role, cache_uri)
             comparisons[role] = {"model": uri, **scores}
+        identical = _same_content(candidate_path, champion_path)  # while a downloaded champion still exists
 
     blessed, reason = decide_blessing(candidate, comparisons.get("champion"), cfg.metric, cfg.threshold,
                                       cfg.max_regression)
+    if blessed and identical:
+        # δ = 0 lets an equal score pass; the same weights again must not become a new version
+        blessed, reason = False, "not blessed: the candidate is identical to the champion (same content hash)"
     log.info("%s", reason)
 
     from amft_lib import reports

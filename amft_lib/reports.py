@@ -179,10 +179,29 @@ CURVE_NAMES = ("mu", "reward_mean", "entropy", "target_entropy", "sft_loss", "rl
 
 def read_training_curves(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     """Per-step series from `metrics.jsonl` ([(step, value)] per metric; nulls dropped). The final
-    record (``"final": true``) only contributes its `val_reward` and `val_accuracy`."""
+    record (``"final": true``) only contributes its `val_reward` and `val_accuracy`. Also, when the
+    run folder has them: `meta_step` (μ at each step a meta-gradient was taken, controller.jsonl)
+    and `mu_min` / `mu_max` (the bounds from config.yaml, over the run's steps)."""
+    import yaml
+
     from amft_lib import storage
 
-    text = storage.get_bytes(storage.join(run_dir, "metrics.jsonl")).decode("utf-8")
+    curves = _metric_curves(storage.get_bytes(storage.join(run_dir, "metrics.jsonl")).decode("utf-8"))
+    steps = [s for s, _ in curves["mu"]]
+    try:
+        controller = storage.get_bytes(storage.join(run_dir, "controller.jsonl")).decode("utf-8")
+        records = [json.loads(line) for line in controller.splitlines() if line.strip()]
+        curves["meta_step"] = [(int(r["step"]), float(r["mu"])) for r in records if r.get("meta_grad") is not None]
+        bounds = (yaml.safe_load(storage.get_bytes(storage.join(run_dir, "config.yaml"))) or {}).get("controller", {})
+        for key in ("mu_min", "mu_max"):
+            if steps and isinstance(bounds.get(key), int | float):
+                curves[key] = [(steps[0], float(bounds[key])), (steps[-1], float(bounds[key]))]
+    except storage.ObjectNotFoundError:
+        pass  # an older or partial run folder: the curves alone
+    return curves
+
+
+def _metric_curves(text: str) -> dict[str, list[tuple[int, float]]]:
     curves: dict[str, list[tuple[int, float]]] = {n: [] for n in CURVE_NAMES}
     for line in text.splitlines():
         if not line.strip():
@@ -198,16 +217,23 @@ def read_training_curves(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
-# (file stem, title, y label, [(series, label, style)])
+# (file stem, title, y label, [(series, label, style)], fixed y range or None)
 PLOTS = (
-    ("mu", "μ (weight of the SFT loss)", "μ", [("mu", "μ", "-")]),
-    ("reward", "rollout reward", "mean reward", [("reward_mean", "reward_mean", "-")]),
+    # a fixed 0..1 axis: autoscaled, a 0.005 drift of μ looked dramatic
+    ("mu", "μ (weight of the SFT loss), its bounds and meta-gradient steps", "μ",
+     [("mu", "μ", "-"), ("mu_min", "μ bounds", "k:"), ("mu_max", "", "k:"), ("meta_step", "meta-gradient step", "x")],
+     (0.0, 1.0)),
+    ("reward", "rollout reward (sampled, on training prompts)", "mean reward", [("reward_mean", "reward_mean", "-")],
+     None),
     ("entropy", "policy entropy vs target H*", "nats/token",
-     [("entropy", "entropy H_t", "-"), ("target_entropy", "target H*", "--")]),
-    ("losses", "SFT and RL losses", "loss", [("sft_loss", "sft_loss", "-"), ("rl_loss", "rl_loss", "-")]),
-    ("val_reward", "validation: sampled reward Û(θ) and greedy accuracy", "reward / accuracy",
-     [("val_reward", "val_reward (sampled)", "o-"), ("val_accuracy", "val_accuracy (greedy)", "s--")]),
+     [("entropy", "entropy H_t", "-"), ("target_entropy", "target H*", "--")], None),
+    ("losses", "SFT and RL losses", "loss", [("sft_loss", "sft_loss", "-"), ("rl_loss", "rl_loss", "-")], None),
+    ("val_reward", "validation prompts: sampled reward Û(θ) and greedy accuracy", "reward / accuracy",
+     [("val_reward", "val_reward (sampled)", "o-"), ("val_accuracy", "val_accuracy (greedy)", "s--")], (0.0, 1.0)),
 )
+
+
+_MARKS = ("mu_min", "mu_max", "meta_step")  # drawn on a plot that has data, never a plot of their own
 
 
 def plot_training_curves(curves: Mapping[str, Sequence[tuple[int, float]]]) -> dict[str, bytes]:
@@ -219,8 +245,8 @@ def plot_training_curves(curves: Mapping[str, Sequence[tuple[int, float]]]) -> d
     from matplotlib.figure import Figure as MplFigure
 
     pngs: dict[str, bytes] = {}
-    for stem, title, ylabel, series in PLOTS:
-        if not any(curves.get(name) for name, _, _ in series):
+    for stem, title, ylabel, series, ylim in PLOTS:
+        if not any(curves.get(name) for name, _, _ in series if name not in _MARKS):
             continue
         fig = MplFigure(figsize=(6.0, 3.2), dpi=100)
         FigureCanvasAgg(fig)
@@ -228,11 +254,13 @@ def plot_training_curves(curves: Mapping[str, Sequence[tuple[int, float]]]) -> d
         for name, label, style in series:
             points = curves.get(name) or []
             if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label, linewidth=1.4,
-                        markersize=3)
-        ax.set_title(title)
+                ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label or None,
+                        linewidth=1.4, markersize=4)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
+        if ylim:
+            ax.set_ylim(*ylim)
         ax.grid(alpha=0.3)
         if len(series) > 1:
             ax.legend(loc="best", fontsize=8)

@@ -25,7 +25,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from amft_lib.run.summary import summarize_run, summary_markdown
+from amft_lib.run.summary import accuracy_table, summarize_run, summary_markdown
 from pipelines.build import load_pipeline
 
 STAGES = ("preflight", "prepare-data", "validate-data", "stop-run", "warm-start", "train", "evaluate", "register",
@@ -255,3 +255,32 @@ def write_run_record(run: LocalRun, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(run_record(run), indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+def demo_markdown(record: Mapping[str, Any]) -> str:
+    """The README's demo section, rendered from a run record (`run-local --record`): what the demo
+    printed — stage times, warm start, μ, the accuracy table, blessing and registration — so the
+    README can only show numbers a run produced (tests/unit/test_readme.py compares them)."""
+    from amft_lib.reports import fmt
+
+    summary = record.get("summary") or {}
+    stages = summary.get("stages") or {}
+    tasks = record.get("tasks") or {}
+    times = ", ".join(f"{name} {tasks[name]['seconds']:.0f} s" for name in STAGES if name in tasks)
+    ws, tr = stages.get("warm_start") or {}, stages.get("train") or {}
+    reg, ev = stages.get("register") or {}, stages.get("eval") or {}
+    lines = [
+        f"One run of `bash scripts/demo.sh` on this 2-core machine: **{record.get('state')} in "
+        f"{record.get('seconds', 0):.0f} s** ({times}).",
+        "",
+        f"- warm start: rejection-sampling acceptance {fmt(ws.get('acceptance_rate'))}, H* "
+        f"{fmt(ws.get('target_entropy'))} nats/token",
+        f"- training: {tr.get('steps')} steps of {tr.get('method')}, μ final {fmt(tr.get('mu_final'))}, val accuracy "
+        f"{fmt(tr.get('val_accuracy_initial'))} → {fmt(tr.get('val_accuracy_final'))}",
+        f"- evaluation: {'blessed' if ev.get('blessed') else 'not blessed'} ({ev.get('reason')})",
+        f"- registry: {reg.get('name')} version {reg.get('version')}" if reg.get("registered") else
+        "- registry: nothing registered",
+        "",
+        *accuracy_table(summary.get("accuracy") or {}),
+    ]
+    return "\n".join(lines) + "\n"

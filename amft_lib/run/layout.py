@@ -17,6 +17,7 @@ path has one name and every stage asks `RunRoot` for it.
       registry.json           what the register stage did
       lineage.json            the lineage record
       summary.json            the run summary (exit handler)
+    cache/eval-scores/        beside runs/: evaluation scores keyed by model content hash (all runs)
 """
 
 from __future__ import annotations
@@ -139,6 +140,12 @@ class RunRoot:
         return self.path("summary.json")
 
     @property
+    def score_cache(self) -> str:
+        """Evaluation scores by model content hash, shared by every run under the same S3 root: the
+        base model (and an unchanged champion) is generated once, not on every run."""
+        return storage.join(self.uri.rsplit("/runs/", 1)[0], "cache", "eval-scores")
+
+    @property
     def fault_marker(self) -> str:
         return self.path("faults", "train-killed")
 
@@ -171,6 +178,37 @@ def publish(local_dir: str | Path, uri: str) -> list[str]:
         storage.put_file(str(path), target)
         written.append(target)
     return written
+
+
+POINTER_FILE = "MODEL_URI.json"
+
+
+def write_pointer(artifact_dir: str | Path, uri: str, **details: Any) -> None:
+    """Make a KFP `Model` artifact a pointer to the model's one stored copy under the run root.
+
+    Why: KFP uploads an output artifact's folder to its own store, and the run root already holds
+    the model; a multi-GB model written to both is stored (and uploaded) twice. The artifact keeps
+    a small JSON file naming the URI; `open_model` on the consuming side stages the real files.
+    """
+    folder = Path(artifact_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / POINTER_FILE).write_text(json.dumps({"uri": uri, **details}, indent=2, sort_keys=True) + "\n",
+                                       encoding="utf-8")
+
+
+def open_model(artifact_dir: str | Path, staging_dir: str | Path) -> str:
+    """A local HF directory for a model artifact: the artifact itself when it holds the files,
+    else the run-root copy its pointer names, downloaded into `staging_dir`."""
+    folder = Path(artifact_dir)
+    pointer = folder / POINTER_FILE
+    if not pointer.is_file():
+        return str(folder)
+    uri = json.loads(pointer.read_text(encoding="utf-8"))["uri"]
+    if not storage.is_s3(uri):
+        return uri
+    if not storage.download_prefix(uri, staging_dir):
+        raise RunError(f"{uri}: the model this artifact points to has no files (was the run root cleaned?)")
+    return str(staging_dir)
 
 
 def fetch_input(uri: str, dest_dir: str | Path) -> str:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from amft_lib.run.layout import RunRoot, fetch_input, publish, put_json
+from amft_lib.run.layout import RunRoot, fetch_input, open_model, publish, put_json, write_pointer
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ def validate_stage(run: RunRoot, dataset_dir: str, *, html_path: str, markdown_p
 def warm_start_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model_dir: str,
                      base_model_dir: str) -> StageOutcome:
     """Snapshot the base model, build the warm-start model (SFT → rejection sampling → SFT) and
-    publish both; `value` is H* (nats/token) for the training controller."""
+    publish both to the run root; the `model` / `base_model` artifacts point there (one stored copy
+    of each). `value` is H* (nats/token) for the training controller."""
     import dataclasses
 
     from amft_lib.config import WarmStartConfig, config_from_dict
@@ -111,14 +112,17 @@ def warm_start_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model_
 
     cfg = config_from_dict(json.loads(config_json), WarmStartConfig)
     cfg.data.path = run.data  # the durable copy; rows are read from the local artifact
-    policy, tokenizer = load_policy(dataclasses.replace(cfg.model, lora=False), device="cpu", seed=cfg.seed)
-    save_policy(policy, tokenizer, base_model_dir)
-    del policy
     with tempfile.TemporaryDirectory(prefix="amft-warm-start-") as tmp:
-        result = run_warm_start(cfg, tmp, splits=read_rows(dataset_dir), init_model=base_model_dir)
-        shutil.copytree(result.model_dir, model_dir)
-        publish(tmp, run.warm_start)
-    publish(base_model_dir, run.base_model)
+        base = Path(tmp, "base_model")
+        policy, tokenizer = load_policy(dataclasses.replace(cfg.model, lora=False), device="cpu", seed=cfg.seed)
+        save_policy(policy, tokenizer, base)
+        del policy
+        work = Path(tmp, "warm_start")
+        result = run_warm_start(cfg, work, splits=read_rows(dataset_dir), init_model=str(base))
+        publish(work, run.warm_start)
+        publish(base, run.base_model)
+    write_pointer(base_model_dir, run.base_model, model_name=cfg.model.name)
+    write_pointer(model_dir, run.warm_start_model, target_entropy=result.target_entropy)
     out = StageOutcome(value=float(result.target_entropy), metadata={
         "base_model": {"model_name": cfg.model.name, "uri": run.base_model},
         "model": {"target_entropy": result.target_entropy, "uri": run.warm_start_model}})
@@ -146,9 +150,11 @@ def train_stage(run: RunRoot, dataset_dir: str, config_json: str, *, target_entr
     cfg.controller.target_entropy = target_entropy
     done = [step for step, _, complete in checkpoint.list_checkpoints(run.uri) if complete]
     arm_train_fault(run)
-    result = train(cfg, run_dir, init_model=init_model, splits=read_rows(dataset_dir), progress=False,
-                   checkpoint_root=run.uri, resume="auto")
-    shutil.move(str(result.model_dir), model_dir)
+    with tempfile.TemporaryDirectory(prefix="amft-init-model-") as staging:
+        result = train(cfg, run_dir, init_model=open_model(init_model, staging), splits=read_rows(dataset_dir),
+                       progress=False, checkpoint_root=run.uri, resume="auto")
+    model_files = Path(tempfile.mkdtemp(prefix="amft-model-"))
+    shutil.move(str(result.model_dir), model_files / "model")  # out of run_dir: the logs artifact stays small
     summary = {"steps": result.steps, "mu_final": result.mu_final, "target_entropy": result.target_entropy,
                "val_accuracy_initial": result.val_accuracy_initial, "val_accuracy_final": result.val_accuracy_final,
                "val_reward_initial": result.val_reward_initial, "val_reward_final": result.val_reward_final,
@@ -156,7 +162,9 @@ def train_stage(run: RunRoot, dataset_dir: str, config_json: str, *, target_entr
                "method": cfg.controller.method}
     Path(curves_path).write_text(training_report_html(run_dir, summary), encoding="utf-8")
     publish(run_dir, run.train)
-    publish(model_dir, run.model)
+    publish(model_files / "model", run.model)
+    shutil.rmtree(model_files, ignore_errors=True)
+    write_pointer(model_dir, run.model, method=cfg.controller.method)
     put_json(run.train_result, summary)
     out = StageOutcome(metadata={"model": {"uri": run.model, "method": cfg.controller.method}})
     out.add_metrics(summary)
@@ -199,13 +207,16 @@ def evaluate_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model: s
     from amft_lib.evaluate import EvalConfig, run_evaluate
 
     cfg = json.loads(config_json)
-    result = run_evaluate(EvalConfig(
-        model=model, data=dataset_dir, out_dir=run.eval, base_model=base_model, warm_start_model=warm_start_model,
-        champion_model=f"models:/{registry_model_name}@champion", run_dir=train_run,
-        tracking_uri=registry_tracking_uri or None, metric=metric, threshold=threshold, max_regression=max_regression,
-        pass_k=pass_k, n_samples=n_samples, max_examples=max_examples,
-        max_new_tokens=cfg["rollout"]["max_new_tokens"], chat_template=cfg["model"]["chat_template"],
-        seed=cfg["seed"], device=cfg["device"]))
+    with tempfile.TemporaryDirectory(prefix="amft-eval-models-") as tmp:
+        models = {role: open_model(path, Path(tmp, role)) for role, path in
+                  (("model", model), ("base", base_model), ("warm_start", warm_start_model))}
+        result = run_evaluate(EvalConfig(
+            model=models["model"], data=dataset_dir, out_dir=run.eval, base_model=models["base"],
+            warm_start_model=models["warm_start"], champion_model=f"models:/{registry_model_name}@champion",
+            run_dir=train_run, tracking_uri=registry_tracking_uri or None, metric=metric, threshold=threshold,
+            max_regression=max_regression, pass_k=pass_k, n_samples=n_samples, max_examples=max_examples,
+            max_new_tokens=cfg["rollout"]["max_new_tokens"], chat_template=cfg["model"]["chat_template"],
+            seed=cfg["seed"], device=cfg["device"], score_cache=run.score_cache))
     storage.get_file(run.path("eval", "report.html"), html_path)
     storage.get_file(run.path("eval", "report.md"), markdown_path)
     out = StageOutcome(value=result.blessed, metadata={"report": {"reason": result.reason}})
@@ -229,10 +240,11 @@ def register_stage(run: RunRoot, model_dir: str, *, s3_root: str, registry_model
     from amft_lib.run.summary import write_run_lineage
 
     lineage_uri = write_run_lineage(run)
-    result = register_model(
-        model_dir, read_eval_metrics(run.eval), registry_model_name, run.run_id, lineage_uri=lineage_uri,
-        tracking_uri=registry_tracking_uri or None,
-        artifact_root=registry_artifact_root or storage.join(s3_root.rstrip("/"), "mlflow"))
+    with tempfile.TemporaryDirectory(prefix="amft-register-") as tmp:
+        result = register_model(
+            open_model(model_dir, tmp), read_eval_metrics(run.eval), registry_model_name, run.run_id,
+            lineage_uri=lineage_uri, tracking_uri=registry_tracking_uri or None,
+            artifact_root=registry_artifact_root or storage.join(s3_root.rstrip("/"), "mlflow"))
     put_json(run.registry, {
         "registered": result.registered, "name": result.name, "version": result.version, "created": result.created,
         "model_uri": result.model_uri, "alias_moved": result.alias_moved, "reason": result.reason})

@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from amft_lib.reports import fmt as _fmt
 from amft_lib.run.layout import RunError, RunRoot
 
 
@@ -135,14 +136,6 @@ def storage_exists(uri: str) -> bool:
         return storage.exists(uri)
     except storage.StorageError:
         return False
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    if value is None:
-        return "–"
-    return str(value)
 
 
 def accuracy_table(accuracy: Mapping[str, Any]) -> list[str]:

@@ -7,6 +7,7 @@ import argparse
 import itertools
 import json
 import re
+import shutil
 from fractions import Fraction
 from pathlib import Path
 
@@ -159,9 +160,12 @@ def test_run_evaluate_writes_contract_metrics_and_self_contained_report(tiny_set
 
 
 def test_champion_regression_blocks_blessing_and_first_run_is_explained(tiny_setup, tmp_path):
-    # The candidate compared with itself as champion: Δ = 0, so δ=0 blesses...
-    same = run_evaluate(_cfg(tiny_setup, tmp_path / "a", champion_model=str(tiny_setup["candidate"]),
-                             n_samples=0, splits=["test_id"]))
+    # A champion that scores exactly like the candidate (same weights, one extra file so the content
+    # differs): Δ = 0, so δ=0 blesses...
+    twin = tmp_path / "twin"
+    shutil.copytree(tiny_setup["candidate"], twin)
+    (twin / "NOTES.md").write_text("same weights, another folder\n")
+    same = run_evaluate(_cfg(tiny_setup, tmp_path / "a", champion_model=str(twin), n_samples=0, splits=["test_id"]))
     assert same.blessed, same.reason
     assert same.metrics["test_id"]["pass_at_k"] is None  # n_samples=0 skips pass@k
     assert "test_ood" not in same.metrics
@@ -190,3 +194,29 @@ def test_cli_evaluate_and_error_line(tiny_setup, tmp_path, capsys):
     assert args.handler(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_comparison_scores_are_cached_by_model_content(tiny_setup, tmp_path, monkeypatch):
+    """The base model (or an unchanged champion) is generated once per content hash, data and decoding."""
+    from amft_lib import evaluate
+
+    calls: list[str] = []
+    real = evaluate.evaluate_model
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda path, *a, **k: calls.append(a[-1]) or real(path, *a, **k))
+    cache = str(tmp_path / "cache")
+    first = run_evaluate(_cfg(tiny_setup, tmp_path / "a", champion_model=str(tiny_setup["champion"]),
+                              n_samples=0, score_cache=cache))
+    assert calls == ["candidate", "champion"]
+    second = run_evaluate(_cfg(tiny_setup, tmp_path / "b", champion_model=str(tiny_setup["champion"]),
+                               n_samples=0, score_cache=cache))
+    assert calls == ["candidate", "champion", "candidate"]  # the champion's scores came from the cache
+    assert second.metrics["comparisons"]["champion"]["test_id"] == first.metrics["comparisons"]["champion"]["test_id"]
+    run_evaluate(_cfg(tiny_setup, tmp_path / "c", champion_model=str(tiny_setup["champion"]), n_samples=0,
+                      score_cache=cache, max_new_tokens=5))
+    assert calls[-1] == "champion"  # other decoding: a different key, generated again
+
+
+def test_a_candidate_identical_to_the_champion_is_not_blessed(tiny_setup, tmp_path):
+    result = run_evaluate(_cfg(tiny_setup, tmp_path / "a", champion_model=str(tiny_setup["candidate"]),
+                               n_samples=0, splits=["test_id"]))
+    assert not result.blessed and "identical to the champion" in result.reason

@@ -64,3 +64,21 @@ def test_report_samples_alternate_solved_and_failed():
     samples = [{"id": i, "reward": r} for i, r in enumerate([0, 0, 0, 1, 0, 1])]
     assert [s["id"] for s in pick_samples(samples, 4)] == [3, 0, 5, 1]
     assert [s["id"] for s in pick_samples(samples[:3], 2)] == [0, 1]  # no solved ones: failures only
+
+
+def test_training_curves_carry_mu_bounds_and_meta_steps(tmp_path):
+    import json
+
+    import yaml
+
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "mu": 0.7, "val_accuracy": 0.2 if s == 0 else None}) + "\n" for s in range(5)))
+    (tmp_path / "controller.jsonl").write_text(json.dumps({"step": 3, "mu": 0.7, "meta_grad": 1e-5}) + "\n\n")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"controller": {"mu_min": 0.05, "mu_max": 0.95}}))
+    curves = reports.read_training_curves(str(tmp_path))
+    assert curves["meta_step"] == [(3, 0.7)]
+    assert curves["mu_min"] == [(0, 0.05), (4, 0.05)] and curves["mu_max"] == [(0, 0.95), (4, 0.95)]
+    assert curves["val_accuracy"] == [(0, 0.2)]
+    assert "mu" in reports.plot_training_curves(curves)
+    # no bounds or meta steps alone make a plot
+    assert reports.plot_training_curves({"mu_min": [(0, 0.1)], "meta_step": [(1, 0.5)]}) == {}
