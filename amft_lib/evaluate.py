@@ -93,7 +93,8 @@ class EvalConfig:
     seed: int = _help("Seed of the pass@k sampling; every model gets the same seed per split.", 0)
     chat_template: bool = _help("Wrap prompts with the tokenizer's chat template (instruct models).", False)
     device: str = _help("`auto` (cuda if available), `cpu` or `cuda`.", "auto")
-    dtype: str = _help("Parameter dtype: float32, bfloat16 (GPU) or float64.", "float32")
+    dtype: str = _help("Parameter dtype: `auto` (bfloat16 on a GPU, float32 on CPU), float32, bfloat16 or "
+                       "float64.", "auto")
     # ── blessing ──
     metric: str = _help("Gating metric as SPLIT.FIELD, FIELD in accuracy | pass_at_k (higher is better).",
                         "test_id.accuracy")
@@ -137,8 +138,8 @@ class EvalConfig:
             raise ConfigError(f"eval.max_regression={self.max_regression}: δ must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"eval.device={self.device!r}: choose auto, cpu or cuda")
-        if self.dtype not in ("float32", "bfloat16", "float64"):
-            raise ConfigError(f"eval.dtype={self.dtype!r}: choose float32, bfloat16 or float64")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float64"):
+            raise ConfigError(f"eval.dtype={self.dtype!r}: choose auto, float32, bfloat16 or float64")
         unknown = [s for s in self.splits if s not in ("train", "val", *EVAL_SPLITS)]
         if unknown or not self.splits:
             raise ConfigError(f"eval.splits={self.splits}: choose from val, test_id, test_ood")
@@ -318,7 +319,8 @@ def evaluate_model(model_path: str, splits: Mapping[str, Sequence[dict]], task: 
 
     device = _device(cfg.device)
     t0 = time.perf_counter()
-    model, tokenizer = load_policy(ModelConfig(name=model_path, dtype=cfg.dtype, chat_template=cfg.chat_template),
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    model, tokenizer = load_policy(ModelConfig(name=model_path, dtype=dtype, chat_template=cfg.chat_template),
                                    device=device, seed=cfg.seed)
     log.info("eval %s: loaded %s on %s in %.1f s", label, model_path, device, time.perf_counter() - t0)
     results: dict[str, dict] = {}

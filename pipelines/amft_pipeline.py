@@ -40,7 +40,6 @@ PREFLIGHT_INPUTS = frozenset(preflight.component_spec.inputs) - {"job_id"}
 
 # CPU-side requests are fixed; the GPU stages' are pipeline parameters (node pools differ most there).
 CPU_REQUEST, MEMORY_REQUEST = "1", "4Gi"
-EVAL_CPU_REQUEST, EVAL_MEMORY_REQUEST = "4", "16Gi"
 
 SUMMARY = """AMFT retraining: preflight → prepare data → validate (gate) → warm start (GPU) → train (GPU,
 checkpoints + μ history to s3://…/runs/RUN_ID, resume auto) → evaluate (vs base, warm start,
@@ -209,7 +208,9 @@ def build_pipeline(target: str = "cluster") -> Any:
                     threshold=p5_eval_threshold, max_regression=p5_eval_max_regression, pass_k=p5_eval_pass_k,
                     n_samples=p5_eval_n_samples, max_examples=p5_eval_max_examples)
                 scored.set_display_name("evaluate").set_caching_options(False).set_retry(num_retries=1)
-                cpu_task(scored, EVAL_CPU_REQUEST, EVAL_MEMORY_REQUEST)
+                # on the GPU pool: generation is evaluation's cost (bf16 and batched there; CPU locally)
+                gpu_task(scored, p0_gpu_count, p0_gpu_cpu_request, p0_gpu_memory_request, p0_gpu_node_selector,
+                         p0_gpu_tolerations)
                 secrets(scored, p0_s3_secret, p0_registry_secret)
 
                 with dsl.If(scored.outputs["Output"] == True, name="blessed"):  # noqa: E712 (a KFP condition)

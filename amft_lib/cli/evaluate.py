@@ -79,7 +79,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", help="verifier (default: the dataset's task column)")
     p.add_argument("--seed", type=int, help="pass@k sampling seed (default 0)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default auto)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float64"), help="parameter dtype (default float32)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float64"),
+                   help="parameter dtype (default auto: bfloat16 on a GPU, float32 on CPU)")
     p.add_argument("--chat-template", action="store_true", help="wrap prompts with the chat template")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs")
     p.add_argument("--fail-if-not-blessed", action="store_true", help="exit 1 when the model is not blessed")

@@ -11,10 +11,10 @@ training curves are in the HTML/Markdown reports; metrics.json lands in <run roo
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
-from components import CPU_IMAGE
+from components import CUDA_IMAGE
 
 
-@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=CUDA_IMAGE, install_kfp_package=False)
 def evaluate(
     metrics: Output[Metrics],
     report: Output[HTML],

@@ -16,7 +16,7 @@ from pipelines.build import compile_pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "pipelines" / "amft_pipeline.yaml"
-GPU_STAGES = ("warm-start", "train")
+GPU_STAGES = ("warm-start", "train", "evaluate")
 S3_STAGES = ("preflight", "prepare-data", "validate-data", "warm-start", "train", "evaluate", "register",
              "run-summary")
 REGISTRY_STAGES = ("preflight", "evaluate", "register")
@@ -50,7 +50,7 @@ def test_gpu_stages_request_gpus_cpu_and_memory_from_parameters(compiled):
         assert "p0_gpu_count" in resources["accelerator"]["resourceCount"]
         assert "p0_gpu_cpu_request" in resources["resourceCpuRequest"]
         assert "p0_gpu_memory_request" in resources["resourceMemoryRequest"]
-    for stage in ("preflight", "prepare-data", "validate-data", "evaluate", "register", "run-summary"):
+    for stage in ("preflight", "prepare-data", "validate-data", "register", "run-summary"):
         assert "accelerator" not in executor(spec, stage).get("resources", {}), f"{stage} must not ask for a GPU"
 
 
@@ -108,7 +108,7 @@ def test_gpu_pool_placement(compiled):
         assert "p0_gpu_node_selector" in str(ex["nodeSelector"])
         assert "p0_gpu_tolerations" in str(ex["tolerations"])
         assert ex["emptyDirMounts"][0]["mountPath"] == "/dev/shm"
-    for stage in ("preflight", "evaluate", "register"):
+    for stage in ("preflight", "register"):
         assert "nodeSelector" not in executors[f"exec-{stage}"]
 
 
