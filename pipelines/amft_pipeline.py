@@ -207,7 +207,9 @@ def build_pipeline(target: str = "cluster") -> Any:
                     registry_tracking_uri=p6_registry_tracking_uri, metric=p5_eval_metric,
                     threshold=p5_eval_threshold, max_regression=p5_eval_max_regression, pass_k=p5_eval_pass_k,
                     n_samples=p5_eval_n_samples, max_examples=p5_eval_max_examples)
-                scored.set_display_name("evaluate").set_caching_options(False).set_retry(num_retries=1)
+                scored.set_display_name("evaluate").set_caching_options(False)
+                scored.set_retry(num_retries=2, backoff_duration=gpu_backoff, backoff_factor=2.0,
+                                 backoff_max_duration="600s")
                 # on the GPU pool: generation is evaluation's cost (bf16 and batched there; CPU locally)
                 gpu_task(scored, p0_gpu_count, p0_gpu_cpu_request, p0_gpu_memory_request, p0_gpu_node_selector,
                          p0_gpu_tolerations)

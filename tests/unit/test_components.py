@@ -32,7 +32,7 @@ from components.warm_start import warm_start
 ROOT = Path(__file__).resolve().parents[2]
 COMPONENTS = {c.name: c for c in (preflight, prepare_data, validate_data, stop_run, warm_start, train, evaluate,
                                   register, run_summary)}
-GPU = {"warm-start", "train"}
+GPU = {"warm-start", "train", "evaluate"}
 
 
 @pytest.mark.parametrize("name", sorted(COMPONENTS))
@@ -74,8 +74,9 @@ def test_images_come_from_the_environment_at_compile_time(tmp_path):
                    env=env, check=True, capture_output=True)
     images = {name: ex["container"]["image"]
               for name, ex in next(yaml.safe_load_all(out.read_text()))["deploymentSpec"]["executors"].items()}
-    assert images["exec-train"] == images["exec-warm-start"] == "registry.test/amft:cuda@sha256:def"
-    assert images["exec-evaluate"] == images["exec-preflight"] == "registry.test/amft:cpu@sha256:abc"
+    cuda = "registry.test/amft:cuda@sha256:def"
+    assert images["exec-train"] == images["exec-warm-start"] == images["exec-evaluate"] == cuda
+    assert images["exec-register"] == images["exec-preflight"] == "registry.test/amft:cpu@sha256:abc"
 
 
 def test_stop_run_fails_with_the_reason():
