@@ -14,10 +14,11 @@ on, from ``/proc/<pid>/fd`` and ``/proc/net/{tcp,tcp6,udp,udp6,unix}``, and requ
   back, and a TLS handshake without a client certificate fails.
 
 Positive controls keep the probes honest: the same TLS probe *with* the server's client
-certificate gets an HTTP/2 SETTINGS frame from every gRPC listener, the file ids read from disk are
-checked to point at the object's bytes, and :func:`test_probes_find_the_old_bypass` runs the probes
-against weed mini started the old way (no security.toml, HTTP APIs on) and requires them to find the
-open filer. Every probe has a timeout and the whole sweep a deadline; everything stays on loopback.
+certificate gets an HTTP/2 SETTINGS frame from every gRPC listener (and one from another CA gets
+nothing), the file ids read from disk are checked to point at the object's bytes, and
+:func:`test_probes_find_the_old_bypass` runs the probes against weed mini started the old way (no
+security.toml, HTTP APIs on) and requires them to find the open filer. Every probe has a timeout
+and the whole sweep a deadline; everything stays on loopback.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from amft_lib.s3server import EmbeddedS3, S3ServerError, find_weed
+from amft_lib.s3server import EmbeddedS3, S3ServerError, _make_tls, find_weed
 
 pytestmark = [
     pytest.mark.s3,
@@ -417,7 +418,7 @@ def _report(title: str, listeners: list[Listener], summary: dict[str, object]) -
         print(f"  {listener}: {summary.get(str(listener))}")
 
 
-def test_every_listener_refuses_unauthenticated_reads_writes_and_grpc(server: EmbeddedS3) -> None:
+def test_every_listener_refuses_unauthenticated_reads_writes_and_grpc(server: EmbeddedS3, tmp_path: Path) -> None:
     secret = _plant_secret(server)
     assert secret.file_ids, "the object's needle was not found in the volume files (probe would be vacuous)"
     listeners = listening_sockets(server.pid)
@@ -435,6 +436,11 @@ def test_every_listener_refuses_unauthenticated_reads_writes_and_grpc(server: Em
     grpc = [item for item in listeners if tls_h2_accepted(item.target, cert)]
     assert len([item for item in grpc if item.kind.startswith("tcp")]) >= 5, grpc
     assert any(item.kind == "unix" for item in grpc), grpc  # the /tmp/seaweedfs-*-grpc-*.sock ones
+
+    # A certificate from any other CA (one an attacker can make) gets nowhere either.
+    (tmp_path / "foreign-ca").mkdir()
+    foreign = _make_tls(tmp_path / "foreign-ca")
+    assert [item for item in grpc if tls_h2_accepted(item.target, (foreign["cert"], foreign["key"]))] == []
 
     # The S3 gateway itself: anonymous listing/reading/writing is refused, signed requests work.
     host, port = server.settings.endpoint_url.split("//")[1].rsplit(":", 1)
