@@ -22,10 +22,11 @@ What :class:`EmbeddedS3` takes care of:
   reachable without credentials are status pages with no object names or contents: the master's
   topology page, the volume server's ``/status``, the admin server's ``/health`` and ``/metrics``.
   ``tests/integration/test_s3_listeners.py`` checks every listening socket of the process.
-- **Layout** of ``data_dir`` (mode 0700: object files are plain files in ``data/``):
-  ``data/`` (weed's ``-dir``), ``logs/`` (glog files and ``weed.out``), ``s3-identities.json``,
-  ``security/`` (0700: ``security.toml`` and the TLS files, rewritten with fresh keys at each start),
-  and for ``amft s3 serve`` ``s3.env`` (0600, the variables to export).
+- **Layout** of ``data_dir``: ``data/`` (weed's ``-dir``), ``logs/`` (glog files and ``weed.out``),
+  ``s3-identities.json``, ``security/`` (``security.toml`` and the TLS files, rewritten with fresh
+  keys at each start), and for ``amft s3 serve`` ``s3.env`` (0600, the variables to export). The
+  three folders are made 0700 at each start: objects are plain files in ``data/``, and the other
+  files that hold secrets are 0600.
 - **Ready means the data path works**: poll until the S3 port answers HTTP, create the bucket, then
   write/read/delete a probe object (after a restart the gateway answers before the volume server is
   back). Failures raise :class:`S3ServerError` with the tail of ``logs/weed.out``.
@@ -485,7 +486,7 @@ class EmbeddedS3:
 
     def _spawn(self, weed: str, ports: dict[str, int]) -> None:
         # weed also reads AWS_* variables as an extra identity, and WEED_* variables override
-        # security.toml (an empty WEED_JWT_SIGNING_KEY would switch a check off): keep both out.
+        # security.toml (scaffold/security.toml): keep the caller's out of both.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEED_"))}
         self._spawn_offset = self._log_size()
         self._out = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
