@@ -10,10 +10,14 @@ What :func:`redact_text` replaces with ``***``:
 - credentials inside URLs, ``scheme://user:password@host`` → ``scheme://***@host`` (also when the
   password itself contains ``@``);
 - signed-URL query parameters (``X-Amz-Signature``, ``X-Amz-Credential``, ``token``, …).
+
+:func:`install_log_redaction` applies the same rules to every log record (for a program's entry
+point: the CLI after ``logging.basicConfig``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import urllib.parse
@@ -79,3 +83,37 @@ def safe_url(url: str | None) -> str:
     """`url` fit for a message: credentials and signed parameters replaced (``None`` → ``AWS``
     default endpoint, as boto3 reads it)."""
     return "AWS" if not url else redact_text(url, secrets=())
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that passes every record's message through :func:`redact_text`.
+
+    Install it on the handlers of the root logger at a program's entry point (the CLI's
+    ``logging.basicConfig``), so a URL with credentials or a secret env value that reaches a log
+    line from any library (botocore at DEBUG, MLflow, kfp) is scrubbed too. The environment is
+    scanned when the filter is made; `extra` adds secrets to it.
+    """
+
+    def __init__(self, extra: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._secrets = sorted({*secret_values(), *(s for s in extra if s)}, key=len, reverse=True)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken format string is logging's problem; leave the record as it is
+            return True
+        clean = redact_text(message, self._secrets)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def install_log_redaction(logger: logging.Logger | None = None, extra: Iterable[str] = ()) -> RedactingFilter:
+    """Add one :class:`RedactingFilter` to every handler of `logger` (default: the root logger)."""
+    target = logging.getLogger() if logger is None else logger
+    flt = RedactingFilter(extra)
+    for handler in target.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(flt)
+    return flt

@@ -3,6 +3,8 @@ and which storage failures are the user's to fix (one ``error:`` line) versus bu
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from botocore.exceptions import (
     ClientError,
@@ -141,3 +143,26 @@ def test_missing_object_is_a_user_error_but_server_faults_and_corruption_are_not
     for err in (broken, cut):
         assert type(err) is storage.StorageError and not isinstance(err, UserError)
     assert not issubclass(storage.IntegrityError, UserError)
+
+
+def test_log_records_are_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOME_SERVICE_PASSWORD", "pw-from-env-123")
+    logger = logging.getLogger("amft.test.redact")
+    logger.propagate = False
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(self.format(record))
+
+    handler = Collect()
+    logger.addHandler(handler)
+    try:
+        redact.install_log_redaction(logger)
+        redact.install_log_redaction(logger)  # idempotent: one filter per handler
+        assert len(handler.filters) == 1
+        logger.warning("connecting to %s with %s", f"http://u:{PASSWORD}@h:1/x", "pw-from-env-123")
+        logger.warning("nothing secret here: %d objects", 3)
+    finally:
+        logger.removeHandler(handler)
+    assert records == ["connecting to http://***@h:1/x with ***", "nothing secret here: 3 objects"]
