@@ -38,51 +38,17 @@ from typing import Any
 
 from amft_lib import storage
 
+# The scrubber lives in amft_lib.redact (one copy for storage errors, the CLI and records); these
+# names stay importable from here for the modules that use them as lineage.redact_text etc.
+from amft_lib.redact import REDACTED as REDACTED
+from amft_lib.redact import redact as redact
+from amft_lib.redact import redact_text as redact_text
+from amft_lib.redact import secret_values as secret_values
+
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 LINEAGE_FILE = "lineage.json"
-# Environment variables whose names look like they hold a credential. Their values never appear in
-# a record, a tag or a report (DESIGN.md "Security rules").
-_SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|API_KEY|AUTH", re.IGNORECASE)
-_MIN_SECRET_LEN = 6  # shorter values ("1", "true") would redact ordinary text and protect nothing
-_URI_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/@\s]+@")
-_SIGNED_QUERY = re.compile(
-    r"([?&](?:X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token|Signature|sig|token|access_token)=)[^&\s\"]+",
-    re.IGNORECASE,
-)
-REDACTED = "***"
-
-
-# ── secrets ─────────────────────────────────────────────────────────────────────────────────────
-
-
-def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
-    """Values of secret-looking environment variables, longest first (so a secret that contains
-    another is replaced whole)."""
-    env = os.environ if environ is None else environ
-    found = {v for k, v in env.items() if _SECRET_NAME.search(k) and v and len(v) >= _MIN_SECRET_LEN}
-    return sorted(found, key=len, reverse=True)
-
-
-def redact_text(text: str, secrets: Sequence[str] | None = None) -> str:
-    """`text` with secret values, URI credentials and signed-URL parameters replaced by ``***``."""
-    for secret in secret_values() if secrets is None else secrets:
-        text = text.replace(secret, REDACTED)
-    text = _URI_USERINFO.sub(rf"\1{REDACTED}@", text)
-    return _SIGNED_QUERY.sub(rf"\1{REDACTED}", text)
-
-
-def redact(obj: Any, secrets: Sequence[str] | None = None) -> Any:
-    """A copy of a JSON-like object with :func:`redact_text` applied to every string (keys too)."""
-    secrets = secret_values() if secrets is None else list(secrets)
-    if isinstance(obj, str):
-        return redact_text(obj, secrets)
-    if isinstance(obj, Mapping):
-        return {redact_text(str(k), secrets): redact(v, secrets) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [redact(v, secrets) for v in obj]
-    return obj
 
 
 # ── hashing inputs ──────────────────────────────────────────────────────────────────────────────

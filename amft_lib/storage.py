@@ -14,8 +14,18 @@ Semantics the callers rely on:
   ``/`` is implied), so ``…/step-1`` never matches ``…/step-10``; this matches the local meaning.
 - **Errors are one line.** Every botocore/boto3 failure becomes a :class:`StorageError` whose message
   names the operation, the URI and the cause code (``InvalidAccessKeyId``, ``EndpointConnectionError``,
-  …). Secrets never appear in messages, reprs or logs: :class:`S3Config` hides them from ``repr``
-  and messages are scrubbed of them before raising.
+  …). Secrets never appear in messages, reprs or logs: :class:`S3Config` hides them from ``repr``,
+  refuses endpoints with ``user:password@`` in them, and messages go through
+  :func:`amft_lib.redact.redact_text` (the config's secrets, secret-looking env values, URL
+  credentials) before raising.
+- **User error or bug.** Failures the user fixes in their settings are :class:`~amft_lib.errors.UserError`
+  subclasses (one ``error:`` line, exit 2 at the CLI): :class:`S3ConfigError` (a bad value, found
+  before any request), :class:`StorageAccessError` (endpoint unreachable or invalid, credentials
+  missing/wrong/expired, access denied, no such bucket, wrong region; the message names the
+  endpoint) and :class:`ObjectNotFoundError` (the URI names nothing). Server faults that survive the
+  retries (5xx, a transfer cut mid-way), malformed requests and :class:`IntegrityError` (the bytes
+  are not the ones recorded: corruption or a writer's bug) stay plain :class:`StorageError`: a
+  traceback is what helps there.
 
 Connection settings come from the standard environment (see :meth:`S3Config.from_env`); the boto3
 client is built once per distinct :class:`S3Config` and cached (boto3 clients are thread-safe).
@@ -35,6 +45,9 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
+
+from amft_lib.errors import UserError
+from amft_lib.redact import redact_text, safe_url, url_has_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +78,21 @@ class StorageError(Exception):
         self.code = code
 
 
-class ObjectNotFoundError(StorageError, FileNotFoundError):
+class StorageAccessError(StorageError, UserError):
+    """The store cannot be used with these settings: endpoint unreachable or invalid, credentials
+    missing or wrong, access denied, bucket missing, wrong region. The message names the endpoint
+    (without credentials); the user fixes it in the environment, not in the code."""
+
+
+class ObjectNotFoundError(StorageError, FileNotFoundError, UserError):
     """The object (or local file) does not exist. Also a FileNotFoundError, so callers that only
-    know local files keep working."""
+    know local files keep working. A user error: the URI came from the user (``--resume``, data
+    and model locations) or names a run they pointed at."""
+
+
+class S3ConfigError(UserError, ValueError):
+    """An S3 setting (usually from the ``AWS_*`` environment) is invalid; found before any request.
+    Also a ValueError, as these checks always raised."""
 
 
 class IntegrityError(StorageError):
@@ -116,15 +141,17 @@ class S3Config:
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+            raise S3ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
         if self.max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+            raise S3ConfigError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
         if self.multipart_chunksize < _MIN_PART_SIZE:
-            raise ValueError(
+            raise S3ConfigError(
                 f"multipart_chunksize must be >= 5 MiB (S3's minimum part size), got {self.multipart_chunksize}"
             )
         if (self.access_key_id is None) != (self.secret_access_key is None):
-            raise ValueError("set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither")
+            raise S3ConfigError("set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or neither")
+        if self.endpoint_url is not None:
+            _check_endpoint(self.endpoint_url)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> S3Config:
@@ -162,13 +189,35 @@ class S3Config:
                 try:
                     values[key] = int(raw) * scale
                 except ValueError:
-                    raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+                    raise S3ConfigError(f"{name} must be an integer, got {raw!r}") from None
         values.update(overrides)
         return cls(**values)
 
     def secrets(self) -> tuple[str, ...]:
         """The strings that must never leave the process (used to scrub error messages)."""
         return tuple(s for s in (self.secret_access_key, self.session_token) if s)
+
+
+def _check_endpoint(url: str) -> None:
+    """An endpoint must be ``http(s)://host[:port][/path]``. Credentials in it are refused: S3 signs
+    requests with the access key and secret, a ``user:password@`` there is a misplaced secret that
+    botocore would carry into every error message and log line."""
+    import urllib.parse
+
+    shown = safe_url(url)
+    hint = "e.g. http://127.0.0.1:8333; set AWS_ENDPOINT_URL_S3"
+    if url_has_credentials(url):
+        raise S3ConfigError(
+            f"S3 endpoint {shown} must not contain a user name or password: give the keys in "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        parts, port_ok = None, False
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise S3ConfigError(f"S3 endpoint {shown!r} is not an http(s) URL with a host and valid port ({hint})")
 
 
 def _config(config: S3Config | None) -> S3Config:
@@ -260,7 +309,7 @@ def _cause(exc: BaseException, config: S3Config) -> tuple[str, str]:
     if isinstance(exc, NoCredentialsError):
         return "NoCredentialsError", "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
     code = type(exc).__name__
-    endpoint = config.endpoint_url or "AWS"
+    endpoint = safe_url(config.endpoint_url)
     if code in _CONNECTION_ERRORS:
         return code, f"cannot reach {endpoint} (gave up after {config.max_attempts} attempts)"
     if code in {"ResponseStreamingError", "IncompleteReadError"}:
@@ -268,17 +317,44 @@ def _cause(exc: BaseException, config: S3Config) -> tuple[str, str]:
     return code, str(exc)
 
 
+# Causes the user fixes in their settings (StorageAccessError): where the store is, who they are,
+# which bucket and region. Connection failures count: the endpoint is wrong or the server is down.
+_ACCESS_CODES = _CONNECTION_ERRORS | {
+    "EndpointResolutionError",
+    "SSLError",
+    "NoCredentialsError",
+    "PartialCredentialsError",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "AllAccessDisabled",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "NoSuchBucket",
+    "InvalidBucketName",
+    "PermanentRedirect",
+    "AuthorizationHeaderMalformed",
+}
+
+
 def _scrub(text: str, config: S3Config) -> str:
-    for secret in config.secrets():
-        text = text.replace(secret, "***")
-    return " ".join(text.split())  # one line, whatever the server sent
+    """One line without the config's secrets, secret-looking env values or URL credentials."""
+    return " ".join(redact_text(text, extra=config.secrets()).split())  # one line, whatever the server sent
 
 
 def _wrap(exc: BaseException, *, op: str, uri: str, config: S3Config) -> StorageError:
     code, detail = _cause(exc, config)
-    message = _scrub(f"{op} {uri} failed: {code}: {detail}", config)
-    cls = ObjectNotFoundError if code in _NOT_FOUND_CODES else StorageError
-    return cls(message, uri=uri, code=code)
+    message = f"{op} {uri} failed: {code}: {detail}"
+    cls: type[StorageError] = StorageError
+    if code in _NOT_FOUND_CODES:
+        cls = ObjectNotFoundError
+    elif code in _ACCESS_CODES:
+        cls = StorageAccessError
+        endpoint = safe_url(config.endpoint_url)
+        if endpoint not in detail:
+            message += f" (endpoint {endpoint})"
+    return cls(_scrub(message, config), uri=uri, code=code)
 
 
 # ── URIs ────────────────────────────────────────────────────────────────────────────────────────

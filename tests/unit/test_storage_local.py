@@ -176,7 +176,9 @@ def test_error_messages_are_one_line_and_scrubbed_of_secrets() -> None:
         {"Error": {"Code": "SignatureDoesNotMatch", "Message": "expected key TOPSECRET\nsee docs"}}, "PutObject"
     )
     err = storage._wrap(echo, op="write", uri="s3://b/k", config=cfg)
-    assert str(err) == "write s3://b/k failed: SignatureDoesNotMatch: expected key *** see docs"
+    assert str(err) == (
+        "write s3://b/k failed: SignatureDoesNotMatch: expected key *** see docs (endpoint http://127.0.0.1:1)"
+    )
     assert err.code == "SignatureDoesNotMatch" and err.uri == "s3://b/k"
 
     unreachable = EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b")
