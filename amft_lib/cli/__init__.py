@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from amft_lib.redact import install_log_redaction
+
+    install_log_redaction()  # secrets in a log record's text (a URL's password, a key) never reach the output
     from amft_lib.errors import UserError
 
     try:
