@@ -351,6 +351,14 @@ def _suite_name(task: str) -> str:
     return f"amft_{task}"
 
 
+def _split_is(split: str) -> Any:
+    """GX row condition `split == <split>` as a Condition object (string conditions are deprecated
+    in GX 1.9+ and removed in 2.0)."""
+    from great_expectations.expectations.row_conditions import Column
+
+    return Column("split") == split
+
+
 def build_suite(columns: set[str], derived: list[str], task: Task, cfg: ValidateConfig) -> Any:
     """The task's expectation suite. Each expectation carries meta.check (its short name) and a
     description (why it matters), which the reports print. Column expectations are added only for
@@ -381,7 +389,7 @@ def build_suite(columns: set[str], derived: list[str], task: Task, cfg: Validate
     for split, n in sorted(cfg.min_rows.items()):
         if n > 0:
             add(f"min_rows:{split}", f"split {split} needs at least {n} rows", gxe.ExpectTableRowCountToBeBetween,
-                min_value=n, row_condition=f'split=="{split}"', condition_parser="pandas")
+                min_value=n, row_condition=_split_is(split))
     for split, (low, high) in sorted(cfg.split_fractions.items()):
         add(f"fraction:{split}", f"split {split} should be {low:.0%}–{high:.0%} of all rows",
             gxe.ExpectColumnMeanToBeBetween, column=f"_chk_is_{split}", min_value=float(low), max_value=float(high))
