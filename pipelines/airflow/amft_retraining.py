@@ -88,7 +88,8 @@ def _airflow_params(mode: str) -> dict[str, Param]:
                       description="kfp: submit to the KFP API server of connection kfp_conn_id. local: run "
                       "`amft pipeline run-local` on this worker (embedded SeaweedFS + MLflow, no cluster)."),
         "kfp_conn_id": Param("amft_kfp", type="string", section="Run", description="Connection of the KFP API"),
-        "kfp_experiment": Param("amft", type="string", section="Run", description="KFP experiment (created if missing)"),
+        "kfp_experiment": Param("amft", type="string", section="Run",
+                                description="KFP experiment (created if missing)"),
         "s3_conn_id": Param("amft_s3", type="string", section="Run",
                             description="Connection for S3 (data prefix, run summary); missing = boto3 defaults"),
         "data_prefix": Param("", type="string", section="Data freshness",
