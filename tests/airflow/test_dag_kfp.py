@@ -80,7 +80,7 @@ def test_submits_once_and_puts_the_summary_in_xcom(test_dags, fake, s3_connectio
     assert fake.token not in json.dumps(xcoms)
 
 
-def test_retry_reattaches_instead_of_submitting_twice(test_dags, fake, s3_connection, s3_client, root):
+def test_retry_reattaches_instead_of_submitting_twice(test_dags, fake, s3_connection, s3_client, root, capfd):
     # The API stores the run and then times out (503) on the create; the next GET of the run fails
     # too. Airflow retries `submit` (finds the run by name) and the sensor (keeps polling it).
     fake.fail_create_after_storing = 1
@@ -93,6 +93,8 @@ def test_retry_reattaches_instead_of_submitting_twice(test_dags, fake, s3_connec
     handle = xcoms["submit"]["return_value"]
     assert handle["attached"] is True and handle["kfp_run_id"] == next(iter(fake.runs))
     assert xcoms["run_summary"]["return_value"]["registered_version"] == "7"
+    logs = "".join(capfd.readouterr())
+    assert "503" in logs and fake.token not in logs  # the failed try's error is logged, the token is not
 
 
 def test_failed_run_fails_the_dag_with_its_reason(test_dags, fake, s3_connection, s3_client, root, capfd):
@@ -134,3 +136,27 @@ def test_skips_when_no_new_data_since_the_last_successful_run(test_dags, fake, s
 
     state, tasks, _ = run_dag(test_dags["amft_test_kfp"], {**conf, "skip_if_no_new_data": False})
     assert state == "success" and tasks["submit"] == "success" and len(fake.created()) == 3
+
+
+def test_resubmit_failed_creates_a_new_run_only_when_asked(fake):
+    """submit_or_attach through the real kfp.Client: a run of this name that ended FAILED is
+    re-attached by default (the DAG then fails with its reason); with resubmit_failed a new run of
+    the same name is created (same p0_run_id, so training resumes from the failed run's checkpoints)."""
+    import amft_kfp
+    from conftest import REPO
+
+    client = amft_kfp.kfp_client(amft_kfp.KfpTarget(host=fake.url, token=fake.token))
+    package = REPO / "pipelines" / "amft_pipeline.yaml"
+    fake.outcome = Outcome(script=["FAILED"], error="OOMKilled")
+    first = amft_kfp.submit_or_attach(client, name="r1", package=package, arguments={"p0_run_id": "r1"},
+                                      experiment="amft")
+    assert not first.attached and client.get_run(first.run_id).state == "FAILED"
+    again = amft_kfp.submit_or_attach(client, name="r1", package=package, arguments={}, experiment="amft")
+    assert again.attached and again.run_id == first.run_id and again.state == "FAILED"
+    assert amft_kfp.failure_reason(client.get_run(first.run_id)) == "OOMKilled"
+    fresh = amft_kfp.submit_or_attach(client, name="r1", package=package, arguments={"p0_run_id": "r1"},
+                                      experiment="amft", resubmit_failed=True)
+    assert not fresh.attached and fresh.run_id != first.run_id and len(fake.created()) == 2
+    # the newest run of the name is the one a later retry attaches to
+    assert amft_kfp.submit_or_attach(client, name="r1", package=package, arguments={},
+                                     experiment="amft").run_id == fresh.run_id
