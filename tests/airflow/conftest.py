@@ -134,6 +134,7 @@ def s3_connection(s3, monkeypatch) -> dict[str, str]:
 def run_dag(dag, conf: dict) -> tuple[str, dict[str, str], dict[str, dict[str, object]]]:
     """dag.test() one run; returns (run state, {task_id: state}, {task_id: {xcom key: value}})."""
     from airflow.models.xcom import XComModel
+    from airflow.sdk.serde import deserialize
     from airflow.utils.session import create_session
 
     dr = dag.test(run_conf=conf)
@@ -141,5 +142,7 @@ def run_dag(dag, conf: dict) -> tuple[str, dict[str, str], dict[str, dict[str, o
         states = {ti.task_id: str(ti.state) for ti in dr.get_task_instances(session=session)}
         xcoms: dict[str, dict[str, object]] = {}
         for row in session.scalars(XComModel.get_many(run_id=dr.run_id, dag_ids=dag.dag_id)):
-            xcoms.setdefault(row.task_id, {})[row.key] = XComModel.deserialize_value(row)
+            # decoded as a downstream task's xcom_pull decodes it (XComModel.deserialize_value would
+            # json-decode a pushed string once more: "7" → 7)
+            xcoms.setdefault(row.task_id, {})[row.key] = deserialize(row.value)
     return str(dr.state), states, xcoms

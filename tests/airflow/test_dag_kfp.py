@@ -50,8 +50,12 @@ def write_summary(s3_client, *, registered: bool = True):
     return on_finish
 
 
-def test_submits_once_and_puts_the_summary_in_xcom(test_dags, fake, s3_connection, s3_client, root, capfd):
+def test_submits_once_and_puts_the_summary_in_xcom(test_dags, fake, s3_connection, s3_client, root, capfd,
+                                                   monkeypatch):
     fake.on_finish = write_summary(s3_client)
+    # platform-wide values in the Variable; the run's Params win over them
+    monkeypatch.setenv("AIRFLOW_VAR_AMFT_PIPELINE_PARAMS", json.dumps({"p4_train_max_steps": 10,
+                                                                       "p6_registry_model_name": "amft-gp"}))
     state, tasks, xcoms = run_dag(test_dags["amft_test_kfp"], {"p0_s3_root": root, "p4_train_max_steps": 50})
 
     assert state == "success", tasks
@@ -65,10 +69,9 @@ def test_submits_once_and_puts_the_summary_in_xcom(test_dags, fake, s3_connectio
     assert "platform_spec" in body["pipeline_spec"]
     # Params reach the run under their pipeline names; the run id (S3 folder) is the run name.
     assert body["runtime_config"]["parameters"] == {"p0_s3_root": root, "p4_train_max_steps": 50,
-                                                    "p0_run_id": handle["name"]}
+                                                    "p6_registry_model_name": "amft-gp", "p0_run_id": handle["name"]}
     summary = xcoms["run_summary"]
-    # (a single-key XCom read back from the DB comes out JSON-decoded twice: "7" → 7; compare as text)
-    assert str(summary["registered_version"]) == "7" and summary["blessed"] is True
+    assert summary["registered_version"] == "7" and summary["blessed"] is True
     assert summary["return_value"]["registered_version"] == "7"
     assert summary["lineage_uri"] == f"{root}/runs/{handle['name']}/lineage.json"
     assert summary["return_value"]["state"] == "SUCCEEDED"

@@ -38,8 +38,8 @@ def test_local_mode_runs_the_whole_pipeline_and_puts_the_registered_version_in_x
     summary = xcoms["run_summary"]["return_value"]
     assert summary["state"] == "SUCCEEDED" and summary["blessed"] is True
     assert summary["registered"] is True and summary["registered_name"] == model
-    assert str(summary["registered_version"]) == "1"  # a fresh model name: its first version
-    assert str(xcoms["run_summary"]["registered_version"]) == "1"
+    assert summary["registered_version"] == "1"  # a fresh model name: its first version
+    assert xcoms["run_summary"]["registered_version"] == "1"
     run_name = xcoms["submit"]["return_value"]["name"]
     assert summary["amft_run_id"] == run_name  # p0_run_id = the name derived from the Airflow run
     assert summary["lineage_uri"] == f"s3://amft/local/runs/{run_name}/lineage.json"
