@@ -13,6 +13,7 @@ Real services: SeaweedFS through the project's own `amft s3 serve` (main .venv),
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -51,6 +52,10 @@ amft_test_kfp = build_dag("amft_test_kfp", schedule=None, poke_interval_s=0.2, r
                           wait_timeout_s=120)
 amft_test_local = build_dag("amft_test_local", schedule=None, mode="local", retries=0, wait_timeout_s=900)
 '''
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    shutil.rmtree(AIRFLOW_HOME, ignore_errors=True)  # mkdtemp above: pytest does not clean it
 
 
 @pytest.fixture(scope="session")
