@@ -156,8 +156,11 @@ def kfp_target(conn: Any) -> KfpTarget:
         netloc, _, path = rest.partition("/")
         host = f"{scheme}://{netloc}:{conn.port}" + (f"/{path}" if path else "")
     extra = conn.extra_dejson or {}
+    verify = extra.get("verify_ssl", True)
+    if isinstance(verify, str):  # the connection form stores text: "false" must not read as True
+        verify = verify.strip().lower() not in ("false", "0", "no", "off")
     return KfpTarget(host=host, token=conn.password or "", namespace=str(extra.get("namespace") or ""),
-                     verify_ssl=bool(extra.get("verify_ssl", True)), ssl_ca_cert=str(extra.get("ssl_ca_cert") or ""))
+                     verify_ssl=bool(verify), ssl_ca_cert=str(extra.get("ssl_ca_cert") or ""))
 
 
 def kfp_client(target: KfpTarget) -> Any:

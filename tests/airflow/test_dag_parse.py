@@ -79,6 +79,8 @@ def test_connections_become_targets_without_showing_secrets():
     assert kfp.host == "http://ml-pipeline.kubeflow:8888" and kfp.token == "tok-123" and kfp.namespace == "team-a"
     assert amft_kfp.kfp_target(Conn(host="https://kfp.example.com/pipeline/", schema="x")).host == \
         "https://kfp.example.com/pipeline"
+    assert amft_kfp.kfp_target(Conn(host="h", extra_dejson={"verify_ssl": "false"})).verify_ssl is False
+    assert kfp.verify_ssl is True
     s3 = amft_kfp.s3_target(Conn(login="AK", password="SECRET", extra_dejson={"endpoint_url": "http://s3:9000"}))
     assert (s3.endpoint_url, s3.access_key_id, s3.secret_access_key) == ("http://s3:9000", "AK", "SECRET")
     assert "tok-123" not in repr(kfp) and "SECRET" not in repr(s3)
