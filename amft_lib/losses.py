@@ -133,8 +133,3 @@ def ppo_clip_loss(
             kl_ref=kl_mean,
         )
     return loss, stats
-
-
-def mix_losses(rl_loss: torch.Tensor, sft_loss_value: torch.Tensor, mu: float) -> torch.Tensor:
-    """L(θ; μ) = (1 − μ)·L_RL + μ·L_SFT (AMFT Eq. 3)."""
-    return (1.0 - mu) * rl_loss + mu * sft_loss_value

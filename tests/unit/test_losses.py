@@ -9,7 +9,6 @@ from amft_lib.losses import (
     aggregate,
     group_advantages,
     kl_k3,
-    mix_losses,
     ppo_clip_loss,
     sft_loss,
     token_entropy,
@@ -115,7 +114,3 @@ def test_token_logprobs_entropy_and_temperature():
     # temperature 2 halves logits: [log 3 / 2, 0] → p = sqrt3/(sqrt3+1)
     p = math.sqrt(3) / (math.sqrt(3) + 1)
     assert token_logprobs(logits, targets, temperature=2.0)[1, 0].item() == pytest.approx(math.log(p))
-
-
-def test_mix_losses():
-    assert mix_losses(torch.tensor(2.0), torch.tensor(4.0), 0.25).item() == pytest.approx(0.75 * 2 + 0.25 * 4)
