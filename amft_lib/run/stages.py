@@ -91,7 +91,7 @@ def validate_stage(run: RunRoot, dataset_dir: str, *, html_path: str, markdown_p
     keys = ("evaluated_expectations", "successful_expectations", "unsuccessful_expectations", "success_percent")
     out.add_metrics({k: result.statistics.get(k) for k in keys})
     out.metrics["passed"] = 1.0 if result.passed else 0.0
-    print(f"validation {'passed' if result.passed else 'FAILED'}; failed checks: {', '.join(failed) or 'none'}")
+    log.info("validation %s; failed checks: %s", "passed" if result.passed else "FAILED", ", ".join(failed) or "none")
     return out
 
 
@@ -224,7 +224,6 @@ def evaluate_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model: s
         fields = ("accuracy", "pass_at_k", "format_error_rate")
         out.add_metrics({f: (result.metrics.get(split) or {}).get(f) for f in fields}, f"{split}_")
     out.metrics["blessed"] = 1.0 if result.blessed else 0.0
-    print(result.reason)
     return out
 
 
