@@ -117,9 +117,14 @@ class KfpChatter(logging.Filter):
 
 
 class QuietExecutor(io.TextIOBase):
-    """A stdout that drops the KFP executor's own lines from the streamed task logs: its
-    "[KFP Executor …]" bookkeeping and the executor_input JSON it dumps (two thirds of a demo's
-    log). The task's own output — our stage logs and progress — passes through unchanged."""
+    """A stdout that drops the KFP executor's own bookkeeping from the streamed task logs — where it
+    looks for the component, the executor_input JSON it dumps (two thirds of a demo's log), where it
+    wrote its output — and shortens the executor's log prefix on the task's own lines (our stage logs
+    and progress, which go through the executor's logging format) to the time of day."""
+
+    _PREFIX = re.compile(r"^\s*\[KFP Executor \d{4}-\d\d-\d\d (\d\d:\d\d:\d\d),\d+ (\w+)\]: ?")
+    _BOOKKEEPING = re.compile(r"^(Looking for component|Loading KFP component|Got executor_input:|"
+                              r"Wrote executor output file|Did not write output file)")
 
     def __init__(self, target: Any) -> None:
         self.target = target
@@ -130,23 +135,29 @@ class QuietExecutor(io.TextIOBase):
         self._pending += text
         *lines, self._pending = self._pending.split("\n")
         for line in lines:
-            if self._keep(line):
-                self.target.write(line + "\n")
+            kept = self._keep(line)
+            if kept is not None:
+                self.target.write(kept + "\n")
         return len(text)
 
-    def _keep(self, line: str) -> bool:
-        stripped = line.strip()
+    def _keep(self, line: str) -> str | None:
+        """The line to print (prefix shortened), or None to drop it."""
         if self._in_dump:
             self._in_dump = line.rstrip() != "    }"  # the dump's closing brace, at its own indent
-            return False
-        if stripped.startswith("[KFP Executor"):
-            self._in_dump = stripped.endswith("Got executor_input:")
-            return False
-        return bool(stripped)
+            return None
+        m = self._PREFIX.match(line)
+        if m:
+            message = line[m.end():]
+            if self._BOOKKEEPING.match(message):
+                self._in_dump = message.startswith("Got executor_input:")
+                return None
+            return f"    {m.group(1)} {m.group(2)} {message}"
+        return line if line.strip() else None
 
     def flush(self) -> None:
-        if self._pending and self._keep(self._pending):
-            self.target.write(self._pending)
+        kept = self._keep(self._pending) if self._pending else None
+        if kept is not None:
+            self.target.write(kept)
         self._pending = ""
         self.target.flush()
 

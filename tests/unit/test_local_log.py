@@ -15,18 +15,20 @@ STREAMED = """    [KFP Executor 2026-12-02 16:40:36,821 INFO]: Looking for compo
         }
     }
 2026-12-02 16:40:37 INFO amft_lib.trainer: step 3/60 mu=0.700 (2.1 step/s, ETA 27 s)
+    [KFP Executor 2026-12-02 16:40:38,100 INFO]: eval candidate/test_id: 8/8 prompts, 2.00 prompts/s, ETA 0 s
     [KFP Executor 2026-12-02 16:40:36,827 INFO]: Wrote executor output file to /x/executor_output.json.
 
 """
 
 
-def test_executor_dumps_are_dropped_and_task_output_kept():
+def test_executor_bookkeeping_is_dropped_and_task_logs_kept_with_a_short_prefix():
     out = io.StringIO()
     quiet = QuietExecutor(out)
     for chunk in (STREAMED[:100], STREAMED[100:250], STREAMED[250:]):  # arbitrary chunking, as print() delivers
         quiet.write(chunk)
     quiet.flush()
-    assert out.getvalue() == "2026-12-02 16:40:37 INFO amft_lib.trainer: step 3/60 mu=0.700 (2.1 step/s, ETA 27 s)\n"
+    assert out.getvalue() == ("2026-12-02 16:40:37 INFO amft_lib.trainer: step 3/60 mu=0.700 (2.1 step/s, ETA 27 s)\n"
+                              "    16:40:38 INFO eval candidate/test_id: 8/8 prompts, 2.00 prompts/s, ETA 0 s\n")
 
 
 def test_kfp_bookkeeping_records_are_dropped():
