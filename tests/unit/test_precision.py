@@ -101,3 +101,26 @@ def test_lookahead_undo_matches_lookahead_without_a_copy():
     assert undo.raw_meta_grad == pytest.approx(exact.raw_meta_grad, rel=1e-6)
     for a, b in zip(before, params, strict=True):  # θ − d + d: at most one rounding unit away
         assert torch.all((a - b).abs() <= torch.finfo(torch.float32).eps * a.abs().clamp(min=1.0) * 2)
+
+
+def test_bf16_resume_restores_fp32_master_weights_bitwise(tmp_path):
+    # A resumed bf16 run must continue from the fp32 master weights, not from their bf16 rounding (torch's
+    # Optimizer.load_state_dict would cast them to the parameter dtype): weights end bitwise equal.
+    from safetensors.torch import load_file
+
+    splits = {"train": generate_rows(16, "face10", 1, "train"), "val": generate_rows(4, "face10", 2, "val")}
+    over = ["model.dtype=bfloat16", "controller.method=amft", "max_steps=3", "eval_every=0", "eval_prompts=2",
+            "model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2", "rollout.prompts_per_step=2",
+            "rollout.group_size=2", "rollout.max_new_tokens=6", "loss.sft_batch_size=4", "controller.meta_interval=2",
+            "controller.meta_val_prompts=2", "controller.meta_val_group=2", "optim.lr=1e-4", "device=cpu",
+            "checkpoint_every=1"]
+    full = apply_overrides(TrainConfig(), over)
+    train(full, tmp_path / "a", splits=splits, progress=False, checkpoint_root=str(tmp_path / "root_a"))
+    # the first 3 steps sit in the LR warm-up (optim.warmup_steps=5), so max_steps does not change their LR
+    short = apply_overrides(full, ["max_steps=2"])
+    train(short, tmp_path / "b", splits=splits, progress=False, checkpoint_root=str(tmp_path / "root_b"))
+    train(full, tmp_path / "b", splits=splits, progress=False, checkpoint_root=str(tmp_path / "root_b"),
+          resume=str(tmp_path / "root_b" / "checkpoints" / "step-0000002"), force_resume=True)
+    a = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
