@@ -91,3 +91,18 @@ def test_checkpointing_keeps_only_layer_inputs():
     # no checkpointing: 4 layers · (10·10 + 4·20) values · 2 bytes; with: (4·10 + 180) values · 2 bytes
     assert activation_bytes(spec) == 4 * 180 * 2
     assert activation_bytes(ActivationSpec(**{**spec.__dict__, "gradient_checkpointing": True})) == (40 + 180) * 2
+
+
+def test_preflight_probe_reads_only_config_json(tmp_path):
+    # What preflight runs on a CPU pod: a folder holding only config.json (no weights) is enough.
+    from amft_lib.config import WarmStartConfig
+    from amft_lib.memory import probe_training_memory
+
+    qwen25_7b().save_pretrained(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    with pytest.raises(MemoryBudgetError, match=r"p0_gpu_memory_gib is 80 GiB"):
+        probe_training_memory(_cfg(f"model.name={tmp_path}"), 80)
+    assert probe_training_memory(_cfg(f"model.name={tmp_path}", "model.lora=true"), 80).startswith("fits: ")
+    ws = apply_overrides(WarmStartConfig(), [f"model.name={tmp_path}", "model.dtype=bfloat16", "model.lora=true",
+                                             "model.gradient_checkpointing=true"])
+    assert probe_training_memory(ws, 80).startswith("fits: ")  # the warm start has no meta step
