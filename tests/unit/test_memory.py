@@ -106,3 +106,14 @@ def test_preflight_probe_reads_only_config_json(tmp_path):
     ws = apply_overrides(WarmStartConfig(), [f"model.name={tmp_path}", "model.dtype=bfloat16", "model.lora=true",
                                              "model.gradient_checkpointing=true"])
     assert probe_training_memory(ws, 80).startswith("fits: ")  # the warm start has no meta step
+
+
+def test_shipped_7b_lora_config_fits_80_gib():
+    from pathlib import Path
+
+    from amft_lib.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "byo_7b_lora.yaml")
+    est = estimate_for_train_config(cfg, qwen25_7b())
+    check_fits(est, 80)
+    assert 20 < est.total / GiB < 26  # the figure the config's header states (~23 GiB)
