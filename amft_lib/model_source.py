@@ -197,8 +197,9 @@ def _unknown(name: str, path: Path) -> str:
 def _require_download_opt_in(name: str, allow_download: bool) -> None:
     if not allow_download:
         raise ModelSourceError(
-            f"p3_model_name / model.name={name!r} is a model-hub id; runs are offline by default. Set "
-            f"{ALLOW_DOWNLOAD_HINT} to download it, or pass a local/PVC folder or an s3:// folder instead"
+            f"p3_model_name / model.name={name!r} is a model-hub id (no folder of that name exists here); runs are "
+            f"offline by default. Set {ALLOW_DOWNLOAD_HINT} to download it, or pass a local/PVC folder or an s3:// "
+            "folder instead"
         )
 
 
