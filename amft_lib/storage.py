@@ -700,6 +700,31 @@ def list_prefix(uri: str, *, config: S3Config | None = None) -> list[str]:
     return sorted(uris)
 
 
+def list_objects(uri: str, *, config: S3Config | None = None) -> list[tuple[str, int, str]]:
+    """Like :func:`list_prefix`, with each object's size and version tag: ``(uri, size, etag)``.
+
+    The tag is the S3 ETag (quotes stripped); for local files it is ``mtime_ns`` — enough to
+    notice that an object changed under the same name (model_source keys its cache on it).
+    """
+    if not is_s3(uri):
+        out = []
+        for path in list_prefix(uri):
+            st = os.stat(path)
+            out.append((path, st.st_size, str(st.st_mtime_ns)))
+        return out
+    cfg = _config(config)
+    bucket, key = split_s3(uri)
+    found: list[tuple[str, int, str]] = []
+    try:
+        paginator = _client(cfg).get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=_folder_key(key)):
+            found.extend((f"{S3_SCHEME}{bucket}/{obj['Key']}", int(obj["Size"]), str(obj.get("ETag", "")).strip('"'))
+                         for obj in page.get("Contents", []))
+    except _boto_errors() as exc:
+        raise _wrap(exc, op="list", uri=uri, config=cfg) from None
+    return sorted(found)
+
+
 def download_prefix(uri: str, local_dir: str | os.PathLike[str], *, config: S3Config | None = None) -> list[str]:
     """Copy every object under the folder ``uri`` into ``local_dir``, keeping relative paths.
 

@@ -36,6 +36,7 @@ from amft_lib.config import TrainConfig, config_hash, save_config
 from amft_lib.dataset import load_splits
 from amft_lib.losses import group_advantages, masked_mean, ppo_clip_loss, sft_loss
 from amft_lib.model import load_policy, save_policy, trainable_parameters
+from amft_lib.optim import build_optimizer
 from amft_lib.rollout import TokenBatch, completion_logprobs, demonstration_batch, sample_completions
 from amft_lib.sampler import Cursor
 from amft_lib.scoring import greedy_eval, score_completions
@@ -244,8 +245,9 @@ def train(
     if not demo_rows and cfg.controller.method != "grpo":
         raise ValueError(f"method {cfg.controller.method!r} needs demonstrations; the train split has none")
 
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay
+    optimizer = build_optimizer(  # AdamW; fp32 master weights + moments for bf16 weights (model.master_weights)
+        params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay,
+        master_weights=cfg.model.master_weights,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,

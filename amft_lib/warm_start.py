@@ -28,6 +28,7 @@ from amft_lib.config import TrainConfig, WarmStartConfig, save_config
 from amft_lib.dataset import load_splits
 from amft_lib.losses import masked_mean
 from amft_lib.model import load_policy, save_policy, trainable_parameters
+from amft_lib.optim import build_optimizer
 from amft_lib.rollout import completion_logprobs, demonstration_batch, sample_completions
 from amft_lib.sampler import Cursor
 from amft_lib.scoring import greedy_eval, score_completions
@@ -58,7 +59,8 @@ def sft_steps(
         return []
     peak = cfg.lr if lr is None else lr
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=peak, betas=(0.9, 0.99))
+    optimizer = build_optimizer(params, lr=peak, betas=(0.9, 0.99), weight_decay=0.01,
+                                master_weights=cfg.model.master_weights)
     # sft_gradient reads only loss.micro_batch_size and precision from a TrainConfig
     tcfg = TrainConfig(precision=cfg.precision)
     tcfg.loss.micro_batch_size = cfg.micro_batch_size

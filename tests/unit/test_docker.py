@@ -48,3 +48,40 @@ def test_base_requirements_are_in_the_lock():
         name = re.split(r"[<>=!~\s]", line.strip(), maxsplit=1)[0].lower().replace("_", "-")
         if name and not name.startswith("#"):
             assert name in lock, f"{name} is a direct dependency but not pinned in requirements/lock.txt"
+
+
+# NVIDIA's minor-version compatibility: a CUDA 13.x runtime needs a driver >= 580, 12.x >= 525 (CUDA
+# compatibility guide, "Minimum Required Driver Version" table).
+DRIVER_FLOOR = {13: 580, 12: 525}
+
+
+def _readme_row(item: str) -> str:
+    text = (ROOT / "docker" / "README.md").read_text()
+    m = re.search(rf"^\| {re.escape(item)} \| (.+?) \|", text, re.M)
+    assert m, f"docker/README.md has no '| {item} |' row"
+    return m.group(1)
+
+
+def test_readme_states_the_cuda_images_torch_cuda_and_driver_consistently():
+    lock = pinned(ROOT / "requirements" / "lock.txt")
+    cuda = pinned(ROOT / "requirements" / "cuda.txt")
+    torch_row = _readme_row("torch wheel")
+    assert f"torch=={lock['torch']}" in torch_row, (torch_row, lock["torch"])
+    cuda_row = _readme_row("CUDA runtime")
+    major, minor = map(int, cuda["cuda-toolkit"].split(".")[:2])
+    assert cuda_row.startswith(f"{major}.{minor} ") and f"cuda-toolkit=={cuda['cuda-toolkit']}" in cuda_row
+    driver_row = _readme_row("minimum NVIDIA driver")
+    assert driver_row.startswith(f"{DRIVER_FLOOR[major]} "), driver_row
+    dockerfile = (ROOT / "docker" / "Dockerfile.cuda").read_text()
+    assert f"torch=={lock['torch']} -c requirements/cuda.txt" in dockerfile
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
+def test_every_base_image_is_pinned_by_digest(name):
+    text = (ROOT / "docker" / name).read_text()
+    froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    assert froms, name
+    for image in froms:
+        assert re.fullmatch(r"[^@\s]+@sha256:[0-9a-f]{64}", image), f"{name}: FROM {image} is not pinned by digest"
+    digest = froms[0].split("@")[1]
+    assert digest[len("sha256:"):][:8] in _readme_row("base image")  # the README names the digest in use
