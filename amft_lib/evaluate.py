@@ -366,8 +366,10 @@ def _resolve_model(uri: str | None, work: Path, role: str, tracking_uri: str | N
             log.info("eval %s: %s does not resolve (%s); comparing without it", role, uri, exc)
             return None
         return str(registry.download_model(ref, work / role, tracking_uri))
-    if storage.is_s3(uri):
-        return str(_stage_folder(uri, work / role))
+    if storage.is_s3(uri):  # staged once per pod and listing, like every other model source
+        from amft_lib.model_source import resolve_model
+
+        return str(resolve_model(uri, hash_files=False).local_dir)
     return uri
 
 

@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Literal
@@ -130,6 +131,19 @@ def resolve_model(
     if not (path / "config.json").is_file():
         raise ModelSourceError(_unknown(name, path))
     return ResolvedModel(name, "local", path, _hash_folder(path) if hash_files else ())
+
+
+def allow_hub_downloads(allowed: bool) -> None:
+    """Lift the images' HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE for this process when the user opted in
+    (`model.allow_download`); offline stays the default. huggingface_hub reads the variable once, at
+    import, so its constant is updated too when it is already imported."""
+    if not allowed:
+        return
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[var] = "0"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = False
 
 
 def probe_model_source(name: str, allow_download: bool = False) -> str:

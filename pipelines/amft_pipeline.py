@@ -90,6 +90,7 @@ def build_pipeline(target: str = "cluster") -> Any:
         p0_gpu_count: int = 1,
         p0_gpu_cpu_request: str = "8",
         p0_gpu_memory_request: str = "32Gi",
+        p0_gpu_memory_gib: float = 80.0,
         p0_gpu_node_selector: dict = {"nvidia.com/gpu.present": "true"},  # noqa: B006 (a KFP default)
         p0_gpu_tolerations: list = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],  # noqa: B006
         # ── phase 1: data ──
@@ -105,6 +106,7 @@ def build_pipeline(target: str = "cluster") -> Any:
         p2_validate_max_prompt_tokens: int = 2048,
         # ── phase 3: base model and warm start ──
         p3_model_name: str = "smollm2-135m",
+        p3_model_allow_download: bool = False,
         p3_model_settings: list = ["model.lora=true", "model.chat_template=true", "precision=bf16-mixed"],  # noqa: B006
         p3_model_max_new_tokens: int = 128,
         p3_warm_start_warmup_steps: int = 300,

@@ -9,6 +9,7 @@ path has one name and every stage asks `RunRoot` for it.
       data/                   prepared parquet + card.json
       validation/             GX report (Markdown, HTML, JSON) and gate.json
       base_model/             the model the warm start began from
+      base_model_source.json  where it came from: kind, revision, every file's sha256
       warm_start/             stats.json, config.yaml, sft_history.jsonl, model/
       checkpoints/            step-NNNNNNN/ (MANIFEST.json last), LATEST
       train/                  metrics.jsonl, controller.jsonl, config.yaml, result.json, logs/
@@ -90,6 +91,11 @@ class RunRoot:
     @property
     def base_model(self) -> str:
         return self.path("base_model")
+
+    @property
+    def base_model_source(self) -> str:
+        """Where the base model came from (kind, revision, every file's sha256): model_source.lineage()."""
+        return self.path("base_model_source.json")
 
     @property
     def warm_start(self) -> str:

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from amft_lib.run.layout import RunRoot, put_json
@@ -96,15 +95,22 @@ def run_preflight(params: Mapping[str, Any], *, job_id: str = "") -> Preflight:
     attempt("registry", probe_registry)
 
     def probe_model() -> tuple[bool, str]:
-        name = values["p3_model_name"]
-        if name in ("tiny", "smollm2-135m"):
-            return True, f"built-in model {name!r}"
-        if not Path(name, "config.json").is_file():
-            raise FileNotFoundError(f"p3_model_name={name}: not a built-in name and no config.json there "
-                                    "(local dirs only)")
-        return True, f"local model directory {name}"
+        from amft_lib.model_source import probe_model_source
+
+        return True, probe_model_source(values["p3_model_name"], values["p3_model_allow_download"])
 
     attempt("base model", probe_model)
+    if configs is not None:
+        def probe_memory() -> tuple[bool, str]:
+            from amft_lib.memory import probe_training_memory
+
+            if all(cfg.device == "cpu" for cfg in configs):
+                return True, "skipped: both stages run on CPU (device=cpu)"
+            details = [f"{stage}: {probe_training_memory(cfg, values['p0_gpu_memory_gib'])}"
+                       for stage, cfg in zip(("warm start", "training"), configs, strict=True)]
+            return True, "; ".join(details)
+
+        attempt("gpu memory", probe_memory)
     data_uri = values["p1_data_input_uri"]
     if data_uri:
         def probe_data() -> tuple[bool, str]:

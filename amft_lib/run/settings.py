@@ -83,6 +83,8 @@ _TABLE: tuple[Setting, ...] = (
     _s("p0_gpu_count", int, 1, "GPUs per GPU task (warm start, train)."),
     _s("p0_gpu_cpu_request", str, "8", "CPU request of a GPU task."),
     _s("p0_gpu_memory_request", str, "32Gi", "Memory request of a GPU task."),
+    _s("p0_gpu_memory_gib", float, 80.0, "Memory of one GPU (GiB): preflight refuses a warm-start or training plan "
+       "whose estimated need (weights, grads, AdamW, meta step, activations) exceeds it."),
     _s("p0_gpu_node_selector", dict, {"nvidia.com/gpu.present": "true"}, "Node selector of the GPU pool."),
     _s("p0_gpu_tolerations", list, [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
        "Tolerations of the GPU pool's taints."),
@@ -99,9 +101,13 @@ _TABLE: tuple[Setting, ...] = (
     _s("p2_validate_min_rows", dict, {"train": 100, "val": 10, "test_id": 10}, "Minimum rows per split."),
     _s("p2_validate_max_prompt_tokens", int, 2048, "Longest prompt accepted (characters without a tokenizer)."),
     # ── p3: base model and warm start ──
-    _s("p3_model_name", str, "smollm2-135m", "Base model: tiny, smollm2-135m or a local HF directory. The "
-       "cluster default is the pretrained model (the configs' default `tiny` is for tests).",
+    _s("p3_model_name", str, "smollm2-135m", "Base model: tiny, smollm2-135m, an HF directory in the pod (e.g. a PVC "
+       "mount), s3://bucket/prefix/ of an HF directory, or a hub id with p3_model_allow_download. The cluster default "
+       "is the pretrained model (the configs' default `tiny` is for tests).",
        warm_start="model.name", train="model.name"),
+    _s("p3_model_allow_download", bool, FROM_CONFIG, "Allow a model-hub id as p3_model_name (downloaded at load "
+       "time); off, runs are offline and a hub id is refused.", warm_start="model.allow_download",
+       train="model.allow_download"),
     _s("p3_model_settings", list, ["model.lora=true", "model.chat_template=true", "precision=bf16-mixed"],
        "KEY=VALUE applied to both configs (model.*, precision, device).", **BOTH),
     _s("p3_model_max_new_tokens", int, FROM_CONFIG, "Longest completion (tokens) in rejection sampling and rollouts.",

@@ -108,15 +108,22 @@ def warm_start_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model_
     from amft_lib.config import WarmStartConfig, config_from_dict
     from amft_lib.dataset import read_rows
     from amft_lib.model import load_policy, save_policy
+    from amft_lib.model_source import allow_hub_downloads, resolve_model
     from amft_lib.warm_start import run_warm_start
 
     cfg = config_from_dict(json.loads(config_json), WarmStartConfig)
     cfg.data.path = run.data  # the durable copy; rows are read from the local artifact
+    allow_hub_downloads(cfg.model.allow_download)
+    source = resolve_model(cfg.model.name, allow_download=cfg.model.allow_download)
+    put_json(run.base_model_source, source.lineage())  # every file's sha256, for the lineage record
     with tempfile.TemporaryDirectory(prefix="amft-warm-start-") as tmp:
         base = Path(tmp, "base_model")
-        policy, tokenizer = load_policy(dataclasses.replace(cfg.model, lora=False), device="cpu", seed=cfg.seed)
-        save_policy(policy, tokenizer, base)
-        del policy
+        if source.local_dir is not None:  # the files as they are: no load of a multi-GB model on the CPU
+            shutil.copytree(source.local_dir, base, ignore=shutil.ignore_patterns(".*", "*.lock"))
+        else:  # `tiny` is built from its config and seed
+            policy, tokenizer = load_policy(dataclasses.replace(cfg.model, lora=False), device="cpu", seed=cfg.seed)
+            save_policy(policy, tokenizer, base)
+            del policy
         work = Path(tmp, "warm_start")
         result = run_warm_start(cfg, work, splits=read_rows(dataset_dir), init_model=str(base))
         publish(work, run.warm_start)
@@ -142,12 +149,14 @@ def train_stage(run: RunRoot, dataset_dir: str, config_json: str, *, target_entr
     from amft_lib import checkpoint
     from amft_lib.config import TrainConfig, config_from_dict
     from amft_lib.dataset import read_rows
+    from amft_lib.model_source import allow_hub_downloads
     from amft_lib.reports import training_report_html
     from amft_lib.trainer import train
 
     cfg = config_from_dict(json.loads(config_json), TrainConfig)
     cfg.data.path = run.data  # the durable copy; rows are read from the local artifact
     cfg.controller.target_entropy = target_entropy
+    allow_hub_downloads(cfg.model.allow_download)
     done = [step for step, _, complete in checkpoint.list_checkpoints(run.uri) if complete]
     arm_train_fault(run)
     with tempfile.TemporaryDirectory(prefix="amft-init-model-") as staging:

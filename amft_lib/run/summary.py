@@ -30,13 +30,24 @@ def write_run_lineage(run: RunRoot) -> str:
         config={"warm_start": warm_cfg, "train": lineage.read_run_config(run.train)},
         inputs=lineage.describe_inputs("dataset", run.data),
         validation={"passed": gate.get("passed"), "statistics": gate.get("statistics")},
-        base_model={"id": warm_cfg["model"]["name"], "uri": run.base_model},
+        base_model={"id": warm_cfg["model"]["name"], "uri": run.base_model,
+                    "source": _read_optional(run.base_model_source)},
         warm_start=_tag_safe({**read_json(run.warm_start_stats), "model_uri": run.warm_start_model}),
         checkpoints=lineage.find_checkpoints(run.uri),
         mu_summary=lineage.summarize_mu(lineage.mu_trajectory(run.train)),
         eval_metrics=load_metrics(run.eval),
     )
     return lineage.write_lineage(record, run.lineage)
+
+
+def _read_optional(uri: str) -> Any:
+    """A record older runs may not have: None when it is absent."""
+    from amft_lib import storage
+
+    try:
+        return read_json(uri)
+    except storage.ObjectNotFoundError:
+        return None
 
 
 def read_json(uri: str) -> Any:

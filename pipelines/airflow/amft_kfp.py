@@ -314,10 +314,14 @@ def check_freshness(prefix: str, since: dt.datetime | None, s3: S3Target | None 
 
     `since` is the start of the last successful DAG run: the start rather than the end, so an
     object written while that run was going counts as new once more instead of being missed.
-    No watermark (first run) ⇒ every object is new."""
+    No watermark (first run) ⇒ every object is new. S3 keeps LastModified to the whole second, so the
+    watermark is cut to its second and an object of that same second counts as new: a rare extra
+    run, never a missed batch."""
     since = _aware(since)
+    if since is not None:
+        since = since.replace(microsecond=0)
     stamps = list(_s3_mtimes(prefix, s3 or S3Target()) if prefix.startswith("s3://") else _local_mtimes(prefix))
-    new = [t for t in stamps if since is None or t > since]
+    new = [t for t in stamps if since is None or t >= since]
     return Freshness(prefix, since.isoformat() if since else "", len(new), len(stamps),
                      max(stamps).isoformat() if stamps else "")
 

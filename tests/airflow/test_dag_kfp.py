@@ -8,6 +8,7 @@ pipeline's exit handler writing summary.json (the fake writes it when a run fini
 """
 
 import json
+import time
 import uuid
 
 import pytest
@@ -119,6 +120,9 @@ def test_skips_when_no_new_data_since_the_last_successful_run(test_dags, fake, s
     prefix = f"{root}/incoming/"
     bucket, _, key = prefix[5:].partition("/")
     s3_client.put_object(Bucket=bucket, Key=key + "batch-1.jsonl", Body=b'{"prompt": "1 2 3 4"}\n')
+    # S3 keeps LastModified to the second and an object of the watermark's second counts as new (an
+    # extra run rather than a missed batch): let the next run start in a later second
+    time.sleep(1.1)
     conf = {"p0_s3_root": root, "data_prefix": prefix}
 
     state, tasks, xcoms = run_dag(test_dags["amft_test_kfp"], conf)  # new object since any earlier success

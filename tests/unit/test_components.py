@@ -129,7 +129,7 @@ def test_preflight_reports_every_problem_before_failing(tmp_path, tracking_uri):
     with pytest.raises(RuntimeError, match="preflight failed") as err:
         preflight.python_func(report=report, job_id="", **knobs)
     assert "mu_init=0.99" in str(err.value) and "run id" in str(err.value) and "no-such-model" in str(err.value)
-    assert "p3_model_name=" in str(err.value)  # the error names the pipeline parameter
+    assert "p3_model_name" in str(err.value)  # the error names the pipeline parameter
     text = Path(report.path).read_text()
     assert "FAILED" in text and "| config | **failed** |" in text and "| registry | ok |" in text
 
