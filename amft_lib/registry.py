@@ -297,7 +297,8 @@ def check_model_dir(model_dir: str | Path) -> Path:
     return path
 
 
-def _experiment_id(client: Any, experiment: str, artifact_root: str | None) -> str:
+def experiment_id(client: Any, experiment: str, artifact_root: str | None) -> str:
+    """The id of MLflow experiment `experiment`, created (artifacts under `artifact_root`) if missing."""
     found = client.get_experiment_by_name(experiment)
     if found is not None:
         return found.experiment_id
@@ -386,7 +387,7 @@ def register_model(
                                   model_uri=f"models:/{name}/{existing.version}")
 
         tags = registry_tags(eval_metrics, run_id, record, lineage_uri)
-        exp_id = _experiment_id(client, experiment, artifact_root)
+        exp_id = experiment_id(client, experiment, artifact_root)
         run = client.create_run(exp_id, run_name=f"register-{run_id}", tags={RUN_ID_TAG: run_id})
         mlflow_run_id = run.info.run_id
         try:

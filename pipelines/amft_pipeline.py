@@ -191,14 +191,15 @@ def build_pipeline(target: str = "cluster") -> Any:
                 # ── Stage 4: AMFT training (GPU; checkpoints to the run root, resume auto) ──
                 trained = train(warm_start_model=warm.outputs["model"], dataset=data.outputs["dataset"],
                                 train_config=pre.outputs["train_config"], target_entropy=warm.outputs["Output"],
-                                run_root=run_root, s3_endpoint_url=p0_s3_endpoint_url)
+                                run_root=run_root, s3_endpoint_url=p0_s3_endpoint_url,
+                                registry_tracking_uri=p6_registry_tracking_uri)
                 trained.set_display_name("train").set_caching_options(False)
                 # a retried task resumes from its newest checkpoint instead of starting over
                 trained.set_retry(num_retries=2, backoff_duration=gpu_backoff, backoff_factor=2.0,
                                   backoff_max_duration="600s")
                 gpu_task(trained, p0_gpu_count, p0_gpu_cpu_request, p0_gpu_memory_request, p0_gpu_node_selector,
                          p0_gpu_tolerations)
-                secrets(trained, p0_s3_secret)
+                secrets(trained, p0_s3_secret, p0_registry_secret)  # MLflow: params and curves while it trains
 
                 # ── Stage 5: evaluate (vs base, warm start and champion) ──
                 scored = evaluate(

@@ -146,10 +146,20 @@ class RunRoot:
         return self.path("summary.json")
 
     @property
+    def s3_root(self) -> str:
+        """The prefix runs go under (`p0_s3_root`): the parent of `runs/RUN_ID`."""
+        return self.uri.rsplit("/runs/", 1)[0]
+
+    @property
     def score_cache(self) -> str:
         """Evaluation scores by model content hash, shared by every run under the same S3 root: the
         base model (and an unchanged champion) is generated once, not on every run."""
-        return storage.join(self.uri.rsplit("/runs/", 1)[0], "cache", "eval-scores")
+        return storage.join(self.s3_root, "cache", "eval-scores")
+
+    @property
+    def mlflow_artifacts(self) -> str:
+        """Default artifact root of the MLflow experiment (`p6_registry_artifact_root` empty)."""
+        return storage.join(self.s3_root, "mlflow")
 
     @property
     def fault_marker(self) -> str:

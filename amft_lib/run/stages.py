@@ -143,14 +143,16 @@ def warm_start_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model_
 
 
 def train_stage(run: RunRoot, dataset_dir: str, config_json: str, *, target_entropy: float, init_model: str,
-                run_dir: str, model_dir: str, curves_path: str) -> StageOutcome:
+                run_dir: str, model_dir: str, curves_path: str, tracking_uri: str = "") -> StageOutcome:
     """The AMFT loop with checkpoints under the run root and `resume="auto"`, so a retried task (or a
-    new pipeline run given the same run id) continues from the newest verified checkpoint."""
+    new pipeline run given the same run id) continues from the newest verified checkpoint. The config
+    and every per-step curve go to a nested MLflow run of the pipeline run while it trains."""
     from amft_lib import checkpoint
-    from amft_lib.config import TrainConfig, config_from_dict
+    from amft_lib.config import TrainConfig, config_from_dict, config_to_dict
     from amft_lib.dataset import read_rows
     from amft_lib.model_source import allow_hub_downloads
     from amft_lib.reports import training_report_html
+    from amft_lib.tracking import track_stage
     from amft_lib.trainer import train
 
     cfg = config_from_dict(json.loads(config_json), TrainConfig)
@@ -159,7 +161,9 @@ def train_stage(run: RunRoot, dataset_dir: str, config_json: str, *, target_entr
     allow_hub_downloads(cfg.model.allow_download)
     done = [step for step, _, complete in checkpoint.list_checkpoints(run.uri) if complete]
     arm_train_fault(run)
-    with tempfile.TemporaryDirectory(prefix="amft-init-model-") as staging:
+    with tempfile.TemporaryDirectory(prefix="amft-init-model-") as staging, \
+            track_stage(tracking_uri or None, run.run_id, "train", config_to_dict(cfg), run_dir,
+                        artifact_root=run.mlflow_artifacts):
         result = train(cfg, run_dir, init_model=open_model(init_model, staging), splits=read_rows(dataset_dir),
                        progress=False, checkpoint_root=run.uri, resume="auto")
     model_files = Path(tempfile.mkdtemp(prefix="amft-model-"))

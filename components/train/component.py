@@ -26,6 +26,7 @@ def train(
     target_entropy: float,
     run_root: str,
     s3_endpoint_url: str,
+    registry_tracking_uri: str = "",
 ):
     """Train and publish the final model.
 
@@ -33,6 +34,7 @@ def train(
         train_config: TrainConfig as JSON (preflight's output).
         target_entropy: H* from the warm start; the controller's entropy term steers towards it.
         run_root: s3://…/runs/<run id>; checkpoints go to <run_root>/checkpoints/.
+        registry_tracking_uri: MLflow tracking URI for the training curves; empty uses $MLFLOW_TRACKING_URI.
     """
     from amft_lib.run.layout import RunRoot, use_s3_endpoint
     from amft_lib.run.stages import train_stage
@@ -40,7 +42,7 @@ def train(
     use_s3_endpoint(s3_endpoint_url)
     out = train_stage(RunRoot.at(run_root), dataset.path, train_config, target_entropy=target_entropy,
                       init_model=warm_start_model.path, run_dir=run_dir.path, model_dir=model.path,
-                      curves_path=curves.path)
+                      curves_path=curves.path, tracking_uri=registry_tracking_uri)
     model.metadata.update(out.metadata["model"])
     for key, value in out.metrics.items():
         stats.log_metric(key, value)

@@ -19,7 +19,7 @@ COMMITTED = ROOT / "pipelines" / "amft_pipeline.yaml"
 GPU_STAGES = ("warm-start", "train", "evaluate")
 S3_STAGES = ("preflight", "prepare-data", "validate-data", "warm-start", "train", "evaluate", "register",
              "run-summary")
-REGISTRY_STAGES = ("preflight", "evaluate", "register")
+REGISTRY_STAGES = ("preflight", "train", "evaluate", "register")
 
 
 @pytest.fixture(scope="module")
