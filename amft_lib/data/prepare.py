@@ -30,7 +30,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -48,8 +50,11 @@ from amft_lib.data.schema import (
     SPLITS,
     DataError,
     DatasetCard,
+    DataWriteError,
     SplitInfo,
+    check_writable_dir,
     dumps_json,
+    one_line,
     rows_to_table,
     sha256_file,
     split_file_name,
@@ -169,6 +174,7 @@ class PrepareResult:
 
 def run_prepare(cfg: PrepareConfig) -> PrepareResult:
     """Build the dataset described by `cfg` and write it atomically; DataError on bad input."""
+    check_writable_dir(Path(cfg.out_dir), "cannot write the dataset")
     task = get_task(cfg.task)
     if cfg.input is not None:
         rows, dropped, notes, inputs = _ingest_math(cfg, task)
@@ -425,6 +431,51 @@ def _generator_record(cfg: PrepareConfig) -> dict[str, Any]:
     }
 
 
+_TEMP_PREFIX = ".prepare-"
+
+
+def _temp_prefix() -> str:
+    """`.prepare-HOST-PID-`: a later run can tell a dead writer's leftovers from a live writer's."""
+    return f"{_TEMP_PREFIX}{socket.gethostname().replace('-', '_')}-{os.getpid()}-"
+
+
+def remove_stale_temp_dirs(out_dir: Path, max_age_s: float = 24 * 3600) -> list[Path]:
+    """Remove `.prepare-*` temp dirs that a killed `prepare` (SIGKILL, OOM, node loss) left behind.
+
+    Stale means: written by a process on this host that no longer runs, or named the old way (no
+    host/pid), or untouched for `max_age_s` (a writer on another host of a shared volume). A live
+    writer's temp dir is left alone, so two prepares into one folder do not break each other.
+    """
+    removed = []
+    host = socket.gethostname().replace("-", "_")
+    for path in out_dir.glob(f"{_TEMP_PREFIX}*"):
+        if not path.is_dir():
+            continue
+        parts = path.name[len(_TEMP_PREFIX) :].split("-")
+        try:
+            age = time.time() - path.stat().st_mtime
+        except OSError:
+            continue
+        if len(parts) >= 3 and parts[1].isdigit():
+            stale = age > max_age_s or (parts[0] == host and not _pid_alive(int(parts[1])))
+        else:
+            stale = True
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def write_dataset(out_dir: Path, rows: Sequence[dict[str, Any]], card: DatasetCard) -> PrepareResult:
     """Write one parquet per non-empty split and the card, via a temp dir; rename the card in last.
 
@@ -432,8 +483,12 @@ def write_dataset(out_dir: Path, rows: Sequence[dict[str, Any]], card: DatasetCa
     "incomplete" (no card) rather than as a mix of old and new files under an old card.
     """
     by_split = {name: [row for row in rows if row["split"] == name] for name in SPLITS}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_dirs(out_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=out_dir))
+    except OSError as exc:
+        raise DataWriteError(f"{out_dir}: cannot write the dataset: {one_line(exc)}") from None
     try:
         for name, split_rows in by_split.items():
             if not split_rows:
@@ -450,6 +505,10 @@ def write_dataset(out_dir: Path, rows: Sequence[dict[str, Any]], card: DatasetCa
             else:
                 target.unlink(missing_ok=True)  # a stale split from an earlier run must not linger
         os.replace(tmp / CARD_NAME, out_dir / CARD_NAME)
+    except DataError:
+        raise
+    except OSError as exc:
+        raise DataWriteError(f"{out_dir}: cannot write the dataset: {one_line(exc)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     files = {name: out_dir / info.file for name, info in card.splits.items()}
