@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 
+from amft_lib.confusables import skeleton
 from amft_lib.tasks.base import Verdict
 
 # Longest number text we will convert; anything longer is model babble, not an answer.
@@ -151,12 +152,13 @@ def answers_match(pred: Fraction, ref: Fraction, rel_tol: float = 0.0) -> bool:
 
 
 def normalize_question(text: str) -> str:
-    """NFKC, lowercase, collapse whitespace, strip punctuation at both ends.
+    """NFKC, lowercase, homoglyphs folded, collapse whitespace, strip punctuation at both ends.
 
-    Two copies of a question that differ only in case, spacing, full-width characters or a trailing
+    Two copies of a question that differ only in case, spacing, full-width characters, look-alike
+    letters from another script (Cyrillic `а` for Latin `a`: see amft_lib.confusables) or a trailing
     "?" get one key, so they cannot land in different splits.
     """
-    text = " ".join(unicodedata.normalize("NFKC", text).lower().split())
+    text = " ".join(skeleton(text).split())
     start, end = 0, len(text)
     while start < end and unicodedata.category(text[start]).startswith("P"):
         start += 1
