@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from amft_lib import lineage, storage
-from amft_lib.config import ConfigError
+from amft_lib.config import ConfigError, check_fields
+from amft_lib.data.schema import DataError
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class EvalConfig:
     report_samples: int = _help("Completions per split shown in the reports.", 3)
 
     def __post_init__(self) -> None:
+        check_fields(self, "eval.")  # NaN/inf in any number (temperature, threshold, δ) is refused here
         for name in ("model", "data", "out_dir"):
             if not getattr(self, name):
                 raise ConfigError(f"eval.{name} is required")
@@ -336,7 +338,7 @@ def evaluate_model(model_path: str, splits: Mapping[str, Sequence[dict]], task: 
 def _stage_folder(uri: str, dest: Path) -> Path:
     """Copy an s3:// folder to `dest` (files keep their relative paths); an empty prefix is an error."""
     if not storage.download_prefix(uri.rstrip("/"), dest):
-        raise FileNotFoundError(f"{uri}: no objects under this prefix")
+        raise DataError(f"{uri}: no objects under this prefix")
     return dest
 
 
@@ -378,7 +380,7 @@ def _load_splits(cfg: EvalConfig, work: Path) -> dict[str, list[dict]]:
         if rows:
             splits[split] = rows
     if not splits:
-        raise ValueError(
+        raise DataError(
             f"{cfg.data}: none of the eval splits {', '.join(cfg.splits)} has rows "
             f"(present: {', '.join(sorted(all_rows)) or 'none'})"
         )
@@ -386,13 +388,18 @@ def _load_splits(cfg: EvalConfig, work: Path) -> dict[str, list[dict]]:
 
 
 def _task_for(cfg: EvalConfig, splits: Mapping[str, Sequence[dict]]) -> Any:
-    from amft_lib.tasks import get_task
+    from amft_lib.tasks import get_task, known_tasks
 
     names = {r["task"] for rows in splits.values() for r in rows}
     if cfg.task:
+        if cfg.task not in known_tasks():
+            raise ConfigError(f"eval.task={cfg.task!r}: choose one of {', '.join(known_tasks())}")
+        if names and names != {cfg.task}:
+            raise DataError(f"{cfg.data}: eval rows are for task(s) {', '.join(sorted(names))}, not "
+                            f"eval.task={cfg.task!r}; drop --task or point --data at a {cfg.task} dataset")
         return get_task(cfg.task)
     if len(names) != 1:
-        raise ValueError(f"{cfg.data}: eval rows mix tasks {sorted(names)}; pass --task to choose the verifier")
+        raise DataError(f"{cfg.data}: eval rows mix tasks {sorted(names)}; pass --task to choose the verifier")
     return get_task(names.pop())
 
 
@@ -543,16 +550,37 @@ def _std_err_note(metrics: Mapping[str, Any]) -> str:
             + ", ".join(parts) + ") are within sampling noise.") if parts else ""
 
 
+# What can turn text into markup that matters: `\` (escapes), backticks (code spans), `[`/`]` (links,
+# images), `|` (table cells) and `<`/`>`/`&` (HTML, entities). Emphasis (`*`, `_`) is left alone: it can
+# only italicise, and escaping it would make every snake_case id unreadable in the raw file.
+_MD_TABLE = str.maketrans({"\\": "\\\\", "`": "\\`", "[": "\\[", "]": "\\]", "|": "\\|",
+                           "<": "&lt;", ">": "&gt;", "&": "&amp;"})
+
+
+def escape_markdown_cell(value: Any) -> str:
+    """Untrusted text (row ids, model paths, reasons) as inert Markdown: one line, no markup.
+
+    Backslash-escapes the metacharacters above (CommonMark: an escaped ASCII punctuation character is
+    a literal) and writes `<`, `>`, `&` as entities, which every renderer shows as text — so a row id
+    such as ``a`</code><script>`` can neither close a code span nor open an HTML tag, and `|` cannot
+    split a table cell. `://` is broken up so no renderer turns a path into a link. Pure: the lead
+    can move it along with the report rendering.
+    """
+    text = " ".join(str(value).split())  # a newline would end the list item or table row
+    return text.translate(_MD_TABLE).replace("://", ":\\/\\/")
+
+
 def render_markdown(metrics: Mapping[str, Any], plots: Sequence[str], samples: Mapping[str, list[dict]]) -> str:
     """The Markdown report: verdict, comparison tables per split, improvements/regressions, plots, samples."""
     roles = list((metrics.get("comparisons") or {}).keys())
     b = metrics.get("blessing", {})
     lines = [
-        f"# Evaluation of `{metrics.get('model')}`",
+        f"# Evaluation of {escape_markdown_cell(metrics.get('model'))}",
         "",
-        f"**{'BLESSED' if metrics.get('blessed') else 'NOT BLESSED'}** — {metrics.get('reason')}",
+        f"**{'BLESSED' if metrics.get('blessed') else 'NOT BLESSED'}** — {escape_markdown_cell(metrics.get('reason'))}",
         "",
-        f"Rule: `{b.get('metric')}` ≥ {b.get('threshold')} and no drop larger than δ={b.get('max_regression')} "
+        f"Rule: {escape_markdown_cell(b.get('metric'))} ≥ {escape_markdown_cell(b.get('threshold'))} and no drop "
+        f"larger than δ={escape_markdown_cell(b.get('max_regression'))} "
         "vs the champion on any eval split (change check skipped without a champion).",
         "",
     ]
@@ -566,10 +594,10 @@ def render_markdown(metrics: Mapping[str, Any], plots: Sequence[str], samples: M
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for row in comparison_rows(metrics, split):
-            cells = [row["label"], _num(row["candidate"])]
+            cells = [escape_markdown_cell(row["label"]), _num(row["candidate"])]
             for role in roles:
                 info = row["others"][role]
-                cells += [_num(info["value"]), info["delta"]]
+                cells += [_num(info["value"]), escape_markdown_cell(info["delta"])]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     note = _std_err_note(metrics)
@@ -577,8 +605,8 @@ def render_markdown(metrics: Mapping[str, Any], plots: Sequence[str], samples: M
         lines += [note, ""]
     for role, items in changes(metrics).items():
         model = metrics["comparisons"][role]["model"]
-        lines += [f"### Improvements and regressions vs {ROLE_TITLES[role]} (`{model}`)", ""]
-        lines += [f"- {item}" for item in items] or ["- no change"]
+        lines += [f"### Improvements and regressions vs {ROLE_TITLES[role]} ({escape_markdown_cell(model)})", ""]
+        lines += [f"- {escape_markdown_cell(item)}" for item in items] or ["- no change"]
         lines.append("")
     if plots:
         lines += ["## Training curves", ""]
@@ -589,7 +617,8 @@ def render_markdown(metrics: Mapping[str, Any], plots: Sequence[str], samples: M
         for split, items in samples.items():
             for s in items:
                 completion = s["completion"].replace("```", "'''")
-                lines += [f"- **{split}** `{s.get('id')}` reward {s['reward']:.0f}", "", "  ```text",
+                lines += [f"- **{escape_markdown_cell(split)}** {escape_markdown_cell(s.get('id'))} "
+                          f"reward {s['reward']:.0f}", "", "  ```text",
                           *("  " + ln for ln in completion.splitlines() or [""]), "  ```", ""]
     return "\n".join(lines) + "\n"
 
@@ -672,9 +701,20 @@ def _training_summary(run_dir: str, curves: Mapping[str, Sequence[tuple[int, flo
     }
 
 
+def _check_out(out_dir: str) -> None:
+    """A local out_dir must be (or be creatable as) a writable folder: checked before any scoring,
+    and nothing is written into it until every score is in (metrics.json last)."""
+    if storage.is_s3(out_dir):
+        return
+    from amft_lib.data.schema import check_writable_dir
+
+    check_writable_dir(Path(out_dir), "cannot write the evaluation")
+
+
 def run_evaluate(cfg: EvalConfig) -> EvalResult:
     """Score the candidate and the comparison models, decide the blessing, write the outputs."""
     t_start = time.perf_counter()
+    _check_out(cfg.out_dir)
     with tempfile.TemporaryDirectory(prefix="amft-eval-") as tmp:
         work = Path(tmp)
         splits = _load_splits(cfg, work)
@@ -684,7 +724,7 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
 
         candidate_path = _resolve_model(cfg.model, work, "candidate", cfg.tracking_uri)
         if candidate_path is None:
-            raise LookupError(f"eval.model={cfg.model!r} does not resolve to a model")
+            raise ConfigError(f"eval.model={cfg.model!r} does not resolve to a model in the registry")
         candidate, samples = evaluate_model(candidate_path, splits, task, cfg, "candidate")
 
         comparisons: dict[str, dict[str, Any]] = {}

@@ -500,9 +500,14 @@ def _overview_rows(gx_result: dict[str, Any]) -> list[tuple[str, str, str, str, 
 
 def render_markdown(passed: bool, title: dict[str, str], statistics: dict[str, Any],
                     failures: list[FailedCheck], gx_result: dict[str, Any]) -> str:
-    """The gate's report as Markdown: verdict, row counts, each failure with ids, then every check."""
+    """The gate's report as Markdown: verdict, row counts, each failure with ids, then every check.
+
+    Row ids, values and paths come from the data: they go through escape_markdown_cell, never into a
+    code span, so an id holding a backtick cannot smuggle HTML into the report."""
+    from amft_lib.evaluate import escape_markdown_cell as esc
+
     lines = [f"# Data validation: {'PASSED' if passed else 'FAILED'}", ""]
-    lines += [f"- {k}: `{v}`" for k, v in title.items()]
+    lines += [f"- {k}: {esc(v)}" for k, v in title.items()]
     lines += [f"- rows: {statistics['rows']} ({_split_summary(statistics)})",
               f"- lengths counted in {statistics['length_unit']}",
               f"- expectations: {statistics.get('successful_expectations', 0)} of "
@@ -510,19 +515,19 @@ def render_markdown(passed: bool, title: dict[str, str], statistics: dict[str, A
     if failures:
         lines += ["## Failed expectations", ""]
         for f in failures:
-            lines.append(f"### `{f.check}` — {f.expectation}" + (f" on `{f.column}`" if f.column else ""))
+            lines.append(f"### {esc(f.check)} — {esc(f.expectation)}" + (f" on {esc(f.column)}" if f.column else ""))
             lines.append("")
-            lines.append(f"- why: {f.why}")
+            lines.append(f"- why: {esc(f.why)}")
             if f.unexpected_count is not None:
                 lines.append(f"- offending rows: {f.unexpected_count}")
             if f.observed is not None:
-                lines.append(f"- observed: `{_short(f.observed, 200)}`")
+                lines.append(f"- observed: {esc(_short(f.observed, 200))}")
             if f.examples:
-                lines.append("- example ids: " + ", ".join(f"`{e}`" for e in f.examples))
+                lines.append("- example ids: " + ", ".join(esc(e) for e in f.examples))
             lines.append("")
     lines += ["## All expectations", "", "| check | expectation | column | result | unexpected |",
               "|---|---|---|---|---|"]
-    lines += [f"| {' | '.join(row)} |" for row in _overview_rows(gx_result)]
+    lines += [f"| {' | '.join(esc(c) for c in row)} |" for row in _overview_rows(gx_result)]
     return "\n".join(lines) + "\n"
 
 
