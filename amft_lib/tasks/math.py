@@ -35,6 +35,10 @@ from amft_lib.tasks.base import Verdict
 
 # Longest number text we will convert; anything longer is model babble, not an answer.
 MAX_NUMBER_CHARS = 64
+# Longest completion the verifier reads (~25k tokens, far beyond any max_new_tokens we use). Scanning
+# for the last number is linear but not free (~1.7 s for 10 MB): a longer text scores 0 as "too_long"
+# in microseconds instead of stalling the reward loop.
+MAX_COMPLETION_CHARS = 100_000
 
 _DIGITS = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+"
 # The sign counts only when the '-' does not follow an operand ("10-5" is 10 minus 5), and a number
@@ -191,6 +195,8 @@ class MathTask:
             raise ValueError(f"reference answer is not a number: {answer[:80]!r}")
         if not isinstance(completion, str):
             return Verdict(0.0, False, "no_answer")
+        if len(completion) > MAX_COMPLETION_CHARS:
+            return Verdict(0.0, False, "too_long")
         pred_text = extract_answer(completion)
         if pred_text is None:
             return Verdict(0.0, False, "no_answer")
