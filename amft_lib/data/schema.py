@@ -126,6 +126,12 @@ def write_parquet(table: pa.Table, path: Path) -> None:
         pq.write_table(table, tmp, **_PARQUET_OPTIONS)
 
 
+def open_parquet_writer(path: Path) -> pq.ParquetWriter:
+    """A writer with the same deterministic options as :func:`write_parquet`, for files written in
+    batches (streamed ingestion). The caller writes into a temp folder and renames it into place."""
+    return pq.ParquetWriter(path, ARROW_SCHEMA, **_PARQUET_OPTIONS)
+
+
 def write_text(text: str, path: Path) -> None:
     """Write UTF-8 text atomically (reports, cards)."""
     with atomic_path(path) as tmp:
