@@ -253,6 +253,8 @@ def train(
     if resume != "never" and resume != "auto" and not checkpoint_root:
         checkpoint_root = _root_of(resume)
     cfg_hash = config_hash(cfg)
+    if checkpoint_root and not storage.is_s3(checkpoint_root):
+        check_out_dir(Path(checkpoint_root), "checkpoint root")
     if resume == "never" and checkpoint_root and cfg.checkpoint_every:
         ckpt.list_checkpoints(checkpoint_root)  # reachable (credentials, endpoint) before training starts
     restored = (_restore(checkpoint_root, resume, cfg_hash, force_resume, force_restart)
@@ -528,17 +530,17 @@ def _progress(total: int, enabled: bool, initial: int = 0):
 LOG_FILES = ("metrics.jsonl", "controller.jsonl", "samples.jsonl")
 
 
-def check_out_dir(out: Path) -> None:
+def check_out_dir(out: Path, what: str = "output") -> None:
     """ConfigError unless `out` is (or can be created as) a writable directory; creates nothing."""
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"output {out}: exists and is not a directory; give a directory (it is created if missing)")
+        raise ConfigError(f"{what} {out}: exists and is not a directory; give a directory (it is created if missing)")
     probe = out
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise ConfigError(f"output {out}: {probe} is not a directory")
+        raise ConfigError(f"{what} {out}: {probe} is not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"output {out}: permission denied (cannot write in {probe})")
+        raise ConfigError(f"{what} {out}: permission denied (cannot write in {probe})")
 
 
 def check_device(name: str) -> None:
@@ -578,5 +580,13 @@ def _restore_logs(root: str, out: Path, step: int) -> None:
         lines = storage.get_bytes(src).decode().splitlines() if storage.exists(src) else []
         # samples are written by the evaluation *after* step-1 and carry its count; the rest carry their index
         limit = step + 1 if name == "samples.jsonl" else step
-        kept = [line for line in lines if json.loads(line).get("step", 0) < limit]
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a torn last line (killed mid-write): the resumed run rewrites it
+                log.warning("dropping an unreadable line of %s", src)
+                continue
+            if record.get("step", 0) < limit:
+                kept.append(line)
         (out / name).write_text("".join(line + "\n" for line in kept))

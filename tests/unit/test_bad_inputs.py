@@ -276,6 +276,8 @@ CASES = [
          "config hash another-config"),
     Case("train-resume-uri-mismatch", TRAIN + " --resume {ckpt_other_step}", "config hash another-conf"),
     Case("train-resume-auto-no-root", TRAIN + " --resume auto", "--checkpoint-root"),
+    Case("train-checkpoint-root-is-file", TRAIN + " --checkpoint-root {afile} --set checkpoint_every=1",
+         "checkpoint root", out="{afile}"),
     Case("train-cuda-without-gpu", TRAIN + " --set device=cuda", "no CUDA device",
          marks=(pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present"),)),
     # ── warm-start ──
