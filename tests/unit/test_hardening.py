@@ -15,6 +15,7 @@ import time
 import typing
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from amft_lib.config import ConfigError, TrainConfig, WarmStartConfig, apply_overrides
@@ -128,3 +129,30 @@ def test_range_errors_name_the_field_and_the_fix() -> None:
         apply_overrides(TrainConfig(), ["rollout.prompts_per_step=0"])
     assert str(info.value) == "rollout.prompts_per_step=0: must be >= 1 (default 8)"
     assert math.isfinite(TrainConfig().optim.lr)
+
+
+def test_sigkilled_prepare_leaves_nothing_after_the_next_run(tmp_path: Path) -> None:
+    """Kill -9 a real `amft data prepare` while its temp dir exists; the next run cleans it up."""
+    import signal
+
+    src = tmp_path / "in.jsonl"
+    with src.open("w") as f:
+        for i in range(60_000):
+            f.write(json.dumps({"question": f"Q{i}: what is {i} plus 1?", "answer": f"#### {i + 1}"}) + "\n")
+    out = tmp_path / "out"
+    amft = Path(sys.executable).with_name("amft")
+    cmd = [str(amft), "data", "prepare", "--task", "math", "--input", str(src), "--out-dir", str(out)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list(out.glob(".prepare-*")):
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        pytest.skip("prepare finished before its temp dir could be observed (machine too fast)")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(out.glob(".prepare-*")), "the killed run should have left its temp dir"
+    assert subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          timeout=300).returncode == 0
+    assert not list(out.glob(".prepare-*"))
+    assert sum(pq.read_metadata(p).num_rows for p in out.glob("*.parquet")) == 60_000
