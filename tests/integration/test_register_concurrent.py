@@ -113,7 +113,7 @@ def test_concurrent_register_creates_one_version(setup: dict, n: int, barrier: b
         losers = client.search_runs([exp.experiment_id], "tags.`amft.duplicate_of` != ''",
                                     run_view_type=ViewType.ALL)
         assert len(losers) == n - 1
-        assert winner == "1"  # the lowest version wins
+        assert str(winner) == "1"  # the lowest version wins
     # a sequential retry stays idempotent
     again = _race(setup, name, 1, False)[0]
     assert again.returncode == 0 and "(existing" in again.stdout
