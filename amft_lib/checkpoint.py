@@ -59,6 +59,7 @@ from typing import Any, Literal
 import torch
 
 from amft_lib import storage
+from amft_lib.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +81,8 @@ FILES = (MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE, CONTROLLER_FILE, 
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used (incomplete, corrupt, or refused)."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint cannot be used (incomplete, corrupt, or refused); the message names it and the fix."""
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -90,6 +91,11 @@ class CorruptCheckpointError(CheckpointError):
 
 class ConfigMismatchError(CheckpointError):
     """The newest valid checkpoint was written under a different config hash."""
+
+
+class NoValidCheckpointError(CheckpointError):
+    """Checkpoints exist under the run root but none verifies: restarting from step 0 would silently
+    throw the run away (and retention would then delete the new checkpoints), so resume refuses."""
 
 
 @dataclass
@@ -421,12 +427,31 @@ def _apply_retention(
 
     ``complete`` comes from the save's own listing (plus the new step), so a save in steady state
     costs no extra listing; manifests are read for their metric only when something may go.
+
+    The last-K slots go to *valid* checkpoints only: older ones are verified (sha256 of every file)
+    newest first until K - 1 pass, and a corrupt one neither takes a slot nor survives. Otherwise K
+    corrupt checkpoints would hold the slots forever and each new valid save would be deleted by
+    the next. Cost: when something may be deleted, re-reading up to K - 1 checkpoints per save
+    (one for the default K = 2); nothing extra while fewer than K + 1 exist.
     """
     keep = set(complete[-keep_last:]) | {latest}
     if all(s in keep for s in complete):
         return []
+    keep, corrupt = {latest}, set()
+    for s in sorted((s for s in complete if s != latest), reverse=True):
+        if len(keep) >= keep_last:
+            break
+        try:
+            verify_checkpoint(checkpoint_uri(root, s))
+        except CorruptCheckpointError as exc:
+            logger.warning("retention: %s is corrupt and does not count as kept (%s)", step_dir_name(s), exc)
+            corrupt.add(s)
+            continue
+        keep.add(s)
     scored: list[tuple[float, int]] = []
     for s in complete:
+        if s in corrupt:
+            continue
         if s in known:
             value = known[s]
         else:
@@ -551,8 +576,14 @@ def _load_files(uri: str, paths: Mapping[str, str]) -> CheckpointPayload:
 def load_checkpoint(uri: str) -> tuple[int, CheckpointPayload]:
     """Verify every file of checkpoint ``uri`` against its manifest, then load it (tensors on CPU).
 
-    Raises CorruptCheckpointError if anything is missing, truncated, altered or unsafe to load.
+    Raises CorruptCheckpointError if anything is missing, truncated, altered or unsafe to load, and
+    CheckpointError when nothing at all exists at ``uri`` (a mistyped ``--resume``).
     """
+    if not (storage.exists(storage.join(uri, MANIFEST)) or storage.list_prefix(uri)):
+        raise CheckpointError(
+            f"{uri}: no checkpoint there; give a checkpoints/step-NNNNNNN folder, or --resume auto with "
+            "--checkpoint-root"
+        )
     manifest = read_manifest(uri)
     with tempfile.TemporaryDirectory(prefix="amft-ckpt-") as staging:
         paths = _fetch_verified(uri, manifest, staging)
@@ -568,17 +599,22 @@ def verify_checkpoint(uri: str) -> dict[str, Any]:
 
 
 def _newest_valid(
-    root: str, config_hash: str, force: bool, use: Callable[[str, dict[str, Any]], Any]
+    root: str, config_hash: str, force: bool, use: Callable[[str, dict[str, Any]], Any],
+    skipped: list[tuple[int, bool, str]] | None = None,
 ) -> tuple[str, dict[str, Any], Any] | None:
     """Walk checkpoints newest first; skip (with a warning) incomplete or corrupt ones; apply the
-    config-hash rule to the first valid one; return (uri, manifest, use(uri, manifest))."""
-    for step in sorted(_scan(root), reverse=True):
+    config-hash rule to the first valid one; return (uri, manifest, use(uri, manifest)).
+
+    ``skipped`` collects (step, had a manifest, reason) of every checkpoint passed over."""
+    for step, files in sorted(_scan(root).items(), reverse=True):
         uri = checkpoint_uri(root, step)
         try:
             manifest = read_manifest(uri)
             result = use(uri, manifest)
         except CorruptCheckpointError as exc:
             logger.warning("skipping checkpoint %s: %s", step_dir_name(step), exc)
+            if skipped is not None:
+                skipped.append((step, MANIFEST in files, str(exc)))
             continue
         found = manifest.get("config_hash")
         if found != config_hash:
@@ -614,9 +650,18 @@ def find_resumable(root: str, config_hash: str, *, force: bool = False) -> str |
     return None if found is None else found[0]
 
 
-def resume(root: str, config_hash: str, *, force: bool = False) -> tuple[str, int, CheckpointPayload] | None:
-    """:func:`find_resumable` + :func:`load_checkpoint` with one download: (uri, step, payload) or None."""
+def resume(
+    root: str, config_hash: str, *, force: bool = False, force_restart: bool = False
+) -> tuple[str, int, CheckpointPayload] | None:
+    """:func:`find_resumable` + :func:`load_checkpoint` with one download: (uri, step, payload) or None.
+
+    None means "start from step 0" and is returned only when there is nothing to lose: no
+    checkpoint at all, or only incomplete ones (a crash during the first save). When complete
+    checkpoints exist but every one is corrupt, NoValidCheckpointError names each and its reason,
+    unless ``force_restart`` (then a warning, and None).
+    """
     staging_dirs: list[tempfile.TemporaryDirectory[str]] = []
+    skipped: list[tuple[int, bool, str]] = []
 
     def fetch(uri: str, manifest: dict[str, Any]) -> CheckpointPayload:
         staging = tempfile.TemporaryDirectory(prefix="amft-ckpt-")
@@ -624,11 +669,23 @@ def resume(root: str, config_hash: str, *, force: bool = False) -> tuple[str, in
         return _load_files(uri, _fetch_verified(uri, manifest, staging.name))
 
     try:
-        found = _newest_valid(root, config_hash, force, fetch)
+        found = _newest_valid(root, config_hash, force, fetch, skipped)
     finally:
         for staging in staging_dirs:
             staging.cleanup()
     if found is None:
+        corrupt = [(step, reason) for step, complete, reason in skipped if complete]
+        if corrupt:
+            detail = "; ".join(f"{step_dir_name(step)}: {reason}" for step, reason in corrupt[:3])
+            more = f" (and {len(corrupt) - 3} more)" if len(corrupt) > 3 else ""
+            if not force_restart:
+                raise NoValidCheckpointError(
+                    f"{storage.join(root, CHECKPOINTS)}: all {len(corrupt)} complete checkpoint(s) are corrupt, "
+                    f"refusing to restart from step 0: {detail}{more}; repair or remove them, or pass "
+                    "--force-restart to train from scratch"
+                )
+            logger.warning("every checkpoint under %s is corrupt (%s); force_restart: starting from step 0",
+                           root, detail)
         return None
     uri, manifest, payload = found
     return uri, manifest["step"], payload

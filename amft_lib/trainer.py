@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -32,10 +33,11 @@ from amft_lib import checkpoint as ckpt
 from amft_lib import controller as ctl
 from amft_lib import storage
 from amft_lib.checkpoint import CheckpointPayload, capture_rng_state, restore_rng_state, save_checkpoint
-from amft_lib.config import TrainConfig, config_hash, save_config
-from amft_lib.dataset import load_splits
+from amft_lib.config import ConfigError, TrainConfig, config_hash, save_config
+from amft_lib.data.schema import DataError
+from amft_lib.dataset import check_task, load_splits
 from amft_lib.losses import group_advantages, masked_mean, ppo_clip_loss, sft_loss
-from amft_lib.model import load_policy, save_policy, trainable_parameters
+from amft_lib.model import check_model_source, load_policy, save_policy, trainable_parameters
 from amft_lib.optim import build_optimizer
 from amft_lib.rollout import TokenBatch, completion_logprobs, demonstration_batch, sample_completions
 from amft_lib.sampler import Cursor
@@ -215,6 +217,7 @@ def train(
     checkpoint_root: str | None = None,
     resume: str = "never",
     force_resume: bool = False,
+    force_restart: bool = False,
 ) -> TrainResult:
     """Train with `cfg.controller.method`; writes metrics.jsonl, controller.jsonl, samples.jsonl,
     config.yaml and the final model (HF directory, safetensors) under `out_dir`.
@@ -224,26 +227,47 @@ def train(
         every `cfg.checkpoint_every` steps and at the end (see checkpoint.py).
     resume: "never", "auto" (newest checkpoint under checkpoint_root whose manifest verifies) or
         the URI of one checkpoint. A different config hash is refused unless force_resume.
+    force_restart: with resume="auto", start from step 0 even when every checkpoint under the root is
+        corrupt (otherwise refused with NoValidCheckpointError naming each and why).
+
+    Everything a user can get wrong (out_dir, model, device, data and its task, checkpoint root,
+    the checkpoint to resume) is checked before out_dir is created or written: a refused run leaves
+    no trace. Errors are UserErrors (ConfigError, DataError, ModelError, CheckpointError).
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    model_cfg = cfg.model if init_model is None else replace(cfg.model, name=str(init_model))
+    # ── preflight: every input is checked (and the model loaded) before a byte goes into out_dir ──
+    check_out_dir(out)
+    check_model_source(model_cfg)
+    check_device(cfg.device)
+    splits = splits if splits is not None else load_splits(cfg.data)
+    check_task(splits, cfg.data.task, cfg.data.path)
+    train_rows = splits.get("train", [])
+    demo_rows = [r for r in train_rows if r.get("demonstration")]
+    val_rows = splits.get("val", [])
+    if not train_rows:
+        raise DataError(f"{cfg.data.path or 'generated data'}: the train split is empty")
+    if not demo_rows and cfg.controller.method != "grpo":
+        raise DataError(f"{cfg.data.path or 'generated data'}: controller.method={cfg.controller.method!r} "
+                        "needs demonstrations and the train split has none (use method grpo)")
+    if resume != "never" and resume != "auto" and not checkpoint_root:
+        checkpoint_root = _root_of(resume)
+    cfg_hash = config_hash(cfg)
+    if checkpoint_root and not storage.is_s3(checkpoint_root):
+        check_out_dir(Path(checkpoint_root), "checkpoint root")
+    if resume == "never" and checkpoint_root and cfg.checkpoint_every:
+        ckpt.list_checkpoints(checkpoint_root)  # reachable (credentials, endpoint) before training starts
+    restored = (_restore(checkpoint_root, resume, cfg_hash, force_resume, force_restart)
+                if resume != "never" else None)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    model_cfg = cfg.model if init_model is None else replace(cfg.model, name=str(init_model))
     model, tokenizer = load_policy(model_cfg, device=device, seed=cfg.seed)
     model.train()
     params = trainable_parameters(model)
     task = get_task(cfg.data.task)
-    splits = splits if splits is not None else load_splits(cfg.data)
-    train_rows = splits["train"]
-    demo_rows = [r for r in train_rows if r.get("demonstration")]
-    val_rows = splits.get("val", [])
-    if not train_rows:
-        raise ValueError("the training split is empty")
-    if not demo_rows and cfg.controller.method != "grpo":
-        raise ValueError(f"method {cfg.controller.method!r} needs demonstrations; the train split has none")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
 
     optimizer = build_optimizer(  # AdamW; fp32 master weights + moments for bf16 weights (model.master_weights)
         params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay,
@@ -265,11 +289,9 @@ def train(
     eval_rows = val_rows[: cfg.eval_prompts]
 
     B, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
-    cfg_hash = config_hash(cfg)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     nan_eval = {"val_reward": float("nan"), "val_accuracy": float("nan")}
     start_step, val_initial, val_last = 0, None, nan_eval
-    restored = _restore(checkpoint_root, resume, cfg_hash, force_resume) if resume != "never" else None
     if restored is not None:
         uri, start_step, payload = restored
         with torch.no_grad():
@@ -283,7 +305,8 @@ def train(
         demo_cursor.load_state_dict(ts["demo_cursor"])
         meta_cursor.load_state_dict(ts["meta_cursor"])
         val_initial, val_last = ts["val_initial"], ts["val_last"]
-        _restore_logs(checkpoint_root, out, start_step)
+        if checkpoint_root:
+            _restore_logs(checkpoint_root, out, start_step)
         restore_rng_state(payload.rng_state)  # last: nothing between here and step `start_step` draws
         log.info("resumed from %s at step %d (μ=%.4f)", uri, start_step, state.mu)
     mode = "a" if restored is not None else "w"
@@ -474,8 +497,8 @@ def train(
     if checkpoint_root and cfg.checkpoint_every and cfg.max_steps % cfg.checkpoint_every and start_step < cfg.max_steps:
         save(cfg.max_steps)  # the final state is always checkpointed
     val_final = run_eval(cfg.max_steps) if eval_rows else nan_eval
-    with (out / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"step": cfg.max_steps, **val_final, "final": True,
+    with (out / "metrics.jsonl").open("a") as f:  # NaN (no val split) → null: bare NaN is not JSON
+        f.write(json.dumps({"step": cfg.max_steps, **{k: _num(v) for k, v in val_final.items()}, "final": True,
                             "mu": state.mu, "config_hash": config_hash(cfg)}) + "\n")
     for f in (metrics_f, controller_f, samples_f):
         f.close()
@@ -509,18 +532,42 @@ def _progress(total: int, enabled: bool, initial: int = 0):
 LOG_FILES = ("metrics.jsonl", "controller.jsonl", "samples.jsonl")
 
 
-def _restore(root: str | None, resume: str, cfg_hash: str, force: bool):
+def check_out_dir(out: Path, what: str = "output") -> None:
+    """ConfigError unless `out` is (or can be created as) a writable directory; creates nothing."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{what} {out}: exists and is not a directory; give a directory (it is created if missing)")
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{what} {out}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {out}: permission denied (cannot write in {probe})")
+
+
+def check_device(name: str) -> None:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda': no CUDA device is visible here; use device=auto or cpu")
+
+
+def _root_of(checkpoint_uri: str) -> str | None:
+    """The run root of `<root>/checkpoints/step-NNNNNNN` (None if the URI does not have that shape)."""
+    parts = checkpoint_uri.rstrip("/").rsplit("/", 2)
+    return parts[0] if len(parts) == 3 and parts[1] == ckpt.CHECKPOINTS else None
+
+
+def _restore(root: str | None, resume: str, cfg_hash: str, force: bool, force_restart: bool = False):
     """(uri, step, payload) of the checkpoint to resume from, or None to start fresh."""
     if resume == "auto":
         if not root:
-            raise ValueError("resume='auto' needs a checkpoint root")
-        return ckpt.resume(root, cfg_hash, force=force)
+            raise ConfigError("resume='auto' needs a checkpoint root (--checkpoint-root)")
+        return ckpt.resume(root, cfg_hash, force=force, force_restart=force_restart)
     step, payload = ckpt.load_checkpoint(resume)
     saved = payload.trainer_state.get("config_hash")
     if saved != cfg_hash:
         if not force:
             raise ckpt.ConfigMismatchError(
-                f"{resume} was written with config hash {saved[:12]}…, this run has {cfg_hash[:12]}…; "
+                f"{resume} was written with config hash {str(saved)[:12]}…, this run has {cfg_hash[:12]}…; "
                 "pass force_resume (--force-resume) to continue with this run's config"
             )
         log.warning("config hash differs from %s; this run's config wins", resume)
@@ -535,5 +582,13 @@ def _restore_logs(root: str, out: Path, step: int) -> None:
         lines = storage.get_bytes(src).decode().splitlines() if storage.exists(src) else []
         # samples are written by the evaluation *after* step-1 and carry its count; the rest carry their index
         limit = step + 1 if name == "samples.jsonl" else step
-        kept = [line for line in lines if json.loads(line).get("step", 0) < limit]
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a torn last line (killed mid-write): the resumed run rewrites it
+                log.warning("dropping an unreadable line of %s", src)
+                continue
+            if record.get("step", 0) < limit:
+                kept.append(line)
         (out / name).write_text("".join(line + "\n" for line in kept))

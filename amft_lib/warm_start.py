@@ -25,15 +25,23 @@ from pathlib import Path
 import torch
 
 from amft_lib.config import TrainConfig, WarmStartConfig, save_config
-from amft_lib.dataset import load_splits
+from amft_lib.data.schema import DataError
+from amft_lib.dataset import check_task, load_splits
 from amft_lib.losses import masked_mean
-from amft_lib.model import load_policy, save_policy, trainable_parameters
+from amft_lib.model import check_model_source, load_policy, save_policy, trainable_parameters
 from amft_lib.optim import build_optimizer
 from amft_lib.rollout import completion_logprobs, demonstration_batch, sample_completions
 from amft_lib.sampler import Cursor
 from amft_lib.scoring import greedy_eval, score_completions
 from amft_lib.tasks import get_task
-from amft_lib.trainer import lr_factor, resolve_device, seed_everything, sft_gradient
+from amft_lib.trainer import (
+    check_device,
+    check_out_dir,
+    lr_factor,
+    resolve_device,
+    seed_everything,
+    sft_gradient,
+)
 
 log = logging.getLogger(__name__)
 
@@ -172,18 +180,24 @@ def run_warm_start(cfg: WarmStartConfig, out_dir: str | Path, splits: dict[str, 
     import pyarrow.parquet as pq
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
     model_cfg = cfg.model if init_model is None else replace(cfg.model, name=str(init_model))
-    model, tokenizer = load_policy(model_cfg, device=device, seed=cfg.seed)
-    task = get_task(cfg.data.task)
+    # ── preflight: inputs checked and the model loaded before anything goes into out_dir ──
+    check_out_dir(out)
+    check_model_source(model_cfg)
+    check_device(cfg.device)
     splits = splits if splits is not None else load_splits(cfg.data)
-    train_rows = splits["train"]
+    check_task(splits, cfg.data.task, cfg.data.path)
+    train_rows = splits.get("train", [])
     demos = [r for r in train_rows if r.get("demonstration")]
     if not demos:
-        raise ValueError("warm start needs demonstrations in the train split; none found")
+        raise DataError(f"{cfg.data.path or 'generated data'}: warm start needs demonstrations in the train split; "
+                        "none found")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    model, tokenizer = load_policy(model_cfg, device=device, seed=cfg.seed)
+    task = get_task(cfg.data.task)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
     eval_rows = splits.get("val", [])[: cfg.eval_prompts]
     t0 = time.perf_counter()
 

@@ -13,7 +13,7 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,12 +76,18 @@ class MathItem:
 
 def read_records(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> list[RawRecord]:
     """Read a JSONL or parquet file (by suffix) into records; raise DataError on any bad input."""
+    return list(iter_records(path, max_row_bytes))
+
+
+def iter_records(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[RawRecord]:
+    """Records one at a time (JSONL line by line, parquet batch by batch), so ingesting a large file
+    holds one batch in memory, not the file. Same checks and errors as :func:`read_records`."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
-        return read_jsonl(path, max_row_bytes)
+        return iter_jsonl(path, max_row_bytes)
     if suffix in PARQUET_SUFFIXES:
-        return read_parquet(path, max_row_bytes)
+        return iter_parquet(path, max_row_bytes)
     raise DataError(
         f"{path}: unsupported input format {suffix or '(no suffix)'!r}; "
         f"use one of {', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}"
@@ -100,9 +106,18 @@ def _check_file(path: Path) -> int:
 
 def read_jsonl(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> list[RawRecord]:
     """One JSON object per line, UTF-8. Blank lines are skipped; everything else must parse."""
+    return list(iter_jsonl(path, max_row_bytes))
+
+
+def iter_jsonl(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[RawRecord]:
+    """:func:`read_jsonl`, one record at a time (the file is checked before the first one)."""
     if _check_file(path) == 0:
         raise DataError(f"{path}: empty file (no rows)")
-    records: list[RawRecord] = []
+    return _jsonl_records(path, max_row_bytes)
+
+
+def _jsonl_records(path: Path, max_row_bytes: int) -> Iterator[RawRecord]:
+    count = 0
     try:
         with open(path, "rb") as f:
             line_no = 0
@@ -128,12 +143,12 @@ def read_jsonl(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> list[R
                     ) from None
                 if not text.strip():
                     continue
-                records.append(RawRecord(where, line_no, _parse_json_object(text, where)))
+                count += 1
+                yield RawRecord(where, line_no, _parse_json_object(text, where))
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {one_line(exc)}") from None
-    if not records:
+    if not count:
         raise DataError(f"{path}: empty file (no rows, only blank lines)")
-    return records
 
 
 def _reject_constant(name: str) -> Any:
@@ -154,25 +169,55 @@ def _parse_json_object(text: str, where: str) -> dict[str, Any]:
 
 def read_parquet(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> list[RawRecord]:
     """Read a parquet file; a file that is not parquet (or is corrupt) is a DataError, not a crash."""
+    return list(iter_parquet(path, max_row_bytes))
+
+
+PARQUET_BATCH_ROWS = 16_384
+
+
+def iter_parquet(path: Path, max_row_bytes: int = DEFAULT_MAX_ROW_BYTES) -> Iterator[RawRecord]:
+    """:func:`read_parquet` batch by batch: the file is opened and checked before the first record."""
     if _check_file(path) == 0:
         raise DataError(f"{path}: empty file (no rows)")
-    table = read_parquet_table(path)
-    if table.num_rows == 0:
-        raise DataError(f"{path}: empty file (no rows)")
-    row_bytes = _row_bytes(table)
-    if row_bytes is not None:
-        too_big = pc.greater(row_bytes, max_row_bytes)
-        if pc.any(too_big).as_py():
-            index = pc.index(too_big, True).as_py()
-            raise DataError(
-                f"{path}:row {index + 1}: row is larger than max_row_bytes={max_row_bytes}; "
-                "raise --max-row-bytes if such rows are intended"
-            )
     try:
-        rows = table.to_pylist()
-    except Exception as exc:  # exotic column types (out-of-range timestamps, …) fail in many ways
-        raise DataError(f"{path}: cannot convert rows: {one_line(exc)}") from None
-    return [RawRecord(f"{path}:row {i + 1}", i + 1, row) for i, row in enumerate(rows)]
+        handle = pq.ParquetFile(path)
+        num_rows = handle.metadata.num_rows
+    except Exception as exc:  # not parquet, truncated footer
+        raise DataError(f"{path}: not a readable parquet file: {one_line(exc)}") from None
+    if num_rows == 0:
+        raise DataError(f"{path}: empty file (no rows)")
+    return _parquet_records(path, handle, max_row_bytes)
+
+
+def _parquet_records(path: Path, handle: pq.ParquetFile, max_row_bytes: int) -> Iterator[RawRecord]:
+    offset = 0
+    batches = handle.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+    while True:
+        try:
+            batch = next(batches, None)
+            if batch is None:
+                return
+            table = pa.Table.from_batches([batch])
+            table.validate(full=True)  # checks string columns hold valid UTF-8
+            _ = table.column_names
+        except Exception as exc:  # a corrupt page can surface as almost any exception type in pyarrow
+            raise DataError(f"{path}: not a readable parquet file: {one_line(exc)}") from None
+        row_bytes = _row_bytes(table)
+        if row_bytes is not None:
+            too_big = pc.greater(row_bytes, max_row_bytes)
+            if pc.any(too_big).as_py():
+                index = offset + pc.index(too_big, True).as_py()
+                raise DataError(
+                    f"{path}:row {index + 1}: row is larger than max_row_bytes={max_row_bytes}; "
+                    "raise --max-row-bytes if such rows are intended"
+                )
+        try:
+            rows = table.to_pylist()
+        except Exception as exc:  # exotic column types (out-of-range timestamps, …) fail in many ways
+            raise DataError(f"{path}: cannot convert rows: {one_line(exc)}") from None
+        for i, row in enumerate(rows):
+            yield RawRecord(f"{path}:row {offset + i + 1}", offset + i + 1, row)
+        offset += len(rows)
 
 
 def read_parquet_table(path: Path) -> pa.Table:
@@ -211,44 +256,44 @@ def to_math_items(
     first offending record with its location, because a silently skipped column is how a
     "solution" ends up in a prompt.
     """
-    items: list[MathItem] = []
+    return [to_math_item(record, fields, allow_extra_fields) for record in records]
+
+
+def to_math_item(record: RawRecord, fields: FieldMap, allow_extra_fields: bool = False) -> MathItem:
+    """One record of :func:`to_math_items` (streaming callers map records one at a time)."""
     known = fields.known()
-    for record in records:
-        missing = [name for name in fields.required() if name not in record.fields]
-        if fields.solution and fields.solution not in record.fields:
-            missing.append(fields.solution)
-        if fields.id and fields.id not in record.fields:
-            missing.append(fields.id)
-        if missing:
-            raise DataError(
-                f"{record.source}: missing field(s) {', '.join(map(repr, missing))} "
-                f"(present: {_names(record.fields)}); map them with --question-field/--answer-field/"
-                "--solution-field/--id-field"
-            )
-        extra = sorted(set(record.fields) - known)
-        if extra and not allow_extra_fields:
-            raise DataError(
-                f"{record.source}: unexpected field(s) {_names(extra)}; map them or pass --allow-extra-fields"
-            )
-        question = _string_field(record, fields.question)
-        answer_raw = _answer_field(record, fields.answer)
-        solution_raw = _string_field(record, fields.solution, nullable=True) if fields.solution else None
-        item_id = _string_field(record, fields.id) if fields.id else None
-        answer, solution = parse_gsm8k_answer(answer_raw)
-        if solution_raw is not None:
-            solution = normalize_multiline(solution_raw)
-        items.append(
-            MathItem(
-                source=record.source,
-                line=record.line,
-                id=item_id.strip() if item_id is not None else None,
-                question=normalize_inline(question),
-                answer=answer,
-                solution=solution or None,
-                raw=(item_id, question, answer_raw, solution_raw),
-            )
+    missing = [name for name in fields.required() if name not in record.fields]
+    if fields.solution and fields.solution not in record.fields:
+        missing.append(fields.solution)
+    if fields.id and fields.id not in record.fields:
+        missing.append(fields.id)
+    if missing:
+        raise DataError(
+            f"{record.source}: missing field(s) {', '.join(map(repr, missing))} "
+            f"(present: {_names(record.fields)}); map them with --question-field/--answer-field/"
+            "--solution-field/--id-field"
         )
-    return items
+    extra = sorted(set(record.fields) - known)
+    if extra and not allow_extra_fields:
+        raise DataError(
+            f"{record.source}: unexpected field(s) {_names(extra)}; map them or pass --allow-extra-fields"
+        )
+    question = _string_field(record, fields.question)
+    answer_raw = _answer_field(record, fields.answer)
+    solution_raw = _string_field(record, fields.solution, nullable=True) if fields.solution else None
+    item_id = _string_field(record, fields.id) if fields.id else None
+    answer, solution = parse_gsm8k_answer(answer_raw)
+    if solution_raw is not None:
+        solution = normalize_multiline(solution_raw)
+    return MathItem(
+        source=record.source,
+        line=record.line,
+        id=item_id.strip() if item_id is not None else None,
+        question=normalize_inline(question),
+        answer=answer,
+        solution=solution or None,
+        raw=(item_id, question, answer_raw, solution_raw),
+    )
 
 
 def _string_field(record: RawRecord, name: str, nullable: bool = False) -> Any:

@@ -30,7 +30,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -41,15 +43,19 @@ import pyarrow as pa
 
 import amft_lib
 from amft_lib.config import ConfigError
-from amft_lib.data.ingest import DEFAULT_MAX_ROW_BYTES, FieldMap, read_records, to_math_items
+from amft_lib.data.ingest import DEFAULT_MAX_ROW_BYTES, FieldMap, iter_records, to_math_item
 from amft_lib.data.schema import (
     CARD_NAME,
     EVAL_SPLITS,
     SPLITS,
     DataError,
     DatasetCard,
+    DataWriteError,
     SplitInfo,
+    check_writable_dir,
     dumps_json,
+    one_line,
+    open_parquet_writer,
     rows_to_table,
     sha256_file,
     split_file_name,
@@ -169,13 +175,12 @@ class PrepareResult:
 
 def run_prepare(cfg: PrepareConfig) -> PrepareResult:
     """Build the dataset described by `cfg` and write it atomically; DataError on bad input."""
+    check_writable_dir(Path(cfg.out_dir), "cannot write the dataset")
     task = get_task(cfg.task)
     if cfg.input is not None:
-        rows, dropped, notes, inputs = _ingest_math(cfg, task)
-        source, ngram_n = "ingested", cfg.ngram_n
-    else:
-        rows, dropped, notes = _generate_general_points(cfg, task)
-        inputs, source, ngram_n = [], "generated", 0  # templated prompts share long n-grams by design
+        return _prepare_ingested(cfg, task)  # streamed: never holds the input's rows in memory
+    rows, dropped, notes = _generate_general_points(cfg, task)
+    inputs, source, ngram_n = [], "generated", 0  # templated prompts share long n-grams by design
     rows, contamination = remove_contamination(rows, ngram_n)
     dropped.update(contamination)
     if not any(row["split"] == "train" for row in rows):
@@ -327,63 +332,225 @@ def _generate_general_points(cfg: PrepareConfig, task: Task) -> tuple[list[dict]
 # Ingested math
 
 
-def _ingest_math(cfg: PrepareConfig, task: Task) -> tuple[list[dict], dict[str, int], dict, list[dict]]:
-    """Read, map, normalise and dedup user rows, then split them by the hash of their canonical key."""
-    path = Path(cfg.input or "")
-    records = read_records(path, cfg.max_row_bytes)
-    fields = FieldMap(cfg.question_field, cfg.answer_field, cfg.solution_field, cfg.id_field)
-    items = to_math_items(records, fields, cfg.allow_extra_fields)
+# Why two passes over the file instead of a list of rows: a Python dict per row costs ~1 KB, so 1M
+# short rows took ~2 GB (26x the input). Pass 1 keeps 8-byte hashes per row in numpy-ready arrays
+# (~45 B/row) and decides dedup and splits with vectorised first-occurrence tests; pass 2 re-reads
+# the file and streams the kept rows into one parquet writer per split. Hashes are 64-bit blake2b:
+# a false "duplicate" needs a collision, ~3e-8 for 1M rows.
+_WRITE_BATCH_ROWS = 8192
 
-    dropped: Counter[str] = Counter()
-    rows: list[dict[str, Any]] = []
-    seen_raw: set[tuple] = set()
-    seen_norm: set[tuple] = set()
-    seen_key: set[str] = set()
-    id_source: dict[str, str] = {}
-    for item in items:
-        if item.raw in seen_raw:
-            dropped["duplicate_exact"] += 1
-            continue
-        seen_raw.add(item.raw)
-        if item.id is not None:
-            if not item.id:
-                raise DataError(f"{item.source}: empty id in field {cfg.id_field!r}")
-            if item.id in id_source:
-                raise DataError(f"{item.source}: duplicate id {item.id[:80]!r} (first at {id_source[item.id]})")
-            id_source[item.id] = item.source
-        if not item.question:
-            dropped["empty_question"] += 1
-            continue
-        norm = (item.question, item.answer, item.solution)
-        if norm in seen_norm:
-            dropped["duplicate_normalized"] += 1
-            continue
-        seen_norm.add(norm)
-        if task.check_answer(item.answer) is not None:
-            dropped["bad_answer"] += 1
-            continue
-        key = task.canonical_key(item.answer, item.question)
-        if key in seen_key:  # same question up to case/punctuation: keep the first, whatever its answer
-            dropped["duplicate_key"] += 1
-            continue
-        seen_key.add(key)
-        row_id = item.id if item.id is not None else f"{task.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-        rows.append(
-            {
-                "id": row_id,
-                "task": task.name,
-                "prompt": item.question,
-                "answer": item.answer,
-                "demonstration": item.solution,
-                "split": assign_split(cfg.seed, key, cfg.split_fractions),
-                "meta": json.dumps({"source": f"{path.name}:{item.line}"}, sort_keys=True),
-                "_key": key,
-            }
-        )
-    notes: dict[str, Any] = {"input_rows": len(records)}
-    notes["demonstrations_removed"] = _check_demonstrations(rows, task)
-    inputs = [{"file": path.name, "sha256": sha256_file(path), "rows": len(records)}]
-    return rows, dict(dropped), notes, inputs
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _raw_text(raw: tuple) -> str:
+    """An unambiguous string for the exact-dedup tuple (None and "" differ)."""
+    return "\x1f".join("\x00" if v is None else "\x01" + str(v) for v in raw)
+
+
+@dataclass
+class _Scan:
+    """Pass 1: per input record (in file order) hashes, flags and the split its key hashes to."""
+
+    raw: Any
+    ident: Any
+    has_id: Any
+    empty: Any
+    norm: Any
+    bad: Any
+    key: Any
+    split: Any
+    gram: Any  # n-gram hashes of eval-split rows …
+    gram_row: Any  # … and the record each came from
+
+
+def _scan_input(cfg: PrepareConfig, task: Task, fields: FieldMap) -> _Scan:
+    from array import array
+
+    import numpy as np
+
+    a_raw, a_id, a_norm, a_key = array("Q"), array("Q"), array("Q"), array("Q")
+    has_id, empty, bad, split = bytearray(), bytearray(), bytearray(), bytearray()
+    grams, gram_rows = array("Q"), array("q")
+    eval_codes = {SPLITS.index(name) for name in EVAL_SPLITS}
+    for index, record in enumerate(iter_records(Path(cfg.input or ""), cfg.max_row_bytes)):
+        item = to_math_item(record, fields, cfg.allow_extra_fields)
+        if item.id is not None and not item.id:
+            raise DataError(f"{item.source}: empty id in field {cfg.id_field!r}")
+        a_raw.append(_hash64(_raw_text(item.raw)))
+        has_id.append(item.id is not None)
+        a_id.append(_hash64(item.id) if item.id else 0)
+        empty.append(not item.question)
+        a_norm.append(_hash64(_raw_text((item.question, item.answer, item.solution))))
+        is_bad = bool(item.question) and task.check_answer(item.answer) is not None
+        bad.append(is_bad)
+        code = 0
+        if item.question and not is_bad:
+            key = task.canonical_key(item.answer, item.question)
+            a_key.append(_hash64(key))
+            code = SPLITS.index(assign_split(cfg.seed, key, cfg.split_fractions))
+            if cfg.ngram_n > 0 and code in eval_codes:
+                for gram in word_ngrams(item.question, cfg.ngram_n):
+                    grams.append(_hash64(gram))
+                    gram_rows.append(index)
+        else:
+            a_key.append(0)
+        split.append(code)
+
+    def u64(buf: array) -> Any:
+        return np.frombuffer(buf, dtype=np.uint64) if len(buf) else np.zeros(0, np.uint64)
+
+    def flags(buf: bytearray) -> Any:
+        return np.frombuffer(bytes(buf), dtype=np.uint8).astype(bool)
+
+    return _Scan(raw=u64(a_raw), ident=u64(a_id), has_id=flags(has_id), empty=flags(empty), norm=u64(a_norm),
+                 bad=flags(bad), key=u64(a_key), split=np.frombuffer(bytes(split), dtype=np.uint8),
+                 gram=u64(grams), gram_row=np.frombuffer(gram_rows, dtype=np.int64) if len(gram_rows)
+                 else np.zeros(0, np.int64))
+
+
+def _first_of(values: Any, mask: Any) -> Any:
+    """Mask of the first record (in file order) of each distinct value among the records in `mask`."""
+    import numpy as np
+
+    out = np.zeros(len(values), dtype=bool)
+    idx = np.flatnonzero(mask)
+    if idx.size:
+        _, first = np.unique(values[idx], return_index=True)  # index of each value's first occurrence
+        out[idx[first]] = True
+    return out
+
+
+def _item_at(cfg: PrepareConfig, fields: FieldMap, index: int) -> Any:
+    """The `index`-th record as a MathItem (error messages only: re-reads the file up to it)."""
+    for i, record in enumerate(iter_records(Path(cfg.input or ""), cfg.max_row_bytes)):
+        if i == index:
+            return to_math_item(record, fields, cfg.allow_extra_fields)
+    raise AssertionError(index)  # pragma: no cover - the scan saw this record
+
+
+def _prepare_ingested(cfg: PrepareConfig, task: Task) -> PrepareResult:
+    """Read, map, normalise, dedup, split and decontaminate user rows, streaming (see above)."""
+    import numpy as np
+
+    path = Path(cfg.input or "")
+    fields = FieldMap(cfg.question_field, cfg.answer_field, cfg.solution_field, cfg.id_field)
+    scan = _scan_input(cfg, task, fields)
+    n = len(scan.raw)
+    dropped: dict[str, int] = {}
+
+    def count(name: str, value: Any) -> None:
+        if int(value):
+            dropped[name] = int(value)
+
+    # The same sieve, in the same order, as one row at a time: exact copy → id clash (an error) → empty
+    # question → normalised copy → unparseable answer → same canonical key. Each test only sees the
+    # records that passed the previous ones, like the seen-sets of a sequential loop.
+    exact = _first_of(scan.raw, np.ones(n, dtype=bool))
+    count("duplicate_exact", n - exact.sum())
+    with_id = np.flatnonzero(exact & scan.has_id)
+    if with_id.size:
+        ids = scan.ident[with_id]
+        _, first = np.unique(ids, return_index=True)
+        repeat = np.ones(with_id.size, dtype=bool)
+        repeat[first] = False
+        if repeat.any():
+            pos = int(np.flatnonzero(repeat)[0])
+            original = int(with_id[int(np.flatnonzero(ids == ids[pos])[0])])
+            item, first_item = _item_at(cfg, fields, int(with_id[pos])), _item_at(cfg, fields, original)
+            raise DataError(f"{item.source}: duplicate id {item.id[:80]!r} (first at {first_item.source})")
+    asked = exact & ~scan.empty
+    count("empty_question", (exact & scan.empty).sum())
+    distinct = _first_of(scan.norm, asked)
+    count("duplicate_normalized", asked.sum() - distinct.sum())
+    parsed = distinct & ~scan.bad
+    count("bad_answer", (distinct & scan.bad).sum())
+    kept = _first_of(scan.key, parsed)
+    count("duplicate_key", parsed.sum() - kept.sum())
+
+    # contamination: train rows sharing a key (or, below in pass 2, an n-gram) with a kept eval row
+    eval_codes = [SPLITS.index(name) for name in EVAL_SPLITS]
+    train_code = SPLITS.index("train")
+    is_eval = kept & np.isin(scan.split, eval_codes)
+    key_hit = kept & (scan.split == train_code) & np.isin(scan.key, np.unique(scan.key[is_eval]))
+    kept &= ~key_hit
+    contamination = {"contamination_key": int(key_hit.sum())}
+    eval_grams = np.unique(scan.gram[is_eval[scan.gram_row]]) if scan.gram.size else scan.gram
+    if cfg.ngram_n > 0:
+        contamination["contamination_ngram"] = 0
+
+    notes: dict[str, Any] = {"input_rows": n}
+    inputs = [{"file": path.name, "sha256": sha256_file(path), "rows": n}]
+    card = DatasetCard(task=task.name, source="ingested", generator=_generator_record(cfg), splits={},
+                       dropped={}, notes=notes, inputs=inputs)
+
+    def stage(tmp: Path) -> None:
+        writers: dict[str, Any] = {}
+        buffers: dict[str, list[dict[str, Any]]] = {name: [] for name in SPLITS}
+        rows_out = dict.fromkeys(SPLITS, 0)
+        ngram_hit = np.zeros(n, dtype=bool)
+        demos_removed = 0
+
+        def flush(name: str) -> None:
+            if not buffers[name]:
+                return
+            if name not in writers:
+                writers[name] = open_parquet_writer(tmp / split_file_name(name))
+            writers[name].write_table(rows_to_table(buffers[name]))
+            rows_out[name] += len(buffers[name])
+            buffers[name] = []
+
+        try:
+            for index, record in enumerate(iter_records(path, cfg.max_row_bytes)):
+                if index >= n or not kept[index]:
+                    continue
+                item = to_math_item(record, fields, cfg.allow_extra_fields)
+                name = SPLITS[scan.split[index]]
+                if name == "train" and eval_grams.size:
+                    grams = np.fromiter((_hash64(g) for g in word_ngrams(item.question, cfg.ngram_n)),
+                                        dtype=np.uint64)
+                    if grams.size:
+                        pos = np.minimum(np.searchsorted(eval_grams, grams), eval_grams.size - 1)
+                        if (eval_grams[pos] == grams).any():
+                            ngram_hit[index] = True
+                            continue
+                key = task.canonical_key(item.answer, item.question)
+                row = {
+                    "id": item.id if item.id is not None
+                    else f"{task.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}",
+                    "task": task.name,
+                    "prompt": item.question,
+                    "answer": item.answer,
+                    "demonstration": item.solution,
+                    "split": name,
+                    "meta": json.dumps({"source": f"{path.name}:{item.line}"}, sort_keys=True),
+                }
+                demos_removed += _check_demonstrations([row], task)
+                buffers[name].append(row)
+                if len(buffers[name]) >= _WRITE_BATCH_ROWS:
+                    flush(name)
+            for name in SPLITS:
+                flush(name)
+        finally:
+            for writer in writers.values():
+                writer.close()
+        if cfg.ngram_n > 0:
+            contamination["contamination_ngram"] = int(ngram_hit.sum())
+        if not rows_out["train"]:
+            raise DataError("no training rows left after dedup and decontamination; check the input and fractions")
+        final = kept & ~ngram_hit
+        notes["demonstrations_removed"] = demos_removed
+        notes["distinct_keys"] = {
+            name: int(np.unique(scan.key[final & (scan.split == code)]).size) for code, name in enumerate(SPLITS)
+        }
+        card.dropped = dict(sorted({**dropped, **contamination}.items()))
+        for name in SPLITS:
+            if rows_out[name]:
+                file = split_file_name(name)
+                card.splits[name] = SplitInfo(file=file, rows=rows_out[name], sha256=sha256_file(tmp / file))
+
+    return _write_staged(Path(cfg.out_dir), card, stage)
 
 
 def _check_demonstrations(rows: Iterable[dict[str, Any]], task: Task) -> int:
@@ -425,6 +592,51 @@ def _generator_record(cfg: PrepareConfig) -> dict[str, Any]:
     }
 
 
+_TEMP_PREFIX = ".prepare-"
+
+
+def _temp_prefix() -> str:
+    """`.prepare-HOST-PID-`: a later run can tell a dead writer's leftovers from a live writer's."""
+    return f"{_TEMP_PREFIX}{socket.gethostname().replace('-', '_')}-{os.getpid()}-"
+
+
+def remove_stale_temp_dirs(out_dir: Path, max_age_s: float = 24 * 3600) -> list[Path]:
+    """Remove `.prepare-*` temp dirs that a killed `prepare` (SIGKILL, OOM, node loss) left behind.
+
+    Stale means: written by a process on this host that no longer runs, or named the old way (no
+    host/pid), or untouched for `max_age_s` (a writer on another host of a shared volume). A live
+    writer's temp dir is left alone, so two prepares into one folder do not break each other.
+    """
+    removed = []
+    host = socket.gethostname().replace("-", "_")
+    for path in out_dir.glob(f"{_TEMP_PREFIX}*"):
+        if not path.is_dir():
+            continue
+        parts = path.name[len(_TEMP_PREFIX) :].split("-")
+        try:
+            age = time.time() - path.stat().st_mtime
+        except OSError:
+            continue
+        if len(parts) >= 3 and parts[1].isdigit():
+            stale = age > max_age_s or (parts[0] == host and not _pid_alive(int(parts[1])))
+        else:
+            stale = True
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def write_dataset(out_dir: Path, rows: Sequence[dict[str, Any]], card: DatasetCard) -> PrepareResult:
     """Write one parquet per non-empty split and the card, via a temp dir; rename the card in last.
 
@@ -432,15 +644,29 @@ def write_dataset(out_dir: Path, rows: Sequence[dict[str, Any]], card: DatasetCa
     "incomplete" (no card) rather than as a mix of old and new files under an old card.
     """
     by_split = {name: [row for row in rows if row["split"] == name] for name in SPLITS}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
-    try:
+
+    def stage(tmp: Path) -> None:
         for name, split_rows in by_split.items():
             if not split_rows:
                 continue
             file = split_file_name(name)
             write_parquet(rows_to_table(split_rows), tmp / file)
             card.splits[name] = SplitInfo(file=file, rows=len(split_rows), sha256=sha256_file(tmp / file))
+
+    return _write_staged(out_dir, card, stage)
+
+
+def _write_staged(out_dir: Path, card: DatasetCard, stage: Callable[[Path], None]) -> PrepareResult:
+    """Create a temp dir in `out_dir`, let `stage` write the split files into it (filling card.splits),
+    then write the card and swap everything in; the temp dir is removed whatever happens."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_dirs(out_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(), dir=out_dir))
+    except OSError as exc:
+        raise DataWriteError(f"{out_dir}: cannot write the dataset: {one_line(exc)}") from None
+    try:
+        stage(tmp)
         (tmp / CARD_NAME).write_text(dumps_json(card.to_dict()), encoding="utf-8")
         (out_dir / CARD_NAME).unlink(missing_ok=True)
         for name in SPLITS:
@@ -450,6 +676,10 @@ def write_dataset(out_dir: Path, rows: Sequence[dict[str, Any]], card: DatasetCa
             else:
                 target.unlink(missing_ok=True)  # a stale split from an earlier run must not linger
         os.replace(tmp / CARD_NAME, out_dir / CARD_NAME)
+    except DataError:
+        raise
+    except OSError as exc:
+        raise DataWriteError(f"{out_dir}: cannot write the dataset: {one_line(exc)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     files = {name: out_dir / info.file for name, info in card.splits.items()}

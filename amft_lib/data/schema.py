@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +55,22 @@ class DataError(UserError):
     """
 
 
+class DataWriteError(DataError, OSError):
+    """The dataset or a report cannot be written (permission denied, disk full); names the path."""
+
+
+def check_writable_dir(out_dir: Path, what: str) -> None:
+    """DataWriteError ("<out_dir>: <what>: <why>") unless `out_dir` is, or can be created as, a
+    writable directory. Creates nothing: a run checks this before its expensive part."""
+    probe = Path(out_dir)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DataWriteError(f"{out_dir}: {what}: {probe} is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DataWriteError(f"{out_dir}: {what}: permission denied on {probe}")
+
+
 def split_file_name(split: str) -> str:
     """File name of one split inside a prepared dataset directory."""
     return f"{split}.parquet"
@@ -86,9 +102,17 @@ def atomic_path(final: Path) -> Iterator[Path]:
     exception the temp file is removed, so readers see either the old file or the new one.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    # Not mkstemp: its 0600 would survive the rename. 0666 minus the umask is what open() gives any
+    # new file, so a prepared dataset is as readable as the user's other files (0644 by default).
+    for _ in range(100):
+        tmp = final.parent / f".{final.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 48 random bits
+        raise FileExistsError(f"{final.parent}: cannot create a unique temp file")
     try:
         yield tmp
         os.replace(tmp, final)
@@ -100,6 +124,12 @@ def write_parquet(table: pa.Table, path: Path) -> None:
     """Write `table` deterministically to a temp name beside `path`, then rename it into place."""
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, **_PARQUET_OPTIONS)
+
+
+def open_parquet_writer(path: Path) -> pq.ParquetWriter:
+    """A writer with the same deterministic options as :func:`write_parquet`, for files written in
+    batches (streamed ingestion). The caller writes into a temp folder and renames it into place."""
+    return pq.ParquetWriter(path, ARROW_SCHEMA, **_PARQUET_OPTIONS)
 
 
 def write_text(text: str, path: Path) -> None:

@@ -36,6 +36,9 @@ from amft_lib.data.schema import (
     SPLITS,
     DataError,
     DatasetCard,
+    DataWriteError,
+    check_writable_dir,
+    one_line,
     read_card,
     sha256_file,
     write_text,
@@ -151,7 +154,14 @@ def run_validate(cfg: ValidateConfig, count_tokens: TokenCounter | None = None) 
     """
     t0 = time.perf_counter()
     dataset = Path(cfg.dataset)
-    tables, card = load_dataset(dataset, cfg.check_card)
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else (dataset if dataset.is_dir() else dataset.parent) / "validation"
+    check_writable_dir(out_dir, "cannot write the validation reports")  # before GX (~3 s) and any write
+    try:
+        tables, card = load_dataset(dataset, cfg.check_card)
+    except DataError:
+        raise
+    except OSError as exc:  # permission denied on a split file or the folder
+        raise DataError(f"{dataset}: cannot read the dataset: {one_line(exc)}") from None
     task_name = _resolve_task(cfg.task, card, tables)
     task = get_task(task_name)
     counter = count_tokens or (load_token_counter(cfg.tokenizer) if cfg.tokenizer else len)
@@ -171,13 +181,15 @@ def run_validate(cfg: ValidateConfig, count_tokens: TokenCounter | None = None) 
         **gx_result.get("statistics", {}),
         "failed_checks": [f.check for f in failures],
     }
-    out_dir = Path(cfg.out_dir) if cfg.out_dir else (dataset if dataset.is_dir() else dataset.parent) / "validation"
     passed = bool(gx_result.get("success"))
     json_path, md_path, html_path = out_dir / JSON_NAME, out_dir / MARKDOWN_NAME, out_dir / HTML_NAME
     title = {"dataset": str(dataset), "task": task_name, "suite": _suite_name(task_name)}
-    write_text(render_markdown(passed, title, statistics, failures, gx_result), md_path)
-    write_text(render_html(passed, title, statistics, failures, gx_result), html_path)
-    write_text(json.dumps(gx_result, indent=2, sort_keys=True, default=str) + "\n", json_path)
+    try:
+        write_text(render_markdown(passed, title, statistics, failures, gx_result), md_path)
+        write_text(render_html(passed, title, statistics, failures, gx_result), html_path)
+        write_text(json.dumps(gx_result, indent=2, sort_keys=True, default=str) + "\n", json_path)
+    except OSError as exc:
+        raise DataWriteError(f"{out_dir}: cannot write the validation reports: {one_line(exc)}") from None
     t4 = time.perf_counter()
     timings = {"load_s": t1 - t0, "checks_s": t2 - t1, "gx_s": t3 - t2, "report_s": t4 - t3, "total_s": t4 - t0}
     return ValidationResult(passed, task_name, statistics, failures, json_path, md_path, html_path, gx_result, timings)
@@ -185,6 +197,7 @@ def run_validate(cfg: ValidateConfig, count_tokens: TokenCounter | None = None) 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
+
 
 
 def load_dataset(path: Path, check_card: bool = True) -> tuple[list[pa.Table], DatasetCard | None]:
@@ -495,9 +508,14 @@ def _overview_rows(gx_result: dict[str, Any]) -> list[tuple[str, str, str, str, 
 
 def render_markdown(passed: bool, title: dict[str, str], statistics: dict[str, Any],
                     failures: list[FailedCheck], gx_result: dict[str, Any]) -> str:
-    """The gate's report as Markdown: verdict, row counts, each failure with ids, then every check."""
+    """The gate's report as Markdown: verdict, row counts, each failure with ids, then every check.
+
+    Row ids, values and paths come from the data: they go through escape_markdown_cell, never into a
+    code span, so an id holding a backtick cannot smuggle HTML into the report."""
+    from amft_lib.reports import md_escape as esc
+
     lines = [f"# Data validation: {'PASSED' if passed else 'FAILED'}", ""]
-    lines += [f"- {k}: `{v}`" for k, v in title.items()]
+    lines += [f"- {k}: {esc(v)}" for k, v in title.items()]
     lines += [f"- rows: {statistics['rows']} ({_split_summary(statistics)})",
               f"- lengths counted in {statistics['length_unit']}",
               f"- expectations: {statistics.get('successful_expectations', 0)} of "
@@ -505,19 +523,19 @@ def render_markdown(passed: bool, title: dict[str, str], statistics: dict[str, A
     if failures:
         lines += ["## Failed expectations", ""]
         for f in failures:
-            lines.append(f"### `{f.check}` — {f.expectation}" + (f" on `{f.column}`" if f.column else ""))
+            lines.append(f"### {esc(f.check)} — {esc(f.expectation)}" + (f" on {esc(f.column)}" if f.column else ""))
             lines.append("")
-            lines.append(f"- why: {f.why}")
+            lines.append(f"- why: {esc(f.why)}")
             if f.unexpected_count is not None:
                 lines.append(f"- offending rows: {f.unexpected_count}")
             if f.observed is not None:
-                lines.append(f"- observed: `{_short(f.observed, 200)}`")
+                lines.append(f"- observed: {esc(_short(f.observed, 200))}")
             if f.examples:
-                lines.append("- example ids: " + ", ".join(f"`{e}`" for e in f.examples))
+                lines.append("- example ids: " + ", ".join(esc(e) for e in f.examples))
             lines.append("")
     lines += ["## All expectations", "", "| check | expectation | column | result | unexpected |",
               "|---|---|---|---|---|"]
-    lines += [f"| {' | '.join(row)} |" for row in _overview_rows(gx_result)]
+    lines += [f"| {' | '.join(esc(c) for c in row)} |" for row in _overview_rows(gx_result)]
     return "\n".join(lines) + "\n"
 
 

@@ -30,10 +30,15 @@ from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
 
+from amft_lib.confusables import skeleton
 from amft_lib.tasks.base import Verdict
 
 # Longest number text we will convert; anything longer is model babble, not an answer.
 MAX_NUMBER_CHARS = 64
+# Longest completion the verifier reads (~25k tokens, far beyond any max_new_tokens we use). Scanning
+# for the last number is linear but not free (~1.7 s for 10 MB): a longer text scores 0 as "too_long"
+# in microseconds instead of stalling the reward loop.
+MAX_COMPLETION_CHARS = 100_000
 
 _DIGITS = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+"
 # The sign counts only when the '-' does not follow an operand ("10-5" is 10 minus 5), and a number
@@ -151,12 +156,13 @@ def answers_match(pred: Fraction, ref: Fraction, rel_tol: float = 0.0) -> bool:
 
 
 def normalize_question(text: str) -> str:
-    """NFKC, lowercase, collapse whitespace, strip punctuation at both ends.
+    """NFKC, lowercase, homoglyphs folded, collapse whitespace, strip punctuation at both ends.
 
-    Two copies of a question that differ only in case, spacing, full-width characters or a trailing
+    Two copies of a question that differ only in case, spacing, full-width characters, look-alike
+    letters from another script (Cyrillic `а` for Latin `a`: see amft_lib.confusables) or a trailing
     "?" get one key, so they cannot land in different splits.
     """
-    text = " ".join(unicodedata.normalize("NFKC", text).lower().split())
+    text = " ".join(skeleton(text).split())
     start, end = 0, len(text)
     while start < end and unicodedata.category(text[start]).startswith("P"):
         start += 1
@@ -189,6 +195,8 @@ class MathTask:
             raise ValueError(f"reference answer is not a number: {answer[:80]!r}")
         if not isinstance(completion, str):
             return Verdict(0.0, False, "no_answer")
+        if len(completion) > MAX_COMPLETION_CHARS:
+            return Verdict(0.0, False, "too_long")
         pred_text = extract_answer(completion)
         if pred_text is None:
             return Verdict(0.0, False, "no_answer")
