@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 CHAMPION_ALIAS = "champion"
 DEFAULT_EXPERIMENT = "amft"
 MODEL_ARTIFACT_PATH = "model"
-TAG_PREFIX = "amft."
 RUN_ID_TAG = "amft.run_id"
 LINEAGE_TAG = "amft.lineage_uri"
 _MAX_TAG_VALUE = 5000  # MLflow allows more, but tags are for reading; a long value is truncated
@@ -530,14 +529,6 @@ def resolve(spec: str, tracking_uri: str | None = None) -> ModelRef:
     except MlflowException as exc:
         raise ModelLookupError(f"{spec}: {_one_line(exc)}") from None
     return _ref(client, mv)
-
-
-def get_champion(name: str, tracking_uri: str | None = None, alias: str = CHAMPION_ALIAS) -> ModelRef | None:
-    """The version the `champion` alias points at, or None (first run, or no such model)."""
-    try:
-        return resolve(f"{_check_name(name)}@{alias}", tracking_uri)
-    except LookupError:
-        return None
 
 
 def download_model(ref: ModelRef | str, dst: str | Path, tracking_uri: str | None = None) -> Path:

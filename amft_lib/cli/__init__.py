@@ -72,11 +72,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except UserError as exc:  # a mistake the user can fix: one line, exit 2 (traceback with --debug)
         if args.debug:
             raise
+        from amft_lib.redact import redact_text
+
         message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {redact_text(message)}", file=sys.stderr)
         return 2
 
 

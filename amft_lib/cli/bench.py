@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "step": ("bench_step.py", "one trainer step split into rollout / forward-backward / meta-gradient"),
     "data": ("bench_data.py", "data prepare + validate throughput"),
     "checkpoint": ("bench_checkpoint.py", "checkpoint save/load to S3 vs bare boto3"),
+    "ingest-memory": ("bench_ingest_memory.py", "peak RSS of ingesting N rows vs the input size (streamed)"),
     "render": ("render_results.py", "regenerate the README Results section from bench/results"),
 }
 
@@ -29,7 +30,7 @@ def register(subparsers: Any) -> None:
     """Add ``amft bench NAME [ARGS...]`` to an ``argparse`` subparsers object."""
     bench = subparsers.add_parser(
         "bench",
-        help="run a benchmark from bench/ (methods, speed, step, data, checkpoint, render)",
+        help="run a benchmark from bench/ (" + ", ".join(BENCHMARKS) + ")",
         description="Run a benchmark script from the checkout's bench/ folder; ARGS go to the script "
         "(`amft bench NAME --help` shows its options).",
     )

@@ -2,8 +2,8 @@
 
 Each handler calls the same library function the KFP component calls (run_evaluate,
 register_model, verify_lineage). Exit codes: 0 done (an unblessed model is a result, not an
-error), 1 a check failed (`--fail-if-not-blessed`, `lineage --verify`), 2 an error, reported as
-one `error: …` line on stderr with secrets redacted (the traceback is logged at debug level, -v).
+error), 1 a check failed (`--fail-if-not-blessed`, `lineage --verify`), 2 a user error (bad input,
+unknown model, unreachable registry), reported by the CLI boundary as one `error: …` line.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import contextlib
 import json
 import logging
 import os
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+
+from amft_lib.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -25,26 +26,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_evaluate(sub)
     _add_register(sub)
     _add_lineage(sub)
-
-
-def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Turn any exception into one redacted `error:` line and exit code 2."""
-
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return handler(args)
-        except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
-            return 2
-        except Exception as exc:
-            from amft_lib.lineage import redact_text
-
-            log.debug("%s failed", handler.__name__, exc_info=True)
-            message = " ".join(str(exc).split()) or type(exc).__name__
-            print(f"error: {redact_text(message)}", file=sys.stderr)
-            return 2
-
-    return run
 
 
 # ── amft evaluate ───────────────────────────────────────────────────────────────────────────────
@@ -84,7 +65,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat-template", action="store_true", help="wrap prompts with the chat template")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs")
     p.add_argument("--fail-if-not-blessed", action="store_true", help="exit 1 when the model is not blessed")
-    p.set_defaults(handler=_guarded(_evaluate))
+    p.set_defaults(handler=_evaluate)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -133,7 +114,7 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--artifact-root", help="artifact root for a new experiment (folder or s3://)")
     p.add_argument("--experiment", default="amft", help="MLflow experiment of the registration runs")
     p.add_argument("--alias", default="champion", help="alias moved to the new version (default champion)")
-    p.set_defaults(handler=_guarded(_register))
+    p.set_defaults(handler=_register)
 
 
 def _register(args: argparse.Namespace) -> int:
@@ -171,7 +152,11 @@ def _add_lineage(sub: argparse._SubParsersAction) -> None:
                    "unless an S3 endpoint is configured, start its embedded SeaweedFS for this command")
     p.add_argument("--verify", action="store_true", help="re-read every input and check its sha256")
     p.add_argument("--json", action="store_true", help="print the lineage record as JSON instead of the chain")
-    p.set_defaults(handler=_guarded(_lineage))
+    p.set_defaults(handler=_lineage)
+
+
+class LineageNotFoundError(UserError, LookupError):
+    """A registered model version without a lineage record."""
 
 
 def _record_for(ref, tracking_uri: str | None) -> dict:
@@ -192,7 +177,8 @@ def _record_for(ref, tracking_uri: str | None) -> dict:
                 local = None
             if local:
                 return lineage.read_lineage(local)
-    raise LookupError(f"{ref.uri}: no lineage record (no {registry.LINEAGE_TAG} tag and none logged in its run)")
+    raise LineageNotFoundError(f"{ref.uri}: no lineage record (no {registry.LINEAGE_TAG} tag and none logged in its "
+                               "run)")
 
 
 @contextlib.contextmanager

@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-root", help="run root for checkpoints (local path or s3://BUCKET/PREFIX/runs/RUN_ID)")
     p.add_argument("--resume", default="never", help="never | auto | URI of one checkpoint (default: never)")
     p.add_argument("--force-resume", action="store_true", help="resume even if the config hash differs")
+    p.add_argument("--force-restart", action="store_true",
+                   help="with --resume auto, start from step 0 even if every checkpoint under --checkpoint-root is "
+                   "corrupt (otherwise refused, listing each checkpoint and why)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     p.set_defaults(handler=_train)
@@ -67,13 +70,9 @@ def _load(args: argparse.Namespace, cls: type):
 
 
 def _warm_start(args: argparse.Namespace) -> int:
-    from amft_lib.config import ConfigError, WarmStartConfig
+    from amft_lib.config import WarmStartConfig
 
-    try:
-        cfg = _load(args, WarmStartConfig)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = _load(args, WarmStartConfig)  # a ConfigError is a UserError: one `error:` line from amft_lib.cli
     from amft_lib.warm_start import run_warm_start
 
     r = run_warm_start(cfg, args.out)
@@ -83,7 +82,7 @@ def _warm_start(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from amft_lib.config import ConfigError, TrainConfig, config_to_dict, describe
+    from amft_lib.config import TrainConfig, config_to_dict, describe
 
     if args.help_config:  # with --config/--set: the values this run would use, and the defaults they replace
         values = config_to_dict(_load(args, TrainConfig))
@@ -97,11 +96,7 @@ def _train(args: argparse.Namespace) -> int:
     if not args.out:
         print("error: --out is required", file=sys.stderr)
         return 2
-    try:
-        cfg = _load(args, TrainConfig)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = _load(args, TrainConfig)
     from amft_lib.trainer import train
 
     if args.resume != "never" and args.resume != "auto" and not args.resume.strip():
@@ -111,7 +106,8 @@ def _train(args: argparse.Namespace) -> int:
         print("error: --resume auto needs --checkpoint-root", file=sys.stderr)
         return 2
     result = train(cfg, args.out, init_model=args.init_model, progress=not args.no_progress,
-                   checkpoint_root=args.checkpoint_root, resume=args.resume, force_resume=args.force_resume)
+                   checkpoint_root=args.checkpoint_root, resume=args.resume, force_resume=args.force_resume,
+                   force_restart=args.force_restart)
     print(
         f"method={cfg.controller.method} steps={result.steps} val_reward {result.val_reward_initial:.3f} -> "
         f"{result.val_reward_final:.3f} val_accuracy {result.val_accuracy_initial:.3f} -> "

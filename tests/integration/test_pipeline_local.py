@@ -182,6 +182,7 @@ def test_unblessed_model_is_not_registered(unblessed_and_killed, registry_uri):
     assert run.summary["stages"]["eval"]["blessed"] is False
     assert "below the threshold 1.0000" in run.summary["stages"]["eval"]["reason"]
     name = f"gp-{run.summary['run_id']}"
-    assert registry.get_champion(name, registry_uri) is None
+    with pytest.raises(LookupError):
+        registry.resolve(f"{name}@champion", registry_uri)
     with pytest.raises(LookupError):
         registry.resolve(name, registry_uri)

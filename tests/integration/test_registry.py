@@ -112,7 +112,7 @@ def test_register_tags_alias_and_idempotent_retry(store, tmp_path):
     # a newer blessed run: version 2, the alias moves
     second = register(store, name, "run-2", blessed_metrics(0.7))
     assert second.version == "2" and second.created and second.alias_moved
-    assert registry.get_champion(name, store["uri"]).version == "2"
+    assert registry.resolve(f"{name}@champion", store["uri"]).version == "2"
     assert registry.resolve(name, store["uri"]).version == "2"  # NAME alone: latest
     assert "champion" in registry.resolve(f"{name}@champion", store["uri"]).aliases
 
@@ -121,7 +121,7 @@ def test_register_tags_alias_and_idempotent_retry(store, tmp_path):
     again = register(store, name, "run-1", lineage_uri=lin1)
     assert again.registered and not again.created and again.version == "1" and not again.alias_moved
     assert n_versions(store, name) == 2 and n_runs(store) == runs_before
-    assert registry.get_champion(name, store["uri"]).version == "2"
+    assert registry.resolve(f"{name}@champion", store["uri"]).version == "2"
 
 
 def test_evaluate_resolves_registry_uris(store, tmp_path):
@@ -140,7 +140,8 @@ def test_not_blessed_registers_nothing(store):
     assert not result.registered and result.version is None
     assert "did not bless" in result.reason and "below the threshold" in result.reason
     assert n_versions(store, "gp-unblessed") == 0 and n_runs(store) == runs_before
-    assert registry.get_champion("gp-unblessed", store["uri"]) is None
+    with pytest.raises(LookupError):
+        registry.resolve("gp-unblessed@champion", store["uri"])
     with pytest.raises(LookupError):
         registry.resolve("gp-unblessed", store["uri"])
 

@@ -190,8 +190,9 @@ def test_cli_evaluate_and_error_line(tiny_setup, tmp_path, capsys):
     assert "blessed=no" in capsys.readouterr().out
     assert (out / "metrics.json").exists()
 
-    args = parser.parse_args(["evaluate", "--model", "x", "--data", str(tmp_path / "nope"), "--out", str(out)])
-    assert args.handler(args) == 2
+    from amft_lib import cli  # the boundary that turns a user error into one line and exit 2
+
+    assert cli.main(["evaluate", "--model", "x", "--data", str(tmp_path / "nope"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
 
