@@ -74,7 +74,8 @@ def test_prompt_and_demonstration_format():
     row = cd.make_row((3, 7, 15), 36, rng, "train", "x", "id", with_demonstration=True)
     shown = json.loads(row["answer"])["numbers"]
     assert sorted(shown) == [3, 7, 15]
-    assert row["prompt"] == f"Numbers: {' '.join(map(str, shown))}. Target: 36. Use each number once with + - * / ( ).\n"
+    numbers = " ".join(map(str, shown))
+    assert row["prompt"] == f"Numbers: {numbers}. Target: 36. Use each number once with + - * / ( ).\n"
     demo = row["demonstration"]
     assert demo.startswith("Numbers: 3 7 15\n") and demo.endswith("\n")
     assert TASK.verify(row["answer"], demo).reward == 1.0
