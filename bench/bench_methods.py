@@ -44,7 +44,7 @@ TASK_DEFAULTS = {  # --task → (train config, warm-start config)
 
 def base_overrides(steps: int) -> list[str]:
     return [f"max_steps={steps}", f"eval_every={max(1, steps // 3)}", "eval_prompts=100",
-            f"controller.switch_step={steps // 2}"]
+            f"controller.switch_step={steps // 2}", f"controller.chord_decay_steps={steps}"]
 
 
 def greedy_accuracy(model_dir: str, cfg, job: dict) -> dict[str, float]:
@@ -109,7 +109,8 @@ def _one_run(job: dict) -> dict:
 
 
 def instance_scores(model_dir: str, cfg, job: dict) -> dict:
-    """Per instance of every split in job["splits"]: greedy correctness (0/1) on all rows, and the number
+    """Per instance of every split in job["splits"]: greedy correctness (0/1) on the first job["eval_rows"]
+    rows (0: all), and the number
     correct of k samples (at the rollout temperature, seed fixed per split so every method sees the same
     sampling stream) on the first job["pass_k_rows"] rows. "summary" holds the means."""
     import torch
@@ -127,7 +128,7 @@ def instance_scores(model_dir: str, cfg, job: dict) -> dict:
     k, n_k = job["pass_k"], job["pass_k_rows"]
     out: dict = {"summary": {}}
     for i, split in enumerate(job["splits"]):
-        rows = splits[split]
+        rows = splits[split][: job.get("eval_rows") or None]
         with torch.no_grad():
             greedy = sample_completions(model, tok, [r["prompt"] for r in rows],
                                         max_new_tokens=cfg.rollout.max_new_tokens, greedy=True, batch_size=256)
@@ -396,6 +397,8 @@ def main() -> None:
     ap.add_argument("--config", default=None, help="training config; default per --task (configs/tiny_*.yaml)")
     ap.add_argument("--warm-config", default=None, help="warm-start config; default per --task")
     ap.add_argument("--pass-k", type=int, default=8, help="countdown: k of pass@k (samples per instance)")
+    ap.add_argument("--eval-rows", type=int, default=0,
+                    help="countdown: greedy pass@1 on the first this many instances of each test split (0: all)")
     ap.add_argument("--pass-k-rows", type=int, default=500,
                     help="countdown: pass@k on the first this many instances of each test split (greedy uses all)")
     ap.add_argument("--n-boot", type=int, default=5000, help="countdown: bootstrap replicates per comparison")
@@ -449,7 +452,7 @@ def main() -> None:
     common = {"config": args.config, "data": str(data), "warm_model": str(warm / "model"), "steps": args.steps,
               "target_entropy": target_entropy, "target_entropy_temperature": temperature, "extra": list(args.set)}
     if countdown:
-        common.update(per_instance=True, pass_k=args.pass_k, pass_k_rows=args.pass_k_rows)
+        common.update(per_instance=True, pass_k=args.pass_k, pass_k_rows=args.pass_k_rows, eval_rows=args.eval_rows)
 
     if args.tune:
         axes = dict(item.split("=", 1) for item in args.grid) if args.grid else {

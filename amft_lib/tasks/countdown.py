@@ -11,29 +11,32 @@ Instance space (`CountdownSpec`):
 - in distribution ("id"): `n_numbers` = 3 numbers from 1..`max_number` = 20, drawn as a multiset,
   and a target in 1..`max_target` = 100 that the numbers can make exactly (every one used once);
   the target is drawn uniformly from the integers in that range the multiset can reach;
-- out of distribution ("ood"): the same count of numbers and the same target range, but the numbers
-  come from 1..`ood_max_number` = 40 and at least one lies in 21..40.
+- out of distribution ("ood"): the same numbers (3 from 1..20) but a target in `max_target`+1 ..
+  `ood_max_target` = 101..200, a range no training target comes from.
 
-Why OOD means "larger operands" and not "one more number": with the character-level model, a fourth
-number makes every demonstration one step longer, a length generalisation the model has never seen
-and fails at almost surely (the General Points OOD split reads 0 for a similar reason). Operands
-21..40 keep the route length and the prompt format and only change the values the model must compute
-with, so OOD accuracy measures whether the arithmetic generalises rather than whether the format
-does. Such instances can never occur in distribution (every ID number is ≤ 20), so no key crosses.
+Why OOD means "larger targets" and not "one more number" or "larger operands": both of those were
+measured on the warm-start `tiny` model (150 instances each, greedy and pass@8): 4 numbers → 0.00 /
+0.00; 3 numbers with one of them in 21..30 → 0.00 / 0.00, and 21..40 → 0.000 / 0.000 on 2000 — the
+character model cannot even copy an operand it has never seen (it rewrites "35 14 8" as "7 14 15" on
+its first line), so such a split is structurally 0 for every method, as General Points' OOD split is,
+and ranks nothing. Targets 101..200 keep every input familiar and ask whether the search extrapolates
+to results outside the trained range (warm start: greedy 0.00, pass@8 0.06). Such instances never
+occur in distribution (every ID target is ≤ 100), so no key crosses.
 
 Prompt (≤ ~70 chars; numbers in the drawn order, not sorted):
 
-    Numbers: 15 3 7. Target: 29. Use each number once with + - * / ( ).
+    Numbers: 15 3 7. Target: 36. Use each number once with + - * / ( ).
 
 Demonstration: General Points' route format (`make_demonstration`): the sorted numbers, one line per
 combination with the numbers left, then the whole expression:
 
     Numbers: 3 7 15
-    15+7=22 left 3 22
-    22+3=25 ...
-    Answer: 15+7+3
+    7*3=21 left 15 21
+    21+15=36
+    Answer: 7*3+15
 
-The `answer` column is JSON: {"numbers": [15, 3, 7], "target": 29}. The canonical key is
+Each OOD instance is drawn as a multiset first, then a target, so it is not uniform over OOD instances;
+the ID space is enumerated and is uniform. The `answer` column is JSON: {"numbers": [15, 3, 7], "target": 29}. The canonical key is
 "countdown|3,7,15|29" (sorted numbers and target): an instance lands in exactly one split.
 """
 
@@ -61,19 +64,19 @@ class CountdownSpec:
 
     n_numbers: int = 3
     max_number: int = 20
-    ood_max_number: int = 40
     max_target: int = 100
+    ood_max_target: int = 200
 
     def __post_init__(self) -> None:
         if not 2 <= self.n_numbers <= MAX_NUMBERS:
             raise ValueError(f"n_numbers={self.n_numbers}: must be in [2, {MAX_NUMBERS}]")
-        if not 1 <= self.max_number < self.ood_max_number <= MAX_VALUE:
+        if not 1 <= self.max_number <= MAX_VALUE:
+            raise ValueError(f"max_number={self.max_number}: must be in [1, {MAX_VALUE}]")
+        if not 1 <= self.max_target < self.ood_max_target <= MAX_VALUE:
             raise ValueError(
-                f"max_number={self.max_number}, ood_max_number={self.ood_max_number}: need "
-                f"1 <= max_number < ood_max_number <= {MAX_VALUE} (OOD numbers lie above max_number)"
+                f"max_target={self.max_target}, ood_max_target={self.ood_max_target}: need "
+                f"1 <= max_target < ood_max_target <= {MAX_VALUE} (OOD targets lie above max_target)"
             )
-        if not 1 <= self.max_target <= MAX_VALUE:
-            raise ValueError(f"max_target={self.max_target}: must be in [1, {MAX_VALUE}]")
 
 
 @dataclass(frozen=True)
@@ -84,10 +87,10 @@ class Instance:
     target: int
 
 
-def reachable_targets(values: Sequence[int], max_target: int) -> tuple[int, ...]:
-    """The integers in 1..max_target that the numbers make using each exactly once, ascending."""
+def reachable_targets(values: Sequence[int], max_target: int, min_target: int = 1) -> tuple[int, ...]:
+    """The integers in min_target..max_target that the numbers make using each exactly once, ascending."""
     reach = _reach(tuple(sorted(values)))
-    return tuple(sorted(int(v) for v in reach if v.denominator == 1 and 1 <= v <= max_target))
+    return tuple(sorted(int(v) for v in reach if v.denominator == 1 and min_target <= v <= max_target))
 
 
 def canonical_key_of(instance: Instance) -> str:
@@ -130,13 +133,11 @@ def id_instances(spec: CountdownSpec) -> Iterator[tuple[tuple[int, ...], int]]:
 
 
 def draw_ood_instance(rng: random.Random, spec: CountdownSpec) -> tuple[tuple[int, ...], int]:
-    """A random OOD (sorted numbers, target): numbers from 1..ood_max_number, at least one above
-    max_number, target uniform over the reachable ones (redrawn when none is reachable)."""
+    """A random OOD (sorted numbers, target): ID numbers, target uniform over the reachable ones in
+    max_target+1..ood_max_target (numbers redrawn when none is reachable, e.g. 1 1 2)."""
     for _ in range(100_000):
-        values = tuple(sorted(rng.randint(1, spec.ood_max_number) for _ in range(spec.n_numbers)))
-        if values[-1] <= spec.max_number:
-            continue
-        targets = reachable_targets(values, spec.max_target)
+        values = tuple(sorted(rng.randint(1, spec.max_number) for _ in range(spec.n_numbers)))
+        targets = reachable_targets(values, spec.ood_max_target, spec.max_target + 1)
         if targets:
             return values, rng.choice(targets)
     raise RuntimeError(f"no OOD instance with a reachable target in 100000 draws for {spec}")
@@ -171,7 +172,8 @@ def generate_splits(sizes: dict[str, int], demo_pool: int, seed: int,
     """Rows for train/val/test_id (disjoint ID instances) and test_ood (OOD instances), and notes.
 
     The ID space is enumerated and shuffled with `seed`; val and test_id take the first instances,
-    train the next `sizes["train"]`. Every instance occurs once, so no key can cross splits. Only the
+    train the next `sizes["train"]`; test_ood draws instances with targets above the ID range. Every
+    instance occurs once, so no key can cross splits. Only the
     first `demo_pool` training rows carry a demonstration: the other training rows are prompts for
     RL, the scarce-demonstration regime AMFT is about. Rows are in generation order (deterministic).
     """

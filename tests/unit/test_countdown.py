@@ -48,6 +48,11 @@ def test_reachable_targets_match_brute_force(values):
     assert list(cd.reachable_targets(values, 100)) == expect
 
 
+def test_reachable_targets_above_a_floor():
+    # 4 4 7: the largest value is 4*4*7 = 112; the next ones, (7+4)*4 = 44 and 7*4+4 = 32, stay ≤ 100
+    assert cd.reachable_targets((4, 4, 7), 200, 101) == (112,)
+
+
 def test_reachable_targets_hand_worked():
     # 1 2 3, every number once: 3-2*1 = 1, 3-2+1 = 2, 3*(2-1) = 3, 3+2-1 = 4, 3*2-1 = 5, 1+2+3 = 6,
     # 3*2+1 = 7, (1+3)*2 = 8, (1+2)*3 = 9; nothing reaches 10 (the largest value is (1+2)*3 = 9).
@@ -151,12 +156,13 @@ def test_generate_splits_small_is_disjoint_and_deterministic():
     assert all(len(keys[s]) == sizes[s] for s in sizes)  # each instance once
     for a, b in itertools.combinations(sizes, 2):
         assert not keys[a] & keys[b], (a, b)
-    for r in by["test_ood"]:
-        numbers = json.loads(r["answer"])["numbers"]
-        assert max(numbers) > 20 and all(1 <= v <= 40 for v in numbers)
+    for r in by["test_ood"]:  # ID numbers, targets above the ID range
+        answer = json.loads(r["answer"])
+        assert 100 < answer["target"] <= 200 and all(1 <= v <= 20 for v in answer["numbers"])
         assert TASK.check_answer(r["answer"]) is None
-    for r in by["val"] + by["train"]:
-        assert all(1 <= v <= 20 for v in json.loads(r["answer"])["numbers"])
+    for r in by["val"] + by["train"] + by["test_id"]:
+        answer = json.loads(r["answer"])
+        assert 1 <= answer["target"] <= 100 and all(1 <= v <= 20 for v in answer["numbers"])
     assert notes["id_space"] == 16292  # 3-multisets of 1..20 × reachable integer targets in 1..100
 
 
@@ -186,5 +192,5 @@ def test_prepare_config_accepts_countdown_without_input():
 def test_spec_validation():
     with pytest.raises(ValueError, match="n_numbers"):
         cd.CountdownSpec(n_numbers=1)
-    with pytest.raises(ValueError, match="OOD numbers lie above"):
-        cd.CountdownSpec(max_number=40, ood_max_number=40)
+    with pytest.raises(ValueError, match="OOD targets lie above"):
+        cd.CountdownSpec(max_target=200, ood_max_target=200)
