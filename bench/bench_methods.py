@@ -2,10 +2,12 @@
 
     python bench/bench_methods.py --out bench/out/methods --seeds 0 1 2 --steps 60
     python bench/bench_methods.py --out bench/out/methods --tune          # controller sweep, on val only
-    python bench/bench_methods.py --task countdown --out bench/out/countdown --seeds 0 1 2 --steps 40
+    python bench/bench_methods.py --task countdown --out bench/out/countdown --seeds 0 1 2 --steps 20 --workers 1 \
+        --eval-rows 1000 --pass-k-rows 128 --set eval_prompts=64 eval_samples=1   # bench/results/methods_countdown.md
 
 Countdown (`--task countdown`, see amft_lib/tasks/countdown.py) adds the baselines chord and hpt, scores
-greedy pass@1 on every test_id / test_ood instance and pass@8 on the first `--pass-k-rows` of each, keeps
+greedy pass@1 on the first `--eval-rows` (default: every) test_id / test_ood instance and pass@8 on the first
+`--pass-k-rows` of each, keeps
 the per-instance results, and compares AMFT with every other method by a paired bootstrap (instances
 and seeds resampled; amft_lib/significance.py): a difference counts only when its 95 % CI excludes 0.
 
