@@ -74,7 +74,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = _help("Task name: `general_points` or `math` (see amft_lib/tasks).", "general_points")
+    task: str = _help("Task name: `general_points`, `countdown` or `math` (see amft_lib/tasks).", "general_points")
     path: str | None = _help(
         "Dataset parquet written by `amft data prepare` (local path or s3:// URI). When empty and the task "
         "is general_points, a dataset is generated in memory from the sizes below.",

@@ -4,6 +4,7 @@ Two sources, one output contract (DESIGN.md "Dataset"):
 
 - generated General Points: hands from `tasks.general_points.generate_rows`; train/val/test_id
   come from the ID rule ("face10"), test_ood from the OOD rule ("face_ranks");
+- generated Countdown: `tasks.countdown.generate_splits` (each instance once; see that module);
 - ingested user math (JSONL or parquet, GSM8K-like): field mapping, NFKC + whitespace
   normalisation, "… #### 72" answers split into answer and worked solution.
 
@@ -74,7 +75,7 @@ class PrepareConfig:
     """What `amft data prepare` builds and where it writes it."""
 
     out_dir: str = _help("Directory for the split parquet files and card.json (created if missing).", "data")
-    task: str = _help("Task name: `general_points` (generated) or `math` (ingested from `input`).", "general_points")
+    task: str = _help("Task: `general_points`, `countdown` (generated) or `math` (ingested from `input`).", "general_points")
     input: str | None = _help(
         "User data file (.jsonl/.json/.ndjson or .parquet) to ingest. Empty: generate General Points.", None
     )
