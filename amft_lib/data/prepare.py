@@ -75,7 +75,7 @@ class PrepareConfig:
     """What `amft data prepare` builds and where it writes it."""
 
     out_dir: str = _help("Directory for the split parquet files and card.json (created if missing).", "data")
-    task: str = _help("Task: `general_points`, `countdown` (generated) or `math` (ingested from `input`).", "general_points")
+    task: str = _help("Task: `general_points`, `countdown` (generated) or `math` (ingested).", "general_points")
     input: str | None = _help(
         "User data file (.jsonl/.json/.ndjson or .parquet) to ingest. Empty: generate General Points.", None
     )

@@ -36,8 +36,10 @@ combination with the numbers left, then the whole expression:
     Answer: 7*3+15
 
 Each OOD instance is drawn as a multiset first, then a target, so it is not uniform over OOD instances;
-the ID space is enumerated and is uniform. The `answer` column is JSON: {"numbers": [15, 3, 7], "target": 29}. The canonical key is
-"countdown|3,7,15|29" (sorted numbers and target): an instance lands in exactly one split.
+the ID space is enumerated and is uniform.
+
+The `answer` column is JSON: {"numbers": [15, 3, 7], "target": 36}. The canonical key is
+"countdown|3,7,15|36" (sorted numbers and target): an instance lands in exactly one split.
 """
 
 from __future__ import annotations
