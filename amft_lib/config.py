@@ -166,8 +166,9 @@ class ControllerConfig:
     )
     meta_val_prompts: int = _help(
         "Validation prompts per meta-gradient estimate (× meta_val_group rollouts; ≥ 256 rollouts keeps the "
-        "∇U estimate from being mostly noise, see half_cosine in controller.jsonl).",
-        8,
+        "∇U estimate from being mostly noise, see half_cosine in controller.jsonl; with 8 × 4 the two halves agreed "
+        "at cosine 0.009 on General Points).",
+        64,
     )
     meta_val_group: int = _help("Completions per validation prompt for the ∇U estimate.", 4)
     target_entropy: float | None = _help(
