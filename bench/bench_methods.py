@@ -378,7 +378,7 @@ def plot_countdown(runs: list[dict], path: Path) -> None:
             axes[0, 0].plot(*zip(*val, strict=True), marker="o", label=r["method"])
         axes[0, 1].plot([x["step"] for x in steps], [x["mu"] for x in steps], label=r["method"])
         axes[1, 0].plot([x["step"] for x in steps], [x["entropy"] for x in steps], label=r["method"])
-    titles = ("val accuracy (greedy, 200 val prompts)", "μ", "rollout entropy H_t",
+    titles = ("val accuracy (greedy, first eval_prompts of val)", "μ", "rollout entropy H_t",
               "∇U half-sample cosine per meta step (≈0: noise)")
     for ax, title in zip(axes.flat, titles, strict=True):
         ax.set_title(title)
