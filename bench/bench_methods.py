@@ -488,12 +488,15 @@ def main() -> None:
             "steps": args.steps, "warm_start": wstats, "wall_s": time.perf_counter() - t0}
     RESULTS.mkdir(exist_ok=True)
     if args.tune:
+        for r in runs:
+            r.pop("instances", None)  # tuning ranks on the val mean; per-instance lists are for paired tests
         ranked = sorted(runs, key=lambda r: -r["accuracy"]["val"])
-        previous = _load_json(RESULTS / "tuning.json") if args.grid else None
+        tuning = RESULTS / ("tuning_countdown.json" if countdown else "tuning.json")
+        previous = _load_json(tuning) if args.grid else None
         if previous:  # a further sweep adds to the record instead of replacing it
             meta["earlier_sweeps"] = [*previous["meta"].get("earlier_sweeps", []), previous["meta"]["command"]]
             ranked = sorted([*previous["runs"], *ranked], key=lambda r: -r["accuracy"]["val"])
-        (RESULTS / "tuning.json").write_text(json.dumps({"meta": meta, "runs": ranked}, indent=2, default=str))
+        tuning.write_text(json.dumps({"meta": meta, "runs": ranked}, indent=2, default=str))
         for r in ranked:
             print(f"val={r['accuracy']['val']:.3f} {r['extra']}")
         return
