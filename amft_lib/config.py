@@ -23,8 +23,8 @@ import yaml
 
 from amft_lib.errors import UserError
 
-METHODS = ("sft", "grpo", "sft_grpo", "fixed", "entropy", "meta", "amft")
-Method = Literal["sft", "grpo", "sft_grpo", "fixed", "entropy", "meta", "amft"]
+METHODS = ("sft", "grpo", "sft_grpo", "fixed", "entropy", "meta", "amft", "chord", "hpt")
+Method = Literal["sft", "grpo", "sft_grpo", "fixed", "entropy", "meta", "amft", "chord", "hpt"]
 
 
 class ConfigError(UserError, ValueError):
@@ -137,7 +137,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = _help("Task name: `general_points` or `math` (see amft_lib/tasks).", "general_points")
+    task: str = _help("Task name: `general_points`, `countdown` or `math` (see amft_lib/tasks).", "general_points")
     path: str | None = _help(
         "Dataset parquet written by `amft data prepare` (local path or s3:// URI). When empty and the task "
         "is general_points, a dataset is generated in memory from the sizes below.",
@@ -213,7 +213,8 @@ class ControllerConfig:
     method: Method = _help(
         "Which balance controller drives μ (AMFT.md §4): sft (μ=1), grpo (μ=0), sft_grpo (μ=1 then 0 at "
         "switch_step), fixed (μ=mu_init), entropy (Eq. 6 without the meta term), meta (without the entropy "
-        "term), amft (full Eq. 6).",
+        "term), amft (full Eq. 6); baselines: chord (a CHORD-style decaying schedule of μ, see chord_*), hpt "
+        "(HPT-style gate: μ = the share of this step's prompts whose G rollouts are all wrong).",
         "amft",
     )
     mu_init: float = _help("Initial μ (weight of the SFT loss). Reference config 0.8, its README 0.5.", 0.5, ge=0, le=1)
@@ -234,12 +235,34 @@ class ControllerConfig:
         "one rounding unit (erased by the fp32 master weights in bf16 runs).",
         "lookahead",
     )
-    meta_val_prompts: int = _help("Validation prompts per meta-gradient estimate.", 8, ge=1)
+    meta_lookahead: Literal["sgd", "adam"] = _help(
+        "The lookahead step of the meta-gradient. `sgd`: θ' = θ − α·g (the paper). `adam`: θ' = θ − α·P⊙g with "
+        "P = 1/(sqrt(v̂) + ε) from AdamW's second moment, so θ' moves about as far as the real update does (the "
+        "SGD step is ~1000× shorter than Adam's on the tiny model). Falls back to `sgd` before Adam's first step.",
+        "sgd",
+    )
+    meta_val_prompts: int = _help(
+        "Validation prompts per meta-gradient estimate (× meta_val_group rollouts; ≥ 256 rollouts keeps the "
+        "∇U estimate from being mostly noise, see half_cosine in controller.jsonl; with 8 × 4 the two halves agreed "
+        "at cosine 0.009 on General Points).",
+        64, ge=1,
+    )
     meta_val_group: int = _help("Completions per validation prompt for the ∇U estimate.", 4, ge=2)
     target_entropy: float | None = _help(
         "H*. Empty: measured on the rollouts of the starting (warm-start) policy at step 0.", None, ge=0
     )
     switch_step: int = _help("sft_grpo only: the step at which μ switches from 1 to 0.", 50, ge=0)
+    target_entropy_temperature: float | None = _help(
+        "The sampling temperature H* (target_entropy) was measured at. Entropy grows with temperature, so it "
+        "must equal rollout.temperature; another value is refused (empty: unknown, the trainer warns).",
+        None,
+    )
+    chord_mu_start: float = _help("chord only: μ at step 0 of the schedule (CHORD starts SFT-heavy).", 0.9,
+                                  ge=0.0, le=1.0)
+    chord_mu_end: float = _help("chord only: μ at and after chord_decay_steps.", 0.05, ge=0.0, le=1.0)
+    chord_decay_steps: int = _help(
+        "chord only: steps of the cosine decay of μ from chord_mu_start to chord_mu_end (CHORD's global μ).", 100,
+        ge=1)
 
     def __post_init__(self) -> None:
         check_fields(self, "controller.")
@@ -257,6 +280,11 @@ class ControllerConfig:
             raise ConfigError(f"controller.meta_interval={self.meta_interval}: must be >= 1")
         if self.meta_val_group < 2:
             raise ConfigError(f"controller.meta_val_group={self.meta_val_group}: the group baseline needs >= 2")
+        if not (0.0 <= self.chord_mu_end <= 1.0 and 0.0 <= self.chord_mu_start <= 1.0) or self.chord_decay_steps < 1:
+            raise ConfigError(
+                f"controller.chord_mu_start={self.chord_mu_start}, chord_mu_end={self.chord_mu_end}, "
+                f"chord_decay_steps={self.chord_decay_steps}: μ values must be in [0, 1] and the decay >= 1 step"
+            )
 
 
 @dataclass
@@ -316,6 +344,7 @@ class TrainConfig:
         check_fields(self, "")
         if self.max_steps < 1:
             raise ConfigError(f"max_steps={self.max_steps}: must be >= 1")
+        check_target_entropy_temperature(self)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device={self.device!r}: choose auto, cpu or cuda")
 
@@ -348,6 +377,11 @@ class WarmStartConfig:
         le=1,
     )
     entropy_prompts: int = _help("Training prompts whose rollouts measure H* of the warm-start model.", 32, ge=1)
+    entropy_temperature: float = _help(
+        "Sampling temperature of the H* measurement: set it to the training rollout.temperature (entropy grows "
+        "with temperature; at T=2 an H* measured at T=1 drove μ to its floor in 8 steps). stats.json records it.",
+        1.0, gt=0.0,
+    )
     entropy_group: int = _help("Completions per prompt for the H* measurement.", 4, ge=1)
     eval_prompts: int = _help("Validation prompts for the greedy accuracy reported at each phase.", 64, ge=0)
     micro_batch_size: int = _help("Sequences per forward/backward chunk.", 64, ge=1)
@@ -360,10 +394,32 @@ class WarmStartConfig:
             raise ConfigError(
                 f"rs_samples={self.rs_samples}, rs_max_per_prompt={self.rs_max_per_prompt}: both must be >= 1"
             )
-        if self.rs_temperature <= 0:
-            raise ConfigError(f"rs_temperature={self.rs_temperature}: must be > 0")
+        if self.rs_temperature <= 0 or self.entropy_temperature <= 0:
+            raise ConfigError(
+                f"rs_temperature={self.rs_temperature}, entropy_temperature={self.entropy_temperature}: must be > 0"
+            )
         if not 0 < self.final_sft_lr_ratio <= 1:
             raise ConfigError(f"final_sft_lr_ratio={self.final_sft_lr_ratio}: must be in (0, 1]")
+
+
+def check_target_entropy_temperature(cfg: TrainConfig) -> None:
+    """Refuse a given H* that was measured at another temperature than the rollouts.
+
+    Why a hard error: H_t is measured at rollout.temperature, and the entropy term η_H·(H* − H_t) compares
+    the two; at T=2 with H* from T=1 the term was −0.033 per step and pinned μ to its floor. The trainer
+    calls this again at start (and warns when the temperature is unknown), since the pipeline's train
+    component sets target_entropy after loading.
+    """
+    c = cfg.controller
+    if c.target_entropy is None or c.target_entropy_temperature is None:
+        return
+    if abs(c.target_entropy_temperature - cfg.rollout.temperature) > 1e-9:
+        raise ConfigError(
+            f"controller.target_entropy={c.target_entropy} was measured at temperature "
+            f"{c.target_entropy_temperature} but rollout.temperature={cfg.rollout.temperature}: measure H* at the "
+            "rollout temperature (warm start entropy_temperature) and set controller.target_entropy_temperature, "
+            "or leave target_entropy empty to measure it at step 0"
+        )
 
 
 # ── loading, overriding, hashing ───────────────────────────────────────────────────────────────

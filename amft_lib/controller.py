@@ -11,7 +11,15 @@
   moving μ to raise validation loss — a bug we do not copy.)
 
 Every baseline of AMFT.md §4 is a controller, not a separate trainer: sft, grpo, sft_grpo, fixed,
-entropy, meta, amft. The state is a frozen dataclass and `controller_step` is pure, so the whole
+entropy, meta, amft, and two published schedules users compare against:
+- chord: CHORD's global weight (Zhang et al. 2025, "On-Policy RL Meets Off-Policy Experts"), μ decaying
+  from an SFT-heavy start to a small floor (`chord_mu`); its token-wise φ reweighting is not included;
+- hpt: HPT's switch (Lv et al. 2025, "Towards a Unified View of LLM Post-Training"): a prompt whose G
+  rollouts are all wrong is learned by SFT, the others by RL. As a controller: μ_t = the share of
+  all-wrong prompts in this step's batch (`hpt_mu`), applied to the step's shared demonstration batch,
+  so the SFT token budget stays equal to the other methods'. An all-wrong group has zero advantage,
+  so its RL term is zero anyway: (1 − μ)·L_RL + μ·L_SFT weighs RL by the share of prompts with signal.
+The state is a frozen dataclass and `controller_step` is pure, so the whole
 controller is checked without a model (tests/unit/test_controller.py) and round-trips through
 checkpoints as JSON.
 """
@@ -29,6 +37,7 @@ from amft_lib.config import ControllerConfig
 
 USES_META = frozenset({"meta", "amft"})
 USES_ENTROPY = frozenset({"entropy", "amft"})
+SCHEDULED = frozenset({"sft", "grpo", "sft_grpo", "fixed", "chord", "hpt"})  # μ set without feedback from H or m
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,7 @@ class ControllerState:
 
 def initial_state(cfg: ControllerConfig) -> ControllerState:
     """μ_0 per method. sft and sft_grpo start pure SFT; grpo is pure RL."""
-    mu = {"sft": 1.0, "grpo": 0.0, "sft_grpo": 1.0}.get(cfg.method, cfg.mu_init)
+    mu = {"sft": 1.0, "grpo": 0.0, "sft_grpo": 1.0, "chord": chord_mu(0, cfg)}.get(cfg.method, cfg.mu_init)
     if cfg.method == "sft_grpo" and cfg.switch_step <= 0:
         mu = 0.0
     return ControllerState(mu=mu, target_entropy=cfg.target_entropy, history=((0, mu),))
@@ -63,6 +72,22 @@ def initial_state(cfg: ControllerConfig) -> ControllerState:
 def needs_meta_gradient(cfg: ControllerConfig, step: int) -> bool:
     """True on the steps where m_t is computed (every T_meta steps, methods meta and amft)."""
     return cfg.method in USES_META and step % cfg.meta_interval == 0
+
+
+def chord_mu(step: int, cfg: ControllerConfig) -> float:
+    """CHORD-style μ at `step`: cosine decay from chord_mu_start to chord_mu_end over chord_decay_steps,
+    then flat. E.g. start 0.9, end 0.1, 100 steps: step 0 → 0.9, 50 → 0.5, ≥ 100 → 0.1."""
+    progress = min(1.0, step / cfg.chord_decay_steps)
+    return cfg.chord_mu_end + (cfg.chord_mu_start - cfg.chord_mu_end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def hpt_mu(rewards: torch.Tensor, group_size: int) -> float:
+    """HPT's gate as a batch weight: the share of prompts none of whose G rollouts is correct.
+
+    rewards: [B*G], groups contiguous. E.g. G=2, rewards [0,0, 1,0, 0,0, 1,1] → 2 of 4 groups fail → 0.5.
+    """
+    solved = rewards.view(-1, group_size).max(dim=1).values > 0  # [B]
+    return float((~solved).float().mean())
 
 
 def entropy_term(entropy: float, target_entropy: float, eta_h: float) -> float:
@@ -88,6 +113,10 @@ def controller_step(
         mu = 1.0 if step < cfg.switch_step else 0.0
     elif method == "fixed":
         mu = cfg.mu_init
+    elif method == "chord":
+        mu = chord_mu(step, cfg)
+    elif method == "hpt":
+        mu = state.mu  # set per step from the rollouts (hpt_mu) before the update, not by feedback
     else:
         delta = 0.0
         if method in USES_META and meta_grad is not None:
@@ -118,12 +147,61 @@ class MetaGradStats(NamedTuple):
     grad_u_norm: float  # ‖∇_θU‖
     grad_rl_norm: float  # ‖g_RL‖
     grad_sft_norm: float  # ‖g_SFT‖
-    cosine: float  # cos(∇U, g_RL − g_SFT)
+    cosine: float  # cos(∇U, P⊙(g_RL − g_SFT)); P = 1 for the SGD lookahead
+    half_cosine: float = math.nan  # cos(∇U on half A, ∇U on half B) of the validation prompts: ~0 = noise
+    lookahead: str = "sgd"  # the lookahead actually used (adam falls back to sgd before Adam's first step)
+
+
+class UtilityGrad(NamedTuple):
+    """∇U from validation rollouts as two half-sample estimates (prompt groups split in two halves).
+
+    full = (n_a·half_a + n_b·half_b) / (n_a + n_b) is the estimate m uses; the cosine of the halves
+    says how much of it is signal: two independent unbiased estimates of one vector agree at cosine ≈ 1
+    when the noise is small and ≈ 0 when it dominates.
+    """
+
+    half_a: list[torch.Tensor]
+    half_b: list[torch.Tensor]
+    n_a: int
+    n_b: int
+
+    @property
+    def full(self) -> list[torch.Tensor]:
+        n = self.n_a + self.n_b
+        return [(self.n_a * a + self.n_b * b) / n for a, b in zip(self.half_a, self.half_b, strict=True)]
 
 
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
     # float64 accumulation: the dot product of ~1e8 small terms must not lose its sign to rounding.
     return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)))
+
+
+def cosine_similarity(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
+    """cos(a, b) of two gradients given as lists of tensors (float64 sums); 0 when either is zero."""
+    norm_a, norm_b = math.sqrt(_dot(a, a)), math.sqrt(_dot(b, b))
+    return _dot(a, b) / (norm_a * norm_b) if norm_a > 0 and norm_b > 0 else 0.0
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+    """P = 1/(sqrt(v̂) + ε) per parameter from Adam(W)'s second moment v (bias-corrected: v̂ = v/(1 − β2^t)).
+
+    Why: the real update is Adam's, ~lr per weight whatever the gradient's size, while the SGD lookahead
+    θ − α·g moves ~α·|g| — on the tiny model ~1000× less. P⊙g makes θ' land about where Adam would go
+    (without its momentum). None before Adam's first step (no v yet), so callers fall back to SGD.
+    """
+    preconditioner = []
+    for group in optimizer.param_groups:
+        beta2, eps = group["betas"][1], group["eps"]
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            if "exp_avg_sq" not in st:
+                return None
+            t = float(st["step"])
+            v_hat = st["exp_avg_sq"] / (1.0 - beta2**t)
+            preconditioner.append(1.0 / (v_hat.sqrt() + eps))
+    if len(preconditioner) != len(params):
+        raise ValueError(f"optimizer holds {len(preconditioner)} tensors, the meta step {len(params)}")
+    return preconditioner
 
 
 def meta_gradient(
@@ -132,14 +210,19 @@ def meta_gradient(
     g_sft: Sequence[torch.Tensor],
     alpha: float,
     normalize: str = "none",
+    precond: Sequence[torch.Tensor] | None = None,
 ) -> MetaGradStats:
-    """m = α·⟨∇_θU, g_RL − g_SFT⟩ from the three gradients (lists over the trainable parameters).
+    """m = α·⟨∇_θU, P⊙(g_RL − g_SFT)⟩ from the three gradients (lists over the trainable parameters).
 
-    normalize="cosine" returns cos(∇U, g_RL − g_SFT) instead: same sign, scale-free magnitude in
+    precond: P of the Adam lookahead θ' = θ − α·P⊙[(1−μ)g_RL + μ g_SFT], whose ∂θ'/∂μ = −α·P⊙(g_SFT − g_RL);
+    None is the SGD lookahead (P = 1).
+    normalize="cosine" returns cos(∇U, P⊙(g_RL − g_SFT)) instead: same sign, scale-free magnitude in
     [−1, 1]. α > 0 is dropped there because it only rescales and would tie η_μ to the LR schedule.
     Under data parallelism every gradient here must already be all-reduced.
     """
     diff = [gr - gs for gr, gs in zip(g_rl, g_sft, strict=True)]
+    if precond is not None:
+        diff = [pc * d for pc, d in zip(precond, diff, strict=True)]
     dot = _dot(grad_u, diff)
     norm_u = math.sqrt(_dot(grad_u, grad_u))
     norm_d = math.sqrt(_dot(diff, diff))
@@ -167,16 +250,20 @@ def lookahead_params(
     g_sft: Sequence[torch.Tensor],
     mu: float,
     alpha: float,
+    precond: Sequence[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """θ'(μ) = θ − α·[(1−μ)·g_RL + μ·g_SFT] (SGD form of the next step), as new tensors."""
-    return [p.detach() - alpha * ((1.0 - mu) * gr + mu * gs) for p, gr, gs in zip(params, g_rl, g_sft, strict=True)]
+    """θ'(μ) = θ − α·[(1−μ)·g_RL + μ·g_SFT] (SGD form of the next step), as new tensors; with `precond`
+    P the Adam form θ − α·P⊙[(1−μ)·g_RL + μ·g_SFT]."""
+    pcs = precond if precond is not None else [None] * len(params)
+    return [p.detach() - _lookahead_step(gr, gs, mu, alpha, pc)
+            for p, gr, gs, pc in zip(params, g_rl, g_sft, pcs, strict=True)]
 
 
 def utility_grad_at(
     params: Sequence[torch.nn.Parameter],
     values: Sequence[torch.Tensor],
-    utility_grad: Callable[[], list[torch.Tensor]],
-) -> list[torch.Tensor]:
+    utility_grad: Callable[[], list[torch.Tensor] | UtilityGrad],
+) -> list[torch.Tensor] | UtilityGrad:
     """Evaluate `utility_grad()` with `params` temporarily set to `values`, then restore them exactly.
 
     Restoring copies the saved tensors back (not θ' + step), so θ is bitwise unchanged afterwards
@@ -202,9 +289,11 @@ def utility_grad_at(
 LOOKAHEAD_COPIES = {"lookahead": 1, "lookahead_undo": 0, "current": 0}
 
 
-def _lookahead_step(g_rl: torch.Tensor, g_sft: torch.Tensor, mu: float, alpha: float) -> torch.Tensor:
-    """α·[(1−μ)·g_RL + μ·g_SFT] for one tensor: the same expression `lookahead_params` subtracts."""
-    return alpha * ((1.0 - mu) * g_rl + mu * g_sft)
+def _lookahead_step(g_rl: torch.Tensor, g_sft: torch.Tensor, mu: float, alpha: float,
+                    precond: torch.Tensor | None = None) -> torch.Tensor:
+    """α·[(1−μ)·g_RL + μ·g_SFT] for one tensor (⊙ P for the Adam lookahead): what θ' subtracts."""
+    step = alpha * ((1.0 - mu) * g_rl + mu * g_sft)
+    return step if precond is None else step * precond
 
 
 def utility_grad_in_place(
@@ -213,20 +302,23 @@ def utility_grad_in_place(
     g_sft: Sequence[torch.Tensor],
     mu: float,
     alpha: float,
-    utility_grad: Callable[[], list[torch.Tensor]],
+    utility_grad: Callable[[], list[torch.Tensor] | UtilityGrad],
     exact: bool = True,
-) -> list[torch.Tensor]:
-    """`utility_grad()` at θ'(μ) without materialising θ' as new tensors: the step is applied in place.
+    precond: Sequence[torch.Tensor] | None = None,
+) -> list[torch.Tensor] | UtilityGrad:
+    """`utility_grad()` at θ'(μ) without materialising θ' as new tensors: the step is applied in place
+    (`precond` P: the Adam lookahead θ − α·P⊙[…]).
 
     exact=True keeps one saved copy of θ and copies it back (θ bitwise unchanged, as `utility_grad_at`);
     exact=False keeps no copy and adds the same step back, one tensor at a time (θ − d + d: equal to θ up to
     one rounding unit per element).
     """
     saved = [p.detach().clone() for p in params] if exact else None
+    pcs = precond if precond is not None else [None] * len(params)
     try:
         with torch.no_grad():
-            for p, gr, gs in zip(params, g_rl, g_sft, strict=True):
-                p.sub_(_lookahead_step(gr, gs, mu, alpha))  # θ' = θ − α[(1−μ)g_RL + μ g_SFT]
+            for p, gr, gs, pc in zip(params, g_rl, g_sft, pcs, strict=True):
+                p.sub_(_lookahead_step(gr, gs, mu, alpha, pc))  # θ' = θ − α[(1−μ)g_RL + μ g_SFT](⊙P)
         return utility_grad()
     finally:
         with torch.no_grad():
@@ -234,8 +326,8 @@ def utility_grad_in_place(
                 for p, s in zip(params, saved, strict=True):
                     p.copy_(s)
             else:
-                for p, gr, gs in zip(params, g_rl, g_sft, strict=True):
-                    p.add_(_lookahead_step(gr, gs, mu, alpha))
+                for p, gr, gs, pc in zip(params, g_rl, g_sft, pcs, strict=True):
+                    p.add_(_lookahead_step(gr, gs, mu, alpha, pc))
 
 
 def compute_meta_gradient(
@@ -244,9 +336,10 @@ def compute_meta_gradient(
     g_sft: Sequence[torch.Tensor],
     mu: float,
     alpha: float,
-    utility_grad: Callable[[], list[torch.Tensor]],
+    utility_grad: Callable[[], list[torch.Tensor] | UtilityGrad],
     eval_at: str = "lookahead",
     normalize: str = "none",
+    precond: Sequence[torch.Tensor] | None = None,
 ) -> MetaGradStats:
     """The full meta step: ∇U at θ'(μ) (or at θ when eval_at="current"), then `meta_gradient`.
 
@@ -254,12 +347,20 @@ def compute_meta_gradient(
     LOOKAHEAD_COPIES) or "current".
 
     utility_grad: returns ∇_θU at the *current* parameter values, e.g. the policy-gradient
-    estimate mean_i (R_i − b)·∇log π(τ_i) on validation rollouts sampled there.
+    estimate mean_i (R_i − b)·∇log π(τ_i) on validation rollouts sampled there, either as one
+    gradient or as a `UtilityGrad` of two half-sample estimates (then their cosine is logged).
+    precond: P of the Adam lookahead (`adam_preconditioner`); None is the SGD lookahead.
     """
     if eval_at in ("lookahead", "lookahead_undo"):
-        grad_u = utility_grad_in_place(params, g_rl, g_sft, mu, alpha, utility_grad, exact=eval_at == "lookahead")
+        result = utility_grad_in_place(params, g_rl, g_sft, mu, alpha, utility_grad, exact=eval_at == "lookahead",
+                                       precond=precond)
     elif eval_at == "current":
-        grad_u = utility_grad()
+        result = utility_grad()
     else:
         raise ValueError(f"unknown meta_eval_at {eval_at!r}; choose lookahead, lookahead_undo or current")
-    return meta_gradient(grad_u, g_rl, g_sft, alpha, normalize)
+    half_cosine = math.nan
+    if isinstance(result, UtilityGrad):
+        half_cosine = cosine_similarity(result.half_a, result.half_b)
+        result = result.full
+    stats = meta_gradient(result, g_rl, g_sft, alpha, normalize, precond)
+    return stats._replace(half_cosine=half_cosine, lookahead="sgd" if precond is None else "adam")

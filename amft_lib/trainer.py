@@ -33,7 +33,7 @@ from amft_lib import checkpoint as ckpt
 from amft_lib import controller as ctl
 from amft_lib import storage
 from amft_lib.checkpoint import CheckpointPayload, capture_rng_state, restore_rng_state, save_checkpoint
-from amft_lib.config import ConfigError, TrainConfig, config_hash, save_config
+from amft_lib.config import ConfigError, TrainConfig, check_target_entropy_temperature, config_hash, save_config
 from amft_lib.data.schema import DataError
 from amft_lib.dataset import check_task, load_splits
 from amft_lib.losses import group_advantages, masked_mean, ppo_clip_loss, sft_loss
@@ -159,26 +159,39 @@ def sft_gradient(model, params: list[torch.nn.Parameter], batch: TokenBatch, cfg
     return grads, total
 
 
-def utility_gradient(model, params, tokenizer, task, rows: Sequence[dict], cfg: TrainConfig) -> list[torch.Tensor]:
+def utility_gradient(
+    model, params, tokenizer, task, rows: Sequence[dict], cfg: TrainConfig
+) -> list[torch.Tensor] | ctl.UtilityGrad:
     """∇_θU by the policy gradient on fresh validation rollouts: mean_i (R_i − b_g)·∇log π(τ_i).
 
     b_g is the group mean reward (G = meta_val_group samples per prompt), so groups where every
     sample got the same reward contribute nothing, as they carry no information about direction.
+    With ≥ 2 prompts the estimate comes as two half-sample gradients (first and second half of the
+    prompts, groups intact), whose cosine the meta step logs as the noise check; their weighted mean
+    is the same estimate over all rollouts.
     """
     G = cfg.controller.meta_val_group
     batch, rewards, _ = sample_and_score(model, tokenizer, task, rows, G, cfg)
     weights = group_advantages(rewards, G, scale=False)  # R_i − b_g: [N]
-    grads = [torch.zeros_like(p) for p in params]
-    mb, n = cfg.loss.micro_batch_size, len(batch)
+    mb = cfg.loss.micro_batch_size
     device = params[0].device
-    for s in range(0, n, mb):
-        chunk = batch.slice(s, s + mb)
-        with _autocast(cfg):
-            logprobs, _ = completion_logprobs(model, chunk, cfg.rollout.temperature)
-        seq_logprob = (logprobs * chunk.completion_mask.to(device)).sum(-1)  # [mb]
-        surrogate = (weights[s : s + mb].to(device) * seq_logprob).sum() / n
-        _accumulate(grads, torch.autograd.grad(surrogate, params, allow_unused=True))
-    return grads
+
+    def half(lo: int, hi: int) -> list[torch.Tensor]:
+        grads = [torch.zeros_like(p) for p in params]
+        for s in range(lo, hi, mb):
+            chunk = batch.slice(s, min(s + mb, hi))
+            with _autocast(cfg):
+                logprobs, _ = completion_logprobs(model, chunk, cfg.rollout.temperature)
+            seq_logprob = (logprobs * chunk.completion_mask.to(device)).sum(-1)  # [mb]
+            surrogate = (weights[s : s + len(chunk)].to(device) * seq_logprob).sum() / (hi - lo)
+            _accumulate(grads, torch.autograd.grad(surrogate, params, allow_unused=True))
+        return grads
+
+    n = len(batch)
+    if len(rows) < 2:
+        return half(0, n)
+    cut = (len(rows) // 2) * G
+    return ctl.UtilityGrad(half(0, cut), half(cut, n), cut, n - cut)
 
 
 def sample_and_score(model, tokenizer, task, rows: Sequence[dict], group_size: int, cfg: TrainConfig):
@@ -235,6 +248,10 @@ def train(
     no trace. Errors are UserErrors (ConfigError, DataError, ModelError, CheckpointError).
     """
     t_start = time.perf_counter()
+    check_target_entropy_temperature(cfg)  # again: the pipeline's train component sets H* after loading
+    if cfg.controller.target_entropy is not None and cfg.controller.target_entropy_temperature is None:
+        log.warning("controller.target_entropy=%s has no target_entropy_temperature: cannot check it was measured "
+                    "at rollout.temperature=%s", cfg.controller.target_entropy, cfg.rollout.temperature)
     out = Path(out_dir)
     model_cfg = cfg.model if init_model is None else replace(cfg.model, name=str(init_model))
     # ── preflight: every input is checked (and the model loaded) before a byte goes into out_dir ──
@@ -367,6 +384,9 @@ def train(
         # ── 2. score: verifier rewards, group-relative advantages, π_old log-probs and entropy ──
         rollouts, rewards, format_ok = sample_and_score(model, tokenizer, task, rows, G, cfg)
         advantages = group_advantages(rewards, G, scale=cfg.loss.scale_rewards)
+        if cfg.controller.method == "hpt":  # HPT: all-wrong prompts go to SFT; μ is their share (controller.py)
+            mu = ctl.hpt_mu(rewards, G)
+            state = replace(state, mu=mu)
         do_meta = ctl.needs_meta_gradient(cfg.controller, step) and bool(val_rows)
         # With one update per batch the RL forward doubles as the π_old / entropy forward (see rl_gradient).
         on_policy = cfg.loss.ppo_epochs == 1 and (mu < 1.0 or do_meta)
@@ -421,6 +441,8 @@ def train(
                     utility_grad=lambda vb=val_batch: utility_gradient(model, params, tokenizer, task, vb, cfg),
                     eval_at=cfg.controller.meta_eval_at,
                     normalize=cfg.controller.meta_normalize,
+                    precond=ctl.adam_preconditioner(optimizer, params)
+                    if cfg.controller.meta_lookahead == "adam" else None,
                 )
                 t_meta = time.perf_counter() - tm
             # θ ← AdamW step on (1 − μ)·g_RL + μ·g_SFT   (AMFT Eq. 3)

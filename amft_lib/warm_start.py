@@ -164,12 +164,14 @@ def _difficulty(row: dict) -> str:
 
 @torch.no_grad()
 def measure_target_entropy(model, tokenizer, rows: list[dict], cfg: WarmStartConfig) -> float:
-    """H*: mean token entropy of the model's own sampled completions (like-for-like with H_t)."""
+    """H*: mean token entropy of the model's own sampled completions (like-for-like with H_t), sampled and
+    measured at `cfg.entropy_temperature`, which must be the training rollout temperature."""
+    temperature = cfg.entropy_temperature
     batch = sample_completions(
         model, tokenizer, [r["prompt"] for r in rows], group_size=cfg.entropy_group,
-        max_new_tokens=cfg.max_new_tokens, temperature=1.0, chat_template=cfg.model.chat_template,
+        max_new_tokens=cfg.max_new_tokens, temperature=temperature, chat_template=cfg.model.chat_template,
     )
-    _, entropy = completion_logprobs(model, batch, 1.0, with_entropy=True)
+    _, entropy = completion_logprobs(model, batch, temperature, with_entropy=True)
     return float(masked_mean(entropy, batch.completion_mask.to(entropy.device)))
 
 
@@ -230,6 +232,7 @@ def run_warm_start(cfg: WarmStartConfig, out_dir: str | Path, splits: dict[str, 
     stats = {
         "rejection_sampling": rs_stats,
         "target_entropy": target_entropy,
+        "target_entropy_temperature": cfg.entropy_temperature,
         "val_accuracy": accuracy,
         "demonstrations": len(demos),
         "sft_rows_final": len(demos) + len(accepted),

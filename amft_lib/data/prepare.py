@@ -4,6 +4,7 @@ Two sources, one output contract (DESIGN.md "Dataset"):
 
 - generated General Points: hands from `tasks.general_points.generate_rows`; train/val/test_id
   come from the ID rule ("face10"), test_ood from the OOD rule ("face_ranks");
+- generated Countdown: `tasks.countdown.generate_splits` (each instance once; see that module);
 - ingested user math (JSONL or parquet, GSM8K-like): field mapping, NFKC + whitespace
   normalisation, "… #### 72" answers split into answer and worked solution.
 
@@ -65,6 +66,7 @@ from amft_lib.tasks import Task, get_task, known_tasks
 from amft_lib.tasks.math import normalize_question
 
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test_id": 0.1}
+GENERATED_TASKS = ("general_points", "countdown")  # tasks whose data `prepare` generates itself
 _MAX_GENERATION_ROUNDS = 40  # each round draws ~the missing rows again; ~566 ID puzzles bound the space
 
 
@@ -79,7 +81,7 @@ class PrepareConfig:
     """What `amft data prepare` builds and where it writes it."""
 
     out_dir: str = _help("Directory for the split parquet files and card.json (created if missing).", "data")
-    task: str = _help("Task name: `general_points` (generated) or `math` (ingested from `input`).", "general_points")
+    task: str = _help("Task: `general_points`, `countdown` (generated) or `math` (ingested).", "general_points")
     input: str | None = _help(
         "User data file (.jsonl/.json/.ndjson or .parquet) to ingest. Empty: generate General Points.", None
     )
@@ -96,6 +98,20 @@ class PrepareConfig:
     test_ood_size: int = _help("Generated only: out-of-distribution test rows (OOD rule).", 200)
     id_rule: str = _help("Generated only: rule of train/val/test_id (`face10`: J=Q=K=10).", "face10")
     ood_rule: str = _help("Generated only: rule of test_ood (`face_ranks`: J/Q/K = 11/12/13).", "face_ranks")
+
+    # ── generated Countdown (task=countdown; sizes above are General Points only) ──
+    countdown_train_size: int = _help(
+        "Countdown only: training instances (prompts for RL; ~12,000 of the ~16,300 ID instances remain after "
+        "val and test_id, fewer are written when the space runs out).",
+        12000,
+    )
+    countdown_eval_size: int = _help(
+        "Countdown only: instances in each of val, test_id and test_ood (2000 gives a standard error ≈ 0.01).", 2000
+    )
+    countdown_demo_pool: int = _help(
+        "Countdown only: training rows that carry a demonstration (the fixed SFT pool); the rest are RL prompts.",
+        2000,
+    )
 
     # ── ingested data ──
     question_field: str = _help("Ingested only: input field holding the question (becomes `prompt`).", "question")
@@ -137,10 +153,10 @@ class PrepareConfig:
             raise ConfigError(f"task={self.task!r}: choose one of {', '.join(known_tasks())}")
         if not self.out_dir:
             raise ConfigError("out_dir is empty: name the directory the dataset goes to")
-        if self.input is None and self.task != "general_points":
-            raise ConfigError(f"task={self.task!r} needs input=PATH (only general_points is generated)")
-        if self.input is not None and self.task == "general_points":
-            raise ConfigError("task='general_points' is generated; drop input or use task='math'")
+        if self.input is None and self.task not in GENERATED_TASKS:
+            raise ConfigError(f"task={self.task!r} needs input=PATH (only {', '.join(GENERATED_TASKS)} are generated)")
+        if self.input is not None and self.task in GENERATED_TASKS:
+            raise ConfigError(f"task={self.task!r} is generated; drop input or use task='math'")
         for name in ("train_size", "val_size", "test_id_size", "test_ood_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be >= 0")
@@ -179,7 +195,8 @@ def run_prepare(cfg: PrepareConfig) -> PrepareResult:
     task = get_task(cfg.task)
     if cfg.input is not None:
         return _prepare_ingested(cfg, task)  # streamed: never holds the input's rows in memory
-    rows, dropped, notes = _generate_general_points(cfg, task)
+    generate = _generate_countdown if cfg.task == "countdown" else _generate_general_points
+    rows, dropped, notes = generate(cfg, task)
     inputs, source, ngram_n = [], "generated", 0  # templated prompts share long n-grams by design
     rows, contamination = remove_contamination(rows, ngram_n)
     dropped.update(contamination)
@@ -326,6 +343,24 @@ def _generate_general_points(cfg: PrepareConfig, task: Task) -> tuple[list[dict]
         notes["shortfall"] = {s: n for s, n in shortfall.items() if n}
     notes["demonstrations_removed"] = _check_demonstrations(rows, task)
     return rows, dict(dropped), notes
+
+
+def _generate_countdown(cfg: PrepareConfig, task: Task) -> tuple[list[dict], dict[str, int], dict]:
+    """Countdown rows from `tasks.countdown.generate_splits`: each instance once, so splitting by key
+    is by construction (val and test_id are disjoint slices of the shuffled ID space, test_ood has
+    operands above the ID range)."""
+    from amft_lib.tasks.countdown import generate_splits
+
+    for name in ("countdown_train_size", "countdown_eval_size", "countdown_demo_pool"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name}={getattr(cfg, name)}: must be >= 0")
+    n_eval = cfg.countdown_eval_size
+    sizes = {"train": cfg.countdown_train_size, "val": n_eval, "test_id": n_eval, "test_ood": n_eval}
+    rows, notes = generate_splits(sizes, cfg.countdown_demo_pool, cfg.seed)
+    for row in rows:
+        row["_key"] = task.canonical_key(row["answer"], row["prompt"])
+    notes["demonstrations_removed"] = _check_demonstrations(rows, task)
+    return rows, {}, notes
 
 
 # ---------------------------------------------------------------------------------------------

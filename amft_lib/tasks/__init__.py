@@ -8,11 +8,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from amft_lib.tasks.base import Task, Verdict
+from amft_lib.tasks.countdown import CountdownTask
 from amft_lib.tasks.general_points import GeneralPointsTask
 from amft_lib.tasks.math import MathTask
 
 _REGISTRY: dict[str, Callable[[], Task]] = {
     GeneralPointsTask.name: GeneralPointsTask,
+    CountdownTask.name: CountdownTask,
     MathTask.name: MathTask,
 }
 
@@ -31,4 +33,4 @@ def get_task(name: str) -> Task:
     return factory()
 
 
-__all__ = ["GeneralPointsTask", "MathTask", "Task", "Verdict", "get_task", "known_tasks"]
+__all__ = ["CountdownTask", "GeneralPointsTask", "MathTask", "Task", "Verdict", "get_task", "known_tasks"]

@@ -79,6 +79,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
+from typing import Protocol
 
 from amft_lib.tasks.base import Verdict
 from amft_lib.tasks.math import extract_boxed
@@ -678,8 +679,20 @@ def _evaluate(node: _Node) -> Fraction:
     return a / b
 
 
-def verify_completion(hand: Hand, completion: str) -> Verdict:
-    """Judge a completion against a hand. Never raises, never executes anything from the completion."""
+class Puzzle(Protocol):
+    """What the verifier needs: the numbers to use, each exactly once, and the target. A General Points
+    `Hand` and a Countdown `Instance` both are one, so the two games share one verifier."""
+
+    @property
+    def values(self) -> tuple[int, ...]: ...
+
+    @property
+    def target(self) -> int: ...
+
+
+def verify_completion(hand: Puzzle, completion: str) -> Verdict:
+    """Judge a completion against a hand (any `Puzzle`). Never raises, never executes anything from the
+    completion. A wrong value is reported as "not_24" for every target (the name is kept for reports)."""
     if not isinstance(completion, str):
         return Verdict(0.0, False, "no_answer")
     if len(completion) > MAX_COMPLETION_CHARS:

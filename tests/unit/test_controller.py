@@ -103,3 +103,84 @@ def test_config_validation_names_the_field():
         ControllerConfig(mu_init=1.2)
     with pytest.raises(ConfigError, match="method='ppo'"):
         ControllerConfig(method="ppo")
+
+
+# ── the chord and hpt baselines, the Adam preconditioner, the half-sample agreement ─────────────────
+
+
+def test_chord_schedule_hand_worked():
+    from amft_lib.controller import chord_mu
+
+    c = cfg(method="chord", chord_mu_start=0.9, chord_mu_end=0.1, chord_decay_steps=100)
+    # cosine decay: 0.1 + 0.8·0.5·(1 + cos(π·t/100)); t=0 → 0.9, t=50 → 0.1 + 0.4 = 0.5, t ≥ 100 → 0.1
+    assert chord_mu(0, c) == pytest.approx(0.9)
+    assert chord_mu(50, c) == pytest.approx(0.5)
+    assert chord_mu(100, c) == pytest.approx(0.1) and chord_mu(250, c) == pytest.approx(0.1)
+    st = initial_state(c)
+    assert st.mu == pytest.approx(0.9)
+    for _ in range(50):
+        st = controller_step(st, 1.0, None, c)  # entropy and m are ignored: a schedule
+    assert st.mu == pytest.approx(0.5)
+
+
+def test_hpt_mu_is_the_share_of_all_wrong_prompts():
+    import torch
+
+    from amft_lib.controller import hpt_mu
+
+    # G = 2: groups [0,0] [1,0] [0,0] [1,1] → groups 0 and 2 have no correct rollout → 2/4
+    assert hpt_mu(torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0]), 2) == pytest.approx(0.5)
+    assert hpt_mu(torch.zeros(8), 4) == 1.0 and hpt_mu(torch.ones(8), 4) == 0.0
+    c = cfg(method="hpt")
+    s = ControllerState(mu=0.25, target_entropy=1.0)  # the trainer sets μ from the rollouts first
+    assert controller_step(s, 0.0, 1.0, c).mu == 0.25  # no feedback from H or m
+
+
+def test_new_methods_are_valid_config_values():
+    from amft_lib.config import METHODS
+
+    assert {"chord", "hpt"} <= set(METHODS)
+    with pytest.raises(ConfigError, match="chord_decay_steps=0"):
+        ControllerConfig(method="chord", chord_decay_steps=0)
+
+
+def test_preconditioned_meta_gradient_hand_worked():
+    import torch
+
+    gu = [torch.tensor([1.0, 1.0])]
+    grl = [torch.tensor([2.0, 0.0])]
+    gsft = [torch.tensor([0.0, 1.0])]
+    p = [torch.tensor([0.5, 4.0])]
+    # d = g_RL − g_SFT = [2, −1]; P⊙d = [1, −4]; ⟨∇U, P⊙d⟩ = 1 − 4 = −3; m = α·(−3) with α = 0.1
+    st = meta_gradient(gu, grl, gsft, alpha=0.1, precond=p)
+    assert st.raw_meta_grad == pytest.approx(-0.3)
+    assert st.cosine == pytest.approx(-3.0 / (2**0.5 * 17**0.5))  # ‖∇U‖ = √2, ‖P⊙d‖ = √17
+    # without P the same gradients say the opposite: ⟨∇U, d⟩ = 2 − 1 = +1
+    assert meta_gradient(gu, grl, gsft, alpha=0.1).raw_meta_grad == pytest.approx(0.1)
+
+
+def test_adam_preconditioner_reads_the_second_moment():
+    import torch
+
+    from amft_lib.controller import adam_preconditioner
+
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = torch.optim.AdamW([w], lr=0.1, betas=(0.9, 0.99), eps=1e-8)
+    assert adam_preconditioner(opt, [w]) is None  # before the first step: no v, the caller falls back to SGD
+    w.grad = torch.tensor([3.0, -0.5])
+    opt.step()
+    # after one step v = (1 − 0.99)·g², v̂ = v / (1 − 0.99) = g², so P = 1 / (|g| + ε)
+    (p,) = adam_preconditioner(opt, [w])
+    assert torch.allclose(p, torch.tensor([1 / 3.0, 1 / 0.5]), rtol=1e-6)
+
+
+def test_half_sample_gradient_full_and_cosine():
+    import torch
+
+    from amft_lib.controller import UtilityGrad, cosine_similarity
+
+    u = UtilityGrad([torch.tensor([1.0, 0.0])], [torch.tensor([0.0, 2.0])], n_a=8, n_b=24)
+    # full = (8·[1, 0] + 24·[0, 2]) / 32 = [0.25, 1.5]: the mean over all 32 rollouts
+    assert torch.allclose(u.full[0], torch.tensor([0.25, 1.5]))
+    assert cosine_similarity(u.half_a, u.half_b) == 0.0  # orthogonal halves: no agreement at all
+    assert cosine_similarity([torch.tensor([1.0, 1.0])], [torch.tensor([2.0, 2.0])]) == pytest.approx(1.0)

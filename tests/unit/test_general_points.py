@@ -373,12 +373,12 @@ def test_verifier_division_and_concatenation():
 
 def test_task_verify_and_registry():
     task = get_task("general_points")
-    assert task.name == "general_points" and known_tasks() == ("general_points", "math")
+    assert task.name == "general_points" and known_tasks() == ("countdown", "general_points", "math")
     assert task.verify(ANSWER, "Answer: (7-1)*(10-3)*1") == gp.Verdict(0.0, True, "wrong_numbers")
     assert task.verify(ANSWER, "Answer: (7+1)*(10-3)") == gp.Verdict(0.0, True, "not_24")
     with pytest.raises(ValueError, match="not JSON"):
         task.verify("{broken", "Answer: 1")
-    with pytest.raises(ValueError, match="unknown task 'chess'; known tasks: general_points, math"):
+    with pytest.raises(ValueError, match="unknown task 'chess'; known tasks: countdown, general_points, math"):
         get_task("chess")
 
 

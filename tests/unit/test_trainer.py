@@ -54,10 +54,15 @@ def test_every_method_runs_and_writes_the_contract(method, splits, tmp_path):
         assert mus == [1.0, 1.0, 0.0]  # switch_step=2
     elif method == "fixed":
         assert mus == [0.5, 0.5, 0.5]
+    elif method == "chord":  # cosine decay 0.9 → 0.05 over 100 steps (defaults): 0.9, then a little lower
+        assert mus[0] == pytest.approx(0.9) and mus[0] > mus[1] > mus[2] > 0.85
+    elif method == "hpt":  # μ = share of prompts with no correct rollout; an untrained model solves none
+        assert all(m == 1.0 for m, r in zip(mus, steps) if r["reward_mean"] == 0.0)
     if method in ("meta", "amft"):
         ctl_rows = read_jsonl(tmp_path / "controller.jsonl")
         assert len(ctl_rows) == 3  # meta_interval=1
-        logged = {"meta_grad", "raw_meta_grad", "grad_u_norm", "grad_rl_norm", "grad_sft_norm", "cosine"}
+        logged = {"meta_grad", "raw_meta_grad", "grad_u_norm", "grad_rl_norm", "grad_sft_norm", "cosine",
+                  "half_cosine", "lookahead"}
         assert logged <= set(ctl_rows[0])
         assert all(r["meta_grad"] is not None for r in steps)
     else:
@@ -157,3 +162,11 @@ def test_periodic_evaluation_does_not_change_training(splits, tmp_path):
     busy, raw = run(tmp_path / "busy", 1)
     assert quiet == busy
     assert sum(r["val_reward"] is not None for r in raw) == 4  # steps 1..3 plus the final record
+
+
+def test_adam_lookahead_runs_and_logs_half_sample_agreement(splits, tmp_path):
+    """meta_lookahead=adam: SGD at step 0 (no second moment yet), Adam afterwards; ∇U halves logged."""
+    train(small_cfg("amft", steps=3, **{"controller.meta_lookahead": "adam"}), tmp_path, splits=splits, progress=False)
+    rows = read_jsonl(tmp_path / "controller.jsonl")
+    assert [r["lookahead"] for r in rows] == ["sgd", "adam", "adam"]
+    assert all(-1.0 <= r["half_cosine"] <= 1.0 for r in rows)  # meta_val_prompts=2: one prompt per half

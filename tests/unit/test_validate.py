@@ -90,6 +90,25 @@ def test_prepared_math_passes(tmp_path: Path) -> None:
     assert result.task == "math" and result.json_path.parent == tmp_path / "m" / "validation"
 
 
+def test_prepared_countdown_passes_and_a_crossing_instance_fails(tmp_path: Path) -> None:
+    """The same suite covers Countdown: its verifier, keys and demonstrations; a val instance copied into
+    train (in another number order, so the row differs but the key is the same) is caught as leakage."""
+    out = tmp_path / "cd"
+    run_prepare(PrepareConfig(task="countdown", out_dir=str(out), countdown_train_size=60, countdown_eval_size=10,
+                              countdown_demo_pool=20))
+    options = {**LIMITS, "split_fractions": {"train": [0.5, 0.95]}}
+    result = run_validate(ValidateConfig(dataset=str(out), out_dir=str(tmp_path / "r"), **options))
+    assert result.passed, result.failures
+    assert result.task == "countdown"
+    rows = [r for split in ("train", "val", "test_id", "test_ood") for r in pq.read_table(out / f"{split}.parquet")
+            .to_pylist()]
+    leak = dict(first(rows, "val"))
+    answer = json.loads(leak["answer"])
+    answer["numbers"] = answer["numbers"][::-1]
+    rows.append({**leak, "id": "leak", "split": "train", "answer": json.dumps(answer)})
+    assert failed(validate(tmp_path, rows, task="countdown")) == {"no_train_eval_overlap"}
+
+
 # ── one crafted defect per expectation ─────────────────────────────────────────────────────────
 
 

@@ -95,3 +95,80 @@ def test_run_warm_start_writes_model_accepted_and_stats(tmp_path):
 def test_final_sft_lr_ratio_is_validated(ratio):
     with pytest.raises(ConfigError, match="final_sft_lr_ratio"):
         WarmStartConfig(final_sft_lr_ratio=ratio)
+
+
+# ── H* at the rollout temperature (issue 14: at T=2 an H* measured at T=1 pinned μ to its floor) ──────
+
+
+def test_target_entropy_is_measured_at_the_configured_temperature():
+    """measure_target_entropy samples and scores at cfg.entropy_temperature; a hotter policy has a higher H*."""
+    import dataclasses
+
+    from amft_lib.config import ModelConfig
+    from amft_lib.model import load_policy
+    from amft_lib.warm_start import measure_target_entropy
+
+    torch.manual_seed(0)
+    model, tok = load_policy(ModelConfig(name="tiny", tiny_hidden=32, tiny_layers=1, tiny_heads=2), seed=0)
+    rows = generate_rows(4, "face10", seed=0, split="train")
+    cfg = WarmStartConfig(entropy_group=2, max_new_tokens=8)
+    h = {t: measure_target_entropy(model, tok, rows, dataclasses.replace(cfg, entropy_temperature=t))
+         for t in (0.5, 2.0)}
+    assert h[0.5] < h[2.0]  # entropy of softmax(z/T) grows with T; a mismatch is not a rounding matter
+
+
+def test_target_entropy_temperature_mismatch_is_refused():
+    from amft_lib.config import TrainConfig, check_target_entropy_temperature
+
+    ok = apply_overrides(TrainConfig(), ["rollout.temperature=2.0", "controller.target_entropy=0.7",
+                                         "controller.target_entropy_temperature=2.0"])
+    assert ok.controller.target_entropy == 0.7
+    with pytest.raises(ConfigError, match=r"measured at temperature 1\.0 but rollout\.temperature=2\.0"):
+        apply_overrides(TrainConfig(), ["rollout.temperature=2.0", "controller.target_entropy=0.7",
+                                        "controller.target_entropy_temperature=1.0"])
+    # the pipeline's train component sets fields after loading: the trainer checks again at start
+    mutated = apply_overrides(TrainConfig(), ["rollout.temperature=2.0"])
+    mutated.controller.target_entropy, mutated.controller.target_entropy_temperature = 0.7, 1.0
+    with pytest.raises(ConfigError, match="measure H\\* at the rollout temperature"):
+        check_target_entropy_temperature(mutated)
+
+
+def test_trainer_refuses_a_mismatched_target_entropy(tmp_path):
+    from amft_lib.config import TrainConfig
+    from amft_lib.trainer import train
+
+    cfg = apply_overrides(TrainConfig(), ["rollout.temperature=2.0"])
+    cfg.controller.target_entropy, cfg.controller.target_entropy_temperature = 0.7, 1.0
+    with pytest.raises(ConfigError, match=r"rollout\.temperature=2\.0"):
+        train(cfg, tmp_path / "run", splits={"train": []}, progress=False)
+
+
+def test_default_and_shipped_temperatures_agree():
+    """Pipeline defaults and the shipped warm-start/train config pairs measure H* where the rollouts run."""
+    from pathlib import Path
+
+    from amft_lib.config import RolloutConfig, load_config
+
+    assert WarmStartConfig().entropy_temperature == RolloutConfig().temperature
+    root = Path(__file__).resolve().parents[2] / "configs"
+    for train_yaml, warm_yaml in [("tiny_countdown.yaml", "tiny_countdown_warm_start.yaml"),
+                                  ("tiny_gp.yaml", "tiny_warm_start.yaml")]:
+        assert (load_config(root / warm_yaml, WarmStartConfig).entropy_temperature
+                == load_config(root / train_yaml).rollout.temperature), train_yaml
+
+
+def test_bench_passes_h_star_measured_at_the_rollout_temperature(tmp_path):
+    """bench_methods re-measures H* when a reused warm start measured it at another temperature."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "bench_methods.py"
+    spec = importlib.util.spec_from_file_location("bench_methods", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    stats = {"target_entropy": 0.25, "target_entropy_temperature": 2.0}
+    assert bench.h_star_at(warm, stats, 2.0, "unused.yaml", tmp_path) == 0.25  # measured there: used as is
+    (warm / "target_entropy_T2.0.json").write_text(json.dumps({"target_entropy": 0.9, "temperature": 2.0}))
+    assert bench.h_star_at(warm, {"target_entropy": 0.25}, 2.0, "unused.yaml", tmp_path) == 0.9  # T=1 stats: not used
