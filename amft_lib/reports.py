@@ -82,18 +82,18 @@ class Report:
 
 # ── renderers ───────────────────────────────────────────────────────────────────────────────────
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]|#!])")
+_MD_SPECIAL = re.compile(r"([\\`\[\]|])")  # what could close a code span, open a link or split a cell
 _HTML_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 
 
 def md_escape(text: Any) -> str:
     """Untrusted text (row ids, model paths, reasons) as inert one-line Markdown.
 
-    Markdown metacharacters get a backslash (CommonMark: an escaped ASCII punctuation character is a
-    literal), `<`, `>` and `&` become entities — which every renderer shows as text, where some
-    (Python-Markdown) ignore a backslash before `<` — and `://` is broken up so nothing autolinks. So
-    a row id such as ``a`</code><script>`` can neither close a code span nor open a tag, and `|`
-    cannot split a table cell."""
+    The characters that could close a code span, open a link or split a table cell get a backslash
+    (CommonMark: an escaped ASCII punctuation character is a literal; emphasis marks stay, harmless);
+    `<`, `>` and `&` become entities, which every renderer shows as text (some, like Python-Markdown,
+    ignore a backslash before `<`); `://` is broken up so nothing autolinks. So a row id such as
+    ``a`</code><script>`` can neither close a code span nor open a tag, nor `|` split a cell."""
     text = _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
     return re.sub(r"[&<>]", lambda m: _HTML_ENTITIES[m.group()], text).replace("://", ":\\/\\/")
 

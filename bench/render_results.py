@@ -13,6 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+DEMO_BEGIN, DEMO_END = "<!-- demo:begin -->", "<!-- demo:end -->"
+DEMO_RECORD = RESULTS / "demo_run.json"  # `amft pipeline run-local --record` of the demo run the README shows
 
 
 def _load(name: str) -> dict | None:
@@ -89,12 +91,25 @@ def speed_section() -> list[str]:
     return out
 
 
+def demo_section() -> str:
+    """The README's demo section, from the committed run record (tests/unit/test_readme.py compares them)."""
+    from pipelines.local import demo_markdown
+
+    return demo_markdown(json.loads(DEMO_RECORD.read_text()))
+
+
+def replace_between(text: str, begin: str, end: str, body: str) -> str:
+    return re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: f"{begin}\n{body}{end}", text, flags=re.S)
+
+
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, and no stray arguments
     body = "\n".join([*methods_section(), *speed_section()]).rstrip() + "\n"
     readme = ROOT / "README.md"
     text = readme.read_text()
-    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: f"{BEGIN}\n{body}{END}", text, flags=re.S)
+    new = replace_between(text, BEGIN, END, body)
+    if DEMO_RECORD.exists():
+        new = replace_between(new, DEMO_BEGIN, DEMO_END, demo_section())
     readme.write_text(new)
     print(body)
 

@@ -236,6 +236,7 @@ def test_cli_register_and_lineage_verify_local(store, tmp_path, capsys):
     failed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("verify: FAILED")]
     assert len(failed) == 1 and "sha256 mismatch" in failed[0]
 
-    args = parser.parse_args(["lineage", "gp-nope@champion", "--tracking-uri", store["uri"]])
-    assert args.handler(args) == 2
+    from amft_lib import cli  # the boundary that turns a user error into one line and exit 2
+
+    assert cli.main(["lineage", "gp-nope@champion", "--tracking-uri", store["uri"]]) == 2
     assert capsys.readouterr().err.startswith("error: ")
