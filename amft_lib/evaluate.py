@@ -78,7 +78,10 @@ class EvalConfig:
     splits: list = _help("Eval splits to score, when present in the dataset.", list(EVAL_SPLITS))
     max_examples: int = _help("Score at most this many prompts per split (first rows; 0 = all).", 0)
     # ── decoding ──
-    max_new_tokens: int = _help("Maximum completion length in tokens (greedy and sampled).", 96)
+    max_new_tokens: int | None = _help(
+        "Maximum completion length in tokens (greedy and sampled). Empty: the candidate's own "
+        "generation_config.json (the trainer records its rollout length there), else 96 — so re-scoring a model "
+        "decodes it as it was trained.", None)
     pass_k: int = _help("k of pass@k.", 4)
     n_samples: int = _help(
         "Completions sampled per prompt for pass@k (n >= k; more gives a lower-variance estimate). 0 skips pass@k.", 8
@@ -128,7 +131,7 @@ class EvalConfig:
             )
         if self.n_samples < 0 or self.max_examples < 0:
             raise ConfigError("eval.n_samples and eval.max_examples must be >= 0")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
+        if (self.max_new_tokens is not None and self.max_new_tokens < 1) or self.batch_size < 1:
             raise ConfigError("eval.max_new_tokens and eval.batch_size must be >= 1")
         if self.temperature <= 0:
             raise ConfigError(f"eval.temperature={self.temperature}: must be > 0 (greedy is always measured)")
@@ -430,6 +433,20 @@ def _training_summary(run_dir: str, curves: Mapping[str, Sequence[tuple[int, flo
     }
 
 
+DEFAULT_MAX_NEW_TOKENS = 96
+
+
+def trained_max_new_tokens(model_dir: str) -> int:
+    """The completion length a model was trained with (its generation_config.json, written by
+    `model.save_policy`), else DEFAULT_MAX_NEW_TOKENS."""
+    path = Path(model_dir, "generation_config.json")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("max_new_tokens")
+    except (OSError, ValueError):
+        return DEFAULT_MAX_NEW_TOKENS
+    return int(value) if isinstance(value, int) and value > 0 else DEFAULT_MAX_NEW_TOKENS
+
+
 def _data_digest(data: str) -> str | None:
     """Content digest of the eval data (a folder or one parquet file); None when it cannot be hashed."""
     try:
@@ -490,6 +507,8 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
         candidate_path = _resolve_model(cfg.model, work, "candidate", cfg.tracking_uri)
         if candidate_path is None:
             raise ConfigError(f"eval.model={cfg.model!r} does not resolve to a model in the registry")
+        if cfg.max_new_tokens is None:
+            cfg = dataclasses.replace(cfg, max_new_tokens=trained_max_new_tokens(candidate_path))
         candidate, samples = evaluate_model(candidate_path, splits, task, cfg, "candidate")
 
         comparisons: dict[str, dict[str, Any]] = {}

@@ -178,9 +178,11 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def save_policy(model: torch.nn.Module, tokenizer, out_dir: str | Path) -> Path:
+def save_policy(model: torch.nn.Module, tokenizer, out_dir: str | Path, *, max_new_tokens: int | None = None) -> Path:
     """Save a plain HF directory (safetensors). LoRA adapters are merged into a copy first so
-    whoever loads the result (evaluation, registry, serving) needs no peft."""
+    whoever loads the result (evaluation, registry, serving) needs no peft. `max_new_tokens` (the
+    completion length it was trained with) goes into generation_config.json: evaluation and
+    serving then decode it the same way by default."""
     import copy
 
     out = Path(out_dir)
@@ -192,7 +194,15 @@ def save_policy(model: torch.nn.Module, tokenizer, out_dir: str | Path) -> Path:
     to_save = model
     if hasattr(model, "merge_and_unload"):
         to_save = copy.deepcopy(model).merge_and_unload()
-    to_save.save_pretrained(tmp, safe_serialization=True)
+    gen = getattr(to_save, "generation_config", None)
+    before = getattr(gen, "max_new_tokens", None)
+    if max_new_tokens is not None and gen is not None:
+        gen.max_new_tokens = max_new_tokens
+    try:
+        to_save.save_pretrained(tmp, safe_serialization=True)
+    finally:
+        if gen is not None:
+            gen.max_new_tokens = before  # the live model keeps its own settings
     tokenizer.save_pretrained(tmp)
     if out.exists():
         import shutil

@@ -123,6 +123,7 @@ class QuietExecutor(io.TextIOBase):
     and progress, which go through the executor's logging format) to the time of day."""
 
     _PREFIX = re.compile(r"^\s*\[KFP Executor \d{4}-\d\d-\d\d (\d\d:\d\d:\d\d),\d+ (\w+)\]: ?")
+    _RULER = re.compile(r"^-{20,}\s*$")
     _BOOKKEEPING = re.compile(r"^(Looking for component|Loading KFP component|Got executor_input:|"
                               r"Wrote executor output file|Did not write output file)")
 
@@ -152,7 +153,7 @@ class QuietExecutor(io.TextIOBase):
                 self._in_dump = message.startswith("Got executor_input:")
                 return None
             return f"    {m.group(1)} {m.group(2)} {message}"
-        return line if line.strip() else None
+        return line if line.strip() and not self._RULER.match(line) else None
 
     def flush(self) -> None:
         kept = self._keep(self._pending) if self._pending else None
@@ -187,7 +188,8 @@ def run_local(state_dir: Path | str, arguments: Mapping[str, Any], *, s3_setting
     args.setdefault("p0_s3_root", "s3://amft/local")
     args.setdefault("p6_registry_tracking_uri", tracking_uri)
     env = {"TMPDIR": str(state / "tmp"), "AMFT_STATE_DIR": str(state), "GX_ANALYTICS_ENABLED": "false",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1"}
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # per-file load/save bars: noise in a pipeline log
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     task_log = TaskLog()  # kfp.local logs through the root logger

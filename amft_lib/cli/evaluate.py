@@ -53,7 +53,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pass-k", type=int, help="k of pass@k (default 4)")
     p.add_argument("--n-samples", type=int, help="samples per prompt for pass@k (default 8; 0 skips)")
     p.add_argument("--temperature", type=float, help="sampling temperature for pass@k (default 1.0)")
-    p.add_argument("--max-new-tokens", type=int, help="maximum completion tokens (default 96)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="maximum completion tokens (default: the model's generation_config.json, else 96)")
     p.add_argument("--max-examples", type=int, help="prompts per split, 0 = all (default 0)")
     p.add_argument("--batch-size", type=int, help="prompts per generation call (default 64)")
     p.add_argument("--splits", help="comma-separated eval splits (default test_id,test_ood)")

@@ -221,3 +221,14 @@ def test_a_candidate_identical_to_the_champion_is_not_blessed(tiny_setup, tmp_pa
     result = run_evaluate(_cfg(tiny_setup, tmp_path / "a", champion_model=str(tiny_setup["candidate"]),
                                n_samples=0, splits=["test_id"]))
     assert not result.blessed and "identical to the champion" in result.reason
+
+
+def test_decoding_length_follows_the_model_when_not_given(tmp_path):
+    """`amft evaluate` without --max-new-tokens decodes a model as it was trained (generation_config.json)."""
+    from amft_lib.config import ModelConfig
+    from amft_lib.evaluate import DEFAULT_MAX_NEW_TOKENS, trained_max_new_tokens
+    from amft_lib.model import load_policy, save_policy
+
+    model, tok = load_policy(ModelConfig(name="tiny", tiny_hidden=32, tiny_layers=1, tiny_heads=2), seed=0)
+    assert trained_max_new_tokens(str(save_policy(model, tok, tmp_path / "a", max_new_tokens=112))) == 112
+    assert trained_max_new_tokens(str(save_policy(model, tok, tmp_path / "b"))) == DEFAULT_MAX_NEW_TOKENS

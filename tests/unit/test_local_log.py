@@ -17,6 +17,7 @@ STREAMED = """    [KFP Executor 2026-12-02 16:40:36,821 INFO]: Looking for compo
 2026-12-02 16:40:37 INFO amft_lib.trainer: step 3/60 mu=0.700 (2.1 step/s, ETA 27 s)
     [KFP Executor 2026-12-02 16:40:38,100 INFO]: eval candidate/test_id: 8/8 prompts, 2.00 prompts/s, ETA 0 s
     [KFP Executor 2026-12-02 16:40:36,827 INFO]: Wrote executor output file to /x/executor_output.json.
+--------------------------------------------------------------------------------
 
 """
 
