@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -105,20 +104,11 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
 # Handlers
 
 
-def _error(message: object) -> int:
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    return EXIT_ERROR
-
-
 def _prepare(args: argparse.Namespace) -> int:
-    from amft_lib.config import ConfigError
     from amft_lib.data.prepare import PrepareConfig, run_prepare
-    from amft_lib.data.schema import DataError
 
-    try:
-        result = run_prepare(config_from_args(PrepareConfig, args))
-    except (ConfigError, DataError) as exc:
-        return _error(exc)
+    # ConfigError and DataError are UserErrors: amft_lib.cli prints one `error:` line and exits 2
+    result = run_prepare(config_from_args(PrepareConfig, args))
     counts = ", ".join(f"{name} {n}" for name, n in result.rows.items())
     dropped = ", ".join(f"{k} {v}" for k, v in result.card.dropped.items() if v) or "none"
     print(f"prepared {result.card.task}: {counts}; dropped: {dropped}; card: {result.card_path}")
@@ -126,14 +116,9 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from amft_lib.config import ConfigError
-    from amft_lib.data.schema import DataError
     from amft_lib.data.validate import ValidateConfig, run_validate
 
-    try:
-        result = run_validate(config_from_args(ValidateConfig, args))
-    except (ConfigError, DataError) as exc:
-        return _error(exc)
+    result = run_validate(config_from_args(ValidateConfig, args))
     stats = result.statistics
     verdict = "PASSED" if result.passed else "FAILED"
     print(f"validation {verdict}: {stats.get('successful_expectations')}/{stats.get('evaluated_expectations')} "

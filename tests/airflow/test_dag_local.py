@@ -1,31 +1,24 @@
 """Local mode, end to end and offline: dag.test() of the retraining DAG whose submit step runs
 `amft pipeline run-local` (the real kfp.local run of every stage on an embedded SeaweedFS and an
-MLflow SQLite registry, from the project venv) with the tiny profile of
-tests/integration/test_pipeline_local.py. The run ends with the registered model version in XCom.
+MLflow SQLite registry, from the project venv) with the `test` profile of pipelines/profiles.py. The
+run ends with the registered model version in XCom.
 """
 
+import importlib.util
 import uuid
 
 import pytest
-from conftest import MAIN_VENV_BIN, run_dag
+from conftest import MAIN_VENV_BIN, REPO, run_dag
+
+_spec = importlib.util.spec_from_file_location("amft_profiles", REPO / "pipelines" / "profiles.py")
+_profiles = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_profiles)
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3]
 
-# The TINY profile of tests/integration/test_pipeline_local.py (whole pipeline in about a minute).
-TINY = {
-    "p1_data_train_size": 120, "p1_data_val_size": 20, "p1_data_test_id_size": 16, "p1_data_test_ood_size": 16,
-    "p3_model_name": "tiny",
-    "p3_model_settings": ["model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2", "device=cpu"],
-    "p3_model_max_new_tokens": 24,
-    "p3_warm_start_warmup_steps": 10, "p3_warm_start_final_sft_steps": 4, "p3_warm_start_rs_samples": 2,
-    "p3_warm_start_rs_max_prompts": 8,
-    "p3_warm_start_overrides": ["batch_size=8", "entropy_prompts=4", "entropy_group=2", "eval_prompts=8"],
-    "p4_train_max_steps": 8, "p4_train_lr": 1e-2, "p4_train_checkpoint_every": 2, "p4_train_meta_interval": 2,
-    "p4_train_overrides": ["eval_every=4", "eval_prompts=4", "rollout.prompts_per_step=2", "rollout.group_size=2",
-                           "loss.sft_batch_size=4", "controller.meta_val_prompts=2", "controller.meta_val_group=2"],
-    "p5_eval_n_samples": 0, "p5_eval_max_examples": 8,
-    "p5_eval_threshold": 0.0,  # the local profile's 0.01 would leave a tiny model unblessed
-}
+# The `test` profile of `amft pipeline run-local` (whole pipeline in about a minute), blessed at threshold 0
+# (the local profile's 0.01 would leave a tiny model unblessed). pipelines/profiles.py imports nothing else.
+TINY = {**_profiles.TEST, "p5_eval_threshold": 0.0}
 
 
 def test_local_mode_runs_the_whole_pipeline_and_puts_the_registered_version_in_xcom(test_dags, tmp_path):

@@ -156,19 +156,15 @@ def test_bad_parquet_inputs(tmp_path: Path) -> None:
 
 
 def test_bad_input_leaves_no_output_and_cli_prints_one_line(tmp_path: Path, capsys) -> None:
-    import argparse
 
-    from amft_lib.cli.data import register
+    from amft_lib import cli
 
     bad = write_lines(tmp_path / "bad.jsonl", [json.dumps(GOOD), "{oops"])
     out = tmp_path / "out"
     with pytest.raises(DataError, match=r"bad.jsonl:2: malformed JSON"):
         run_prepare(PrepareConfig(task="math", input=str(bad), out_dir=str(out)))
     assert not out.exists()
-    parser = argparse.ArgumentParser(prog="amft")
-    register(parser.add_subparsers())
-    args = parser.parse_args(["data", "prepare", "--task", "math", "--input", str(bad), "--out-dir", str(out)])
-    assert args.handler(args) == 2
+    assert cli.main(["data", "prepare", "--task", "math", "--input", str(bad), "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and "bad.jsonl:2" in err
     assert not out.exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections import Counter
 from pathlib import Path
@@ -274,20 +273,16 @@ def test_bad_rule_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_cli_prepare(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from amft_lib.cli.data import register
+    from amft_lib import cli  # the boundary: a user error is one line and exit 2
 
-    parser = argparse.ArgumentParser(prog="amft")
-    register(parser.add_subparsers())
     src = write_jsonl(tmp_path / "in.jsonl", math_rows(20))
-    args = parser.parse_args(["data", "prepare", "--task", "math", "--input", str(src), "--out-dir",
-                              str(tmp_path / "out"), "--split-fractions", "train=0.5,val=0.5", "--seed", "3"])
-    assert args.handler(args) == 0
+    assert cli.main(["data", "prepare", "--task", "math", "--input", str(src), "--out-dir",
+                     str(tmp_path / "out"), "--split-fractions", "train=0.5,val=0.5", "--seed", "3"]) == 0
     assert "prepared math:" in capsys.readouterr().out
     card = read_card(tmp_path / "out")
     assert card.generator["config"]["split_fractions"] == {"train": 0.5, "val": 0.5}
     assert sum(info.rows for info in card.splits.values()) == 20
-    args = parser.parse_args(["data", "prepare", "--split-fractions", "train=0.5"])
-    assert args.handler(args) == 2
+    assert cli.main(["data", "prepare", "--split-fractions", "train=0.5"]) == 2
     assert capsys.readouterr().err.startswith("error: split_fractions")
     assert Counter(p.suffix for p in (tmp_path / "out").iterdir()) == Counter({".parquet": 2, ".json": 1})
 

@@ -6,7 +6,6 @@ validation costs tens of milliseconds.
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -269,15 +268,12 @@ def test_config_errors_name_the_value(kwargs: dict, fragment: str) -> None:
 
 
 def test_cli_exit_codes(gp_dir: Path, gp_rows: list[dict], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from amft_lib.cli.data import register
+    from amft_lib import cli  # the boundary: a user error is one line and exit 2
 
-    parser = argparse.ArgumentParser(prog="amft")
-    register(parser.add_subparsers())
     limits = ["--min-rows", "train=10,val=2", "--split-fractions", "train=0.5:0.95"]
 
     def run(*argv: str) -> int:
-        args = parser.parse_args(["data", "validate", *argv, *limits])
-        return args.handler(args)
+        return cli.main(["data", "validate", *argv, *limits])
 
     assert run("--dataset", str(gp_dir), "--out-dir", str(tmp_path / "ok")) == 0
     assert "validation PASSED" in capsys.readouterr().out
