@@ -294,8 +294,20 @@ class WarmStartConfig:
     entropy_group: int = _help("Completions per prompt for the H* measurement.", 4)
     eval_prompts: int = _help("Validation prompts for the greedy accuracy reported at each phase.", 64)
     micro_batch_size: int = _help("Sequences per forward/backward chunk.", 64)
+    checkpoint_every: int = _help(
+        "Checkpoint every this many warm-start steps under the checkpoint root, and at the end of each phase; "
+        "a step is one SFT step (warm-up or final) or one rejection-sampling chunk of ~256 completions. "
+        "0 disables checkpoints.",
+        0,
+    )
+    checkpoint_keep_last: int = _help("Newest complete warm-start checkpoints kept (>= 1).", 2)
 
     def __post_init__(self) -> None:
+        if self.checkpoint_every < 0 or self.checkpoint_keep_last < 1:
+            raise ConfigError(
+                f"checkpoint_every={self.checkpoint_every}, checkpoint_keep_last={self.checkpoint_keep_last}: "
+                "checkpoint_every must be >= 0 (0: off) and checkpoint_keep_last >= 1"
+            )
         if self.warmup_steps < 0 or self.final_sft_steps < 0:
             raise ConfigError("warmup_steps and final_sft_steps must be >= 0")
         if self.rs_samples < 1 or self.rs_max_per_prompt < 1:
