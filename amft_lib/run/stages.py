@@ -125,7 +125,9 @@ def warm_start_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model_
             save_policy(policy, tokenizer, base)
             del policy
         work = Path(tmp, "warm_start")
-        result = run_warm_start(cfg, work, splits=read_rows(dataset_dir), init_model=str(base))
+        # checkpoints under <run>/warm_start/checkpoints/; a retried task resumes from the newest verified one
+        result = run_warm_start(cfg, work, splits=read_rows(dataset_dir), init_model=str(base),
+                                checkpoint_root=run.uri, resume="auto")
         publish(work, run.warm_start)
         publish(base, run.base_model)
     write_pointer(base_model_dir, run.base_model, model_name=cfg.model.name)
@@ -136,6 +138,8 @@ def warm_start_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model_
     out.add_metrics({"acceptance_rate": result.acceptance_rate, f"pass_at_{cfg.rs_samples}": result.pass_at_k,
                      "target_entropy": result.target_entropy})
     out.add_metrics(result.val_accuracy, "val_accuracy_")
+    if result.resumed_from:
+        out.metadata["model"]["resumed_from"] = result.resumed_from
     return out
 
 
