@@ -156,6 +156,10 @@ class RunRoot:
     def fault_marker(self) -> str:
         return self.path("faults", "train-killed")
 
+    @property
+    def warm_start_fault_marker(self) -> str:
+        return self.path("faults", "warm-start-killed")
+
 
 def use_s3_endpoint(endpoint_url: str) -> None:
     """Point boto3 (amft_lib.storage) and MLflow at `endpoint_url`; empty keeps the environment's."""
