@@ -82,9 +82,10 @@ class WarmStartCheckpoints:
         optimizer.pt        the current SFT phase's AdamW state ({} during rejection sampling:
                             each SFT phase starts its own optimizer)
         rng.pt              python, numpy and torch RNG states
-        trainer_state.json  step, config_hash, phase, phase_step/phase_steps, the phase's data
-                            cursor, the SFT history so far, the validation accuracies so far, and
-                            rejection sampling's accepted rows and counts (partial while it runs)
+        trainer_state.json  step, config_hash, phase, phase_step/phase_steps, each phase's first
+                            step (offsets), the phase's data cursor, the SFT history so far, the
+                            validation accuracies so far, and rejection sampling's accepted rows
+                            and counts (partial while it runs)
         scheduler.pt, controller.json   empty: the learning rate is a function of the step, and
                             there is no μ controller in the warm start
 
@@ -93,17 +94,14 @@ class WarmStartCheckpoints:
     it are skipped; their results come from `trainer_state.json`.
     """
 
-    def __init__(self, root: str | None, cfg: WarmStartConfig, model, n_train: int) -> None:
+    def __init__(self, root: str | None, cfg: WarmStartConfig, model) -> None:
         self.root = storage.join(root, CHECKPOINT_DIR) if root else None
         self.every = cfg.checkpoint_every if root else 0
         self.keep_last = cfg.checkpoint_keep_last
         self.config_hash = config_hash(cfg)
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        # as in run_warm_start: every training prompt, or rs_max_prompts of them
-        n_rs = min(n_train, cfg.rs_max_prompts) if cfg.rs_max_prompts else n_train
-        chunks = math.ceil(n_rs / rs_chunk_size(cfg.rs_samples))
-        self.offsets = {"warmup": 0, "rejection_sampling": cfg.warmup_steps,
-                        "final_sft": cfg.warmup_steps + chunks}
+        # each phase's first global step; the final SFT's is known once rejection sampling has its chunk count
+        self.offsets = {"warmup": 0, "rejection_sampling": cfg.warmup_steps}
         # run-level results saved with every checkpoint: live references owned by run_warm_start
         self.progress: dict = {}
         self.uri: str | None = None  # the checkpoint resumed from
@@ -125,6 +123,7 @@ class WarmStartCheckpoints:
         if state.get("phase") not in PHASES:
             raise ckpt.CheckpointError(f"{self.uri} is not a warm-start checkpoint (no phase in trainer_state.json)")
         self._pending = (state, payload)
+        self.offsets.update(state["offsets"])
         log.info("warm start resumes from %s: step %d, %s step %d/%d", self.uri, step, state["phase"],
                  state["phase_step"], state["phase_steps"])
         return state
@@ -133,6 +132,8 @@ class WarmStartCheckpoints:
         """(steps of `phase` already done, that phase's saved extras). Restores weights, optimizer,
         cursor and RNG if the pending checkpoint was taken in this phase; a phase the checkpoint is
         past counts as done."""
+        if phase == "rejection_sampling":
+            self.offsets["final_sft"] = self.offsets[phase] + total
         if self._pending is None:
             return 0, {}
         state, payload = self._pending
@@ -161,8 +162,8 @@ class WarmStartCheckpoints:
         progress = dict(self.progress)
         progress["history"] = list(progress.get("history", [])) + list(records or [])
         trainer_state = {
-            "step": step, "config_hash": self.config_hash, "phase": phase, "phase_step": done,
-            "phase_steps": total, "cursor": cursor.state_dict() if cursor is not None else None,
+            "step": step, "config_hash": self.config_hash, "phase": phase, "phase_step": done, "phase_steps": total,
+            "offsets": self.offsets, "cursor": cursor.state_dict() if cursor is not None else None,
             **progress, **({"rs": rs} if rs is not None else {}),
         }
         payload = ckpt.CheckpointPayload(
@@ -342,7 +343,7 @@ def run_warm_start(cfg: WarmStartConfig, out_dir: str | Path, splits: dict[str, 
     def val_acc() -> float:
         return greedy_eval(model, tokenizer, task, eval_rows, cfg.max_new_tokens, cfg.model.chat_template).accuracy
 
-    checkpoints = WarmStartCheckpoints(checkpoint_root, cfg, model, len(train_rows))
+    checkpoints = WarmStartCheckpoints(checkpoint_root, cfg, model)
     restored = checkpoints.load(resume, force_resume)  # {} on a fresh start
     accuracy = restored.get("val_accuracy") or {"initial": val_acc()}
     history: list[dict] = restored.get("history", [])
