@@ -11,7 +11,6 @@ owns the layout, integrity and retention. Layout under a run root (DESIGN.md, "S
                                     trainer_state.json  step, data cursor / sampler position, …
                                     MANIFEST.json       written LAST: sha256 + size of every file above
     <root>/checkpoints/LATEST                          "step-0000200", written after the manifest
-    <root>/checkpoints/controller_history.jsonl        μ trajectory, one JSON record per line
 
 **Complete means "has a MANIFEST.json".** Files go up first, the manifest after them, ``LATEST``
 last, so a crash or an unreachable store at any point leaves either the previous state or an
@@ -23,12 +22,9 @@ crash between the manifest and ``LATEST`` loses nothing. ``LATEST`` is for peopl
 ``torch.load(weights_only=True)`` (tensors, dicts, lists, numbers, strings only), the rest is JSON.
 Python's and numpy's RNG states are stored as tensors so ``rng.pt`` loads under the same rule.
 
-**Controller history and S3's missing append.** Each save rewrites ``controller_history.jsonl``
-(read, modify, single atomic PUT) rather than leaving one segment per checkpoint: auditors get one
-file, and segments inside step folders would vanish with retention. The rewrite also repairs the
-timeline after a resume from an older checkpoint: existing records at or after the first new
-record's step, and any beyond the checkpoint's step, came from an abandoned run and are dropped.
-Cost: O(records so far) per save — ~100 B per record, so 100k steps ≈ 10 MB per save.
+**The μ trajectory** is not stored here a second time: the controller state in every checkpoint
+carries its history, and the run's `metrics.jsonl` (the per-step contract, kept under
+``<root>/logs/`` and cut at the checkpoint's step on resume) holds μ for every step.
 
 **Retention** after each save: keep the ``keep_last`` newest complete checkpoints (by step), the best
 one by the caller's metric (``metric_mode`` "max" or "min"; ties go to the newer), and whatever
@@ -52,7 +48,7 @@ import os
 import random
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -67,7 +63,6 @@ FORMAT = "amft-checkpoint/1"
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
 MANIFEST = "MANIFEST.json"
-HISTORY = "controller_history.jsonl"
 
 # Named keys of a checkpoint (torchtune keeps these as constants too) → file names.
 MODEL_FILE = "model.safetensors"
@@ -277,43 +272,12 @@ def _stage(payload: CheckpointPayload, folder: str, step: int) -> None:
             f.write(_dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _update_history(root: str, step: int, records: Iterable[Mapping[str, Any]]) -> int:
-    """Rewrite controller_history.jsonl with ``records`` appended; returns the record count."""
-    uri = storage.join(root, CHECKPOINTS, HISTORY)
-    new = [dict(r) for r in records]
-    try:
-        lines = storage.get_bytes(uri).decode().splitlines()
-    except storage.ObjectNotFoundError:
-        lines = []
-    old = [json.loads(line) for line in lines if line.strip()]
-    new_steps = [r["step"] for r in new if isinstance(r.get("step"), int)]
-    cut = min(new_steps) if new_steps else None
-
-    def current(record: dict[str, Any]) -> bool:
-        s = record.get("step")
-        if not isinstance(s, int):
-            return True
-        return s <= step and (cut is None or s < cut)
-
-    kept = [r for r in old if current(r)]
-    if len(kept) < len(old):
-        logger.warning(
-            "controller history: dropped %d record(s) from an abandoned run (steps beyond the resume point)",
-            len(old) - len(kept),
-        )
-    merged = kept + new
-    if new or len(kept) < len(old) or not lines:
-        storage.put_bytes(uri, "".join(_dumps(r, separators=(",", ":")) + "\n" for r in merged).encode())
-    return len(merged)
-
-
 def save_checkpoint(
     root: str,
     step: int,
     payload: CheckpointPayload,
     config_hash: str,
     *,
-    history: Iterable[Mapping[str, Any]] = (),
     keep_last: int = 2,
     metric: float | None = None,
     metric_mode: Literal["max", "min"] = "max",
@@ -325,8 +289,6 @@ def save_checkpoint(
         step: optimizer steps done; the folder is ``step-NNNNNNN``.
         payload: the state to save (see :class:`CheckpointPayload`).
         config_hash: hash of the training config; resuming under another hash is refused.
-        history: controller records (dicts with an int ``step``) since the previous save; appended
-            to ``controller_history.jsonl``.
         keep_last: how many newest complete checkpoints retention keeps (>= 1).
         metric: this checkpoint's score for "keep the best" (e.g. validation reward); None = unscored.
         metric_mode: "max" if higher is better, "min" if lower is.
@@ -357,7 +319,6 @@ def save_checkpoint(
         _stage(payload, staging, step)
         files = _upload_and_hash(staging, uri)
 
-    history_records = _update_history(root, step, history)
     manifest = {
         "format": FORMAT,
         "step": step,
@@ -366,7 +327,6 @@ def save_checkpoint(
         "files": files,
         "metric": metric,
         "metric_mode": metric_mode,
-        "history_records": history_records,
     }
     storage.put_bytes(storage.join(uri, MANIFEST), (_dumps(manifest, indent=2) + "\n").encode())
     storage.put_bytes(storage.join(root, CHECKPOINTS, LATEST), (name + "\n").encode())
@@ -696,12 +656,3 @@ def list_checkpoints(root: str) -> list[tuple[int, str, bool]]:
     return [
         (step, checkpoint_uri(root, step), MANIFEST in files) for step, files in sorted(_scan(root).items())
     ]
-
-
-def read_controller_history(root: str) -> list[dict[str, Any]]:
-    """The μ trajectory records saved so far (empty if none)."""
-    try:
-        data = storage.get_bytes(storage.join(root, CHECKPOINTS, HISTORY))
-    except storage.ObjectNotFoundError:
-        return []
-    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]

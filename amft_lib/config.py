@@ -385,6 +385,13 @@ class WarmStartConfig:
     entropy_group: int = _help("Completions per prompt for the H* measurement.", 4, ge=1)
     eval_prompts: int = _help("Validation prompts for the greedy accuracy reported at each phase.", 64, ge=0)
     micro_batch_size: int = _help("Sequences per forward/backward chunk.", 64, ge=1)
+    checkpoint_every: int = _help(
+        "Checkpoint every this many warm-start steps under the checkpoint root, and at the end of each phase; "
+        "a step is one SFT step (warm-up or final) or one rejection-sampling chunk of ~256 completions. "
+        "0 disables checkpoints.",
+        0, ge=0,
+    )
+    checkpoint_keep_last: int = _help("Newest complete warm-start checkpoints kept (>= 1).", 2, ge=1)
 
     def __post_init__(self) -> None:
         check_fields(self, "")

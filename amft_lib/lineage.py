@@ -169,16 +169,13 @@ def _read_jsonl(uri: str) -> list[dict[str, Any]]:
 
 
 def mu_trajectory(run_dir: str) -> list[float]:
-    """μ after every controller update, from the run's `controller_state.json` history (the audited
-    trajectory); falls back to the per-step `mu` of `metrics.jsonl` for runs cut short."""
-    with contextlib.suppress(storage.ObjectNotFoundError):
-        state = json.loads(storage.get_bytes(storage.join(run_dir, "controller_state.json")))
-        history = state.get("history") or []
-        if history:
-            return [float(mu) for _, mu in history]
+    """μ before every training step and, last, after the final update: the per-step `mu` of
+    `metrics.jsonl` (the audited contract) followed by the final record's."""
     with contextlib.suppress(storage.ObjectNotFoundError):
         records = _read_jsonl(storage.join(run_dir, "metrics.jsonl"))
-        return [float(r["mu"]) for r in records if not r.get("final") and r.get("mu") is not None]
+        steps = [float(r["mu"]) for r in records if not r.get("final") and r.get("mu") is not None]
+        final = [float(r["mu"]) for r in records if r.get("final") and r.get("mu") is not None]
+        return steps + final[-1:]
     return []
 
 

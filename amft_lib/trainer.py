@@ -15,56 +15,43 @@ The baselines differ only in their controller (see controller.py), so an equal b
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from amft_lib import checkpoint as ckpt
 from amft_lib import controller as ctl
 from amft_lib import storage
 from amft_lib.checkpoint import CheckpointPayload, capture_rng_state, restore_rng_state, save_checkpoint
-from amft_lib.config import ConfigError, TrainConfig, check_target_entropy_temperature, config_hash, save_config
+from amft_lib.config import TrainConfig, check_target_entropy_temperature, config_hash, save_config
 from amft_lib.data.schema import DataError
 from amft_lib.dataset import check_task, load_splits
-from amft_lib.losses import group_advantages, masked_mean, ppo_clip_loss, sft_loss
+from amft_lib.losses import group_advantages, masked_mean, ppo_clip_loss
 from amft_lib.model import check_model_source, load_policy, save_policy, trainable_parameters
 from amft_lib.optim import build_optimizer
 from amft_lib.rollout import TokenBatch, completion_logprobs, demonstration_batch, sample_completions
 from amft_lib.sampler import Cursor
 from amft_lib.scoring import greedy_eval, score_completions
 from amft_lib.tasks import get_task
+from amft_lib.training import (
+    accumulate,
+    autocast,
+    check_device,
+    check_out_dir,
+    find_resume_point,
+    lr_factor,
+    resolve_device,
+    seed_everything,
+    sft_gradient,
+)
 
 log = logging.getLogger(__name__)
-
-
-def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then cosine decay to `min_ratio` at `max_steps`."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @dataclass
@@ -82,12 +69,6 @@ class TrainResult:
 
 
 # ── gradients of the two losses (chunked so memory is bounded; results are exact sums) ─────────────
-
-
-def _accumulate(acc: list[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
-    for a, g in zip(acc, grads, strict=True):
-        if g is not None:
-            a.add_(g)
 
 
 def rl_gradient(
@@ -115,7 +96,7 @@ def rl_gradient(
         mask = chunk.completion_mask.to(device)
         # token_mean weighs chunks by their token share; seq_mean and dr_grpo by their sequence share
         w = chunk.n_tokens / n_tok if cfg.loss.loss_agg == "token_mean" else len(chunk) / n
-        with _autocast(cfg):
+        with autocast(cfg.precision):
             logprobs, entropy = completion_logprobs(model, chunk, cfg.rollout.temperature,
                                                     with_entropy=old_logprobs is None)
         if entropy is not None:
@@ -131,7 +112,7 @@ def rl_gradient(
             ref_logprobs=None if ref_logprobs is None else ref_logprobs[s : s + mb].to(device),
             kl_beta=cfg.loss.kl_beta,
         )
-        _accumulate(grads, torch.autograd.grad(loss * w, params, allow_unused=True))
+        accumulate(grads, torch.autograd.grad(loss * w, params, allow_unused=True))
         total += loss.detach().item() * w
         clip_frac += stats.clip_frac * w
         approx_kl += stats.approx_kl * w
@@ -140,23 +121,6 @@ def rl_gradient(
     if old_logprobs is None:
         stats["entropy"] = entropy_sum / n_tok
     return grads, total, stats
-
-
-def sft_gradient(model, params: list[torch.nn.Parameter], batch: TokenBatch, cfg: TrainConfig):
-    """g_SFT = ∇_θ L_SFT (token-mean NLL of demonstration tokens; prompt tokens masked)."""
-    grads = [torch.zeros_like(p) for p in params]
-    n_tok = max(1, batch.n_tokens)
-    total = 0.0
-    mb = cfg.loss.micro_batch_size
-    for s in range(0, len(batch), mb):
-        chunk = batch.slice(s, s + mb)
-        w = chunk.n_tokens / n_tok
-        with _autocast(cfg):
-            logprobs, _ = completion_logprobs(model, chunk)
-        loss = sft_loss(logprobs, chunk.completion_mask.to(logprobs.device))
-        _accumulate(grads, torch.autograd.grad(loss * w, params, allow_unused=True))
-        total += loss.detach().item() * w
-    return grads, total
 
 
 def utility_gradient(
@@ -180,11 +144,11 @@ def utility_gradient(
         grads = [torch.zeros_like(p) for p in params]
         for s in range(lo, hi, mb):
             chunk = batch.slice(s, min(s + mb, hi))
-            with _autocast(cfg):
+            with autocast(cfg.precision):
                 logprobs, _ = completion_logprobs(model, chunk, cfg.rollout.temperature)
             seq_logprob = (logprobs * chunk.completion_mask.to(device)).sum(-1)  # [mb]
             surrogate = (weights[s : s + len(chunk)].to(device) * seq_logprob).sum() / (hi - lo)
-            _accumulate(grads, torch.autograd.grad(surrogate, params, allow_unused=True))
+            accumulate(grads, torch.autograd.grad(surrogate, params, allow_unused=True))
         return grads
 
     n = len(batch)
@@ -196,7 +160,7 @@ def utility_gradient(
 
 def sample_and_score(model, tokenizer, task, rows: Sequence[dict], group_size: int, cfg: TrainConfig):
     """G rollouts per row at the configured sampling settings, with verifier rewards [N] and format flags."""
-    with _autocast(cfg):
+    with autocast(cfg.precision):
         batch = sample_completions(
             model,
             tokenizer,
@@ -209,12 +173,6 @@ def sample_and_score(model, tokenizer, task, rows: Sequence[dict], group_size: i
         )
     rewards, format_ok = score_completions(task, [r["answer"] for r in rows for _ in range(group_size)], batch.texts)
     return batch, rewards, format_ok
-
-
-def _autocast(cfg: TrainConfig):
-    if cfg.precision == "bf16-mixed" and torch.cuda.is_available():
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # ── the loop ────────────────────────────────────────────────────────────────────────────────────────
@@ -275,7 +233,7 @@ def train(
         check_out_dir(Path(checkpoint_root), "checkpoint root")
     if resume == "never" and checkpoint_root and cfg.checkpoint_every:
         ckpt.list_checkpoints(checkpoint_root)  # reachable (credentials, endpoint) before training starts
-    restored = (_restore(checkpoint_root, resume, cfg_hash, force_resume, force_restart)
+    restored = (find_resume_point(checkpoint_root, resume, cfg_hash, force_resume, force_restart)
                 if resume != "never" else None)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -330,7 +288,6 @@ def train(
     metrics_f = (out / "metrics.jsonl").open(mode)
     controller_f = (out / "controller.jsonl").open(mode)
     samples_f = (out / "samples.jsonl").open(mode)
-    pending_history: list[dict] = []
 
     def save(step_done: int) -> None:
         """Checkpoint after `step_done` steps: everything a resumed run needs to continue bit-exactly."""
@@ -349,10 +306,9 @@ def train(
         )
         for name in LOG_FILES:  # logs travel with the run root so a resume on a fresh node keeps them
             storage.put_file(str(out / name), storage.join(checkpoint_root, "logs", name))
-        save_checkpoint(checkpoint_root, step_done, payload, cfg_hash, history=pending_history,
+        save_checkpoint(checkpoint_root, step_done, payload, cfg_hash,
                         keep_last=cfg.checkpoint_keep_last,
                         metric=None if val_last["val_reward"] != val_last["val_reward"] else val_last["val_reward"])
-        pending_history.clear()
 
     def run_eval(step: int) -> dict[str, float]:
         """Greedy accuracy and sampled reward on the validation prompts. Sampling runs on a forked RNG
@@ -392,7 +348,7 @@ def train(
         on_policy = cfg.loss.ppo_epochs == 1 and (mu < 1.0 or do_meta)
         old_logprobs = ref_logprobs = None
         entropy = float("nan")
-        with torch.no_grad(), _autocast(cfg):
+        with torch.no_grad(), autocast(cfg.precision):
             if not on_policy:
                 old_logprobs, entropy_tok = completion_logprobs(model, rollouts, cfg.rollout.temperature,
                                                                 with_entropy=True)
@@ -428,7 +384,8 @@ def train(
                 if on_policy:
                     entropy = rl_stats.pop("entropy")  # H_t at θ before this step's update
             if need_sft:
-                g_sft, sft_loss_v = sft_gradient(model, params, sft_batch, cfg)
+                g_sft, sft_loss_v = sft_gradient(model, params, sft_batch, micro_batch_size=cfg.loss.micro_batch_size,
+                                                    precision=cfg.precision)
             if do_meta and epoch == 0 and g_rl is not None and g_sft is not None:
                 tm = time.perf_counter()
                 val_batch = [val_rows[i] for i in meta_cursor.take(cfg.controller.meta_val_prompts)]
@@ -503,8 +460,6 @@ def train(
         }
         metrics_f.write(json.dumps(record) + "\n")
         metrics_f.flush()
-        pending_history.append({k: record[k] for k in ("step", "mu", "mu_next", "entropy", "target_entropy",
-                                                        "meta_grad", "reward_mean")})
         if checkpoint_root and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             save(step + 1)
         if bar is not None:
@@ -525,7 +480,6 @@ def train(
     for f in (metrics_f, controller_f, samples_f):
         f.close()
     model_dir = save_policy(model, tokenizer, out / "model")
-    (out / "controller_state.json").write_text(json.dumps(state.to_dict(), indent=1))
     result = TrainResult(
         out_dir=out, model_dir=model_dir, steps=cfg.max_steps, mu_final=state.mu,
         target_entropy=state.target_entropy, val_reward_initial=val_initial["val_reward"],
@@ -554,46 +508,10 @@ def _progress(total: int, enabled: bool, initial: int = 0):
 LOG_FILES = ("metrics.jsonl", "controller.jsonl", "samples.jsonl")
 
 
-def check_out_dir(out: Path, what: str = "output") -> None:
-    """ConfigError unless `out` is (or can be created as) a writable directory; creates nothing."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{what} {out}: exists and is not a directory; give a directory (it is created if missing)")
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"{what} {out}: {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {out}: permission denied (cannot write in {probe})")
-
-
-def check_device(name: str) -> None:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda': no CUDA device is visible here; use device=auto or cpu")
-
-
 def _root_of(checkpoint_uri: str) -> str | None:
     """The run root of `<root>/checkpoints/step-NNNNNNN` (None if the URI does not have that shape)."""
     parts = checkpoint_uri.rstrip("/").rsplit("/", 2)
     return parts[0] if len(parts) == 3 and parts[1] == ckpt.CHECKPOINTS else None
-
-
-def _restore(root: str | None, resume: str, cfg_hash: str, force: bool, force_restart: bool = False):
-    """(uri, step, payload) of the checkpoint to resume from, or None to start fresh."""
-    if resume == "auto":
-        if not root:
-            raise ConfigError("resume='auto' needs a checkpoint root (--checkpoint-root)")
-        return ckpt.resume(root, cfg_hash, force=force, force_restart=force_restart)
-    step, payload = ckpt.load_checkpoint(resume)
-    saved = payload.trainer_state.get("config_hash")
-    if saved != cfg_hash:
-        if not force:
-            raise ckpt.ConfigMismatchError(
-                f"{resume} was written with config hash {str(saved)[:12]}…, this run has {cfg_hash[:12]}…; "
-                "pass force_resume (--force-resume) to continue with this run's config"
-            )
-        log.warning("config hash differs from %s; this run's config wins", resume)
-    return resume, step, payload
 
 
 def _restore_logs(root: str, out: Path, step: int) -> None:

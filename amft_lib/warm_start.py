@@ -10,12 +10,18 @@ Why accepted samples join the demonstrations: they are correct answers in the mo
 distribution, so the final SFT moves the policy less than fitting foreign demonstrations would,
 and RL starts from a model that already succeeds on some prompts (GRPO learns nothing from
 prompts where every sample fails).
+
+Checkpoints (issue 12): with a checkpoint root and `checkpoint_every` > 0 the warm start saves its
+state every N steps and at the end of each phase to `<root>/warm_start/checkpoints/step-NNNNNNN`
+(checkpoint.py's layout: MANIFEST.json last, LATEST after it), and `resume="auto"` continues from
+the newest verified one bit-exactly on CPU; see :class:`WarmStartCheckpoints`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from collections import defaultdict
@@ -24,7 +30,9 @@ from pathlib import Path
 
 import torch
 
-from amft_lib.config import TrainConfig, WarmStartConfig, save_config
+from amft_lib import checkpoint as ckpt
+from amft_lib import storage
+from amft_lib.config import WarmStartConfig, config_hash, save_config
 from amft_lib.data.schema import DataError
 from amft_lib.dataset import check_task, load_splits
 from amft_lib.losses import masked_mean
@@ -34,9 +42,10 @@ from amft_lib.rollout import completion_logprobs, demonstration_batch, sample_co
 from amft_lib.sampler import Cursor
 from amft_lib.scoring import greedy_eval, score_completions
 from amft_lib.tasks import get_task
-from amft_lib.trainer import (
+from amft_lib.training import (
     check_device,
     check_out_dir,
+    find_resume_point,
     lr_factor,
     resolve_device,
     seed_everything,
@@ -55,27 +64,147 @@ class WarmStartResult:
     acceptance_rate: float
     pass_at_k: float
     val_accuracy: dict[str, float] = field(default_factory=dict)
+    resumed_from: str | None = None  # the checkpoint this run continued from, if any
+
+
+# ── checkpoints ─────────────────────────────────────────────────────────────────────────────────
+
+CHECKPOINT_DIR = "warm_start"  # checkpoints go to <run root>/warm_start/checkpoints/, beside the outputs
+PHASES = ("warmup", "rejection_sampling", "final_sft")
+
+
+def rs_chunk_size(k: int) -> int:
+    """Prompts per rejection-sampling chunk: ~256 completions per generate call (k per prompt)."""
+    return max(1, 256 // k)
+
+
+class WarmStartCheckpoints:
+    """Save and restore the warm start's state through checkpoint.py (same files, MANIFEST.json
+    last, LATEST after it, retention, config-hash refusal), under `<root>/warm_start/`.
+
+    One step counter runs through the three phases so the step folders sort in run order:
+    warm-up step s → s, rejection-sampling chunk c → W + c, final SFT step s → W + C + s, with W
+    warm-up steps and C chunks. A checkpoint is taken after every `checkpoint_every`-th step and
+    after the last step of each phase. What it holds:
+
+        model.safetensors   the trainable weights (all of them, or the LoRA adapters)
+        optimizer.pt        the current SFT phase's AdamW state ({} during rejection sampling:
+                            each SFT phase starts its own optimizer)
+        rng.pt              python, numpy and torch RNG states
+        trainer_state.json  step, config_hash, phase, phase_step/phase_steps, each phase's first
+                            step (offsets), the phase's data cursor, the SFT history so far, the
+                            validation accuracies so far, and rejection sampling's accepted rows
+                            and counts (partial while it runs)
+        scheduler.pt, controller.json   empty: the learning rate is a function of the step, and
+                            there is no μ controller in the warm start
+
+    Restoring happens inside the phase's loop, at the very point the checkpoint was taken (weights,
+    optimizer, cursor, RNG last), so on CPU everything after it repeats bit for bit. Phases before
+    it are skipped; their results come from `trainer_state.json`.
+    """
+
+    def __init__(self, root: str | None, cfg: WarmStartConfig, model) -> None:
+        self.root = storage.join(root, CHECKPOINT_DIR) if root else None
+        self.every = cfg.checkpoint_every if root else 0
+        self.keep_last = cfg.checkpoint_keep_last
+        self.config_hash = config_hash(cfg)
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # each phase's first global step; the final SFT's is known once rejection sampling has its chunk count
+        self.offsets = {"warmup": 0, "rejection_sampling": cfg.warmup_steps}
+        # run-level results saved with every checkpoint: live references owned by run_warm_start
+        self.progress: dict = {}
+        self.uri: str | None = None  # the checkpoint resumed from
+        self._pending: tuple[dict, ckpt.CheckpointPayload] | None = None  # restored, not yet applied
+
+    def load(self, resume: str, force: bool = False) -> dict:
+        """Find the checkpoint to resume from ("auto": the newest verified one under the root; or a
+        URI) and return its trainer_state ({} to start fresh). Weights and RNG are applied later,
+        by :meth:`start` inside the phase the checkpoint was taken in."""
+        if resume == "never":
+            return {}
+        found = find_resume_point(self.root, resume, self.config_hash, force)  # the trainer's rule
+        if found is None:
+            return {}
+        self.uri, step, payload = found
+        state = payload.trainer_state
+        if state.get("phase") not in PHASES:
+            raise ckpt.CheckpointError(f"{self.uri} is not a warm-start checkpoint (no phase in trainer_state.json)")
+        self._pending = (state, payload)
+        self.offsets.update(state["offsets"])
+        log.info("warm start resumes from %s: step %d, %s step %d/%d", self.uri, step, state["phase"],
+                 state["phase_step"], state["phase_steps"])
+        return state
+
+    def start(self, phase: str, total: int, optimizer=None, cursor: Cursor | None = None) -> tuple[int, dict]:
+        """(steps of `phase` already done, that phase's saved extras). Restores weights, optimizer,
+        cursor and RNG if the pending checkpoint was taken in this phase; a phase the checkpoint is
+        past counts as done."""
+        if phase == "rejection_sampling":
+            self.offsets["final_sft"] = self.offsets[phase] + total
+        if self._pending is None:
+            return 0, {}
+        state, payload = self._pending
+        if PHASES.index(state["phase"]) > PHASES.index(phase):
+            return total, {}
+        if state["phase"] != phase:
+            return 0, {}
+        self._pending = None
+        with torch.no_grad():
+            for name, p in self.named:
+                p.copy_(payload.model_state[name].to(p.device, p.dtype))
+        if optimizer is not None:
+            optimizer.load_state_dict(payload.optimizer_state)
+        if cursor is not None:
+            cursor.load_state_dict(state["cursor"])
+        ckpt.restore_rng_state(payload.rng_state)  # last: nothing between here and the next step draws
+        return state["phase_step"], state.get("rs", {})
+
+    def step_done(self, phase: str, done: int, total: int, *, optimizer=None, cursor: Cursor | None = None,
+                  records: list[dict] | None = None, rs: dict | None = None) -> None:
+        """Checkpoint after step `done` of `total` in `phase` if it is due. `records`: this call's
+        new SFT history records; `rs`: rejection sampling's partial results."""
+        step = self.offsets[phase] + done
+        if not self.every or (step % self.every and done < total):
+            return
+        progress = dict(self.progress)
+        progress["history"] = list(progress.get("history", [])) + list(records or [])
+        trainer_state = {
+            "step": step, "config_hash": self.config_hash, "phase": phase, "phase_step": done, "phase_steps": total,
+            "offsets": self.offsets, "cursor": cursor.state_dict() if cursor is not None else None,
+            **progress, **({"rs": rs} if rs is not None else {}),
+        }
+        payload = ckpt.CheckpointPayload(
+            model_state={n: p.detach().cpu() for n, p in self.named},
+            optimizer_state=optimizer.state_dict() if optimizer is not None else {},
+            scheduler_state={}, controller_state={}, rng_state=ckpt.capture_rng_state(),
+            trainer_state=trainer_state,
+        )
+        ckpt.save_checkpoint(self.root, step, payload, self.config_hash, keep_last=self.keep_last)
+
+    def check_applied(self) -> None:
+        if self._pending is not None:
+            raise ckpt.CheckpointError(f"{self.uri}: phase {self._pending[0]['phase']!r} never ran; not resumed")
 
 
 def sft_steps(
     model, tokenizer, rows: list[dict], steps: int, cfg: WarmStartConfig, seed: int, phase: str,
-    lr: float | None = None,
+    lr: float | None = None, checkpoints: WarmStartCheckpoints | None = None,
 ) -> list[dict]:
     """Plain SFT for `steps` steps (AdamW, warm-up + cosine to peak `lr`, default `cfg.lr`). No
-    rollouts: this is the cheap part."""
+    rollouts: this is the cheap part. With `checkpoints` (phase "warmup" or "final_sft") it resumes
+    a restored checkpoint of this phase and checkpoints as it goes; returns the records of the
+    steps it ran."""
     if steps == 0:
         return []
     peak = cfg.lr if lr is None else lr
     params = trainable_parameters(model)
     optimizer = build_optimizer(params, lr=peak, betas=(0.9, 0.99), weight_decay=0.01,
                                 master_weights=cfg.model.master_weights)
-    # sft_gradient reads only loss.micro_batch_size and precision from a TrainConfig
-    tcfg = TrainConfig(precision=cfg.precision)
-    tcfg.loss.micro_batch_size = cfg.micro_batch_size
     cursor = Cursor(len(rows), seed)
+    start = checkpoints.start(phase, steps, optimizer, cursor)[0] if checkpoints is not None else 0
     history, t0 = [], time.perf_counter()
     model.train()
-    for step in range(steps):
+    for step in range(start, steps):
         for group in optimizer.param_groups:
             group["lr"] = peak * lr_factor(step, max(1, steps // 20), steps, 0.1)
         batch_rows = [rows[i] for i in cursor.take(cfg.batch_size)]
@@ -86,29 +215,39 @@ def sft_steps(
             cfg.max_new_tokens,
             cfg.model.chat_template,
         )
-        grads, loss = sft_gradient(model, params, batch, tcfg)
+        grads, loss = sft_gradient(model, params, batch, micro_batch_size=cfg.micro_batch_size, precision=cfg.precision)
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         history.append({"phase": phase, "step": step, "sft_loss": loss, "lr": optimizer.param_groups[0]["lr"]})
+        if checkpoints is not None:
+            checkpoints.step_done(phase, step + 1, steps, optimizer=optimizer, cursor=cursor, records=history)
         if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
-            rate = (step + 1) / (time.perf_counter() - t0)
+            rate = (step + 1 - start) / (time.perf_counter() - t0)
             log.info("%s: step %d/%d loss %.4f (%.2f steps/s, ETA %.0f s)", phase, step + 1, steps, loss, rate,
                      (steps - step - 1) / rate)
     return history
 
 
-def rejection_sample(model, tokenizer, task, rows: list[dict], cfg: WarmStartConfig) -> tuple[list[dict], dict]:
-    """k samples per prompt → verifier → keep accepted, distinct, ≤ c per prompt. Returns (rows, stats)."""
+def rejection_sample(model, tokenizer, task, rows: list[dict], cfg: WarmStartConfig,
+                     checkpoints: WarmStartCheckpoints | None = None) -> tuple[list[dict], dict]:
+    """k samples per prompt → verifier → keep accepted, distinct, ≤ c per prompt. Returns (rows, stats).
+    With `checkpoints` it resumes a restored checkpoint taken after a chunk and checkpoints per chunk."""
     accepted: list[dict] = []
     per_prompt_correct: list[int] = []
     by_group: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # difficulty → [accepted, sampled]
     k = cfg.rs_samples
-    chunk = max(1, 256 // k)
+    chunk = rs_chunk_size(k)
+    n_chunks, first = math.ceil(len(rows) / chunk), 0
+    if checkpoints is not None:
+        first, saved = checkpoints.start("rejection_sampling", n_chunks)
+        if saved:
+            accepted, per_prompt_correct = saved["accepted"], saved["per_prompt_correct"]
+            by_group.update(saved["by_group"])
     t0 = time.perf_counter()
-    for start in range(0, len(rows), chunk):
+    for start in range(first * chunk, len(rows), chunk):
         part = rows[start : start + chunk]
         batch = sample_completions(
             model, tokenizer, [r["prompt"] for r in part], group_size=k, max_new_tokens=cfg.max_new_tokens,
@@ -135,9 +274,12 @@ def rejection_sample(model, tokenizer, task, rows: list[dict], cfg: WarmStartCon
                 accepted.append({**row, "id": f"{row['id']}-rs{j}", "demonstration": text + "\n",
                                  "meta": json.dumps(meta, sort_keys=True)})
         done = start + len(part)
-        rate = done / (time.perf_counter() - t0)
+        rate = (done - first * chunk) / (time.perf_counter() - t0)
         log.info("rejection sampling: %d/%d prompts, %d accepted (%.1f prompts/s, ETA %.0f s)", done, len(rows),
                  len(accepted), rate, (len(rows) - done) / rate)
+        if checkpoints is not None:
+            checkpoints.step_done("rejection_sampling", start // chunk + 1, n_chunks, rs={
+                "accepted": accepted, "per_prompt_correct": per_prompt_correct, "by_group": dict(by_group)})
     n_sampled = k * len(per_prompt_correct)
     stats = {
         "prompts": len(per_prompt_correct),
@@ -176,8 +318,15 @@ def measure_target_entropy(model, tokenizer, rows: list[dict], cfg: WarmStartCon
 
 
 def run_warm_start(cfg: WarmStartConfig, out_dir: str | Path, splits: dict[str, list[dict]] | None = None,
-                   init_model: str | None = None) -> WarmStartResult:
-    """Run all three phases; write model/, accepted.parquet, stats.json (last) under out_dir."""
+                   init_model: str | None = None, *, checkpoint_root: str | None = None, resume: str = "never",
+                   force_resume: bool = False) -> WarmStartResult:
+    """Run all three phases; write model/, accepted.parquet, stats.json (last) under out_dir.
+
+    checkpoint_root: local path or s3:// run root; checkpoints go to <root>/warm_start/checkpoints/
+        every `cfg.checkpoint_every` steps and at each phase's end (see WarmStartCheckpoints).
+    resume: "never", "auto" (newest verified checkpoint under the root, if any) or the URI of one
+        checkpoint. A different config hash is refused unless force_resume (this run's config wins).
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -206,15 +355,25 @@ def run_warm_start(cfg: WarmStartConfig, out_dir: str | Path, splits: dict[str, 
     def val_acc() -> float:
         return greedy_eval(model, tokenizer, task, eval_rows, cfg.max_new_tokens, cfg.model.chat_template).accuracy
 
-    accuracy = {"initial": val_acc()}
-    history = sft_steps(model, tokenizer, demos, cfg.warmup_steps, cfg, cfg.seed, "warmup")
-    accuracy["after_warmup"] = val_acc()
+    checkpoints = WarmStartCheckpoints(checkpoint_root, cfg, model)
+    restored = checkpoints.load(resume, force_resume)  # {} on a fresh start
+    accuracy = restored.get("val_accuracy") or {"initial": val_acc()}
+    history: list[dict] = restored.get("history", [])
+    checkpoints.progress.update(val_accuracy=accuracy, history=history)  # live: saved with each checkpoint
+    history += sft_steps(model, tokenizer, demos, cfg.warmup_steps, cfg, cfg.seed, "warmup", checkpoints=checkpoints)
+    if "after_warmup" not in accuracy:  # checkpoints taken after the warm-up carry it
+        accuracy["after_warmup"] = val_acc()
     rs_rows = train_rows
     if cfg.rs_max_prompts and len(rs_rows) > cfg.rs_max_prompts:
         rs_rows = random.Random(cfg.seed).sample(rs_rows, cfg.rs_max_prompts)
-    accepted, rs_stats = rejection_sample(model, tokenizer, task, rs_rows, cfg)
+    if "rs_stats" in restored:  # resumed in the final SFT: rejection sampling is done
+        accepted, rs_stats = restored["accepted"], restored["rs_stats"]
+    else:
+        accepted, rs_stats = rejection_sample(model, tokenizer, task, rs_rows, cfg, checkpoints=checkpoints)
+    checkpoints.progress.update(accepted=accepted, rs_stats=rs_stats)
     history += sft_steps(model, tokenizer, demos + accepted, cfg.final_sft_steps, cfg, cfg.seed + 1, "final_sft",
-                         lr=cfg.lr * cfg.final_sft_lr_ratio)
+                         lr=cfg.lr * cfg.final_sft_lr_ratio, checkpoints=checkpoints)
+    checkpoints.check_applied()
     accuracy["warm_start"] = val_acc()
     h_rows = [train_rows[i] for i in Cursor(len(train_rows), cfg.seed + 2).take(cfg.entropy_prompts)]
     target_entropy = measure_target_entropy(model, tokenizer, h_rows, cfg)
@@ -228,7 +387,7 @@ def run_warm_start(cfg: WarmStartConfig, out_dir: str | Path, splits: dict[str, 
     pq.write_table(table, tmp)
     tmp.replace(accepted_path)
     with (out / "sft_history.jsonl").open("w") as f:
-        f.writelines(json.dumps(h) + "\n" for h in history)
+        f.writelines(json.dumps(h, sort_keys=True) + "\n" for h in history)  # sorted: a resumed run's are equal
     stats = {
         "rejection_sampling": rs_stats,
         "target_entropy": target_entropy,
@@ -242,9 +401,9 @@ def run_warm_start(cfg: WarmStartConfig, out_dir: str | Path, splits: dict[str, 
     }
     stats_path = out / "stats.json"
     stats_tmp = stats_path.with_suffix(".json.tmp")
-    stats_tmp.write_text(json.dumps(stats, indent=2))
+    stats_tmp.write_text(json.dumps(stats, indent=2, sort_keys=True))  # sorted: restored dicts come back sorted
     stats_tmp.replace(stats_path)  # written last: its presence means the warm start is complete
     log.info("warm start done: acceptance %.3f, pass@%d %.3f, val accuracy %s, H* %.3f",
              rs_stats["acceptance_rate"], cfg.rs_samples, rs_stats["pass_at_k"], accuracy, target_entropy)
     return WarmStartResult(model_dir, accepted_path, stats_path, target_entropy, rs_stats["acceptance_rate"],
-                           rs_stats["pass_at_k"], accuracy)
+                           rs_stats["pass_at_k"], accuracy, resumed_from=checkpoints.uri)

@@ -113,6 +113,7 @@ def build_pipeline(target: str = "cluster") -> Any:
         p3_warm_start_final_sft_steps: int = 100,
         p3_warm_start_rs_samples: int = 8,
         p3_warm_start_rs_max_prompts: int = 256,
+        p3_warm_start_checkpoint_every: int = 50,
         p3_warm_start_overrides: list = [],  # noqa: B006
         # ── phase 4: AMFT training ──
         p4_train_method: str = "amft",

@@ -43,7 +43,7 @@ TEST: dict[str, Any] = {
     "p3_model_settings": ["model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2", "device=cpu"],
     "p3_model_max_new_tokens": 24,
     "p3_warm_start_warmup_steps": 10, "p3_warm_start_final_sft_steps": 4, "p3_warm_start_rs_samples": 2,
-    "p3_warm_start_rs_max_prompts": 8,
+    "p3_warm_start_rs_max_prompts": 8, "p3_warm_start_checkpoint_every": 2,
     "p3_warm_start_overrides": ["batch_size=8", "entropy_prompts=4", "entropy_group=2", "eval_prompts=8"],
     "p4_train_max_steps": 8, "p4_train_lr": 1e-2, "p4_train_checkpoint_every": 2, "p4_train_meta_interval": 2,
     "p4_train_overrides": ["eval_every=4", "eval_prompts=4", "rollout.prompts_per_step=2", "rollout.group_size=2",

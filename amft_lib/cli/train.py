@@ -49,6 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--data", help="override data.path")
     w.add_argument("--seed", type=int, help="override seed")
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    w.add_argument("--checkpoint-root", help="run root for checkpoints, kept under <root>/warm_start/checkpoints/ "
+                   "every checkpoint_every steps (local path or s3://BUCKET/PREFIX/runs/RUN_ID)")
+    w.add_argument("--resume", default="never", help="never | auto | URI of one checkpoint (default: never)")
+    w.add_argument("--force-resume", action="store_true", help="resume even if the config hash differs")
     w.set_defaults(handler=_warm_start)
 
 
@@ -75,10 +79,24 @@ def _warm_start(args: argparse.Namespace) -> int:
     cfg = _load(args, WarmStartConfig)  # a ConfigError is a UserError: one `error:` line from amft_lib.cli
     from amft_lib.warm_start import run_warm_start
 
-    r = run_warm_start(cfg, args.out)
+    error = _resume_error(args)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    r = run_warm_start(cfg, args.out, checkpoint_root=args.checkpoint_root, resume=args.resume,
+                       force_resume=args.force_resume)
     print(f"acceptance_rate={r.acceptance_rate:.3f} pass_at_{cfg.rs_samples}={r.pass_at_k:.3f} "
           f"target_entropy={r.target_entropy:.3f} val_accuracy={r.val_accuracy} model={r.model_dir}")
     return 0
+
+
+def _resume_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with --resume / --checkpoint-root, or None."""
+    if args.resume not in ("never", "auto") and not args.resume.strip():
+        return "--resume takes never, auto or a checkpoint URI"
+    if args.resume == "auto" and not args.checkpoint_root:
+        return "--resume auto needs --checkpoint-root"
+    return None
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -10,7 +10,8 @@ path has one name and every stage asks `RunRoot` for it.
       validation/             GX report (Markdown, HTML, JSON) and gate.json
       base_model/             the model the warm start began from
       base_model_source.json  where it came from: kind, revision, every file's sha256
-      warm_start/             stats.json, config.yaml, sft_history.jsonl, model/
+      warm_start/             stats.json, config.yaml, sft_history.jsonl, model/,
+                              checkpoints/ (step-NNNNNNN/, LATEST: the warm start's own, resume auto)
       checkpoints/            step-NNNNNNN/ (MANIFEST.json last), LATEST
       train/                  metrics.jsonl, controller.jsonl, config.yaml, result.json, logs/
       model/                  the trained model
@@ -164,6 +165,10 @@ class RunRoot:
     @property
     def fault_marker(self) -> str:
         return self.path("faults", "train-killed")
+
+    @property
+    def warm_start_fault_marker(self) -> str:
+        return self.path("faults", "warm-start-killed")
 
 
 def use_s3_endpoint(endpoint_url: str) -> None:

@@ -120,6 +120,9 @@ _TABLE: tuple[Setting, ...] = (
        warm_start="rs_samples"),
     _s("p3_warm_start_rs_max_prompts", int, 256, "Training prompts sampled in rejection sampling (0: all); capped "
        "on the cluster so the warm start's GPU time is bounded.", warm_start="rs_max_prompts"),
+    _s("p3_warm_start_checkpoint_every", int, 50, "Warm-start steps (SFT steps; a rejection-sampling chunk counts "
+       "as one) between checkpoints to <run root>/warm_start/checkpoints/, plus one at each phase's end; a retried "
+       "task resumes from the newest. 0: none (the config's default, for tests).", warm_start="checkpoint_every"),
     _s("p3_warm_start_overrides", list, [], "KEY=VALUE for any other warm-start config key.",
        warm_start=OVERRIDES),
     # ── p4: AMFT training ──

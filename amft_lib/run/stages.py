@@ -28,8 +28,9 @@ from amft_lib.run.layout import RunRoot, fetch_input, open_model, publish, put_j
 
 log = logging.getLogger(__name__)
 
-# Test hook: SIGKILL the training task once, right after its first complete checkpoint.
+# Test hooks: SIGKILL the training (warm-start) task once, right after its first complete checkpoint.
 FAULT_ENV = "AMFT_FAULT_KILL_TRAIN_AFTER_CHECKPOINT"
+WARM_START_FAULT_ENV = "AMFT_FAULT_KILL_WARM_START_AFTER_CHECKPOINT"
 
 
 @dataclass
@@ -116,6 +117,7 @@ def warm_start_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model_
     allow_hub_downloads(cfg.model.allow_download)
     source = resolve_model(cfg.model.name, allow_download=cfg.model.allow_download)
     put_json(run.base_model_source, source.lineage())  # every file's sha256, for the lineage record
+    arm_fault(WARM_START_FAULT_ENV, run.warm_start, run.warm_start_fault_marker)
     with tempfile.TemporaryDirectory(prefix="amft-warm-start-") as tmp:
         base = Path(tmp, "base_model")
         if source.local_dir is not None:  # the files as they are: no load of a multi-GB model on the CPU
@@ -125,7 +127,9 @@ def warm_start_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model_
             save_policy(policy, tokenizer, base)
             del policy
         work = Path(tmp, "warm_start")
-        result = run_warm_start(cfg, work, splits=read_rows(dataset_dir), init_model=str(base))
+        # checkpoints under <run>/warm_start/checkpoints/; a retried task resumes from the newest verified one
+        result = run_warm_start(cfg, work, splits=read_rows(dataset_dir), init_model=str(base),
+                                checkpoint_root=run.uri, resume="auto")
         publish(work, run.warm_start)
         publish(base, run.base_model)
     write_pointer(base_model_dir, run.base_model, model_name=cfg.model.name)
@@ -136,6 +140,8 @@ def warm_start_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model_
     out.add_metrics({"acceptance_rate": result.acceptance_rate, f"pass_at_{cfg.rs_samples}": result.pass_at_k,
                      "target_entropy": result.target_entropy})
     out.add_metrics(result.val_accuracy, "val_accuracy_")
+    if result.resumed_from:
+        out.metadata["model"]["resumed_from"] = result.resumed_from
     return out
 
 
@@ -188,19 +194,25 @@ def arm_train_fault(run: RunRoot) -> None:
     """Test hook (``AMFT_FAULT_KILL_TRAIN_AFTER_CHECKPOINT=1``): SIGKILL this process once, as soon as
     the first complete checkpoint is under the run root, to prove a retried task resumes from it.
     A marker object under the run root makes the retry (a fresh process) leave itself alone."""
-    if os.environ.get(FAULT_ENV) != "1":
+    arm_fault(FAULT_ENV, run.uri, run.fault_marker)
+
+
+def arm_fault(env: str, checkpoint_root: str, marker: str) -> None:
+    """If ``$env`` is "1" and `marker` does not exist: SIGKILL this process once, as soon as the first
+    complete checkpoint is under `checkpoint_root` (writing `marker` first, so the retry runs clean)."""
+    if os.environ.get(env) != "1":
         return
     from amft_lib import checkpoint, storage
 
-    if storage.exists(run.fault_marker):
+    if storage.exists(marker):
         return
 
     def watch() -> None:
         while True:
             with contextlib.suppress(Exception):
-                if any(complete for _, _, complete in checkpoint.list_checkpoints(run.uri)):
-                    storage.put_bytes(run.fault_marker, b"SIGKILL after the first complete checkpoint\n")
-                    log.warning("fault injection: SIGKILL after the first checkpoint (%s)", FAULT_ENV)
+                if any(complete for _, _, complete in checkpoint.list_checkpoints(checkpoint_root)):
+                    storage.put_bytes(marker, b"SIGKILL after the first complete checkpoint\n")
+                    log.warning("fault injection: SIGKILL after the first checkpoint (%s)", env)
                     os.kill(os.getpid(), signal.SIGKILL)
             time.sleep(0.2)
 

@@ -33,6 +33,7 @@ def preflight(
     p3_warm_start_final_sft_steps: int,
     p3_warm_start_rs_samples: int,
     p3_warm_start_rs_max_prompts: int,
+    p3_warm_start_checkpoint_every: int,
     p3_warm_start_overrides: list,
     p4_train_method: str,
     p4_train_max_steps: int,

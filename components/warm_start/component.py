@@ -4,7 +4,8 @@
 Also snapshots the base model it started from (`base_model`), so the evaluation compares against
 exactly that model and the lineage record can hash it. H* (the warm-start policy's token entropy)
 is returned for the training controller. Outputs are published to <run root>/warm_start/ and
-<run root>/base_model/.
+<run root>/base_model/. With `checkpoint_every` > 0 (pipeline parameter p3_warm_start_checkpoint_every)
+it checkpoints to <run root>/warm_start/checkpoints/, and a retried task resumes from the newest one.
 """
 
 from kfp import dsl

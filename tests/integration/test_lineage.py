@@ -139,7 +139,7 @@ def test_registry_artifacts_on_s3_round_trip(s3, s3_prefix, model_dir, tracking,
 
 
 def test_run_facts_and_base_model_hash_local(tmp_path, monkeypatch):
-    """Without S3: μ summary from the controller history, complete checkpoints only, the base model
+    """Without S3: μ summary from metrics.jsonl, complete checkpoints only, the base model
     folder hash, image digests from the environment, and a changed base model caught by verify."""
     monkeypatch.setenv("AMFT_IMAGE_DIGEST_CPU", "sha256:" + "a" * 64)
     run = tmp_path / "run"
@@ -149,7 +149,8 @@ def test_run_facts_and_base_model_hash_local(tmp_path, monkeypatch):
         (ck / "model.safetensors").write_bytes(b"w")
         if complete:
             (ck / "MANIFEST.json").write_text("{}")
-    (run / "controller_state.json").write_text(json.dumps({"history": [[0, 0.5], [1, 0.7], [2, 0.3], [3, 0.4]]}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (  # μ per step, then the final μ
+        {"step": 0, "mu": 0.5}, {"step": 1, "mu": 0.7}, {"step": 2, "mu": 0.3}, {"step": 3, "final": True, "mu": 0.4})))
     (run / "config.yaml").write_text("seed: 3\ncontroller:\n  method: amft\n")
     base = tmp_path / "base"
     base.mkdir()

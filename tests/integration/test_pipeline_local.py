@@ -5,8 +5,9 @@ Three runs, each shared by the tests that read it:
 - happy path: every stage succeeds, the model is registered as champion and its lineage verifies;
 - bad data (through the `amft pipeline run-local` CLI, which starts and stops its own SeaweedFS):
   the validation gate stops the run and no GPU stage runs;
-- an impossible blessing threshold plus a training task that SIGKILLs itself once after its first
-  checkpoint: KFP's retry brings it back, it resumes from the checkpoint, and the unblessed model is
+- an impossible blessing threshold plus a warm-start and a training task that each SIGKILL
+  themselves once after their first checkpoint: KFP's retry brings them back, they resume from the
+  checkpoint (the warm start ends bitwise where the happy path's did), and the unblessed model is
   not registered.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from amft_lib import cli, lineage, registry, storage
-from amft_lib.run.stages import FAULT_ENV
+from amft_lib.run.stages import FAULT_ENV, WARM_START_FAULT_ENV
 from amft_lib.s3server import EmbeddedS3
 from pipelines import local as pc
 from pipelines.profiles import TEST
@@ -56,10 +57,11 @@ def happy(tmp_path_factory, s3_server) -> pc.LocalRun:
 @pytest.fixture(scope="module")
 def unblessed_and_killed(tmp_path_factory, s3_server, registry_uri) -> pc.LocalRun:
     os.environ[FAULT_ENV] = "1"  # the tasks inherit it; only the train task acts on it
+    os.environ[WARM_START_FAULT_ENV] = "1"  # and this one only the warm-start task
     try:
         return run_pipeline(tmp_path_factory.mktemp("killed"), s3_server, registry_uri, p5_eval_threshold=1.0)
     finally:
-        del os.environ[FAULT_ENV]
+        del os.environ[FAULT_ENV], os.environ[WARM_START_FAULT_ENV]
 
 
 def stage_states(run: pc.LocalRun) -> dict[str, str]:
@@ -173,6 +175,21 @@ def test_killed_training_task_is_retried_and_resumes_from_its_checkpoint(unbless
     records = [json.loads(line) for line in storage.get_bytes(storage.join(root, "train/metrics.jsonl"))
                .decode().splitlines()]
     assert [r["step"] for r in records if not r.get("final")] == list(range(TRAIN_STEPS))
+
+
+def test_killed_warm_start_task_is_retried_and_ends_bitwise_where_the_uninterrupted_one_did(
+        unblessed_and_killed, happy, s3):
+    run = unblessed_and_killed
+    assert run.tasks["warm-start"]["attempts"] == 2 and run.tasks["warm-start"]["status"] == "SUCCESS"
+    root, happy_root = run.summary["run_root"], happy.summary["run_root"]
+    assert storage.exists(storage.join(root, "faults/warm-start-killed"))
+    assert storage.exists(storage.join(root, "warm_start/checkpoints/LATEST"))
+    # same data, seed and settings as the happy path's warm start, which was never interrupted
+    for rel in ("warm_start/model/model.safetensors", "warm_start/accepted.parquet", "warm_start/sft_history.jsonl"):
+        assert storage.get_bytes(storage.join(root, rel)) == storage.get_bytes(storage.join(happy_root, rel)), rel
+    stats, happy_stats = read_json(storage.join(root, "warm_start/stats.json")), read_json(
+        storage.join(happy_root, "warm_start/stats.json"))
+    assert {**stats, "elapsed_s": 0} == {**happy_stats, "elapsed_s": 0}
 
 
 def test_unblessed_model_is_not_registered(unblessed_and_killed, registry_uri):

@@ -17,10 +17,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from amft_lib import checkpoint as ckpt
-from amft_lib import storage
+from amft_lib import lineage, storage
 from amft_lib.tasks.general_points import generate_rows
 
 pytestmark = pytest.mark.s3
@@ -84,7 +85,115 @@ def test_sigkill_and_resume_matches_uninterrupted(method, dataset, s3_prefix, tm
     assert a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a), "resumed weights differ from the uninterrupted run"
     assert comparable(tmp_path / "a" / "metrics.jsonl") == comparable(tmp_path / "b2" / "metrics.jsonl")
-    hist_a, hist_b = ckpt.read_controller_history(root_a), ckpt.read_controller_history(root_b)
-    assert [h["mu"] for h in hist_a] == [h["mu"] for h in hist_b] and len(hist_a) == STEPS
+    mu_a, mu_b = lineage.mu_trajectory(str(tmp_path / "a")), lineage.mu_trajectory(str(tmp_path / "b2"))
+    assert mu_a == mu_b and len(mu_a) == STEPS + 1  # μ before every step, then after the last update
     latest = storage.get_bytes(storage.join(root_b, "checkpoints", "LATEST")).decode().strip()
     assert latest == f"step-{STEPS:07d}"
+
+
+# ── the warm start (issue 12): SIGKILL in each phase, retry with --resume auto ──────────────────────
+#
+# The warm start begins from a tiny model pre-trained on the same demonstrations (in-process, ~5 s), so
+# rejection sampling accepts samples and the final SFT trains on demonstrations ∪ accepted: every piece of
+# state a checkpoint carries is exercised. 16 warm-up steps, 4 rejection-sampling chunks (16 prompts, k=64,
+# 4 prompts per chunk), 16 final SFT steps; a checkpoint every 2 steps of the global counter.
+WARM_SETS = ["warmup_steps=16", "batch_size=16", "lr=1e-3", "rs_samples=64", "rs_max_prompts=16",
+             "rs_temperature=0.5", "max_new_tokens=112", "final_sft_steps=16", "entropy_prompts=4",
+             "entropy_group=2", "eval_prompts=4", "checkpoint_every=2"]
+WARM_OUTPUTS = ("model/model.safetensors", "accepted.parquet", "sft_history.jsonl")
+
+
+@pytest.fixture(scope="module")
+def warm_inputs(tmp_path_factory) -> tuple[Path, Path]:
+    """(dataset parquet, pre-trained tiny model directory)."""
+    from amft_lib.config import WarmStartConfig, apply_overrides
+    from amft_lib.model import load_policy, save_policy
+    from amft_lib.warm_start import sft_steps
+
+    base = tmp_path_factory.mktemp("warm")
+    rows = generate_rows(16, "face10", 1, "train") + generate_rows(4, "face10", 2, "val")
+    cols = ["id", "task", "prompt", "answer", "demonstration", "split", "meta"]
+    pq.write_table(pa.table({c: [r[c] for r in rows] for c in cols}), base / "gp.parquet")
+    cfg = apply_overrides(WarmStartConfig(), ["model.tiny_hidden=64", "model.tiny_layers=1", "model.tiny_heads=2",
+                                              "batch_size=16", "lr=1e-2", "max_new_tokens=112"])
+    model, tok = load_policy(cfg.model, seed=0)
+    sft_steps(model, tok, [r for r in rows if r["split"] == "train"], 120, cfg, seed=0, phase="pretrain")
+    save_policy(model, tok, base / "init")
+    return base / "gp.parquet", base / "init"
+
+
+def warm_command(inputs: tuple[Path, Path], out: Path, root: str | None) -> list[str]:
+    data, init = inputs
+    cmd = [sys.executable, "-m", "amft_lib.cli", "warm-start", "--out", str(out), "--data", str(data),
+           "--model", str(init)]
+    if root is not None:
+        cmd += ["--checkpoint-root", root, "--resume", "auto"]
+    for s in WARM_SETS:
+        cmd += ["--set", s]
+    return cmd
+
+
+def warm_stats(out: Path) -> dict:
+    stats = json.loads((out / "stats.json").read_text())
+    stats.pop("elapsed_s")
+    return stats
+
+
+@pytest.fixture(scope="module")
+def warm_reference(warm_inputs, tmp_path_factory) -> Path:
+    """The uninterrupted warm start, with no checkpoint root at all: checkpointing must not perturb it."""
+    out = tmp_path_factory.mktemp("warm-ref") / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run(warm_command(warm_inputs, out, None), env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert warm_stats(out)["rejection_sampling"]["kept"] > 0, "nothing accepted: the test would not cover it"
+    return out
+
+
+def _newest_complete(root: str) -> tuple[int, dict] | None:
+    done = [(s, uri) for s, uri, complete in ckpt.list_checkpoints(root) if complete]
+    if not done:
+        return None
+    step, uri = max(done)
+    try:
+        return step, json.loads(storage.get_bytes(storage.join(uri, "trainer_state.json")))
+    except storage.ObjectNotFoundError:  # deleted by retention between the listing and the read
+        return None
+
+
+@pytest.mark.parametrize("phase", ["warmup", "rejection_sampling", "final_sft"])
+def test_warm_start_sigkill_and_resume_matches_uninterrupted(phase, warm_inputs, warm_reference, s3_prefix,
+                                                             tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = f"{s3_prefix}/run"
+    ckpt_root = storage.join(root, "warm_start")
+    victim = subprocess.Popen(warm_command(warm_inputs, tmp_path / "b", root), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while True:  # kill at the first sight of a checkpoint inside `phase`: the run is then in that phase's next step
+        assert time.time() < deadline and victim.poll() is None, f"the run ended before it could be killed in {phase}"
+        newest = _newest_complete(ckpt_root)
+        if newest and newest[1]["phase"] == phase and newest[1]["phase_step"] < newest[1]["phase_steps"]:
+            time.sleep(random.Random().uniform(0.0, 0.05))
+            break
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed = _newest_complete(ckpt_root)
+    assert killed is not None and killed[1]["phase"] == phase, f"killed after {killed and killed[1]['phase']}"
+
+    resumed = subprocess.run(warm_command(warm_inputs, tmp_path / "b2", root), env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"step {killed[0]}, {phase} step" in resumed.stderr, resumed.stderr[-3000:]
+
+    for name in WARM_OUTPUTS:  # bitwise: weights, accepted samples, SFT history
+        assert (warm_reference / name).read_bytes() == (tmp_path / "b2" / name).read_bytes(), name
+    assert warm_stats(warm_reference) == warm_stats(tmp_path / "b2")  # acceptance, pass@k, H*, val accuracy
+    a = load_file(warm_reference / "model" / "model.safetensors")
+    b = load_file(tmp_path / "b2" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [s for s, _, complete in ckpt.list_checkpoints(ckpt_root) if complete]
+    latest = storage.get_bytes(storage.join(ckpt_root, "checkpoints", "LATEST")).decode().strip()
+    assert latest == f"step-{max(steps):07d}" and max(steps) == 16 + 4 + 16  # W + C + final SFT steps
+    assert len(steps) <= 2  # retention: checkpoint_keep_last=2

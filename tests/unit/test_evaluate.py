@@ -110,7 +110,6 @@ def tiny_setup(tmp_path_factory):
     ]
     steps.append({"step": 4, "val_reward": 0.25, "final": True, "mu": 0.7})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
-    (run / "controller_state.json").write_text(json.dumps({"mu": 0.7, "history": [[0, 0.55], [1, 0.6], [3, 0.7]]}))
     return {"data": data, "candidate": candidate, "champion": champion, "run": run, "root": root}
 
 

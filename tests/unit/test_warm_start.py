@@ -1,11 +1,15 @@
 """Rejection-sampled warm start (AMFT.md §3)."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from amft_lib import checkpoint as ckpt
+from amft_lib import cli
 from amft_lib.config import ConfigError, WarmStartConfig, apply_overrides
 from amft_lib.model import build_char_tokenizer
 from amft_lib.tasks import get_task
@@ -172,3 +176,79 @@ def test_bench_passes_h_star_measured_at_the_rollout_temperature(tmp_path):
     assert bench.h_star_at(warm, stats, 2.0, "unused.yaml", tmp_path) == 0.25  # measured there: used as is
     (warm / "target_entropy_T2.0.json").write_text(json.dumps({"target_entropy": 0.9, "temperature": 2.0}))
     assert bench.h_star_at(warm, {"target_entropy": 0.25}, 2.0, "unused.yaml", tmp_path) == 0.9  # T=1 stats: not used
+
+
+# ── checkpoints and resume (issue 12) ───────────────────────────────────────────────────────────────
+# 3 warm-up steps, 2 rejection-sampling chunks (8 prompts, k=64 → 4 prompts per chunk), 3 final SFT steps:
+# global steps 1-3, 4-5, 6-8, a checkpoint after each (checkpoint_every=1), all kept.
+RESUME_SETS = ["model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2", "warmup_steps=3", "batch_size=8",
+               "rs_samples=64", "rs_max_prompts=8", "final_sft_steps=3", "max_new_tokens=16", "entropy_prompts=4",
+               "entropy_group=2", "eval_prompts=4", "checkpoint_every=1", "checkpoint_keep_last=100"]
+OUTPUTS = ("model/model.safetensors", "accepted.parquet", "sft_history.jsonl")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(splits, cfg, out dir, checkpoint root, result) of one warm start that checkpoints every step."""
+    base = tmp_path_factory.mktemp("ws-resume")
+    splits = {"train": generate_rows(32, "face10", 1, "train"), "val": generate_rows(4, "face10", 2, "val")}
+    cfg = apply_overrides(WarmStartConfig(), RESUME_SETS)
+    res = run_warm_start(cfg, base / "a", splits=splits, checkpoint_root=str(base / "root"), resume="auto")
+    return splits, cfg, base / "a", base / "root", res
+
+
+def _stats(out: Path) -> dict:
+    stats = json.loads((out / "stats.json").read_text())
+    stats.pop("elapsed_s")
+    return stats
+
+
+def test_warm_start_checkpoints_every_step_with_phase_and_resumes_bitwise_from_each(uninterrupted, tmp_path):
+    splits, cfg, out_a, root, res_a = uninterrupted
+    assert res_a.resumed_from is None
+    found = ckpt.list_checkpoints(str(root / "warm_start"))
+    assert [(s, complete) for s, _, complete in found] == [(s, True) for s in range(1, 9)]
+    assert (root / "warm_start" / "checkpoints" / "LATEST").read_text().strip() == "step-0000008"
+    phases = []
+    for step, uri, _ in found:
+        state = json.loads((Path(uri) / "trainer_state.json").read_text())
+        phases.append((state["phase"], state["phase_step"], state["phase_steps"]))
+        # a fresh root holding only this checkpoint, as if the run had been killed right after it
+        resume_root = tmp_path / f"root{step}" / "warm_start" / "checkpoints"
+        shutil.copytree(uri, resume_root / Path(uri).name)
+        res_b = run_warm_start(cfg, tmp_path / f"b{step}", splits=splits, checkpoint_root=str(tmp_path / f"root{step}"),
+                               resume="auto")
+        assert res_b.resumed_from == str(resume_root / Path(uri).name)
+        for name in OUTPUTS:
+            assert (out_a / name).read_bytes() == (tmp_path / f"b{step}" / name).read_bytes(), (step, name)
+        assert _stats(out_a) == _stats(tmp_path / f"b{step}"), step
+        assert res_b.target_entropy == res_a.target_entropy
+    assert phases == [("warmup", 1, 3), ("warmup", 2, 3), ("warmup", 3, 3), ("rejection_sampling", 1, 2),
+                      ("rejection_sampling", 2, 2), ("final_sft", 1, 3), ("final_sft", 2, 3), ("final_sft", 3, 3)]
+
+
+def test_warm_start_resume_refuses_another_config_unless_forced(uninterrupted, tmp_path):
+    splits, cfg, _, root, _ = uninterrupted
+    other = apply_overrides(cfg, ["lr=1e-3"])
+    with pytest.raises(ckpt.ConfigMismatchError, match="config hash"):
+        run_warm_start(other, tmp_path / "c", splits=splits, checkpoint_root=str(root), resume="auto")
+    res = run_warm_start(other, tmp_path / "d", splits=splits, checkpoint_root=str(root), resume="auto",
+                         force_resume=True)
+    assert res.resumed_from.endswith("step-0000008")  # the final SFT's last step: only H* and the outputs remain
+
+
+def test_warm_start_resume_auto_needs_a_checkpoint_root(tmp_path):
+    cfg = apply_overrides(WarmStartConfig(), ["checkpoint_every=2"])
+    with pytest.raises(ValueError, match="checkpoint root"):
+        run_warm_start(cfg, tmp_path / "o", splits={"train": generate_rows(4, "face10", 1, "train")}, resume="auto")
+
+
+@pytest.mark.parametrize("override", ["checkpoint_every=-1", "checkpoint_keep_last=0"])
+def test_checkpoint_settings_are_validated(override):
+    with pytest.raises(ConfigError, match=r"checkpoint_(every|keep_last)="):
+        apply_overrides(WarmStartConfig(), [override])
+
+
+def test_cli_warm_start_resume_auto_needs_checkpoint_root(tmp_path, capsys):
+    assert cli.main(["warm-start", "--out", str(tmp_path / "o"), "--resume", "auto"]) == 2
+    assert "--resume auto needs --checkpoint-root" in capsys.readouterr().err
