@@ -298,6 +298,8 @@ def report_countdown(runs: list[dict], meta: dict, out: Path, n_boot: int) -> No
             for name, split, field in metrics:
                 d = paired_bootstrap(matrix("amft", split, field), matrix(base, split, field), n_boot=n_boot)
                 paired[base][name] = {**d._asdict(), "significant": d.significant}
+    meta["n_greedy"] = len(runs[0]["instances"]["test_id"]["greedy"])
+    meta["n_pass_k"] = len(runs[0]["instances"]["test_id"][f"correct_of_{k}"])
     instances = {f"{r['method']}-s{r['seed']}": r.pop("instances") for r in runs}
     RESULTS.mkdir(exist_ok=True)
     with gzip.open(RESULTS / "methods_countdown_instances.json.gz", "wt") as f:
@@ -330,8 +332,9 @@ def markdown_countdown(summary: dict, paired: dict, meta: dict, names: list[str]
              f"Seeds: {meta['seeds']}; steps: {meta['steps']}; warm start: {ws['warmup_steps']} SFT steps + "
              f"{ws['final_sft_steps']} on demonstrations ∪ {ws['rejection_sampling']['kept']} accepted samples; "
              f"H* = {ws.get('target_entropy', float('nan')):.3f} at T = {ws.get('target_entropy_temperature', 1.0)}",
-             "", "Greedy pass@1 on all instances of each split; pass@k on the first instances (see the JSON for n); "
-             "mean ± std over seeds.", "",
+             "", f"Greedy pass@1 on the first {meta.get('n_greedy')} instances of each test split, pass@k on the first "
+             f"{meta.get('n_pass_k')}; mean ± std over seeds. μ: mean over the steps of a run (final value), averaged "
+             "over seeds; ∇U half-cosine: agreement of the two half-sample estimates per meta step (all seeds).", "",
              "| method | " + " | ".join(names) + " | μ mean (final) | ∇U half-cosine |",
              "|---" * (len(names) + 3) + "|"]
     for method, s in summary.items():
