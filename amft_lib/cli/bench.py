@@ -16,7 +16,7 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 # name → (script, one-line help)
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "methods": ("bench_methods.py", "seven methods, one warm start, ≥3 seeds; --tune sweeps μ settings on val"),
+    "methods": ("bench_methods.py", "every method from one warm start, ≥3 seeds, paired CIs (--task countdown)"),
     "speed": ("bench_speed.py", "RL step vs TRL GRPOTrainer, rollout tokens/s, meta-gradient overhead, FLOP/s"),
     "step": ("bench_step.py", "one trainer step split into rollout / forward-backward / meta-gradient"),
     "data": ("bench_data.py", "data prepare + validate throughput"),

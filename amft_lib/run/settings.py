@@ -215,7 +215,10 @@ def build_configs(values: Mapping[str, Any]) -> tuple[WarmStartConfig, TrainConf
             configs.append(apply_overrides(config_from_dict(data, cls), overrides))
         except ConfigError as exc:
             raise ConfigError(f"{stage} config: {exc}") from None
-    return configs[0], configs[1]
+    warm_start, train = configs
+    # H* is compared with the training rollouts' entropy, which grows with temperature: the warm start
+    # measures it at the rollout temperature (one source: rollout.temperature), never at its own default
+    return dataclasses.replace(warm_start, entropy_temperature=train.rollout.temperature), train
 
 
 def config_settings() -> list[str]:

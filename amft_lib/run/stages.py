@@ -164,6 +164,8 @@ def train_stage(run: RunRoot, dataset_dir: str, config_json: str, *, target_entr
     cfg = config_from_dict(json.loads(config_json), TrainConfig)
     cfg.data.path = run.data  # the durable copy; rows are read from the local artifact
     cfg.controller.target_entropy = target_entropy
+    # the temperature H* was measured at (warm start stats): the trainer refuses one unlike its rollouts'
+    cfg.controller.target_entropy_temperature = _read_json(run.warm_start_stats).get("target_entropy_temperature")
     allow_hub_downloads(cfg.model.allow_download)
     done = [step for step, _, complete in checkpoint.list_checkpoints(run.uri) if complete]
     arm_train_fault(run)
@@ -188,6 +190,12 @@ def train_stage(run: RunRoot, dataset_dir: str, config_json: str, *, target_entr
     out = StageOutcome(metadata={"model": {"uri": run.model, "method": cfg.controller.method}})
     out.add_metrics(summary)
     return out
+
+
+def _read_json(uri: str) -> dict[str, Any]:
+    from amft_lib.run.summary import read_json
+
+    return read_json(uri)
 
 
 def arm_train_fault(run: RunRoot) -> None:

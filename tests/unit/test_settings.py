@@ -96,3 +96,8 @@ def test_signature_is_explicit_for_kfp():
     source = inspect.getsource(dag.build_pipeline)
     for name in settings.SETTINGS:
         assert f"        {name}: " in source, name
+
+
+def test_the_warm_start_measures_h_star_at_the_training_rollout_temperature():
+    ws, tr = settings.build_configs({"p4_train_overrides": ["rollout.temperature=2.0"]})
+    assert ws.entropy_temperature == tr.rollout.temperature == 2.0
