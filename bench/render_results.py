@@ -60,6 +60,25 @@ def methods_section() -> list[str]:
     return out
 
 
+def countdown_section() -> list[str]:
+    """The Countdown methods table with its paired CIs (bench/results/methods_countdown.md, written by
+    `bench_methods.py --task countdown`), the reading, and the curves."""
+    table = RESULTS / "methods_countdown.md"
+    if not table.exists():
+        return []
+    out = ["**Countdown: every method on thousands of unseen instances, paired statistics** — tiny model from "
+           "scratch, one shared warm start, 3 numbers 1..20 to a target ≤ 100 (OOD: targets 101..200); "
+           "12,000 training prompts with a fixed pool of 2000 demonstrations; 2000 unseen instances per eval split.",
+           "", table.read_text().strip(), ""]
+    reading = RESULTS / "methods_countdown_reading.md"
+    if reading.exists():
+        out += [reading.read_text().strip(), ""]
+    if (RESULTS / "methods_countdown_curves.png").exists():
+        out += ["![countdown: val accuracy, μ, entropy and ∇U half-cosine per method (seed 0)]"
+                "(bench/results/methods_countdown_curves.png)", ""]
+    return out
+
+
 def speed_section() -> list[str]:
     out = []
     speed = RESULTS / "speed.md"
@@ -104,7 +123,7 @@ def replace_between(text: str, begin: str, end: str, body: str) -> str:
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, and no stray arguments
-    body = "\n".join([*methods_section(), *speed_section()]).rstrip() + "\n"
+    body = "\n".join([*countdown_section(), *methods_section(), *speed_section()]).rstrip() + "\n"
     readme = ROOT / "README.md"
     text = readme.read_text()
     new = replace_between(text, BEGIN, END, body)
