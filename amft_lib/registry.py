@@ -3,9 +3,10 @@
 Why MLflow and these rules (DESIGN.md, research anchors B and F):
 - **Blessed only.** Like TFX's Pusher, registration reads the evaluation verdict and does nothing
   at all for an unblessed model: no experiment, no run, no version (the result says why).
-- **Plain artifacts.** The model is logged as its Hugging Face directory (config, tokenizer,
-  safetensors) in an MLflow run, never as a pickled `mlflow.pytorch` model; directories holding
-  pickle-format weights are refused. Loading it back needs transformers only.
+- **Servable, never pickled.** The model is logged as an MLflow `transformers` model (task
+  text-generation, explicit pip requirements): `mlflow.pyfunc.load_model("models:/NAME@champion")`
+  answers a prompt and `mlflow models serve` works. Inside it the weights stay safetensors (no
+  pickled `mlflow.pytorch` model); directories holding pickle-format weights are refused.
 - **Provenance on the version.** Tags carry the pipeline run id, data sha256, validation result,
   base model, warm-start stats, μ summary, flattened eval metrics and the lineage URI, so the
   registry answers "what made this model" without the pipeline UI (KFP is dropping MLMD lineage).
@@ -29,6 +30,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -411,8 +413,10 @@ def register_model(
         run = client.create_run(exp_id, run_name=f"register-{run_id}", tags={RUN_ID_TAG: run_id})
         mlflow_run_id = run.info.run_id
         try:
-            log.info("logging %s as plain artifacts of MLflow run %s", path, mlflow_run_id)
-            client.log_artifacts(mlflow_run_id, str(path), artifact_path=MODEL_ARTIFACT_PATH)
+            log.info("logging %s as an MLflow transformers model of run %s", path, mlflow_run_id)
+            with tempfile.TemporaryDirectory(prefix="amft-mlmodel-") as tmp:
+                client.log_artifacts(mlflow_run_id, str(servable_model(path, Path(tmp) / MODEL_ARTIFACT_PATH)),
+                                     artifact_path=MODEL_ARTIFACT_PATH)
             _log_eval_metrics(client, mlflow_run_id, tags)
             with contextlib.suppress(MlflowException):
                 client.create_registered_model(name, description="AMFT fine-tuned reasoner (amft register)")
@@ -531,13 +535,55 @@ def resolve(spec: str, tracking_uri: str | None = None) -> ModelRef:
     return _ref(client, mv)
 
 
+# What a registered model needs besides the project: explicit, so MLflow does not guess (it otherwise
+# looks for torchvision) and `mlflow models serve` builds the same stack.
+SERVING_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate")
+
+
+def servable_model(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """An MLflow `transformers` model (task text-generation) of the HF directory `model_dir`, written to
+    `out_dir`: `mlflow.pyfunc.load_model("models:/NAME@champion")` and `mlflow models serve` work on it.
+    Weights stay safetensors (transformers' save_pretrained), nothing is pickled; pip requirements are
+    the installed versions of SERVING_PACKAGES."""
+    import importlib.metadata
+
+    import mlflow.transformers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    path = check_model_dir(model_dir)
+    requirements = []
+    for package in SERVING_PACKAGES:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            requirements.append(f"{package}=={importlib.metadata.version(package)}")
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)  # round-trips exactly (AutoTokenizer may not)
+    mlflow.transformers.save_model(transformers_model={"model": model, "tokenizer": tokenizer}, path=str(out_dir),
+                                   task="text-generation", pip_requirements=requirements)
+    return Path(out_dir)
+
+
+def hf_directory(mlflow_model: str | Path, dst: str | Path) -> Path:
+    """The plain HF directory (weights + tokenizer in one folder) inside a downloaded MLflow transformers
+    model, assembled in `dst`; a folder that already is one (older registrations) is returned as is."""
+    src = Path(mlflow_model)
+    if not (src / "MLmodel").is_file():
+        return check_model_dir(src)
+    out = Path(dst)
+    out.mkdir(parents=True, exist_ok=True)
+    for part in (src / "model", src / "components" / "tokenizer"):
+        for file in part.iterdir() if part.is_dir() else ():
+            if file.is_file():
+                shutil.copy2(file, out / file.name)
+    return check_model_dir(out)
+
+
 def download_model(ref: ModelRef | str, dst: str | Path, tracking_uri: str | None = None) -> Path:
-    """Copy a registered model's HF directory to `dst` (e.g. the champion, for evaluation)."""
+    """Copy a registered model to `dst` as a plain HF directory (e.g. the champion, for evaluation)."""
     if isinstance(ref, str):
         ref = resolve(ref, tracking_uri)
     if not ref.run_id:
         raise ModelLookupError(f"{ref.uri}: no MLflow run holds its artifacts (source {ref.source})")
     client = get_client(tracking_uri)
     Path(dst).mkdir(parents=True, exist_ok=True)
-    local = client.download_artifacts(ref.run_id, MODEL_ARTIFACT_PATH, dst_path=str(dst))
-    return check_model_dir(local)
+    local = client.download_artifacts(ref.run_id, MODEL_ARTIFACT_PATH, dst_path=str(Path(dst) / "mlflow"))
+    return hf_directory(local, Path(dst) / "hf")

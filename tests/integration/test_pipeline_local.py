@@ -100,6 +100,23 @@ def test_happy_path_registers_the_champion_with_a_verifiable_lineage(happy, s3):
     assert cli.main(shlex.split(command)[1:]) == 0
 
 
+def test_training_params_and_curves_are_in_mlflow(happy):
+    """One MLflow run per pipeline run, the train stage nested in it with the config as params and one
+    point per training step of every curve (what TRL users get from report_to="mlflow")."""
+    from amft_lib import tracking
+
+    client = registry.get_client(happy.tracking_uri)
+    exp = client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id
+    run_id = happy.summary["run_id"]
+    (train_run,) = client.search_runs([exp], filter_string=f"tags.`amft.run_id` = '{run_id}' and "
+                                      "tags.`amft.stage` = 'train'")
+    assert train_run.info.status == "FINISHED"
+    assert train_run.data.tags["mlflow.parentRunId"] == tracking.pipeline_run(client, run_id)
+    assert train_run.data.params["max_steps"] == str(TRAIN_STEPS) and "controller.mu_init" in train_run.data.params
+    for curve in ("mu", "entropy", "sft_loss", "reward_mean"):
+        assert [m.step for m in client.get_metric_history(train_run.info.run_id, curve)] == list(range(TRAIN_STEPS))
+
+
 def test_happy_path_leaves_the_documented_s3_layout(happy, s3):
     root = happy.summary["run_root"]
     for rel in ("data/card.json", "validation/report.md", "validation/gate.json", "warm_start/stats.json",

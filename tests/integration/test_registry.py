@@ -102,10 +102,11 @@ def test_register_tags_alias_and_idempotent_retry(store, tmp_path):
     assert float(tags["amft.mu.final"]) == pytest.approx(0.45)
     assert float(tags["amft.eval.test_id.accuracy"]) == pytest.approx(0.6)
     assert float(tags["amft.eval.test_ood.pass_at_k"]) == pytest.approx(0.5)
-    # plain HF directory as artifacts: safetensors, no pickle-format files
+    # an MLflow transformers model: MLmodel with explicit requirements, safetensors, no pickle-format files
     files = {p.name for p in Path(mv.artifact_uri).rglob("*")}
-    assert "model.safetensors" in files and "config.json" in files
+    assert {"MLmodel", "requirements.txt", "model.safetensors", "config.json", "tokenizer.json"} <= files
     assert not {f for f in files if f.endswith((".bin", ".pt", ".pkl"))}
+    assert "torch==" in (Path(mv.artifact_uri) / "requirements.txt").read_text()
     # the lineage record now names the registered version
     assert lineage.read_lineage(lin1)["registry"]["version"] == "1"
 
@@ -240,3 +241,23 @@ def test_cli_register_and_lineage_verify_local(store, tmp_path, capsys):
 
     assert cli.main(["lineage", "gp-nope@champion", "--tracking-uri", store["uri"]]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_the_champion_is_servable_and_downloads_as_a_plain_hf_directory(store, tmp_path, monkeypatch):
+    """`mlflow.pyfunc.load_model("models:/NAME@champion")` answers a prompt (what `mlflow models serve`
+    runs), and evaluation still gets a plain HF directory back."""
+    import mlflow
+
+    from amft_lib.config import ModelConfig
+    from amft_lib.model import load_policy
+
+    name = "gp-served"
+    register(store, name, "run-served")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
+    served = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    answer = served.predict(["Cards: 1 2 3 4"])
+    assert isinstance(answer[0], str) and answer[0].startswith("Cards: 1 2 3 4")
+    local = registry.download_model(f"{name}@champion", tmp_path / "champion", store["uri"])
+    assert (local / "config.json").is_file() and (local / "tokenizer.json").is_file()
+    model, tok = load_policy(ModelConfig(name=str(local)))
+    assert tok.decode(tok.encode("Cards: 1 2")) == "Cards: 1 2"
