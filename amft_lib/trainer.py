@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -373,7 +374,7 @@ def train(
         )
         meta_stats, t_meta = None, 0.0
         rl_loss_v, sft_loss_v, rl_stats = float("nan"), float("nan"), {}
-        grad_norm = 0.0
+        grad_norm, stepped = 0.0, False
         for epoch in range(cfg.loss.ppo_epochs):
             need_rl = mu < 1.0 or (do_meta and epoch == 0)
             need_sft = sft_batch is not None and (mu > 0.0 or (do_meta and epoch == 0))
@@ -416,11 +417,15 @@ def train(
             # A batch with no signal (every group's rewards equal, μ = 0) has an exactly zero gradient. Adam
             # would still move θ along its stale momentum, drifting a converged policy with no evidence;
             # skip the step instead (the LR schedule still advances).
-            if grad_norm > 0.0:
+            stepped = grad_norm > 0.0
+            if stepped:
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        with warnings.catch_warnings():
+            if not stepped:  # deliberate (above): torch's "scheduler before optimizer" warning is not news
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            scheduler.step()
         t_update = time.perf_counter() - t1 - t_meta
 
         if state.target_entropy is None:

@@ -171,3 +171,20 @@ def test_adam_lookahead_runs_and_logs_half_sample_agreement(splits, tmp_path):
     rows = read_jsonl(tmp_path / "controller.jsonl")
     assert [r["lookahead"] for r in rows] == ["sgd", "adam", "adam"]
     assert all(-1.0 <= r["half_cosine"] <= 1.0 for r in rows)  # meta_val_prompts=2: one prompt per half
+
+
+def test_a_deliberately_skipped_first_step_does_not_warn_about_the_scheduler(tmp_path, recwarn):
+    """grpo on rewards that are all equal: zero gradient, the optimizer step is skipped on purpose and the
+    LR schedule still advances — without torch's "lr_scheduler.step() before optimizer.step()" warning."""
+    import warnings
+
+    from amft_lib.config import apply_overrides
+
+    cfg = apply_overrides(TrainConfig(), ["controller.method=grpo", "max_steps=1", "model.tiny_hidden=32",
+                                          "model.tiny_layers=1", "model.tiny_heads=2", "rollout.max_new_tokens=4",
+                                          "rollout.prompts_per_step=2", "rollout.group_size=2", "eval_every=0",
+                                          "eval_prompts=0"])
+    rows = generate_rows(6, "face10", 0, "train")
+    warnings.simplefilter("always")
+    train(cfg, tmp_path / "run", splits={"train": rows}, progress=False)
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
