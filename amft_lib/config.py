@@ -100,7 +100,7 @@ class ModelConfig:
     )
     gradient_checkpointing: bool = _help(
         "Recompute each decoder layer's activations in the backward pass instead of storing them "
-        "(transformers gradient_checkpointing_enable, non-reentrant): activation memory drops from "
+        "(transformers activation_checkpointing_enable, non-reentrant): activation memory drops from "
         "~layers x (10h + 4i) to ~layers x h values per token, for ~30 % more compute per backward.",
         False,
     )

@@ -152,7 +152,7 @@ def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
     if cfg.gradient_checkpointing:
         # non-reentrant: works with LoRA (frozen inputs) without enable_input_require_grads; only active in
         # train mode, so generation (model.eval() in rollout.sample_completions) keeps its KV cache
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 

@@ -79,7 +79,7 @@ def test_gradient_checkpointing_gives_the_same_gradient(lora):
         torch.manual_seed(0)  # peft draws the LoRA A matrices from the global RNG
         model, tok = load_policy(ModelConfig(name="tiny", gradient_checkpointing=ckpt, lora=lora, **SMALL), seed=0)
         model.train()
-        assert model.is_gradient_checkpointing is ckpt
+        assert model.is_activation_checkpointing is ckpt
         batch = demonstration_batch(tok, [r["prompt"] for r in rows], [r["demonstration"] for r in rows], 32)
         g, _ = sft_gradient(model, trainable_parameters(model), batch, micro_batch_size=64)
         grads.append(g)
