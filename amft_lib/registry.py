@@ -557,8 +557,14 @@ def servable_model(model_dir: str | Path, out_dir: str | Path) -> Path:
             requirements.append(f"{package}=={importlib.metadata.version(package)}")
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)  # round-trips exactly (AutoTokenizer may not)
-    mlflow.transformers.save_model(transformers_model={"model": model, "tokenizer": tokenizer}, path=str(out_dir),
-                                   task="text-generation", pip_requirements=requirements)
+    flavor_log = logging.getLogger("mlflow.transformers")
+    level = flavor_log.level
+    flavor_log.setLevel(logging.ERROR)  # it warns that a local model has no hub model card or license: known
+    try:
+        mlflow.transformers.save_model(transformers_model={"model": model, "tokenizer": tokenizer},
+                                       path=str(out_dir), task="text-generation", pip_requirements=requirements)
+    finally:
+        flavor_log.setLevel(level)
     return Path(out_dir)
 
 

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ STAGE_TAG = "amft.stage"
 _MAX_PARAM = 500  # MLflow's limit on a param value's length
 # metrics.jsonl fields that are bookkeeping, not curves
 _NOT_METRICS = {"step", "final", "elapsed_s"}
+_FINAL_METRICS = {"val_reward", "val_accuracy"}  # what the final record adds (as the training curves read it)
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -103,6 +105,7 @@ class _Tail:
         if not end:
             return
         metrics = []
+        stamp = int(time.time() * 1000)  # MLflow timestamps are wall-clock epoch milliseconds
         for line in data[:end].decode("utf-8").splitlines():
             if not line.strip():
                 continue
@@ -110,8 +113,10 @@ class _Tail:
             step = int(record.get("step", 0))
             if step <= self.skip_through and not record.get("final"):
                 continue
-            stamp = int(1000 * float(record.get("elapsed_s") or 0))
-            metrics += [Metric(k, v, stamp, step) for k, v in metric_points(record).items()]
+            points = metric_points(record)
+            if record.get("final"):  # the end-of-run evaluation; its μ is the last step's update, not a new step
+                points = {k: v for k, v in points.items() if k in _FINAL_METRICS}
+            metrics += [Metric(k, v, stamp, step) for k, v in points.items()]
             self.logged_steps += 0 if record.get("final") else 1
         for start in range(0, len(metrics), 1000):  # MLflow's batch limit
             self.client.log_batch(self.mlflow_run_id, metrics=metrics[start:start + 1000])

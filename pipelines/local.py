@@ -108,9 +108,12 @@ def _s3_for(state_dir: Path, settings: Any | None) -> Iterator[Any]:
 
 class KfpChatter(logging.Filter):
     """Drop kfp.local's bookkeeping records ("Streamed logs:", each task's output dump — the resolved
-    configs as JSON — and the dashed rulers) so the log keeps one line per event. `--verbose` keeps them."""
+    configs as JSON —, the dashed rulers, "Running pipeline" and the not-taken branches of a gate) so
+    the log keeps one line per event: the stages' start and end, and the stages' own lines. `--verbose`
+    keeps them."""
 
-    _NOISE = re.compile(r"^(Streamed logs:|Task '[^']+' outputs:|-{20,}$)")
+    _NOISE = re.compile(r"^(Streamed logs:|Task '[^']+' outputs:|-{20,}$|Running pipeline:|"
+                        r"Skipping conditional task)")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not self._NOISE.match(_ANSI.sub("", record.getMessage()))

@@ -217,14 +217,16 @@ def write_pointer(artifact_dir: str | Path, uri: str, **details: Any) -> None:
                                        encoding="utf-8")
 
 
+def model_uri(artifact_dir: str | Path) -> str:
+    """Where a model artifact's files are: the run-root URI its pointer names, else the folder itself."""
+    pointer = Path(artifact_dir) / POINTER_FILE
+    return json.loads(pointer.read_text(encoding="utf-8"))["uri"] if pointer.is_file() else str(artifact_dir)
+
+
 def open_model(artifact_dir: str | Path, staging_dir: str | Path) -> str:
     """A local HF directory for a model artifact: the artifact itself when it holds the files,
     else the run-root copy its pointer names, downloaded into `staging_dir`."""
-    folder = Path(artifact_dir)
-    pointer = folder / POINTER_FILE
-    if not pointer.is_file():
-        return str(folder)
-    uri = json.loads(pointer.read_text(encoding="utf-8"))["uri"]
+    uri = model_uri(artifact_dir)
     if not storage.is_s3(uri):
         return uri
     if not storage.download_prefix(uri, staging_dir):

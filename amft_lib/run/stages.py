@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from amft_lib.run.layout import RunRoot, fetch_input, open_model, publish, put_json, write_pointer
+from amft_lib.run.layout import RunRoot, fetch_input, model_uri, open_model, publish, put_json, write_pointer
 
 log = logging.getLogger(__name__)
 
@@ -240,16 +240,14 @@ def evaluate_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model: s
     from amft_lib.evaluate import EvalConfig, run_evaluate
 
     cfg = json.loads(config_json)
-    with tempfile.TemporaryDirectory(prefix="amft-eval-models-") as tmp:
-        models = {role: open_model(path, Path(tmp, role)) for role, path in
-                  (("model", model), ("base", base_model), ("warm_start", warm_start_model))}
-        result = run_evaluate(EvalConfig(
-            model=models["model"], data=dataset_dir, out_dir=run.eval, base_model=models["base"],
-            warm_start_model=models["warm_start"], champion_model=f"models:/{registry_model_name}@champion",
-            run_dir=train_run, tracking_uri=registry_tracking_uri or None, metric=metric, threshold=threshold,
-            max_regression=max_regression, pass_k=pass_k, n_samples=n_samples, max_examples=max_examples,
-            max_new_tokens=cfg["rollout"]["max_new_tokens"], chat_template=cfg["model"]["chat_template"],
-            seed=cfg["seed"], device=cfg["device"], score_cache=run.score_cache))
+    # the models by their run-root URIs (what the report and metrics.json name); evaluate stages them
+    result = run_evaluate(EvalConfig(
+        model=model_uri(model), data=dataset_dir, out_dir=run.eval, base_model=model_uri(base_model),
+        warm_start_model=model_uri(warm_start_model), champion_model=f"models:/{registry_model_name}@champion",
+        run_dir=train_run, tracking_uri=registry_tracking_uri or None, metric=metric, threshold=threshold,
+        max_regression=max_regression, pass_k=pass_k, n_samples=n_samples, max_examples=max_examples,
+        max_new_tokens=cfg["rollout"]["max_new_tokens"], chat_template=cfg["model"]["chat_template"],
+        seed=cfg["seed"], device=cfg["device"], score_cache=run.score_cache))
     storage.get_file(run.path("eval", "report.html"), html_path)
     storage.get_file(run.path("eval", "report.md"), markdown_path)
     out = StageOutcome(value=result.blessed, metadata={"report": {"reason": result.reason}})

@@ -133,9 +133,14 @@ def test_registry_artifacts_on_s3_round_trip(s3, s3_prefix, model_dir, tracking,
     )
     ref = registry.resolve("gp-s3-artifacts@champion", tracking)
     assert ref.artifact_uri.startswith(s3_prefix) and result.version == ref.version
-    assert storage.exists(storage.join(ref.artifact_uri, "model.safetensors"))
+    # an MLflow transformers model on S3: MLmodel beside the weights (safetensors)
+    assert storage.exists(storage.join(ref.artifact_uri, "MLmodel"))
+    assert storage.exists(storage.join(ref.artifact_uri, "model", "model.safetensors"))
     local = registry.download_model(ref, tmp_path / "dl", tracking)
-    assert (local / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
+    from safetensors.torch import load_file
+
+    got, want = load_file(local / "model.safetensors"), load_file(model_dir / "model.safetensors")
+    assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)  # the same weights back
 
 
 def test_run_facts_and_base_model_hash_local(tmp_path, monkeypatch):

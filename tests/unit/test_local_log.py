@@ -41,3 +41,5 @@ def test_kfp_bookkeeping_records_are_dropped():
     assert not chatter.filter(record("Task \x1b[96m'train'\x1b[0m outputs:\n    Output: '{...}'"))
     assert chatter.filter(record("Task \x1b[96m'train'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m"))
     assert chatter.filter(record("Executing task 'train'"))
+    assert not chatter.filter(record("Skipping conditional task condition-5 (condition evaluated to False)"))
+    assert not chatter.filter(record("Running pipeline: \x1b[95m'amft-pipeline'\x1b[0m"))
