@@ -312,6 +312,25 @@ class OptimConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How the run uses several processes (`torchrun`); every strategy trains the same global batch."""
+
+    strategy: Literal["none", "ddp", "fsdp", "auto"] = _help(
+        "`none` (one process), `ddp` (DistributedDataParallel: replicas, gradients all-reduced), `fsdp` (FSDP2 "
+        "`fully_shard` per decoder layer: parameters, gradients and optimizer state sharded) or `auto` (ddp when "
+        "torchrun starts more than one process, none otherwise).",
+        "none",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = _help(
+        "torch.distributed backend; `auto` is nccl on CUDA and gloo on CPU.", "auto"
+    )
+    timeout_s: int = _help(
+        "Collective timeout in seconds: a rank that dies makes the others fail after this long instead of hanging.",
+        1800, ge=1,
+    )
+
+
+@dataclass
 class TrainConfig:
     seed: int = _help("Seed for torch, numpy and python RNGs (same seed ⇒ same metrics on CPU).", 0)
     max_steps: int = _help("Training steps (each: one rollout batch + one SFT batch).", 100, ge=1)
@@ -339,6 +358,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         check_fields(self, "")
