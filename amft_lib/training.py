@@ -21,6 +21,7 @@ import torch
 
 from amft_lib import checkpoint as ckpt
 from amft_lib.config import ConfigError
+from amft_lib.distributed import SINGLE, Dist
 from amft_lib.losses import sft_loss
 from amft_lib.rollout import TokenBatch, completion_logprobs
 
@@ -72,19 +73,27 @@ def autocast(precision: str):
     return contextlib.nullcontext()
 
 
-def accumulate(acc: list[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
-    """acc += grads, element-wise (a None gradient — a parameter the loss does not reach — adds nothing)."""
-    for a, g in zip(acc, grads, strict=True):
-        if g is not None:
-            a.add_(g)
+def take_grads(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """The gradients `backward()` accumulated in `.grad` (zeros where a loss did not reach), leaving
+    `.grad` empty for the next gradient. Why backward() and not torch.autograd.grad: DDP's all-reduce
+    and FSDP2's reduce-scatter run as backward hooks that fill `.grad`; autograd.grad would bypass them."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p in params:
+        p.grad = None
+    return grads
 
 
 def sft_gradient(model, params: list[torch.nn.Parameter], batch: TokenBatch, *, micro_batch_size: int,
-                 precision: str = "fp32") -> tuple[list[torch.Tensor], float]:
+                 precision: str = "fp32", dist: Dist = SINGLE) -> tuple[list[torch.Tensor], float]:
     """g_SFT = ∇_θ L_SFT (token-mean NLL of demonstration tokens; prompt tokens masked), summed over
-    chunks of `micro_batch_size` sequences (memory is bounded; the result is the exact sum)."""
-    grads = [torch.zeros_like(p) for p in params]
-    n_tok = max(1, batch.n_tokens)
+    chunks of `micro_batch_size` sequences (memory is bounded; the result is the exact sum).
+
+    Under torchrun `batch` is this rank's shard: each chunk is weighted by its share of the *global*
+    token count and scaled by the world size, so the gradient DDP/FSDP2 average is the global one."""
+    for p in params:
+        p.grad = None
+    (n_tok,) = dist.sum([batch.n_tokens])
+    n_tok = max(1.0, n_tok)
     total = 0.0
     mb = micro_batch_size
     for s in range(0, len(batch), mb):
@@ -93,9 +102,10 @@ def sft_gradient(model, params: list[torch.nn.Parameter], batch: TokenBatch, *, 
         with autocast(precision):
             logprobs, _ = completion_logprobs(model, chunk)
         loss = sft_loss(logprobs, chunk.completion_mask.to(logprobs.device))
-        accumulate(grads, torch.autograd.grad(loss * w, params, allow_unused=True))
+        (loss * (w * dist.world_size)).backward()
         total += loss.detach().item() * w
-    return grads, total
+    (total,) = dist.sum([total])
+    return take_grads(params), total
 
 
 def find_resume_point(root: str | None, resume: str, cfg_hash: str, force: bool, force_restart: bool = False):
