@@ -212,6 +212,20 @@ def wrap(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.M
     return model
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Free FSDP2's gathered parameters after forwards that had no backward (sampling, π_old log-probs).
+
+    Why: FSDP2 keeps the *root* module's parameters gathered after its forward (the backward would
+    gather them again right away). Without a backward they stay gathered — and a later in-place update
+    of the shards (the meta step's lookahead, the optimizer) would not reach the next forward, which
+    would run on the stale gathered copy. After this call every forward gathers fresh shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The HF model inside a DDP wrapper (for generate, save_pretrained and named parameters)."""
     return getattr(model, "module", model)

@@ -81,6 +81,12 @@ class Policy:
     tokenizer: object
     dist: Dist = distributed.SINGLE
 
+    def settle(self) -> None:
+        """After forwards without a backward: under FSDP2, drop the gathered parameters so the next
+        in-place update of the shards is what the next forward sees (distributed.reshard)."""
+        if self.dist.sharded:
+            distributed.reshard(self.forward)
+
 
 # ── gradients of the two losses (chunked so memory is bounded; results are exact sums) ─────────────
 
@@ -202,6 +208,7 @@ def sample_and_score(policy: Policy, task, rows: Sequence[dict], group_size: int
             seeds=seeds,
             synced=policy.dist.sharded,
         )
+    policy.settle()
     rewards, format_ok = score_completions(task, [r["answer"] for r in rows for _ in range(group_size)], batch.texts)
     return batch, rewards, format_ok
 
@@ -394,6 +401,7 @@ def _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, e
         mine = dist.shard(eval_rows, "validation prompts")
         ev = greedy_eval(policy.generate, tokenizer, task, mine, cfg.rollout.max_new_tokens, cfg.model.chat_template,
                          cfg.log_samples, synced=dist.sharded)
+        policy.settle()
         if logs is not None:
             logs.samples(step, ev.samples)
         seeds = row_seeds(cfg.seed, "eval", step, dist.offset(len(eval_rows)) * cfg.eval_samples,
@@ -438,6 +446,7 @@ def _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, e
                 entropy = ent_sum / max(1.0, n_tok)  # H_t over the global batch
             if ref_model is not None:
                 ref_logprobs, _ = completion_logprobs(ref_model, rollouts, cfg.rollout.temperature)
+        policy.settle()
         t_rollout = time.perf_counter() - t0
 
         # ── 3. the two gradients, the meta-gradient, and the mixed update ──
