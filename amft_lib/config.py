@@ -412,6 +412,7 @@ class WarmStartConfig:
         0, ge=0,
     )
     checkpoint_keep_last: int = _help("Newest complete warm-start checkpoints kept (>= 1).", 2, ge=1)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         check_fields(self, "")

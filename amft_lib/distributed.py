@@ -175,6 +175,8 @@ def init(cfg: DistributedConfig, device: torch.device) -> tuple[Dist, torch.devi
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend, timeout=dt.timedelta(seconds=cfg.timeout_s))
     log.info("rank %d/%d (local %d) on %s: %s over %s", rank, world, local_rank, device, strategy, backend)
+    if rank != 0:  # one voice: rank 0 logs progress; the others still report warnings and errors
+        logging.getLogger("amft_lib").setLevel(logging.WARNING)
     return Dist(rank, world, local_rank, strategy), device
 
 

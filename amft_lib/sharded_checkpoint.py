@@ -33,19 +33,17 @@ from amft_lib import checkpoint as ckpt
 from amft_lib.distributed import Dist
 
 
-def save(root: str, step: int, dist: Dist, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
+def save(root: str, step: int, dist: Dist, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, *,
          scheduler_state: dict[str, Any], controller_state: dict[str, Any], trainer_state: dict[str, Any],
          config_hash: str, keep_last: int, metric: float | None) -> str:
     """Collective: every rank calls it. Returns the checkpoint URI (on every rank)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     uri = ckpt.checkpoint_uri(root, step)
     present = ckpt.prepare_step(root, step) if dist.is_main else {}
     dist.barrier()  # a repeated step's old folder is gone before anyone uploads into it
-    model_state, optim_state = get_state_dict(model, optimizer)
     with tempfile.TemporaryDirectory(prefix="amft-ckpt-") as staging:
-        dcp.save({"model": model_state, "optim": optim_state},
+        dcp.save(_state(model, optimizer),
                  storage_writer=dcp.FileSystemWriter(os.path.join(staging, ckpt.DCP_DIR)))
         torch.save(ckpt.capture_rng_state(), os.path.join(staging, ckpt.rng_file(dist.rank)))
         if dist.is_main:
@@ -62,18 +60,29 @@ def save(root: str, step: int, dist: Dist, model: torch.nn.Module, optimizer: to
     return uri
 
 
-def load(payload: ckpt.CheckpointPayload, dist: Dist, model: torch.nn.Module,
-         optimizer: torch.optim.Optimizer) -> None:
-    """Collective: load the DCP shards into the (wrapped) model and the optimizer, and this rank's RNG
+def load(payload: ckpt.CheckpointPayload, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Collective: load the DCP shards into the (wrapped) model and the optimizer. This rank's RNG
     state is left to the caller (`payload.rng_state["per_rank"][rank]`)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)  # the target sharding (optimizer state initialised)
-    state = {"model": model_state, "optim": optim_state}
+    state = _state(model, optimizer)  # the target sharding (get_state_dict initialises the optimizer state)
     dcp.load(state, storage_reader=dcp.FileSystemReader(payload.sharded_dir))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     ckpt.release(payload)
+
+
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """What DCP saves: the model's (sharded) state dict, and the optimizer's when there is one."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:  # the warm start's rejection sampling: no optimizer between its SFT phases
+        return {"model": get_model_state_dict(model)}
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state}
 
 
 def check_world(uri: str, trainer_state: dict[str, Any], dist: Dist) -> None:

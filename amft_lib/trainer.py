@@ -33,21 +33,22 @@ from amft_lib.checkpoint import CheckpointPayload, capture_rng_state, restore_rn
 from amft_lib.config import TrainConfig, check_target_entropy_temperature, config_hash, save_config
 from amft_lib.data.schema import DataError
 from amft_lib.dataset import check_task, load_splits
-from amft_lib.distributed import Dist
 from amft_lib.losses import group_advantages, ppo_clip_loss
-from amft_lib.model import check_model_source, load_policy, save_policy, trainable_parameters
+from amft_lib.model import check_model_source, load_policy, trainable_parameters
 from amft_lib.optim import build_optimizer
 from amft_lib.rollout import TokenBatch, completion_logprobs, demonstration_batch, row_seeds, sample_completions
 from amft_lib.sampler import Cursor
 from amft_lib.scoring import greedy_eval, score_completions
 from amft_lib.tasks import get_task
 from amft_lib.training import (
+    Policy,
     autocast,
     check_device,
     check_out_dir,
     find_resume_point,
     lr_factor,
     resolve_device,
+    save_final_policy,
     seed_everything,
     sft_gradient,
     take_grads,
@@ -68,24 +69,6 @@ class TrainResult:
     val_accuracy_initial: float  # greedy pass@1 on the same validation prompts
     val_accuracy_final: float
     elapsed_s: float
-
-
-@dataclass
-class Policy:
-    """The policy as each use needs it. `forward` is what anything that backpropagates calls (the DDP
-    wrapper, or the FSDP2-sharded model, whose hooks all-reduce / reduce-scatter the gradients);
-    `generate` is the HF model sampling runs on; `dist` is this rank's place (Dist() in one process)."""
-
-    forward: torch.nn.Module
-    generate: torch.nn.Module
-    tokenizer: object
-    dist: Dist = distributed.SINGLE
-
-    def settle(self) -> None:
-        """After forwards without a backward: under FSDP2, drop the gathered parameters so the next
-        in-place update of the shards is what the next forward sees (distributed.reshard)."""
-        if self.dist.sharded:
-            distributed.reshard(self.forward)
 
 
 # ── gradients of the two losses (chunked so memory is bounded; results are exact sums) ─────────────
@@ -310,8 +293,8 @@ def _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, e
     main = dist.is_main
     model, tokenizer = load_policy(model_cfg, device=device, seed=cfg.seed)
     model.train()
-    forward = distributed.wrap(model, dist, device)
-    policy = Policy(forward, distributed.unwrap(forward), tokenizer, dist)
+    policy = Policy.of(model, tokenizer, dist, device)
+    forward = policy.forward
     params = trainable_parameters(policy.generate)  # after wrapping: FSDP2 swaps in sharded parameters
     task = get_task(cfg.data.task)
     if main:
@@ -345,7 +328,7 @@ def _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, e
     if restored is not None:
         uri, start_step, payload = restored
         if payload.sharded_dir is not None:
-            sharded_checkpoint.load(payload, dist, forward, optimizer)
+            sharded_checkpoint.load(payload, forward, optimizer)
         else:
             with torch.no_grad():
                 for name, p in named:
@@ -579,7 +562,7 @@ def _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, e
         logs.metrics({"step": cfg.max_steps, **{k: _num(v) for k, v in val_final.items()}, "final": True,
                       "mu": state.mu, "config_hash": config_hash(cfg)})
         logs.close()
-    _save_final(policy, model_cfg, model_dir, dist)
+    save_final_policy(policy, model_cfg, model_dir)
     result = TrainResult(
         out_dir=out, model_dir=model_dir, steps=cfg.max_steps, mu_final=state.mu,
         target_entropy=state.target_entropy, val_reward_initial=val_initial["val_reward"],
@@ -596,23 +579,6 @@ def _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, e
 def _full(x: torch.Tensor) -> float:
     """A norm that FSDP2 returns as a (replicated) DTensor, as a plain float."""
     return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
-
-
-def _save_final(policy: Policy, model_cfg, model_dir: Path, dist: Dist) -> None:
-    """The final model as a plain HF directory, written by rank 0. Under FSDP2 no rank holds the whole
-    model: every rank takes part in gathering the full state dict (to CPU), and rank 0 loads it into a
-    fresh, unsharded copy of the model to save that."""
-    model = policy.generate
-    if dist.sharded:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if dist.is_main:
-            model, _ = load_policy(model_cfg, device="cpu")
-            model.load_state_dict(full)
-    if dist.is_main:
-        save_policy(model, policy.tokenizer, model_dir)
-    dist.barrier()  # the model directory exists on return, whichever rank returns first
 
 
 class _Logs:
