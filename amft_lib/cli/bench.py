@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "speed": ("bench_speed.py", "RL step vs TRL GRPOTrainer, rollout tokens/s, meta-gradient overhead, FLOP/s"),
     "step": ("bench_step.py", "one trainer step split into rollout / forward-backward / meta-gradient"),
     "data": ("bench_data.py", "data prepare + validate throughput"),
+    "distributed": ("bench_distributed.py", "steps/s and tokens/s at world size 1 and 2 (torchrun DDP / FSDP2)"),
     "checkpoint": ("bench_checkpoint.py", "checkpoint save/load to S3 vs bare boto3"),
     "ingest-memory": ("bench_ingest_memory.py", "peak RSS of ingesting N rows vs the input size (streamed)"),
     "render": ("render_results.py", "regenerate the README Results section from bench/results"),

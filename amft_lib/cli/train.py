@@ -85,9 +85,17 @@ def _warm_start(args: argparse.Namespace) -> int:
         return 2
     r = run_warm_start(cfg, args.out, checkpoint_root=args.checkpoint_root, resume=args.resume,
                        force_resume=args.force_resume)
+    if not _is_rank0():  # under torchrun: one summary line, from rank 0
+        return 0
     print(f"acceptance_rate={r.acceptance_rate:.3f} pass_at_{cfg.rs_samples}={r.pass_at_k:.3f} "
           f"target_entropy={r.target_entropy:.3f} val_accuracy={r.val_accuracy} model={r.model_dir}")
     return 0
+
+
+def _is_rank0() -> bool:
+    from amft_lib.distributed import world_from_env
+
+    return world_from_env()[0] == 0
 
 
 def _resume_error(args: argparse.Namespace) -> str | None:
@@ -126,6 +134,8 @@ def _train(args: argparse.Namespace) -> int:
     result = train(cfg, args.out, init_model=args.init_model, progress=not args.no_progress,
                    checkpoint_root=args.checkpoint_root, resume=args.resume, force_resume=args.force_resume,
                    force_restart=args.force_restart)
+    if not _is_rank0():
+        return 0
     print(
         f"method={cfg.controller.method} steps={result.steps} val_reward {result.val_reward_initial:.3f} -> "
         f"{result.val_reward_final:.3f} val_accuracy {result.val_accuracy_initial:.3f} -> "
