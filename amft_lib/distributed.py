@@ -210,7 +210,9 @@ def wrap(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.M
 
         for layer in decoder_layers(model):
             fully_shard(layer)
-        fully_shard(model)
+        # The root group goes on the HF model itself, not on a peft wrapper: peft's generate() calls the
+        # inner model's forward, which would skip the wrapper's all-gather of the embeddings.
+        fully_shard(model.get_base_model() if hasattr(model, "get_base_model") else model)
     return model
 
 

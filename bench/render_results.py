@@ -110,6 +110,21 @@ def speed_section() -> list[str]:
     return out
 
 
+def distributed_section() -> list[str]:
+    """World size 1 vs 2 (bench/bench_distributed.py): the table and the plot, with the machine it ran on."""
+    record = _load("distributed.json")
+    if not record:
+        return []
+    m = record["machine"]
+    where = m.get("gpu") or f"{m.get('cpu', 'CPU')}, {m['cpu_count']} cores, gloo"
+    out = [f"**Scale out: world size 1 vs 2** (`{record['command']}`, `amft train --config {record['config']}`, "
+           f"{record['steps']} steps with the first dropped, median of {record['repeats']} interleaved repeats; "
+           f"{where}; load average before {record['loadavg_before'][0]:.2f}):", ""]
+    out.append((RESULTS / "distributed.md").read_text().rstrip())
+    out += ["", "![steps/s and tokens/s by world size](bench/results/distributed.png)", ""]
+    return out
+
+
 def demo_section() -> str:
     """The README's demo section, from the committed run record (tests/unit/test_readme.py compares them)."""
     from pipelines.local import demo_markdown
@@ -123,7 +138,8 @@ def replace_between(text: str, begin: str, end: str, body: str) -> str:
 
 def main() -> None:
     argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help, and no stray arguments
-    body = "\n".join([*countdown_section(), *methods_section(), *speed_section()]).rstrip() + "\n"
+    sections = [*countdown_section(), *methods_section(), *speed_section(), *distributed_section()]
+    body = "\n".join(sections).rstrip() + "\n"
     readme = ROOT / "README.md"
     text = readme.read_text()
     new = replace_between(text, BEGIN, END, body)
