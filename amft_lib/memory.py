@@ -122,14 +122,20 @@ def estimate_training_memory(
     activations: ActivationSpec | None = None,
     kl_reference: bool = False,
     overhead_bytes: int = OVERHEAD_BYTES,
+    shards: int = 1,
+    gathered_params: int = 0,
 ) -> MemoryEstimate:
-    """Peak bytes per GPU for one training process (no sharding: FSDP divides weights/grads/AdamW by
-    the world size; that is not modelled here).
+    """Peak bytes per GPU for one training process.
 
     dtype: model.dtype. master_weights: model.master_weights (bf16 only). lora: trainable params are
     peft adapters, which peft keeps in fp32 whatever the base dtype. meta_step: the method computes the
     meta-gradient (meta, amft). lookahead_copies: full copies of θ the lookahead keeps (see
     controller.LOOKAHEAD_COPIES). activations: None counts none (e.g. a parameter-only estimate).
+    shards: FSDP2 world size: weights, master weights, the gradient buffers, AdamW, the meta step's
+    copies and the reference model are split over it; `gathered_params` (full, unsharded) come on top
+    while they are all-gathered — two decoder layers (one computing, one prefetched) plus the root
+    group (embeddings, final norm, LM head), which FSDP2 keeps gathered between forward and backward.
+    DDP (and one process) is shards=1: every rank holds everything.
     """
     if trainable_params > n_params:
         raise ValueError(f"trainable_params={trainable_params} > n_params={n_params}")
@@ -142,15 +148,21 @@ def estimate_training_memory(
     notes = []
     if low_precision and not lora and not master_weights:
         notes.append("bf16 weights without master weights: updates below bf16 resolution are lost")
-    weights = frozen * wb + trainable_params * tb
+    if shards < 1:
+        raise ValueError(f"shards={shards}: must be >= 1")
+
+    def per_rank(n: int) -> int:
+        return -(-n // shards)
+
+    weights = per_rank(frozen * wb + trainable_params * tb) + (gathered_params * wb if shards > 1 else 0)
     return MemoryEstimate(
         weights=weights,
-        master_weights=4 * trainable_params if use_master else 0,
-        grads=GRAD_BUFFERS * tb * trainable_params,
-        optimizer=2 * sb * trainable_params,
-        meta_step=(1 + lookahead_copies) * tb * trainable_params if meta_step else 0,
+        master_weights=per_rank(4 * trainable_params) if use_master else 0,
+        grads=per_rank(GRAD_BUFFERS * tb * trainable_params),
+        optimizer=per_rank(2 * sb * trainable_params),
+        meta_step=per_rank((1 + lookahead_copies) * tb * trainable_params) if meta_step else 0,
         activations=activation_bytes(activations, 2 if low_precision else wb) if activations else 0,
-        reference_model=n_params * wb if kl_reference else 0,
+        reference_model=per_rank(n_params * wb) if kl_reference else 0,
         overhead=overhead_bytes,
         notes=tuple(notes),
     )
@@ -195,11 +207,13 @@ def count_parameters(config, *, lora_r: int = 0, lora_targets: Sequence[str] = (
     return ParamCount(total + lora, lora)
 
 
-def estimate_for_train_config(cfg, hf_config, *, prompt_tokens: int = 256) -> MemoryEstimate:
+def estimate_for_train_config(cfg, hf_config, *, prompt_tokens: int = 256, world_size: int = 1) -> MemoryEstimate:
     """The estimate for a TrainConfig (or WarmStartConfig) and the base model's HF config.
 
     prompt_tokens: the prompt length budgeted per sequence (General Points prompts are ~100 tokens with a
     BPE tokenizer); the completion adds rollout.max_new_tokens (or max_new_tokens).
+    world_size: processes the run will have (nodes × processes per node); with distributed.strategy
+    fsdp the parameter state is sharded over them (ddp and auto keep full replicas).
     """
     from amft_lib import controller as ctl
 
@@ -220,23 +234,32 @@ def estimate_for_train_config(cfg, hf_config, *, prompt_tokens: int = 256) -> Me
         vocab_size=hf_config.vocab_size,
         gradient_checkpointing=m.gradient_checkpointing,
     )
+    dist = getattr(cfg, "distributed", None)
+    shards = world_size if dist is not None and dist.strategy == "fsdp" and world_size > 1 else 1
+    layers = hf_config.num_hidden_layers
+    embedding = hf_config.vocab_size * hf_config.hidden_size
+    root = embedding * (1 if getattr(hf_config, "tie_word_embeddings", False) else 2)
+    per_layer = max(0, count.total - root) // max(1, layers)
     return estimate_training_memory(
         count.total, count.trainable, dtype=m.dtype, master_weights=m.master_weights, lora=m.lora,
         meta_step=meta, lookahead_copies=copies, activations=spec,
         kl_reference=loss is not None and loss.kl_beta > 0,
+        shards=shards, gathered_params=2 * per_layer + root,
     )
 
 
-def probe_training_memory(cfg, gpu_memory_gib: float, *, parameter: str = "p0_gpu_memory_gib") -> str:
+def probe_training_memory(cfg, gpu_memory_gib: float, *, parameter: str = "p0_gpu_memory_gib",
+                          world_size: int = 1) -> str:
     """Preflight: estimate `cfg` against the GPU; one-line detail, or MemoryBudgetError with the numbers.
 
-    Reads only the model's config (model_source.read_model_config), never its weights.
+    Reads only the model's config (model_source.read_model_config), never its weights. world_size: the
+    processes the run will have (FSDP shards over them, see `estimate_for_train_config`).
     """
     from amft_lib.model_source import read_model_config
 
     if cfg.model.name == "tiny":
         return "built-in tiny model: a few MB"
     hf_config = read_model_config(cfg.model.name, cfg.model.allow_download)
-    est = estimate_for_train_config(cfg, hf_config)
+    est = estimate_for_train_config(cfg, hf_config, world_size=world_size)
     check_fits(est, gpu_memory_gib, parameter=parameter)
     return f"fits: {est.summary()} of {gpu_memory_gib:g} GiB"

@@ -117,3 +117,25 @@ def test_shipped_7b_lora_config_fits_80_gib():
     est = estimate_for_train_config(cfg, qwen25_7b())
     check_fits(est, 80)
     assert 20 < est.total / GiB < 26  # the figure the config's header states (~23 GiB)
+
+
+def test_fsdp_shards_the_parameter_state_and_adds_the_gathered_layers():
+    # hand-worked: 1000 fp32 params, all trainable, 4 shards, 100 params gathered at a time
+    one = estimate_training_memory(1000, 1000, dtype="float32", meta_step=False, overhead_bytes=0)
+    four = estimate_training_memory(1000, 1000, dtype="float32", meta_step=False, overhead_bytes=0, shards=4,
+                                    gathered_params=100)
+    assert four.weights == 4000 // 4 + 100 * 4
+    assert (four.grads, four.optimizer) == (one.grads // 4, one.optimizer // 4)
+
+
+def test_7b_full_finetune_fits_80_gib_on_8_fsdp_ranks_not_on_8_ddp_ranks():
+    """The plan refused on one GPU (177.8 GiB) fits when FSDP2 shards it over 8 GPUs; DDP replicas don't."""
+    fsdp = estimate_for_train_config(_cfg("distributed.strategy=fsdp"), qwen25_7b(), world_size=8)
+    ddp = estimate_for_train_config(_cfg("distributed.strategy=ddp"), qwen25_7b(), world_size=8)
+    single = estimate_for_train_config(_cfg(), qwen25_7b())
+    assert ddp.total == single.total
+    check_fits(fsdp, 80, parameter="p0_gpu_memory_gib")
+    with pytest.raises(MemoryBudgetError):
+        check_fits(ddp, 80, parameter="p0_gpu_memory_gib")
+    assert fsdp.optimizer == -(-single.optimizer // 8) and fsdp.activations == single.activations
+    print(f"7B full fine-tune: {single.total / GiB:.1f} GiB on 1 GPU, {fsdp.total / GiB:.1f} GiB per GPU on 8 (FSDP2)")
