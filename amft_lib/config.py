@@ -328,6 +328,11 @@ class DistributedConfig:
         "Collective timeout in seconds: a rank that dies makes the others fail after this long instead of hanging.",
         1800, ge=1,
     )
+    fsdp_gather_for_sampling: bool = _help(
+        "fsdp only: gather the whole model once per generate call instead of each layer for every generated "
+        "token (one all-gather instead of hundreds; costs a full copy of the weights per GPU while sampling).",
+        True,
+    )
 
 
 @dataclass

@@ -21,10 +21,11 @@ has one code path.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -46,6 +47,7 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     strategy: str = "none"
+    gather_for_sampling: bool = True  # fsdp: see `gathered`
 
     @property
     def is_main(self) -> bool:
@@ -177,7 +179,7 @@ def init(cfg: DistributedConfig, device: torch.device) -> tuple[Dist, torch.devi
     log.info("rank %d/%d (local %d) on %s: %s over %s", rank, world, local_rank, device, strategy, backend)
     if rank != 0:  # one voice: rank 0 logs progress; the others still report warnings and errors
         logging.getLogger("amft_lib").setLevel(logging.WARNING)
-    return Dist(rank, world, local_rank, strategy), device
+    return Dist(rank, world, local_rank, strategy, cfg.fsdp_gather_for_sampling), device
 
 
 def shutdown(dist: Dist) -> None:
@@ -212,22 +214,34 @@ def wrap(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.M
             fully_shard(layer)
         # The root group goes on the HF model itself, not on a peft wrapper: peft's generate() calls the
         # inner model's forward, which would skip the wrapper's all-gather of the embeddings.
-        fully_shard(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        root = fully_shard(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        # FSDP2 keeps the root's parameters gathered after its forward (a backward usually follows). After a
+        # forward without a backward they would stay gathered, and an in-place update of the shards (the meta
+        # step's lookahead, the optimizer) would not reach the next forward. Resharding the root too costs
+        # one all-gather of the embeddings per backward and removes that hazard.
+        root.set_reshard_after_forward(True, recurse=False)
     return model
 
 
-def reshard(model: torch.nn.Module) -> None:
-    """Free FSDP2's gathered parameters after forwards that had no backward (sampling, π_old log-probs).
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module) -> Iterator[None]:
+    """Keep every FSDP2 group gathered from its first forward until the block ends, then shard again.
 
-    Why: FSDP2 keeps the *root* module's parameters gathered after its forward (the backward would
-    gather them again right away). Without a backward they stay gathered — and a later in-place update
-    of the shards (the meta step's lookahead, the optimizer) would not reach the next forward, which
-    would run on the stale gathered copy. After this call every forward gathers fresh shards."""
+    For sampling: `generate` runs one forward per token, and with per-layer resharding each of them
+    all-gathers every layer again (hundreds of all-gathers per rollout, and on CPU/gloo slower than the
+    compute). Inside this block the weights are gathered once. Exact either way; costs a full copy of
+    the weights per GPU while the block runs (distributed.fsdp_gather_for_sampling=false to avoid it)."""
     from torch.distributed.fsdp import FSDPModule
 
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
+    groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in groups:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in groups:
+            m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()  # no stale gathered copy outlives the block (the shards change in place next)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

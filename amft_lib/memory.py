@@ -133,8 +133,8 @@ def estimate_training_memory(
     controller.LOOKAHEAD_COPIES). activations: None counts none (e.g. a parameter-only estimate).
     shards: FSDP2 world size: weights, master weights, the gradient buffers, AdamW, the meta step's
     copies and the reference model are split over it; `gathered_params` (full, unsharded) come on top
-    while they are all-gathered — two decoder layers (one computing, one prefetched) plus the root
-    group (embeddings, final norm, LM head), which FSDP2 keeps gathered between forward and backward.
+    while they are all-gathered — the whole model while sampling with distributed.fsdp_gather_for_sampling,
+    otherwise two decoder layers (one computing, one prefetched) plus the root group (embeddings, LM head).
     DDP (and one process) is shards=1: every rank holds everything.
     """
     if trainable_params > n_params:
@@ -240,11 +240,13 @@ def estimate_for_train_config(cfg, hf_config, *, prompt_tokens: int = 256, world
     embedding = hf_config.vocab_size * hf_config.hidden_size
     root = embedding * (1 if getattr(hf_config, "tie_word_embeddings", False) else 2)
     per_layer = max(0, count.total - root) // max(1, layers)
+    # sampling with the whole model gathered (distributed.fsdp_gather_for_sampling) holds all of it at once
+    gathered = count.total if shards > 1 and dist.fsdp_gather_for_sampling else 2 * per_layer + root
     return estimate_training_memory(
         count.total, count.trainable, dtype=m.dtype, master_weights=m.master_weights, lora=m.lora,
         meta_step=meta, lookahead_copies=copies, activations=spec,
         kl_reference=loss is not None and loss.kl_beta > 0,
-        shards=shards, gathered_params=2 * per_layer + root,
+        shards=shards, gathered_params=gathered,
     )
 
 

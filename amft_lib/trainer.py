@@ -178,7 +178,7 @@ def sample_and_score(policy: Policy, task, rows: Sequence[dict], group_size: int
                      seeds: Sequence[int] | None = None):
     """G rollouts per row at the configured sampling settings, with verifier rewards [N] and format flags.
     `seeds` (one per rollout, `row_seeds`) make each rollout independent of the batch it is drawn in."""
-    with autocast(cfg.precision):
+    with autocast(cfg.precision), policy.sampling():
         batch = sample_completions(
             policy.generate,
             policy.tokenizer,
@@ -191,7 +191,6 @@ def sample_and_score(policy: Policy, task, rows: Sequence[dict], group_size: int
             seeds=seeds,
             synced=policy.dist.sharded,
         )
-    policy.settle()
     rewards, format_ok = score_completions(task, [r["answer"] for r in rows for _ in range(group_size)], batch.texts)
     return batch, rewards, format_ok
 
@@ -382,9 +381,9 @@ def _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, e
         """Greedy accuracy and sampled reward on the validation prompts (each rank its block). Sampling
         is seeded per row and step, so evaluating (or not) never changes the training trajectory."""
         mine = dist.shard(eval_rows, "validation prompts")
-        ev = greedy_eval(policy.generate, tokenizer, task, mine, cfg.rollout.max_new_tokens, cfg.model.chat_template,
-                         cfg.log_samples, synced=dist.sharded)
-        policy.settle()
+        with policy.sampling():
+            ev = greedy_eval(policy.generate, tokenizer, task, mine, cfg.rollout.max_new_tokens,
+                             cfg.model.chat_template, cfg.log_samples, synced=dist.sharded)
         if logs is not None:
             logs.samples(step, ev.samples)
         seeds = row_seeds(cfg.seed, "eval", step, dist.offset(len(eval_rows)) * cfg.eval_samples,
@@ -429,7 +428,6 @@ def _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, e
                 entropy = ent_sum / max(1.0, n_tok)  # H_t over the global batch
             if ref_model is not None:
                 ref_logprobs, _ = completion_logprobs(ref_model, rollouts, cfg.rollout.temperature)
-        policy.settle()
         t_rollout = time.perf_counter() - t0
 
         # ── 3. the two gradients, the meta-gradient, and the mixed update ──

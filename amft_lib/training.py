@@ -50,11 +50,12 @@ class Policy:
         forward = distributed.wrap(model, dist, device)
         return cls(forward, distributed.unwrap(forward), tokenizer, dist)
 
-    def settle(self) -> None:
-        """After forwards without a backward: under FSDP2, drop the gathered parameters so the next
-        in-place update of the shards is what the next forward sees (distributed.reshard)."""
-        if self.dist.sharded:
-            distributed.reshard(self.forward)
+    def sampling(self):
+        """Context for generate() calls: under FSDP2 the weights are gathered once for the whole block
+        (distributed.gathered) unless distributed.fsdp_gather_for_sampling is off."""
+        if self.dist.sharded and self.dist.gather_for_sampling:
+            return distributed.gathered(self.forward)
+        return contextlib.nullcontext()
 
 
 def save_final_policy(policy: Policy, model_cfg, model_dir: Path) -> None:

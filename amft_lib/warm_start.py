@@ -325,12 +325,12 @@ def _sample_block(policy: Policy, task, part: list[dict], first: int, cfg: WarmS
     lo = min(len(part), dist.rank * per)
     mine = part[lo : lo + per]
     todo = mine or part[:1]
-    batch = sample_completions(
-        policy.generate, policy.tokenizer, [r["prompt"] for r in todo], group_size=k,
-        max_new_tokens=cfg.max_new_tokens, temperature=cfg.rs_temperature, chat_template=cfg.model.chat_template,
-        seeds=row_seeds(cfg.seed, "rejection_sampling", 0, (first + lo) * k, len(todo) * k), synced=dist.sharded,
-    )
-    policy.settle()
+    with policy.sampling():
+        batch = sample_completions(
+            policy.generate, policy.tokenizer, [r["prompt"] for r in todo], group_size=k,
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.rs_temperature, chat_template=cfg.model.chat_template,
+            seeds=row_seeds(cfg.seed, "rejection_sampling", 0, (first + lo) * k, len(todo) * k), synced=dist.sharded,
+        )
     rewards, _ = score_completions(task, [r["answer"] for r in todo for _ in range(k)], batch.texts)
     texts, scores = (batch.texts, rewards.tolist()) if mine else ([], [])
     if dist.world_size == 1:
@@ -358,13 +358,13 @@ def measure_target_entropy(model, tokenizer, rows: list[dict], cfg: WarmStartCon
     dist, G = policy.dist, cfg.entropy_group
     temperature = cfg.entropy_temperature
     mine = dist.shard(rows, "entropy_prompts")
-    batch = sample_completions(
-        policy.generate, policy.tokenizer, [r["prompt"] for r in mine], group_size=G,
-        max_new_tokens=cfg.max_new_tokens, temperature=temperature, chat_template=cfg.model.chat_template,
-        seeds=row_seeds(cfg.seed, "entropy", 0, dist.offset(len(rows)) * G, len(mine) * G), synced=dist.sharded,
-    )
+    with policy.sampling():
+        batch = sample_completions(
+            policy.generate, policy.tokenizer, [r["prompt"] for r in mine], group_size=G,
+            max_new_tokens=cfg.max_new_tokens, temperature=temperature, chat_template=cfg.model.chat_template,
+            seeds=row_seeds(cfg.seed, "entropy", 0, dist.offset(len(rows)) * G, len(mine) * G), synced=dist.sharded,
+        )
     _, entropy = completion_logprobs(policy.forward, batch, temperature, with_entropy=True)
-    policy.settle()
     mask = batch.completion_mask.to(entropy.device)
     total, count = dist.sum([float((entropy * mask).sum()), float(mask.sum())])
     return total / max(1.0, count)
@@ -424,9 +424,9 @@ def _run(cfg, out, model_cfg, dist, device, splits, train_rows, demos, eval_rows
 
     def val_acc() -> float:
         mine = dist.shard(eval_rows, "validation prompts")
-        acc = greedy_eval(policy.generate, tokenizer, task, mine, cfg.max_new_tokens, cfg.model.chat_template,
-                          synced=dist.sharded).accuracy
-        policy.settle()
+        with policy.sampling():
+            acc = greedy_eval(policy.generate, tokenizer, task, mine, cfg.max_new_tokens, cfg.model.chat_template,
+                              synced=dist.sharded).accuracy
         (correct,) = dist.sum([acc * len(mine)])
         return correct / len(eval_rows) if eval_rows else 0.0
 

@@ -129,8 +129,12 @@ def test_fsdp_shards_the_parameter_state_and_adds_the_gathered_layers():
 
 
 def test_7b_full_finetune_fits_80_gib_on_8_fsdp_ranks_not_on_8_ddp_ranks():
-    """The plan refused on one GPU (177.8 GiB) fits when FSDP2 shards it over 8 GPUs; DDP replicas don't."""
-    fsdp = estimate_for_train_config(_cfg("distributed.strategy=fsdp"), qwen25_7b(), world_size=8)
+    """The plan refused on one GPU fits when FSDP2 shards it over 8 GPUs; DDP replicas don't. Sampling with
+    the whole model gathered adds one full bf16 copy of the weights (less the layers gathered anyway)."""
+    fsdp = estimate_for_train_config(_cfg("distributed.strategy=fsdp", "distributed.fsdp_gather_for_sampling=false"),
+                                     qwen25_7b(), world_size=8)
+    gather = estimate_for_train_config(_cfg("distributed.strategy=fsdp"), qwen25_7b(), world_size=8)
+    assert gather.total - fsdp.total == gather.weights - fsdp.weights > 10 * GiB  # 15.2 GB less 2 layers + root
     ddp = estimate_for_train_config(_cfg("distributed.strategy=ddp"), qwen25_7b(), world_size=8)
     single = estimate_for_train_config(_cfg(), qwen25_7b())
     assert ddp.total == single.total
@@ -138,4 +142,5 @@ def test_7b_full_finetune_fits_80_gib_on_8_fsdp_ranks_not_on_8_ddp_ranks():
     with pytest.raises(MemoryBudgetError):
         check_fits(ddp, 80, parameter="p0_gpu_memory_gib")
     assert fsdp.optimizer == -(-single.optimizer // 8) and fsdp.activations == single.activations
-    print(f"7B full fine-tune: {single.total / GiB:.1f} GiB on 1 GPU, {fsdp.total / GiB:.1f} GiB per GPU on 8 (FSDP2)")
+    print(f"7B full fine-tune: {single.total / GiB:.1f} GiB on 1 GPU; on 8 FSDP2 ranks {fsdp.total / GiB:.1f} GiB "
+          f"per GPU (layer-wise sampling), {gather.total / GiB:.1f} GiB (gathered sampling)")

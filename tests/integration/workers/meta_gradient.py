@@ -15,7 +15,7 @@ import torch
 
 from amft_lib.config import DistributedConfig, ModelConfig
 from amft_lib.controller import UtilityGrad, compute_meta_gradient, utility_grad_in_place
-from amft_lib.distributed import init, reshard, shutdown, wrap
+from amft_lib.distributed import init, shutdown, wrap
 from amft_lib.model import load_policy, trainable_parameters
 from amft_lib.rollout import TokenBatch, completion_logprobs
 from amft_lib.training import sft_gradient, take_grads
@@ -86,8 +86,6 @@ def main(out_path: str) -> None:
     def u_value() -> float:
         with torch.no_grad():
             (total,) = dist.sum([float(block_u(0, 4) + block_u(4, 8)) / 2])
-        if dist.sharded:
-            reshard(model)  # the next lookahead changes the shards in place (see distributed.reshard)
         return total
 
     mu, alpha, eps = 0.3, 0.5, 1e-4
