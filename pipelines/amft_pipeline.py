@@ -3,6 +3,10 @@
     preflight → prepare data → validate (gate) → warm start (GPU) → train (GPU) → evaluate → register (gate)
     exit handler: run summary
 
+Training scales out with p4_train_num_nodes × p4_train_nproc_per_node: one process trains in the
+train task's pod; more run as a Kubeflow Trainer v2 TrainJob the task launches and watches (cluster)
+or under a local torchrun (run-local). See amft_lib.run.scale_out.
+
 Two variants are built from one definition, because what a cluster needs cannot run locally:
 
 - `amft_pipeline` (cluster; compiled to amft_pipeline.yaml by `amft pipeline compile`): GPU requests,
@@ -126,6 +130,9 @@ def build_pipeline(target: str = "cluster") -> Any:
         p4_train_eta_h: float = 0.05,
         p4_train_meta_interval: int = 10,
         p4_train_checkpoint_every: int = 20,
+        p4_train_num_nodes: int = 1,
+        p4_train_nproc_per_node: int = 1,
+        p4_train_distributed_strategy: str = "auto",
         p4_train_seed: int = 0,
         p4_train_overrides: list = [],  # noqa: B006
         # ── phase 5: evaluation and blessing ──
@@ -190,10 +197,19 @@ def build_pipeline(target: str = "cluster") -> Any:
                 secrets(warm, p0_s3_secret)
 
                 # ── Stage 4: AMFT training (GPU; checkpoints to the run root, resume auto) ──
+                # More than one process (nodes × processes per node): the task launches them — a TrainJob
+                # on the GPU pool on a cluster (needs pipelines/rbac/trainjob-launcher.yaml), a local
+                # torchrun otherwise — and fills its outputs from the run root (amft_lib.run.scale_out).
+                scale_out = dict(num_nodes=p4_train_num_nodes, nproc_per_node=p4_train_nproc_per_node)
+                if cluster:
+                    scale_out.update(launcher="trainjob", image=CUDA_IMAGE, s3_secret=p0_s3_secret,
+                                     registry_secret=p0_registry_secret, gpus_per_node=p0_gpu_count,
+                                     cpu_per_node=p0_gpu_cpu_request, memory_per_node=p0_gpu_memory_request,
+                                     node_selector=p0_gpu_node_selector, tolerations=p0_gpu_tolerations)
                 trained = train(warm_start_model=warm.outputs["model"], dataset=data.outputs["dataset"],
                                 train_config=pre.outputs["train_config"], target_entropy=warm.outputs["Output"],
                                 run_root=run_root, s3_endpoint_url=p0_s3_endpoint_url,
-                                registry_tracking_uri=p6_registry_tracking_uri)
+                                registry_tracking_uri=p6_registry_tracking_uri, **scale_out)
                 trained.set_display_name("train").set_caching_options(False)
                 # a retried task resumes from its newest checkpoint instead of starting over
                 trained.set_retry(num_retries=2, backoff_duration=gpu_backoff, backoff_factor=2.0,

@@ -111,6 +111,19 @@ def run_preflight(params: Mapping[str, Any], *, job_id: str = "") -> Preflight:
             return True, "; ".join(details)
 
         attempt("gpu memory", probe_memory)
+
+        def probe_scale_out() -> tuple[bool, str]:
+            from amft_lib.run.scale_out import check_scale_out
+
+            strategy = configs[1].distributed.strategy
+            scale = check_scale_out(values["p4_train_num_nodes"], values["p4_train_nproc_per_node"], strategy,
+                                    "trainjob")
+            if scale.world_size == 1:
+                return True, "1 process: training runs in the train task's pod"
+            return True, (f"{scale.num_nodes} node(s) × {scale.nproc_per_node} process(es) ({strategy}): the train "
+                          "task launches them (TrainJob on a cluster, torchrun locally)")
+
+        attempt("scale-out", probe_scale_out)
     data_uri = values["p1_data_input_uri"]
     if data_uri:
         def probe_data() -> tuple[bool, str]:

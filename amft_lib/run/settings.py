@@ -140,6 +140,15 @@ _TABLE: tuple[Setting, ...] = (
        train="controller.meta_interval"),
     _s("p4_train_checkpoint_every", int, 20, "Steps between checkpoints to the run root (a retried task resumes "
        "from the newest); the config's 0 (never) is for tests.", train="checkpoint_every"),
+    _s("p4_train_num_nodes", int, 1, "Training nodes. With p4_train_nproc_per_node, more than one process in all "
+       "runs training as a Kubeflow Trainer TrainJob of nodes × processes on the cluster (a local run has one "
+       "node); 1 × 1 trains in the task's own pod."),
+    _s("p4_train_nproc_per_node", int, 1, "Training processes per node (one per GPU on the cluster; locally "
+       "`torchrun --standalone` starts this many)."),
+    _s("p4_train_distributed_strategy", str, "auto", "How several processes share the training: auto (ddp when "
+       "there is more than one process, else none), ddp, fsdp, or none (refused with more than one process). "
+       "The config's default is none; auto here so p4_train_num_nodes/p4_train_nproc_per_node alone scale out.",
+       train="distributed.strategy"),
     _s("p4_train_seed", int, FROM_CONFIG, "Seed of both the warm start and training.", warm_start="seed", train="seed"),
     _s("p4_train_overrides", list, [], "KEY=VALUE for any other training config key.", train=OVERRIDES),
     # ── p5: evaluation and blessing ──

@@ -24,7 +24,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from amft_lib.run.layout import RunRoot, fetch_input, model_uri, open_model, publish, put_json, write_pointer
+from amft_lib.run.layout import (
+    RunRoot,
+    fetch_input,
+    model_uri,
+    open_model,
+    publish,
+    put_json,
+    stage_model,
+    write_pointer,
+)
+from amft_lib.run.scale_out import (
+    ClusterJob,
+    ScaleOut,
+    ScaleOutError,
+    check_scale_out,
+    launch_trainjob,
+    run_torchrun,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,17 +166,43 @@ def warm_start_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model_
 
 
 def train_stage(run: RunRoot, dataset_dir: str, config_json: str, *, target_entropy: float, init_model: str,
-                run_dir: str, model_dir: str, curves_path: str, tracking_uri: str = "") -> StageOutcome:
+                run_dir: str, model_dir: str, curves_path: str, tracking_uri: str = "", num_nodes: int = 1,
+                nproc_per_node: int = 1, launcher: str = "torchrun", cluster: ClusterJob | None = None) -> StageOutcome:
     """The AMFT loop with checkpoints under the run root and `resume="auto"`, so a retried task (or a
     new pipeline run given the same run id) continues from the newest verified checkpoint. The config
-    and every per-step curve go to a nested MLflow run of the pipeline run while it trains."""
+    and every per-step curve go to a nested MLflow run of the pipeline run while it trains.
+
+    One process (num_nodes × nproc_per_node = 1) trains here, in this process. More are launched
+    (`launcher`: "torchrun" locally, "trainjob" on a cluster with `cluster` settings; see
+    amft_lib.run.scale_out) and publish to the same run-root paths, from which the outputs are filled."""
     from amft_lib import checkpoint
-    from amft_lib.config import TrainConfig, config_from_dict, config_to_dict
+    from amft_lib.config import config_to_dict
     from amft_lib.dataset import read_rows
-    from amft_lib.model_source import allow_hub_downloads
-    from amft_lib.reports import training_report_html
     from amft_lib.tracking import track_stage
     from amft_lib.trainer import train
+
+    cfg = _train_config(run, config_json, target_entropy)
+    scale = check_scale_out(num_nodes, nproc_per_node, cfg.distributed.strategy, launcher,
+                            cluster.gpus_per_node if cluster else 0)
+    done = [step for step, _, complete in checkpoint.list_checkpoints(run.uri) if complete]
+    if scale.world_size > 1:
+        return _launched_train_stage(run, cfg, scale, cluster, init_model=init_model, tracking_uri=tracking_uri,
+                                     resumed_from_step=max(done, default=0), run_dir=run_dir, model_dir=model_dir,
+                                     curves_path=curves_path)
+    arm_train_fault(run)
+    with tempfile.TemporaryDirectory(prefix="amft-init-model-") as staging, \
+            track_stage(tracking_uri or None, run.run_id, "train", config_to_dict(cfg), run_dir,
+                        artifact_root=run.mlflow_artifacts):
+        result = train(cfg, run_dir, init_model=open_model(init_model, staging), splits=read_rows(dataset_dir),
+                       progress=False, checkpoint_root=run.uri, resume="auto")
+    summary = _publish_training(run, cfg, result, run_dir, resumed_from_step=max(done, default=0))
+    return _train_outcome(run, summary, run_dir=run_dir, model_dir=model_dir, curves_path=curves_path)
+
+
+def _train_config(run: RunRoot, config_json: str, target_entropy: float) -> Any:
+    """The TrainConfig the stage trains with: preflight's JSON, the run root's data, the warm start's H*."""
+    from amft_lib.config import TrainConfig, config_from_dict
+    from amft_lib.model_source import allow_hub_downloads
 
     cfg = config_from_dict(json.loads(config_json), TrainConfig)
     cfg.data.path = run.data  # the durable copy; rows are read from the local artifact
@@ -167,29 +210,89 @@ def train_stage(run: RunRoot, dataset_dir: str, config_json: str, *, target_entr
     # the temperature H* was measured at (warm start stats): the trainer refuses one unlike its rollouts'
     cfg.controller.target_entropy_temperature = _read_json(run.warm_start_stats).get("target_entropy_temperature")
     allow_hub_downloads(cfg.model.allow_download)
-    done = [step for step, _, complete in checkpoint.list_checkpoints(run.uri) if complete]
-    arm_train_fault(run)
-    with tempfile.TemporaryDirectory(prefix="amft-init-model-") as staging, \
-            track_stage(tracking_uri or None, run.run_id, "train", config_to_dict(cfg), run_dir,
-                        artifact_root=run.mlflow_artifacts):
-        result = train(cfg, run_dir, init_model=open_model(init_model, staging), splits=read_rows(dataset_dir),
-                       progress=False, checkpoint_root=run.uri, resume="auto")
+    return cfg
+
+
+def _publish_training(run: RunRoot, cfg: Any, result: Any, run_dir: str | Path, *, resumed_from_step: int) -> dict:
+    """Publish a finished training's logs (`run_dir` → <run>/train/), model (→ <run>/model/) and summary
+    (<run>/train/result.json); returns the summary. Done by the one process that wrote `run_dir`."""
     model_files = Path(tempfile.mkdtemp(prefix="amft-model-"))
     shutil.move(str(result.model_dir), model_files / "model")  # out of run_dir: the logs artifact stays small
     summary = {"steps": result.steps, "mu_final": result.mu_final, "target_entropy": result.target_entropy,
                "val_accuracy_initial": result.val_accuracy_initial, "val_accuracy_final": result.val_accuracy_final,
                "val_reward_initial": result.val_reward_initial, "val_reward_final": result.val_reward_final,
-               "resumed_from_step": max(done, default=0), "elapsed_s": result.elapsed_s,
+               "resumed_from_step": resumed_from_step, "elapsed_s": result.elapsed_s,
                "method": cfg.controller.method}
-    Path(curves_path).write_text(training_report_html(run_dir, summary), encoding="utf-8")
     publish(run_dir, run.train)
     publish(model_files / "model", run.model)
     shutil.rmtree(model_files, ignore_errors=True)
-    write_pointer(model_dir, run.model, method=cfg.controller.method)
     put_json(run.train_result, summary)
-    out = StageOutcome(metadata={"model": {"uri": run.model, "method": cfg.controller.method}})
+    return summary
+
+
+def _train_outcome(run: RunRoot, summary: dict, *, run_dir: str, model_dir: str, curves_path: str) -> StageOutcome:
+    """The train task's KFP outputs from a published training: the curves page (from `run_dir`'s
+    metrics), the model pointer and the summary's numbers."""
+    from amft_lib.reports import training_report_html
+
+    Path(curves_path).write_text(training_report_html(run_dir, summary), encoding="utf-8")
+    write_pointer(model_dir, run.model, method=summary["method"])
+    out = StageOutcome(metadata={"model": {"uri": run.model, "method": summary["method"]}})
     out.add_metrics(summary)
     return out
+
+
+def _launched_train_stage(run: RunRoot, cfg: Any, scale: ScaleOut, cluster: ClusterJob | None, *, init_model: str,
+                          tracking_uri: str, resumed_from_step: int, run_dir: str, model_dir: str,
+                          curves_path: str) -> StageOutcome:
+    """Hand the workers their inputs through the run root, run them, and read back what rank 0 published."""
+    from amft_lib import storage
+    from amft_lib.config import config_to_dict
+
+    put_json(run.launch_spec("train"), {"config": config_to_dict(cfg), "init_model": model_uri(init_model),
+                                        "tracking_uri": tracking_uri, "resumed_from_step": resumed_from_step})
+    if scale.launcher == "trainjob":
+        if cluster is None:
+            raise ScaleOutError("launcher=trainjob needs the cluster settings (image, secrets, GPU pool)")
+        launch_trainjob(run, scale, cluster)
+    else:
+        run_torchrun(run, scale.nproc_per_node)
+    summary = _read_json(run.train_result)
+    storage.download_prefix(run.train, run_dir)
+    return _train_outcome(run, summary, run_dir=run_dir, model_dir=model_dir, curves_path=curves_path)
+
+
+def train_worker_stage(run: RunRoot) -> None:
+    """One rank of a launched train stage (`amft stage train-worker`, under torchrun): read the launch
+    spec, the data and the init model from the run root, call `train()` like every other rank (it sets
+    up and tears down the process group), and on rank 0 publish what the in-pod path publishes."""
+    from amft_lib import storage
+
+    if not storage.exists(run.launch_spec("train")):
+        raise ScaleOutError(f"{run.launch_spec('train')}: no launch spec (the train task writes it before launching)")
+    spec = _read_json(run.launch_spec("train"))
+    from amft_lib.config import TrainConfig, config_from_dict
+    from amft_lib.dataset import read_rows
+    from amft_lib.model_source import allow_hub_downloads
+    from amft_lib.tracking import track_stage
+    from amft_lib.trainer import train
+
+    cfg = config_from_dict(spec["config"], TrainConfig)
+    allow_hub_downloads(cfg.model.allow_download)
+    rank = int(os.environ.get("RANK", "0"))
+    with tempfile.TemporaryDirectory(prefix=f"amft-worker-{rank}-") as tmp:
+        data, run_dir = Path(tmp, "data"), Path(tmp, "run")
+        if not storage.download_prefix(run.data, data):
+            raise ScaleOutError(f"{run.data}: no prepared data under the run root")
+        init_model = stage_model(spec["init_model"], Path(tmp, "init_model"))
+        tracking = (track_stage(spec.get("tracking_uri") or None, run.run_id, "train", spec["config"], run_dir,
+                                artifact_root=run.mlflow_artifacts) if rank == 0 else contextlib.nullcontext())
+        with tracking:
+            result = train(cfg, run_dir, init_model=init_model, splits=read_rows(str(data)), progress=False,
+                           checkpoint_root=run.uri, resume="auto")
+        if rank == 0:  # only rank 0 wrote run_dir (metrics, model); every rank got the same result
+            _publish_training(run, cfg, result, run_dir, resumed_from_step=int(spec.get("resumed_from_step", 0)))
+            log.info("rank 0 published model/ and train/ to %s", run.uri)
 
 
 def _read_json(uri: str) -> dict[str, Any]:
