@@ -146,9 +146,12 @@ def last_error_line(lines: Sequence[str]) -> str:
     return stripped[-1] if stripped else "no output"
 
 
-def trainjob_for(run: RunRoot, scale: ScaleOut, job: ClusterJob, namespace: str) -> dict[str, Any]:
-    """The TrainJob manifest of this run's train stage (a pure function of its arguments)."""
+def trainjob_for(run: RunRoot, scale: ScaleOut, job: ClusterJob, namespace: str, launch_hash: str = "") -> dict:
+    """The TrainJob manifest of this run's train stage (a pure function of its arguments). `launch_hash`
+    (of the launch spec) labels the job, so a retry can tell its own job from one started with other
+    settings under the same run id (LAUNCH_LABEL, amft_lib.run.trainjob_watch)."""
     from amft_lib.run.trainjob import resources_per_node, secret_env, trainjob_manifest, trainjob_name
+    from amft_lib.run.trainjob_watch import LAUNCH_LABEL
 
     env = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if job.s3_endpoint_url:
@@ -163,7 +166,8 @@ def trainjob_for(run: RunRoot, scale: ScaleOut, job: ClusterJob, namespace: str)
         resources=resources_per_node(gpus=job.gpus_per_node, cpu=job.cpu_per_node, memory=job.memory_per_node),
         env=env, secret_env_vars=secrets, node_selector=job.node_selector, tolerations=job.tolerations,
         service_account=job.service_account, shm_size=job.shm_size,
-        labels={"app.kubernetes.io/part-of": "amft-pipeline", "amft.pipeline/stage": "train"})
+        labels={"app.kubernetes.io/part-of": "amft-pipeline", "amft.pipeline/stage": "train",
+                **({LAUNCH_LABEL: launch_hash} if launch_hash else {})})
 
 
 def launch_trainjob(run: RunRoot, scale: ScaleOut, job: ClusterJob, api: Any = None, namespace: str = "") -> None:
@@ -179,4 +183,12 @@ def launch_trainjob(run: RunRoot, scale: ScaleOut, job: ClusterJob, api: Any = N
     if not namespace:
         with open(SERVICE_ACCOUNT_NAMESPACE, encoding="utf-8") as f:
             namespace = f.read().strip()
-    run_trainjob(api, trainjob_for(run, scale, job, namespace), timeout_s=job.timeout_s, poll_s=job.poll_s)
+    import json
+
+    from amft_lib import storage
+
+    # what defines the training, not resumed_from_step: a retry (more checkpoints by then) is the same job
+    spec = json.loads(storage.get_bytes(run.launch_spec("train")))
+    launch_hash = storage.sha256_bytes(json.dumps([spec["config"], spec["init_model"]], sort_keys=True).encode())[:16]
+    run_trainjob(api, trainjob_for(run, scale, job, namespace, launch_hash), timeout_s=job.timeout_s,
+                 poll_s=job.poll_s)

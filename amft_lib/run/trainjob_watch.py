@@ -10,6 +10,9 @@ Policy (why each choice):
   job instead of failing or starting a second copy that would race the first on the checkpoints.
 - **A failed job from an earlier attempt is replaced**, not re-attached to: the retry exists to try
   again, and training resumes from the newest checkpoint under the run root. Its reason is logged.
+- **Same name, other settings** (the LAUNCH_LABEL hash of the launch spec differs: a later pipeline run
+  reusing the run id with new parameters): a finished job is replaced; a running one is an error —
+  two trainings would race on the run's checkpoints.
 - **Delete on success** (the outputs are in the run root; the pods only hold resources) and **on
   timeout** (nothing waits for it any more; it would hold GPUs). **Keep on failure**, so its pods'
   logs stay readable (`kubectl logs -l jobset.sigs.k8s.io/jobset-name=<name>`) until the next attempt
@@ -29,6 +32,7 @@ from amft_lib.run.trainjob import GROUP, PLURAL, VERSION, TrainJobError
 log = logging.getLogger(__name__)
 
 KEEP_POLICIES = ("on-failure", "always")
+LAUNCH_LABEL = "amft.pipeline/launch-hash"
 RBAC_HINT = "pipelines/rbac/trainjob-launcher.yaml"
 
 
@@ -124,10 +128,18 @@ def _create_or_attach(api: Any, manifest: Mapping[str, Any], ref: str,
             raise _api_error(ref, "create", exc) from None
     job = _call(ref, "read", lambda: api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
     state = job_state(job)
-    if state["phase"] != "Failed":
+    ours = (manifest["metadata"].get("labels") or {}).get(LAUNCH_LABEL)
+    theirs = ((job.get("metadata") or {}).get("labels") or {}).get(LAUNCH_LABEL)
+    if ours and theirs != ours:
+        if state["phase"] == "Running":
+            raise TrainJobError(f"{ref} is running with other settings ({LAUNCH_LABEL} {theirs} ≠ {ours}): another "
+                                "pipeline run with the same run id? Wait for it or delete it")
+        log.warning("%s: left by a run with other settings (%s); replacing it", ref, state["phase"].lower())
+    elif state["phase"] != "Failed":
         log.info("%s: exists from an earlier attempt (%s); re-attaching", ref, state["phase"].lower())
         return job
-    log.warning("%s: an earlier attempt failed (%s); replacing it", ref, state["reason"] or "no reason given")
+    else:
+        log.warning("%s: an earlier attempt failed (%s); replacing it", ref, state["reason"] or "no reason given")
     _delete(api, name, namespace, ref, "replaced")
     # deletion is asynchronous (finalizers, child JobSet): create until the old object is gone
     for _ in range(60):

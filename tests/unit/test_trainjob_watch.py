@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 from kubernetes.client import ApiException
@@ -170,3 +171,51 @@ def test_api_errors_are_one_line_with_a_hint(status, hint):
         watch(api)
     assert hint in str(err.value) and "\n" not in str(err.value)
     assert f"create failed ({status}: trainjobs is forbidden: User x)" in str(err.value)
+
+
+def test_a_job_with_other_settings_is_never_attached_to():
+    """Same name, different LAUNCH_LABEL (a later run reusing the run id with new parameters): a running
+    one is an error (two trainings would race on the checkpoints), a finished one is replaced."""
+    from amft_lib.run.trainjob_watch import LAUNCH_LABEL
+
+    ours = {**MANIFEST, "metadata": {**MANIFEST["metadata"], "labels": {LAUNCH_LABEL: "aaaa"}}}
+    theirs = {"metadata": {"name": NAME, "labels": {LAUNCH_LABEL: "bbbb"}}}
+    clock = Clock()
+    running = FakeCustomObjectsApi([{**theirs, "status": RUNNING["status"]}], create_errors=[api_error(409, "x")])
+    with pytest.raises(TrainJobError, match="running with other settings"):
+        run_trainjob(running, ours, timeout_s=60, sleep=clock.sleep, clock=clock)
+    assert "delete" not in running.verbs()
+    finished = FakeCustomObjectsApi([{**theirs, "status": COMPLETE["status"]}, COMPLETE],
+                                    create_errors=[api_error(409, "x")])
+    run_trainjob(finished, ours, timeout_s=60, sleep=clock.sleep, clock=clock)
+    assert finished.verbs() == ["create", "get", "delete", "create", "get", "delete"]
+
+
+def test_launch_trainjob_labels_the_job_with_its_settings_and_a_retry_reattaches(tmp_path):
+    """amft_lib.run.scale_out.launch_trainjob end to end against the fake API server (namespace given,
+    so no in-cluster config is read): the created body is the stage's manifest with the launch hash; a
+    retry with the same launch spec (more checkpoints by then) finds its own running job and follows it."""
+    from amft_lib.run.layout import RunRoot, put_json
+    from amft_lib.run.scale_out import ClusterJob, ScaleOut, launch_trainjob
+    from amft_lib.run.trainjob_watch import LAUNCH_LABEL
+
+    run = RunRoot.at(str(tmp_path / "runs" / "r1"))
+    job = ClusterJob(image="img", s3_secret="amft-s3", poll_s=0.0)
+    put_json(run.launch_spec("train"), {"config": {"max_steps": 4}, "init_model": "s3://b/m", "resumed_from_step": 0})
+
+    class Recording(FakeCustomObjectsApi):
+        def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+            self.body = body
+            return super().create_namespaced_custom_object(group, version, namespace, plural, body)
+
+    first = Recording([COMPLETE])
+    launch_trainjob(run, ScaleOut(1, 2, "trainjob"), job, api=first, namespace="team-a")
+    label = first.body["metadata"]["labels"][LAUNCH_LABEL]
+    assert re.fullmatch(r"[0-9a-f]{16}", label) and first.body["metadata"]["namespace"] == "team-a"
+    assert first.body["metadata"]["name"] == "amft-r1-train"
+
+    put_json(run.launch_spec("train"), {"config": {"max_steps": 4}, "init_model": "s3://b/m", "resumed_from_step": 2})
+    own = {"metadata": {"name": "amft-r1-train", "labels": {LAUNCH_LABEL: label}}}
+    retry = Recording([{**own, "status": RUNNING["status"]}, COMPLETE], create_errors=[api_error(409, "exists")])
+    launch_trainjob(run, ScaleOut(1, 2, "trainjob"), job, api=retry, namespace="team-a")
+    assert retry.verbs() == ["create", "get", "get", "delete"]  # re-attached: no second job
