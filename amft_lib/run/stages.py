@@ -249,11 +249,16 @@ def _launched_train_stage(run: RunRoot, cfg: Any, scale: ScaleOut, cluster: Clus
     from amft_lib import storage
     from amft_lib.config import config_to_dict
 
-    put_json(run.launch_spec("train"), {"config": config_to_dict(cfg), "init_model": model_uri(init_model),
-                                        "tracking_uri": tracking_uri, "resumed_from_step": resumed_from_step})
-    if scale.launcher == "trainjob":
+    init_uri = model_uri(init_model)
+    if scale.launcher == "trainjob":  # a TrainJob's pods see S3, not this pod's files
         if cluster is None:
             raise ScaleOutError("launcher=trainjob needs the cluster settings (image, secrets, GPU pool)")
+        for what, uri in (("run root", run.uri), ("init model", init_uri)):
+            if not storage.is_s3(uri):
+                raise ScaleOutError(f"{what} {uri}: a TrainJob's pods read their inputs from S3; use an s3:// run root")
+    put_json(run.launch_spec("train"), {"config": config_to_dict(cfg), "init_model": init_uri,
+                                        "tracking_uri": tracking_uri, "resumed_from_step": resumed_from_step})
+    if scale.launcher == "trainjob":
         launch_trainjob(run, scale, cluster)
     else:
         run_torchrun(run, scale.nproc_per_node)

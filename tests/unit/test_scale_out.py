@@ -3,9 +3,10 @@ parameter checks that name the pipeline parameter, the local torchrun launcher a
 and the launcher side of the train stage filling its KFP outputs from what rank 0 published.
 
 The one stand-in: `test_launched_train_stage_fills_its_outputs_from_the_run_root` replaces the
-TrainJob launch (which needs a cluster's API server) with a function that publishes what rank 0 of
-the workers publishes; everything else runs for real on a local run root. The multi-process training
-itself is covered in tests/integration/test_train_torchrun.py.
+launch (the torchrun subprocess here; the TrainJob path shares the code after it) with a function
+that publishes what rank 0 of the workers publishes; everything else runs for real on a local run
+root. The multi-process training itself is covered in tests/integration/test_train_torchrun.py, the
+TrainJob launch against a fake API server in tests/unit/test_trainjob_watch.py.
 """
 
 from __future__ import annotations
@@ -89,9 +90,9 @@ def run(tmp_path) -> RunRoot:
 def test_launched_train_stage_fills_its_outputs_from_the_run_root(run, tmp_path, monkeypatch):
     launched = {}
 
-    def publish_like_rank_0(run_: RunRoot, scale, cluster) -> None:
-        """Stand-in for the TrainJob (no API server here): what rank 0 of the workers publishes."""
-        launched.update(scale=scale, cluster=cluster, spec=json.loads(Path(run_.launch_spec("train")).read_text()))
+    def publish_like_rank_0(run_: RunRoot, nproc_per_node: int) -> None:
+        """Stand-in for the workers: what rank 0 publishes (for real: tests/integration/test_train_torchrun.py)."""
+        launched.update(nproc=nproc_per_node, spec=json.loads(Path(run_.launch_spec("train")).read_text()))
         train = Path(run_.train)
         train.mkdir(parents=True)
         (train / "metrics.jsonl").write_text(json.dumps({"step": 1, "mu": 0.5, "entropy": 1.0, "sft_loss": 2.0}) + "\n")
@@ -100,19 +101,18 @@ def test_launched_train_stage_fills_its_outputs_from_the_run_root(run, tmp_path,
         put_json(run_.train_result, {"steps": 4, "mu_final": 0.4, "method": "amft", "elapsed_s": 1.5,
                                      "val_accuracy_final": 0.25})
 
-    monkeypatch.setattr(stages, "launch_trainjob", publish_like_rank_0)
+    monkeypatch.setattr(stages, "run_torchrun", publish_like_rank_0)
     monkeypatch.setattr("amft_lib.trainer.train", lambda *a, **k: pytest.fail("the launcher must not train itself"))
     init = tmp_path / "warm_model_artifact"
     init.mkdir()
     (init / POINTER_FILE).write_text(json.dumps({"uri": "s3://amft/pipelines/runs/r1/warm_start/model"}))
     out_dir = tmp_path / "kfp"
-    cluster = ClusterJob(image="img", s3_secret="amft-s3", gpus_per_node=4)
     outcome = stages.train_stage(
         run, str(tmp_path / "no-dataset-needed"), train_config_json("ddp"), target_entropy=0.7, init_model=str(init),
         run_dir=str(out_dir / "run_dir"), model_dir=str(out_dir / "model"), curves_path=str(out_dir / "curves.html"),
-        num_nodes=2, nproc_per_node=4, launcher="trainjob", cluster=cluster)
+        nproc_per_node=2)
 
-    assert launched["scale"].world_size == 8 and launched["cluster"] is cluster
+    assert launched["nproc"] == 2
     spec = launched["spec"]
     assert spec["init_model"] == "s3://amft/pipelines/runs/r1/warm_start/model"  # the pointer's URI, not the file
     assert spec["config"]["controller"]["target_entropy"] == 0.7
@@ -129,6 +129,16 @@ def test_trainjob_launcher_without_cluster_settings_is_refused(run, tmp_path):
         stages.train_stage(run, "", train_config_json("auto"), target_entropy=0.7, init_model=str(tmp_path),
                            run_dir=str(tmp_path / "a"), model_dir=str(tmp_path / "b"), curves_path=str(tmp_path / "c"),
                            num_nodes=1, nproc_per_node=2, launcher="trainjob")
+
+
+def test_trainjob_needs_an_s3_run_root(run, tmp_path):
+    """A TrainJob's pods cannot see the launcher pod's files: a local run root is refused up front."""
+    with pytest.raises(ScaleOutError, match=r"run root .*: a TrainJob's pods read their inputs from S3"):
+        stages.train_stage(run, "", train_config_json("auto"), target_entropy=0.7, init_model=str(tmp_path),
+                           run_dir=str(tmp_path / "a"), model_dir=str(tmp_path / "b"), curves_path=str(tmp_path / "c"),
+                           num_nodes=2, nproc_per_node=1, launcher="trainjob",
+                           cluster=ClusterJob(image="img", s3_secret="amft-s3"))
+    assert not Path(run.launch_spec("train")).exists()
 
 
 def test_more_processes_with_strategy_none_fail_before_anything_runs(run, tmp_path):
