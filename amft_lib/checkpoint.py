@@ -47,6 +47,7 @@ import math
 import os
 import random
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -110,6 +111,7 @@ class CheckpointPayload:
     controller_state: dict[str, Any]
     rng_state: dict[str, Any]
     trainer_state: dict[str, Any]
+    sharded_dir: str | None = None  # a `dcp` checkpoint: local folder of its torch.distributed.checkpoint files
 
 
 # ── names ───────────────────────────────────────────────────────────────────────────────────────
@@ -265,9 +267,15 @@ def _stage(payload: CheckpointPayload, folder: str, step: int) -> None:
         metadata={"format": "pt", "step": str(step)},
     )
     torch.save(payload.optimizer_state, os.path.join(folder, OPTIMIZER_FILE))
-    torch.save(payload.scheduler_state, os.path.join(folder, SCHEDULER_FILE))
     torch.save(payload.rng_state, os.path.join(folder, RNG_FILE))
-    for name, obj in ((CONTROLLER_FILE, payload.controller_state), (TRAINER_FILE, payload.trainer_state)):
+    stage_states(folder, payload.scheduler_state, payload.controller_state, payload.trainer_state)
+
+
+def stage_states(folder: str, scheduler_state: Mapping[str, Any], controller_state: Mapping[str, Any],
+                 trainer_state: Mapping[str, Any]) -> None:
+    """The small, replicated part of a checkpoint (both layouts): scheduler, μ controller, trainer state."""
+    torch.save(scheduler_state, os.path.join(folder, SCHEDULER_FILE))
+    for name, obj in ((CONTROLLER_FILE, controller_state), (TRAINER_FILE, trainer_state)):
         with open(os.path.join(folder, name), "w") as f:
             f.write(_dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -301,48 +309,66 @@ def save_checkpoint(
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     if metric_mode not in ("max", "min"):
         raise ValueError(f"metric_mode must be 'max' or 'min', got {metric_mode!r}")
-    name = step_dir_name(step)
     uri = checkpoint_uri(root, step)
+    present = prepare_step(root, step)
+
+    with tempfile.TemporaryDirectory(prefix="amft-ckpt-") as staging:
+        _stage(payload, staging, step)
+        files = upload_and_hash(staging, uri)
+    return commit_checkpoint(root, step, files, config_hash, present=present, keep_last=keep_last, metric=metric,
+                             metric_mode=metric_mode)
+
+
+def prepare_step(root: str, step: int) -> dict[int, set[str]]:
+    """Before writing checkpoint `step`: warn about newer ones, clear a crashed or repeated save of
+    this step; returns the listing `commit_checkpoint` reuses."""
     present = _scan(root)
     newer = sorted(s for s, files in present.items() if s > step and MANIFEST in files)
     if newer:
         logger.warning(
             "saving %s while newer checkpoints exist (%s); resume prefers the newest valid one. "
             "Branch from an old checkpoint into a new run root instead.",
-            name,
+            step_dir_name(step),
             ", ".join(step_dir_name(s) for s in newer),
         )
     if step in present:
         _clear_step(root, step, present)
+    return present
 
-    with tempfile.TemporaryDirectory(prefix="amft-ckpt-") as staging:
-        _stage(payload, staging, step)
-        files = _upload_and_hash(staging, uri)
 
+def commit_checkpoint(root: str, step: int, files: Mapping[str, Mapping[str, Any]], config_hash: str, *,
+                      present: dict[int, set[str]], keep_last: int = 2, metric: float | None = None,
+                      metric_mode: str = "max", extra: Mapping[str, Any] | None = None) -> str:
+    """The files of checkpoint `step` are uploaded (`files`: name → sha256 and size): write its
+    MANIFEST, then LATEST, then apply retention. `extra` adds manifest keys (a sharded layout)."""
+    uri = checkpoint_uri(root, step)
     manifest = {
         "format": FORMAT,
         "step": step,
         "config_hash": config_hash,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "files": files,
+        "files": dict(files),
         "metric": metric,
         "metric_mode": metric_mode,
+        **(extra or {}),
     }
     storage.put_bytes(storage.join(uri, MANIFEST), (_dumps(manifest, indent=2) + "\n").encode())
-    storage.put_bytes(storage.join(root, CHECKPOINTS, LATEST), (name + "\n").encode())
+    storage.put_bytes(storage.join(root, CHECKPOINTS, LATEST), (step_dir_name(step) + "\n").encode())
     logger.info("saved checkpoint %s", uri)
     complete = sorted({s for s, f in present.items() if MANIFEST in f} | {step})
     _apply_retention(root, complete, latest=step, keep_last=keep_last, metric_mode=metric_mode, known={step: metric})
     return uri
 
 
-def _upload_and_hash(staging: str, uri: str) -> dict[str, dict[str, Any]]:
+def upload_and_hash(staging: str, uri: str) -> dict[str, dict[str, Any]]:
     """Upload the staged files (3 at a time, largest first, so the small ones ride along with the
     model) while one background thread hashes them (hashlib releases the GIL): the manifest then
     costs about nothing beyond the upload itself. Returns the manifest's ``files`` entry."""
-    paths = {n: os.path.join(staging, n) for n in FILES}
+    names = [os.path.relpath(os.path.join(d, f), staging).replace(os.sep, "/")
+             for d, _, fs in os.walk(staging) for f in fs]
+    paths = {n: os.path.join(staging, n) for n in names}
     sizes = {n: os.path.getsize(p) for n, p in paths.items()}
-    order = sorted(FILES, key=lambda n: -sizes[n])
+    order = sorted(names, key=lambda n: -sizes[n])
     with (
         concurrent.futures.ThreadPoolExecutor(max_workers=1) as hash_pool,
         concurrent.futures.ThreadPoolExecutor(max_workers=3) as upload_pool,
@@ -356,7 +382,7 @@ def _upload_and_hash(staging: str, uri: str) -> dict[str, dict[str, Any]]:
             for future in (*uploads.values(), *digests.values()):
                 future.cancel()
             raise
-        return {n: {"sha256": digests[n].result(), "size": sizes[n]} for n in FILES}
+        return {n: {"sha256": digests[n].result(), "size": sizes[n]} for n in sorted(names)}
 
 
 def _clear_step(root: str, step: int, present: dict[int, set[str]]) -> None:
@@ -452,7 +478,7 @@ def read_manifest(uri: str) -> dict[str, Any]:
     files = manifest.get("files")
     if manifest.get("format") != FORMAT or not isinstance(files, dict) or not isinstance(manifest.get("step"), int):
         raise CorruptCheckpointError(f"{uri}/{MANIFEST} is not an {FORMAT} manifest")
-    missing = [n for n in FILES if n not in files]
+    missing = [n for n in required_files(manifest) if n not in files]
     if missing:
         raise CorruptCheckpointError(f"{uri}/{MANIFEST} does not list {', '.join(missing)}")
     _, name = _parent_and_name(uri)
@@ -461,24 +487,45 @@ def read_manifest(uri: str) -> dict[str, Any]:
     return manifest
 
 
+SHARDED_MARK = "dcp/.metadata"
+SHARDED = "dcp"  # manifest "layout" of a torchrun checkpoint: torch.distributed.checkpoint files + per-rank RNG
+DCP_DIR = "dcp"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-{rank:05d}.pt"
+
+
+def required_files(manifest: Mapping[str, Any]) -> list[str]:
+    """The files a complete checkpoint of this manifest's layout has (beyond DCP's own shard files)."""
+    if manifest.get("layout") != SHARDED:
+        return list(FILES)
+    world = int(manifest.get("world_size", 0))
+    return [SCHEDULER_FILE, CONTROLLER_FILE, TRAINER_FILE, f"{DCP_DIR}/.metadata",
+            *(rng_file(r) for r in range(world))]
+
+
 def _fetch_verified(uri: str, manifest: Mapping[str, Any], staging: str) -> dict[str, str]:
     """Local paths of the checkpoint's files, each checked against the manifest's size and sha256.
 
     S3 files are downloaded into ``staging`` (3 at a time; each download hashes as it goes); local
     ones are checked in place.
     """
+    names = sorted(manifest["files"])
     if storage.is_s3(uri):
+        for n in names:
+            os.makedirs(os.path.dirname(os.path.join(staging, n)), exist_ok=True)
         with concurrent.futures.ThreadPoolExecutor(max_workers=3) as pool:
             futures = {
-                n: pool.submit(_fetch_one, uri, n, manifest["files"][n], os.path.join(staging, n)) for n in FILES
+                n: pool.submit(_fetch_one, uri, n, manifest["files"][n], os.path.join(staging, n)) for n in names
             }
             try:
-                return {n: futures[n].result() for n in FILES}
+                return {n: futures[n].result() for n in names}
             except BaseException:
                 for future in futures.values():
                     future.cancel()
                 raise
-    return {n: _check_local(uri, n, manifest["files"][n]) for n in FILES}
+    return {n: _check_local(uri, n, manifest["files"][n]) for n in names}
 
 
 def _fetch_one(uri: str, name: str, entry: Mapping[str, Any], path: str) -> str:
@@ -519,6 +566,14 @@ def _load_files(uri: str, paths: Mapping[str, str]) -> CheckpointPayload:
         with open(paths[name]) as f:
             return json.load(f)
 
+    if SHARDED_MARK in paths:  # a torchrun checkpoint: model and optimizer stay DCP files until the trainer loads them
+        ranks = sorted(n for n in paths if n.startswith("rng-"))
+        return CheckpointPayload(
+            model_state={}, optimizer_state={}, scheduler_state=pt(SCHEDULER_FILE),
+            controller_state=js(CONTROLLER_FILE),
+            rng_state={"per_rank": [pt(n) for n in ranks]}, trainer_state=js(TRAINER_FILE),
+            sharded_dir=os.path.dirname(paths[f"{DCP_DIR}/.metadata"]),
+        )
     try:
         model_state = load_file(paths[MODEL_FILE])
     except Exception as exc:  # SafetensorError: a header that does not parse
@@ -545,9 +600,33 @@ def load_checkpoint(uri: str) -> tuple[int, CheckpointPayload]:
             "--checkpoint-root"
         )
     manifest = read_manifest(uri)
-    with tempfile.TemporaryDirectory(prefix="amft-ckpt-") as staging:
-        paths = _fetch_verified(uri, manifest, staging)
-        return manifest["step"], _load_files(uri, paths)
+    return manifest["step"], _fetch_and_load(uri, manifest, [])
+
+
+def _fetch_and_load(uri: str, manifest: dict[str, Any], staging_dirs: list[str]) -> CheckpointPayload:
+    """Download (S3) and verify, then load. Staging folders go into `staging_dirs` for the caller to
+    remove — except a sharded checkpoint's, whose DCP files the trainer still has to read: its
+    `payload.sharded_dir` is then the caller's to remove (`release`)."""
+    staging = tempfile.mkdtemp(prefix="amft-ckpt-")
+    try:
+        payload = _load_files(uri, _fetch_verified(uri, manifest, staging))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if payload.sharded_dir is None or not payload.sharded_dir.startswith(staging):
+        staging_dirs.append(staging)
+        for d in staging_dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        staging_dirs.clear()
+    return payload
+
+
+def release(payload: CheckpointPayload) -> None:
+    """Remove the staged download of a sharded checkpoint once its DCP files are loaded."""
+    tmp = tempfile.gettempdir()
+    if payload.sharded_dir and os.path.basename(os.path.dirname(payload.sharded_dir)).startswith("amft-ckpt-") \
+            and payload.sharded_dir.startswith(tmp):
+        shutil.rmtree(os.path.dirname(payload.sharded_dir), ignore_errors=True)
 
 
 def verify_checkpoint(uri: str) -> dict[str, Any]:
@@ -620,19 +699,13 @@ def resume(
     checkpoints exist but every one is corrupt, NoValidCheckpointError names each and its reason,
     unless ``force_restart`` (then a warning, and None).
     """
-    staging_dirs: list[tempfile.TemporaryDirectory[str]] = []
+    staging_dirs: list[str] = []
     skipped: list[tuple[int, bool, str]] = []
-
-    def fetch(uri: str, manifest: dict[str, Any]) -> CheckpointPayload:
-        staging = tempfile.TemporaryDirectory(prefix="amft-ckpt-")
-        staging_dirs.append(staging)
-        return _load_files(uri, _fetch_verified(uri, manifest, staging.name))
-
     try:
-        found = _newest_valid(root, config_hash, force, fetch, skipped)
+        found = _newest_valid(root, config_hash, force, lambda u, m: _fetch_and_load(u, m, staging_dirs), skipped)
     finally:
         for staging in staging_dirs:
-            staging.cleanup()
+            shutil.rmtree(staging, ignore_errors=True)
     if found is None:
         corrupt = [(step, reason) for step, complete, reason in skipped if complete]
         if corrupt:

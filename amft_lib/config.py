@@ -412,6 +412,7 @@ class WarmStartConfig:
         0, ge=0,
     )
     checkpoint_keep_last: int = _help("Newest complete warm-start checkpoints kept (>= 1).", 2, ge=1)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         check_fields(self, "")
@@ -579,8 +580,14 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def config_hash(cfg: Any) -> str:
-    """sha256 of the canonical JSON form: identical configs hash identically across machines."""
-    blob = json.dumps(config_to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    """sha256 of the canonical JSON form: identical configs hash identically across machines.
+
+    `distributed` is left out: it says how the run is launched, not what it trains (a 2-rank run trains
+    what a 1-rank run of the same config does), so a resume under another launch gets the precise
+    world-size error instead of a config mismatch, and hashes from before the section existed hold."""
+    data = config_to_dict(cfg)
+    data.pop("distributed", None)
+    blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

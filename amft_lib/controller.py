@@ -34,6 +34,7 @@ from typing import NamedTuple
 import torch
 
 from amft_lib.config import ControllerConfig
+from amft_lib.distributed import Reduction
 
 USES_META = frozenset({"meta", "amft"})
 USES_ENTROPY = frozenset({"entropy", "amft"})
@@ -204,6 +205,12 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[torch
     return preconditioner
 
 
+def _partial_dots(pairs: Sequence[tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]]]) -> torch.Tensor:
+    """[Σ⟨a, b⟩ for each pair] as one float64 vector, so sharded callers sum all of them at once."""
+    return torch.stack([torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)]).sum().cpu()
+                        for a, b in pairs])
+
+
 def meta_gradient(
     grad_u: Sequence[torch.Tensor],
     g_rl: Sequence[torch.Tensor],
@@ -211,6 +218,8 @@ def meta_gradient(
     alpha: float,
     normalize: str = "none",
     precond: Sequence[torch.Tensor] | None = None,
+    reduction: Reduction | None = None,
+    halves: UtilityGrad | None = None,
 ) -> MetaGradStats:
     """m = α·⟨∇_θU, P⊙(g_RL − g_SFT)⟩ from the three gradients (lists over the trainable parameters).
 
@@ -218,14 +227,22 @@ def meta_gradient(
     None is the SGD lookahead (P = 1).
     normalize="cosine" returns cos(∇U, P⊙(g_RL − g_SFT)) instead: same sign, scale-free magnitude in
     [−1, 1]. α > 0 is dropped there because it only rescales and would tie η_μ to the LR schedule.
-    Under data parallelism every gradient here must already be all-reduced.
+    Under data parallelism every gradient here must already be global (DDP's all-reduce). Under FSDP2
+    each rank holds a shard of each: `reduction` takes the local shards and sums the partial dot
+    products (these five, and the half-sample cosine's three) with one all-reduce.
+    halves: the two half-sample ∇U estimates, whose cosine is the noise check (`half_cosine`).
     """
-    diff = [gr - gs for gr, gs in zip(g_rl, g_sft, strict=True)]
+    red = reduction or Reduction()
+    u, rl, sft = red.to_local(grad_u), red.to_local(g_rl), red.to_local(g_sft)
+    diff = [gr - gs for gr, gs in zip(rl, sft, strict=True)]
     if precond is not None:
-        diff = [pc * d for pc, d in zip(precond, diff, strict=True)]
-    dot = _dot(grad_u, diff)
-    norm_u = math.sqrt(_dot(grad_u, grad_u))
-    norm_d = math.sqrt(_dot(diff, diff))
+        diff = [pc * d for pc, d in zip(red.to_local(precond), diff, strict=True)]
+    pairs = [(u, diff), (u, u), (diff, diff), (rl, rl), (sft, sft)]
+    if halves is not None:
+        a, b = red.to_local(halves.half_a), red.to_local(halves.half_b)
+        pairs += [(a, b), (a, a), (b, b)]
+    dots = red.total(_partial_dots(pairs)).tolist()
+    dot, norm_u, norm_d = dots[0], math.sqrt(dots[1]), math.sqrt(dots[2])
     cosine = dot / (norm_u * norm_d) if norm_u > 0 and norm_d > 0 else 0.0
     raw = alpha * dot
     if normalize == "none":
@@ -234,13 +251,18 @@ def meta_gradient(
         m = cosine
     else:
         raise ValueError(f"unknown meta_normalize {normalize!r}; choose none or cosine")
+    half_cosine = math.nan
+    if halves is not None:
+        na, nb = math.sqrt(dots[6]), math.sqrt(dots[7])
+        half_cosine = dots[5] / (na * nb) if na > 0 and nb > 0 else 0.0
     return MetaGradStats(
         meta_grad=m,
         raw_meta_grad=raw,
         grad_u_norm=norm_u,
-        grad_rl_norm=math.sqrt(_dot(g_rl, g_rl)),
-        grad_sft_norm=math.sqrt(_dot(g_sft, g_sft)),
+        grad_rl_norm=math.sqrt(dots[3]),
+        grad_sft_norm=math.sqrt(dots[4]),
         cosine=cosine,
+        half_cosine=half_cosine,
     )
 
 
@@ -340,6 +362,7 @@ def compute_meta_gradient(
     eval_at: str = "lookahead",
     normalize: str = "none",
     precond: Sequence[torch.Tensor] | None = None,
+    reduction: Reduction | None = None,
 ) -> MetaGradStats:
     """The full meta step: ∇U at θ'(μ) (or at θ when eval_at="current"), then `meta_gradient`.
 
@@ -350,6 +373,8 @@ def compute_meta_gradient(
     estimate mean_i (R_i − b)·∇log π(τ_i) on validation rollouts sampled there, either as one
     gradient or as a `UtilityGrad` of two half-sample estimates (then their cosine is logged).
     precond: P of the Adam lookahead (`adam_preconditioner`); None is the SGD lookahead.
+    reduction: how to sum dot products over FSDP2 shards (`Dist.reduction()`); None in one process.
+    The lookahead itself is element-wise, so it runs on sharded parameters unchanged.
     """
     if eval_at in ("lookahead", "lookahead_undo"):
         result = utility_grad_in_place(params, g_rl, g_sft, mu, alpha, utility_grad, exact=eval_at == "lookahead",
@@ -358,9 +383,7 @@ def compute_meta_gradient(
         result = utility_grad()
     else:
         raise ValueError(f"unknown meta_eval_at {eval_at!r}; choose lookahead, lookahead_undo or current")
-    half_cosine = math.nan
-    if isinstance(result, UtilityGrad):
-        half_cosine = cosine_similarity(result.half_a, result.half_b)
-        result = result.full
-    stats = meta_gradient(result, g_rl, g_sft, alpha, normalize, precond)
-    return stats._replace(half_cosine=half_cosine, lookahead="sgd" if precond is None else "adam")
+    halves = result if isinstance(result, UtilityGrad) else None
+    grad_u = result.full if halves is not None else result
+    stats = meta_gradient(grad_u, g_rl, g_sft, alpha, normalize, precond, reduction, halves)
+    return stats._replace(lookahead="sgd" if precond is None else "adam")

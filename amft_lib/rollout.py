@@ -10,6 +10,7 @@ so one function, `completion_logprobs`, scores both. The generation backend is i
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -104,26 +105,44 @@ def sample_completions(
     greedy: bool = False,
     chat_template: bool = False,
     batch_size: int = 256,
+    seeds: Sequence[int] | None = None,
+    synced: bool = False,
 ) -> TokenBatch:
     """G completions per prompt, groups contiguous: rows [i*G, (i+1)*G) belong to prompts[i].
 
-    Sampling uses the global torch RNG, so a seeded run is reproducible on CPU. top_k is forced
-    off: HF's default top_k=50 would silently truncate the distribution the log-probs assume.
+    seeds: one per output row (`row_seeds`). Row i is then drawn from its own generator, so what a
+    row samples depends on its seed only — not on which other rows share the batch, the batch size,
+    the world size or whether the run was resumed. That is what makes a 2-rank run sample the same
+    rollouts as a 1-rank run of the same global batch. Without seeds the global torch RNG is used.
+    synced: every rank keeps stepping until all ranks are done (HF `synced_gpus`), as FSDP2 needs:
+    each forward is a collective.
+    top_k is forced off: HF's default top_k=50 would silently truncate the distribution the
+    log-probs assume.
     """
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
     expanded = [p for p in prompts for _ in range(group_size)]
+    per_row = seeds is not None and not greedy
+    if per_row and len(seeds) != len(expanded):
+        raise ValueError(f"{len(seeds)} seeds for {len(expanded)} rows")
     gen_cfg = GenerationConfig(
-        do_sample=not greedy,
-        temperature=None if greedy else temperature,
-        top_p=None if greedy else top_p,
-        top_k=None if greedy else 0,
+        do_sample=not greedy and not per_row,  # per-row sampling is argmax over Gumbel-perturbed logits
+        temperature=None if greedy or per_row else temperature,
+        top_p=None if greedy or per_row else top_p,
+        top_k=None if greedy or per_row else 0,
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
+    def extra(start: int) -> dict:
+        """generate() arguments only where they apply (any HF-compatible `generate` takes the rest)."""
+        kwargs: dict = {"synced_gpus": True} if synced else {}
+        if per_row:
+            kwargs["logits_processor"] = _seeded_sampling(seeds[start : start + batch_size], temperature, top_p)
+        return kwargs
+
     was_training = model.training
     model.eval()
     prompt_ids_all, prompt_mask_all, completions = [], [], []
@@ -134,6 +153,7 @@ def sample_completions(
                 input_ids=prompt_ids.to(device),
                 attention_mask=prompt_mask.to(device),
                 generation_config=gen_cfg,
+                **extra(start),
             )
             new = out[:, prompt_ids.shape[1] :].cpu()
             for row in new.tolist():
@@ -154,6 +174,39 @@ def sample_completions(
         skip_special_tokens=True,
     )
     return TokenBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, texts)
+
+
+def row_seeds(seed: int, stream: str, step: int, first_row: int, n: int) -> list[int]:
+    """Seeds of rows first_row … first_row+n−1 of the global batch of `stream` ("rollout", "meta",
+    "eval") at `step`: a hash, so streams and steps never share a seed and no state needs saving."""
+    def one(row: int) -> int:
+        digest = hashlib.blake2b(f"{seed}/{stream}/{step}/{row}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1  # torch seeds are < 2**63
+
+    return [one(first_row + i) for i in range(n)]
+
+
+def _seeded_sampling(seeds: Sequence[int], temperature: float, top_p: float):
+    """Logits processors that turn HF's greedy decoding into sampling from softmax(logits/T) (after
+    top-p) with one generator per row: argmax(logits + Gumbel noise) is an exact categorical sample."""
+    from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    class GumbelNoise(LogitsProcessor):
+        def __init__(self) -> None:
+            self.generators: list[torch.Generator] = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if not self.generators:  # created on first use, on the device the logits live on
+                self.generators = [torch.Generator(scores.device).manual_seed(s) for s in seeds]
+            u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device)
+                             for g in self.generators])
+            gumbel = -torch.log(-torch.log(u.clamp_(min=torch.finfo(u.dtype).tiny)))
+            return scores.float() + gumbel
+
+    processors: list = [TemperatureLogitsWarper(temperature)]
+    if top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p))
+    return LogitsProcessorList([*processors, GumbelNoise()])
 
 
 def _left_pad(x: torch.Tensor, width: int, value: int) -> torch.Tensor:

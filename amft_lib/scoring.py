@@ -36,8 +36,10 @@ def greedy_eval(
     chat_template: bool = False,
     n_samples: int = 4,
     batch_size: int = 128,
+    synced: bool = False,
 ) -> GreedyEval:
-    """pass@1 under greedy decoding on `rows` (dataset rows with `prompt` and `answer`)."""
+    """pass@1 under greedy decoding on `rows` (dataset rows with `prompt` and `answer`).
+    synced: keep stepping until every rank is done (FSDP2, see `sample_completions`)."""
     if not rows:
         return GreedyEval(0.0, 0.0, 0.0, 0, [])
     batch = sample_completions(
@@ -49,6 +51,7 @@ def greedy_eval(
         greedy=True,
         chat_template=chat_template,
         batch_size=batch_size,
+        synced=synced,
     )
     rewards, format_ok = score_completions(task, [r["answer"] for r in rows], batch.texts)
     samples = [

@@ -28,28 +28,30 @@ import torch
 
 from amft_lib import checkpoint as ckpt
 from amft_lib import controller as ctl
-from amft_lib import storage
+from amft_lib import distributed, sharded_checkpoint, storage
 from amft_lib.checkpoint import CheckpointPayload, capture_rng_state, restore_rng_state, save_checkpoint
 from amft_lib.config import TrainConfig, check_target_entropy_temperature, config_hash, save_config
 from amft_lib.data.schema import DataError
 from amft_lib.dataset import check_task, load_splits
-from amft_lib.losses import group_advantages, masked_mean, ppo_clip_loss
-from amft_lib.model import check_model_source, load_policy, save_policy, trainable_parameters
+from amft_lib.losses import group_advantages, ppo_clip_loss
+from amft_lib.model import check_model_source, load_policy, trainable_parameters
 from amft_lib.optim import build_optimizer
-from amft_lib.rollout import TokenBatch, completion_logprobs, demonstration_batch, sample_completions
+from amft_lib.rollout import TokenBatch, completion_logprobs, demonstration_batch, row_seeds, sample_completions
 from amft_lib.sampler import Cursor
 from amft_lib.scoring import greedy_eval, score_completions
 from amft_lib.tasks import get_task
 from amft_lib.training import (
-    accumulate,
+    Policy,
     autocast,
     check_device,
     check_out_dir,
     find_resume_point,
     lr_factor,
     resolve_device,
+    save_final_policy,
     seed_everything,
     sft_gradient,
+    take_grads,
 )
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ class TrainResult:
 
 
 def rl_gradient(
-    model,
+    policy: Policy,
     params: list[torch.nn.Parameter],
     batch: TokenBatch,
     old_logprobs: torch.Tensor | None,
@@ -86,19 +88,24 @@ def rl_gradient(
     old_logprobs=None means "on policy": this forward *is* π_old (the first and only update on these
     rollouts), so log π_old = log π_θ detached (ratio exactly 1) and the rollout entropy H_t comes from
     the same logits. That saves the separate no-grad forward over the batch.
+    Under torchrun `batch` is this rank's shard and each chunk's weight is its share of the global
+    batch (× world size, as DDP/FSDP2 average), so the result and the stats are the global ones.
     """
-    grads = [torch.zeros_like(p) for p in params]
-    n, n_tok = len(batch), max(1, batch.n_tokens)
+    dist = policy.dist
+    for p in params:
+        p.grad = None
+    n, n_tok = dist.sum([len(batch), batch.n_tokens])
+    n_tok = max(1.0, n_tok)
     total, clip_frac, approx_kl, kl_ref, entropy_sum = 0.0, 0.0, 0.0, 0.0, 0.0
     mb = cfg.loss.micro_batch_size
     device = params[0].device
-    for s in range(0, n, mb):
+    for s in range(0, len(batch), mb):
         chunk = batch.slice(s, s + mb)
         mask = chunk.completion_mask.to(device)
         # token_mean weighs chunks by their token share; seq_mean and dr_grpo by their sequence share
         w = chunk.n_tokens / n_tok if cfg.loss.loss_agg == "token_mean" else len(chunk) / n
         with autocast(cfg.precision):
-            logprobs, entropy = completion_logprobs(model, chunk, cfg.rollout.temperature,
+            logprobs, entropy = completion_logprobs(policy.forward, chunk, cfg.rollout.temperature,
                                                     with_entropy=old_logprobs is None)
         if entropy is not None:
             entropy_sum += float((entropy * mask).sum())
@@ -113,19 +120,20 @@ def rl_gradient(
             ref_logprobs=None if ref_logprobs is None else ref_logprobs[s : s + mb].to(device),
             kl_beta=cfg.loss.kl_beta,
         )
-        accumulate(grads, torch.autograd.grad(loss * w, params, allow_unused=True))
+        (loss * (w * dist.world_size)).backward()
         total += loss.detach().item() * w
         clip_frac += stats.clip_frac * w
         approx_kl += stats.approx_kl * w
         kl_ref += stats.kl_ref * w
+    total, clip_frac, approx_kl, kl_ref, entropy_sum = dist.sum([total, clip_frac, approx_kl, kl_ref, entropy_sum])
     stats = {"clip_frac": clip_frac, "approx_kl": approx_kl, "kl_ref": kl_ref}
     if old_logprobs is None:
         stats["entropy"] = entropy_sum / n_tok
-    return grads, total, stats
+    return take_grads(params), total, stats
 
 
 def utility_gradient(
-    model, params, tokenizer, task, rows: Sequence[dict], cfg: TrainConfig
+    policy: Policy, params, task, rows: Sequence[dict], cfg: TrainConfig, step: int
 ) -> list[torch.Tensor] | ctl.UtilityGrad:
     """∇_θU by the policy gradient on fresh validation rollouts: mean_i (R_i − b_g)·∇log π(τ_i).
 
@@ -133,45 +141,57 @@ def utility_gradient(
     sample got the same reward contribute nothing, as they carry no information about direction.
     With ≥ 2 prompts the estimate comes as two half-sample gradients (first and second half of the
     prompts, groups intact), whose cosine the meta step logs as the noise check; their weighted mean
-    is the same estimate over all rollouts.
+    is the same estimate over all rollouts. `rows` is the global batch: under torchrun each rank
+    samples its share of each half and the backward hooks sum the shares.
     """
     G = cfg.controller.meta_val_group
-    batch, rewards, _ = sample_and_score(model, tokenizer, task, rows, G, cfg)
-    weights = group_advantages(rewards, G, scale=False)  # R_i − b_g: [N]
+    dist = policy.dist
     mb = cfg.loss.micro_batch_size
     device = params[0].device
 
     def half(lo: int, hi: int) -> list[torch.Tensor]:
-        grads = [torch.zeros_like(p) for p in params]
-        for s in range(lo, hi, mb):
-            chunk = batch.slice(s, min(s + mb, hi))
+        part = rows[lo:hi]
+        mine = dist.shard(part, "controller.meta_val_prompts half")
+        first = (lo + dist.offset(len(part))) * G
+        batch, rewards, _ = sample_and_score(policy, task, mine, G, cfg,
+                                             row_seeds(cfg.seed, "meta", step, first, len(mine) * G))
+        weights = group_advantages(rewards, G, scale=False)  # R_i − b_g: [N]
+        n_rows = (hi - lo) * G  # the whole half, over all ranks
+        for p in params:
+            p.grad = None
+        for s in range(0, len(batch), mb):
+            chunk = batch.slice(s, s + mb)
             with autocast(cfg.precision):
-                logprobs, _ = completion_logprobs(model, chunk, cfg.rollout.temperature)
+                logprobs, _ = completion_logprobs(policy.forward, chunk, cfg.rollout.temperature)
             seq_logprob = (logprobs * chunk.completion_mask.to(device)).sum(-1)  # [mb]
-            surrogate = (weights[s : s + len(chunk)].to(device) * seq_logprob).sum() / (hi - lo)
-            accumulate(grads, torch.autograd.grad(surrogate, params, allow_unused=True))
-        return grads
+            surrogate = (weights[s : s + len(chunk)].to(device) * seq_logprob).sum() / n_rows
+            (surrogate * dist.world_size).backward()
+        return take_grads(params)
 
-    n = len(batch)
     if len(rows) < 2:
-        return half(0, n)
-    cut = (len(rows) // 2) * G
-    return ctl.UtilityGrad(half(0, cut), half(cut, n), cut, n - cut)
+        return half(0, len(rows))
+    cut = len(rows) // 2
+    return ctl.UtilityGrad(half(0, cut), half(cut, len(rows)), cut * G, (len(rows) - cut) * G)
 
 
-def sample_and_score(model, tokenizer, task, rows: Sequence[dict], group_size: int, cfg: TrainConfig):
-    """G rollouts per row at the configured sampling settings, with verifier rewards [N] and format flags."""
+def sample_and_score(policy: Policy, task, rows: Sequence[dict], group_size: int, cfg: TrainConfig,
+                     seeds: Sequence[int] | None = None):
+    """G rollouts per row at the configured sampling settings, with verifier rewards [N] and format flags.
+    `seeds` (one per rollout, `row_seeds`) make each rollout independent of the batch it is drawn in."""
     with autocast(cfg.precision):
         batch = sample_completions(
-            model,
-            tokenizer,
+            policy.generate,
+            policy.tokenizer,
             [r["prompt"] for r in rows],
             group_size=group_size,
             max_new_tokens=cfg.rollout.max_new_tokens,
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,
             chat_template=cfg.model.chat_template,
+            seeds=seeds,
+            synced=policy.dist.sharded,
         )
+    policy.settle()
     rewards, format_ok = score_completions(task, [r["answer"] for r in rows for _ in range(group_size)], batch.texts)
     return batch, rewards, format_ok
 
@@ -202,6 +222,10 @@ def train(
     force_restart: with resume="auto", start from step 0 even when every checkpoint under the root is
         corrupt (otherwise refused with NoValidCheckpointError naming each and why).
 
+    Under `torchrun` with `distributed.strategy` ddp/fsdp/auto every rank calls this with the same
+    arguments: the process group is joined here and left at the end, rank 0 alone writes `out_dir`
+    and the checkpoint manifests, and every rank returns the same result (see distributed.py).
+
     Everything a user can get wrong (out_dir, model, device, data and its task, checkpoint root,
     the checkpoint to resume) is checked before out_dir is created or written: a refused run leaves
     no trace. Errors are UserErrors (ConfigError, DataError, ModelError, CheckpointError).
@@ -227,6 +251,8 @@ def train(
     if not demo_rows and cfg.controller.method != "grpo":
         raise DataError(f"{cfg.data.path or 'generated data'}: controller.method={cfg.controller.method!r} "
                         "needs demonstrations and the train split has none (use method grpo)")
+    eval_rows = val_rows[: cfg.eval_prompts]
+    _check_world(cfg, len(eval_rows))
     if resume != "never" and resume != "auto" and not checkpoint_root:
         checkpoint_root = _root_of(resume)
     cfg_hash = config_hash(cfg)
@@ -237,13 +263,43 @@ def train(
     restored = (find_resume_point(checkpoint_root, resume, cfg_hash, force_resume, force_restart)
                 if resume != "never" else None)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    dist, device = distributed.init(cfg.distributed, resolve_device(cfg.device))
+    if restored is not None:
+        sharded_checkpoint.check_world(restored[0], restored[2].trainer_state, dist)
+    try:
+        return _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, eval_rows, progress,
+                      checkpoint_root, restored, cfg_hash, t_start)
+    finally:
+        distributed.shutdown(dist)
+
+
+def _check_world(cfg: TrainConfig, n_eval: int) -> None:
+    """Under torchrun: a valid strategy, and global batches the world size divides (before any work)."""
+    _, world, _ = distributed.world_from_env()
+    distributed.resolve_strategy(cfg.distributed, world)
+    if world > 1:
+        half = cfg.controller.meta_val_prompts // 2
+        distributed.check_divisible(
+            world, **{"rollout.prompts_per_step": cfg.rollout.prompts_per_step,
+                      "loss.sft_batch_size": cfg.loss.sft_batch_size,
+                      "controller.meta_val_prompts // 2": half,
+                      "controller.meta_val_prompts - meta_val_prompts // 2": cfg.controller.meta_val_prompts - half,
+                      "validation prompts evaluated (min(eval_prompts, val rows))": n_eval})
+
+
+def _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, eval_rows, progress,
+           checkpoint_root, restored, cfg_hash, t_start) -> TrainResult:
+    """The loop (`train` has checked every input and joined the process group)."""
+    main = dist.is_main
     model, tokenizer = load_policy(model_cfg, device=device, seed=cfg.seed)
     model.train()
-    params = trainable_parameters(model)
+    policy = Policy.of(model, tokenizer, dist, device)
+    forward = policy.forward
+    params = trainable_parameters(policy.generate)  # after wrapping: FSDP2 swaps in sharded parameters
     task = get_task(cfg.data.task)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
 
     optimizer = build_optimizer(  # AdamW; fp32 master weights + moments for bf16 weights (model.master_weights)
         params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay,
@@ -257,23 +313,27 @@ def train(
     if cfg.loss.kl_beta > 0:
         ref_model, _ = load_policy(model_cfg, device=device, seed=cfg.seed)
         ref_model.eval().requires_grad_(False)
+        if dist.sharded:
+            ref_model = distributed.wrap(ref_model, dist, device)
 
     state = ctl.initial_state(cfg.controller)
     prompt_cursor = Cursor(len(train_rows), cfg.seed)
     demo_cursor = Cursor(len(demo_rows), cfg.seed + 1)
     meta_cursor = Cursor(len(val_rows), cfg.seed + 2)
-    eval_rows = val_rows[: cfg.eval_prompts]
 
     B, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in policy.generate.named_parameters() if p.requires_grad]
     nan_eval = {"val_reward": float("nan"), "val_accuracy": float("nan")}
     start_step, val_initial, val_last = 0, None, nan_eval
     if restored is not None:
         uri, start_step, payload = restored
-        with torch.no_grad():
-            for name, p in named:
-                p.copy_(payload.model_state[name].to(p.device, p.dtype))
-        optimizer.load_state_dict(payload.optimizer_state)
+        if payload.sharded_dir is not None:
+            sharded_checkpoint.load(payload, forward, optimizer)
+        else:
+            with torch.no_grad():
+                for name, p in named:
+                    p.copy_(payload.model_state[name].to(p.device, p.dtype))
+            optimizer.load_state_dict(payload.optimizer_state)
         scheduler.load_state_dict(payload.scheduler_state)
         state = ctl.ControllerState.from_dict(payload.controller_state)
         ts = payload.trainer_state
@@ -281,68 +341,79 @@ def train(
         demo_cursor.load_state_dict(ts["demo_cursor"])
         meta_cursor.load_state_dict(ts["meta_cursor"])
         val_initial, val_last = ts["val_initial"], ts["val_last"]
-        if checkpoint_root:
+        if checkpoint_root and main:
             _restore_logs(checkpoint_root, out, start_step)
-        restore_rng_state(payload.rng_state)  # last: nothing between here and step `start_step` draws
+        rng = payload.rng_state  # last: nothing draws until the loop
+        restore_rng_state(rng["per_rank"][dist.rank] if "per_rank" in rng else rng)
         log.info("resumed from %s at step %d (μ=%.4f)", uri, start_step, state.mu)
-    mode = "a" if restored is not None else "w"
-    metrics_f = (out / "metrics.jsonl").open(mode)
-    controller_f = (out / "controller.jsonl").open(mode)
-    samples_f = (out / "samples.jsonl").open(mode)
+    logs = _Logs(out, append=restored is not None) if main else None
 
     def save(step_done: int) -> None:
         """Checkpoint after `step_done` steps: everything a resumed run needs to continue bit-exactly."""
-        metrics_f.flush(), controller_f.flush(), samples_f.flush()
+        trainer_state = {
+            "step": step_done, "config_hash": cfg_hash, "method": cfg.controller.method,
+            "prompt_cursor": prompt_cursor.state_dict(), "demo_cursor": demo_cursor.state_dict(),
+            "meta_cursor": meta_cursor.state_dict(), "val_initial": val_initial, "val_last": val_last,
+            "world_size": dist.world_size, "strategy": dist.strategy,
+        }
+        metric = None if val_last["val_reward"] != val_last["val_reward"] else val_last["val_reward"]
+        if logs is not None:
+            logs.flush()
+            for name in LOG_FILES:  # logs travel with the run root so a resume on a fresh node keeps them
+                storage.put_file(str(out / name), storage.join(checkpoint_root, "logs", name))
+        if dist.world_size > 1:
+            sharded_checkpoint.save(checkpoint_root, step_done, dist, forward, optimizer,
+                                    scheduler_state=scheduler.state_dict(), controller_state=state.to_dict(),
+                                    trainer_state=trainer_state, config_hash=cfg_hash,
+                                    keep_last=cfg.checkpoint_keep_last, metric=metric)
+            return
         payload = CheckpointPayload(
             model_state={n: p.detach().cpu() for n, p in named},
             optimizer_state=optimizer.state_dict(),
             scheduler_state=scheduler.state_dict(),
             controller_state=state.to_dict(),
             rng_state=capture_rng_state(),
-            trainer_state={
-                "step": step_done, "config_hash": cfg_hash, "method": cfg.controller.method,
-                "prompt_cursor": prompt_cursor.state_dict(), "demo_cursor": demo_cursor.state_dict(),
-                "meta_cursor": meta_cursor.state_dict(), "val_initial": val_initial, "val_last": val_last,
-            },
+            trainer_state=trainer_state,
         )
-        for name in LOG_FILES:  # logs travel with the run root so a resume on a fresh node keeps them
-            storage.put_file(str(out / name), storage.join(checkpoint_root, "logs", name))
-        save_checkpoint(checkpoint_root, step_done, payload, cfg_hash,
-                        keep_last=cfg.checkpoint_keep_last,
-                        metric=None if val_last["val_reward"] != val_last["val_reward"] else val_last["val_reward"])
+        save_checkpoint(checkpoint_root, step_done, payload, cfg_hash, keep_last=cfg.checkpoint_keep_last,
+                        metric=metric)
 
     def run_eval(step: int) -> dict[str, float]:
-        """Greedy accuracy and sampled reward on the validation prompts. Sampling runs on a forked RNG
-        seeded by the step, so evaluating (or not) never changes the training trajectory."""
-        ev = greedy_eval(
-            model, tokenizer, task, eval_rows, cfg.rollout.max_new_tokens, cfg.model.chat_template, cfg.log_samples
-        )
-        for s in ev.samples:
-            samples_f.write(json.dumps({"step": step, **s}) + "\n")
-        samples_f.flush()
-        devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(cfg.seed * 7919 + step)
-            _, rewards, _ = sample_and_score(model, tokenizer, task, eval_rows, cfg.eval_samples, cfg)
-        return {"val_reward": float(rewards.mean()), "val_accuracy": ev.accuracy}
+        """Greedy accuracy and sampled reward on the validation prompts (each rank its block). Sampling
+        is seeded per row and step, so evaluating (or not) never changes the training trajectory."""
+        mine = dist.shard(eval_rows, "validation prompts")
+        ev = greedy_eval(policy.generate, tokenizer, task, mine, cfg.rollout.max_new_tokens, cfg.model.chat_template,
+                         cfg.log_samples, synced=dist.sharded)
+        policy.settle()
+        if logs is not None:
+            logs.samples(step, ev.samples)
+        seeds = row_seeds(cfg.seed, "eval", step, dist.offset(len(eval_rows)) * cfg.eval_samples,
+                          len(mine) * cfg.eval_samples)
+        _, rewards, _ = sample_and_score(policy, task, mine, cfg.eval_samples, cfg, seeds)
+        correct, reward_sum = dist.sum([ev.accuracy * len(mine), float(rewards.sum())])
+        return {"val_reward": reward_sum / (len(eval_rows) * cfg.eval_samples),
+                "val_accuracy": correct / len(eval_rows)}
 
     if val_initial is None:
         val_initial = run_eval(0) if eval_rows else nan_eval
         val_last = val_initial
-    bar = _progress(cfg.max_steps, progress, initial=start_step)
-    log.info("training %s for %d steps on %s; initial val accuracy %.3f", cfg.controller.method, cfg.max_steps,
-             device, val_initial["val_accuracy"])
+    bar = _progress(cfg.max_steps, progress and main, initial=start_step)
+    log.info("training %s for %d steps on %s (%s); initial val accuracy %.3f", cfg.controller.method,
+             cfg.max_steps, device, f"{dist.strategy} × {dist.world_size}" if dist.world_size > 1 else "1 process",
+             val_initial["val_accuracy"])
 
     for step in range(start_step, cfg.max_steps):
         t0 = time.perf_counter()
         mu = state.mu
-        # ── 1. sample: G completions for each of B training prompts ──
-        rows = [train_rows[i] for i in prompt_cursor.take(B)]
+        # ── 1. sample: G completions for each of B training prompts (this rank: its block of them) ──
+        rows = dist.shard([train_rows[i] for i in prompt_cursor.take(B)], "rollout.prompts_per_step")
         # ── 2. score: verifier rewards, group-relative advantages, π_old log-probs and entropy ──
-        rollouts, rewards, format_ok = sample_and_score(model, tokenizer, task, rows, G, cfg)
-        advantages = group_advantages(rewards, G, scale=cfg.loss.scale_rewards)
+        rollouts, rewards, format_ok = sample_and_score(
+            policy, task, rows, G, cfg, row_seeds(cfg.seed, "rollout", step, dist.offset(B) * G, len(rows) * G))
+        advantages = group_advantages(rewards, G, scale=cfg.loss.scale_rewards)  # groups never straddle ranks
+        all_rewards = dist.gather(rewards)
         if cfg.controller.method == "hpt":  # HPT: all-wrong prompts go to SFT; μ is their share (controller.py)
-            mu = ctl.hpt_mu(rewards, G)
+            mu = ctl.hpt_mu(all_rewards, G)
             state = replace(state, mu=mu)
         do_meta = ctl.needs_meta_gradient(cfg.controller, step) and bool(val_rows)
         # With one update per batch the RL forward doubles as the π_old / entropy forward (see rl_gradient).
@@ -351,16 +422,20 @@ def train(
         entropy = float("nan")
         with torch.no_grad(), autocast(cfg.precision):
             if not on_policy:
-                old_logprobs, entropy_tok = completion_logprobs(model, rollouts, cfg.rollout.temperature,
+                old_logprobs, entropy_tok = completion_logprobs(forward, rollouts, cfg.rollout.temperature,
                                                                 with_entropy=True)
-                entropy = float(masked_mean(entropy_tok, rollouts.completion_mask.to(old_logprobs.device)))  # H_t
+                mask = rollouts.completion_mask.to(old_logprobs.device)
+                ent_sum, n_tok = dist.sum([float((entropy_tok * mask).sum()), float(mask.sum())])
+                entropy = ent_sum / max(1.0, n_tok)  # H_t over the global batch
             if ref_model is not None:
                 ref_logprobs, _ = completion_logprobs(ref_model, rollouts, cfg.rollout.temperature)
+        policy.settle()
         t_rollout = time.perf_counter() - t0
 
         # ── 3. the two gradients, the meta-gradient, and the mixed update ──
         t1 = time.perf_counter()
-        sft_rows = [demo_rows[i] for i in demo_cursor.take(cfg.loss.sft_batch_size)] if demo_rows else []
+        sft_rows = (dist.shard([demo_rows[i] for i in demo_cursor.take(cfg.loss.sft_batch_size)], "loss.sft_batch_size")
+                    if demo_rows else [])
         sft_batch = (
             demonstration_batch(
                 tokenizer,
@@ -380,13 +455,13 @@ def train(
             need_sft = sft_batch is not None and (mu > 0.0 or (do_meta and epoch == 0))
             g_rl = g_sft = None
             if need_rl:
-                g_rl, rl_loss_v, rl_stats = rl_gradient(model, params, rollouts, old_logprobs, advantages, cfg,
+                g_rl, rl_loss_v, rl_stats = rl_gradient(policy, params, rollouts, old_logprobs, advantages, cfg,
                                                         ref_logprobs)
                 if on_policy:
                     entropy = rl_stats.pop("entropy")  # H_t at θ before this step's update
             if need_sft:
-                g_sft, sft_loss_v = sft_gradient(model, params, sft_batch, micro_batch_size=cfg.loss.micro_batch_size,
-                                                    precision=cfg.precision)
+                g_sft, sft_loss_v = sft_gradient(forward, params, sft_batch, micro_batch_size=cfg.loss.micro_batch_size,
+                                                 precision=cfg.precision, dist=dist)
             if do_meta and epoch == 0 and g_rl is not None and g_sft is not None:
                 tm = time.perf_counter()
                 val_batch = [val_rows[i] for i in meta_cursor.take(cfg.controller.meta_val_prompts)]
@@ -396,11 +471,12 @@ def train(
                     g_sft,
                     mu,
                     alpha=scheduler.get_last_lr()[0],
-                    utility_grad=lambda vb=val_batch: utility_gradient(model, params, tokenizer, task, vb, cfg),
+                    utility_grad=lambda vb=val_batch, st=step: utility_gradient(policy, params, task, vb, cfg, st),
                     eval_at=cfg.controller.meta_eval_at,
                     normalize=cfg.controller.meta_normalize,
                     precond=ctl.adam_preconditioner(optimizer, params)
                     if cfg.controller.meta_lookahead == "adam" else None,
+                    reduction=dist.reduction(),
                 )
                 t_meta = time.perf_counter() - tm
             # θ ← AdamW step on (1 − μ)·g_RL + μ·g_SFT   (AMFT Eq. 3)
@@ -411,7 +487,7 @@ def train(
                 if g_sft is not None and mu > 0.0:
                     g.add_(g_sft[i], alpha=mu)
                 p.grad = g
-            grad_norm = float(
+            grad_norm = _full(
                 torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
             )
             # A batch with no signal (every group's rewards equal, μ = 0) has an exactly zero gradient. Adam
@@ -434,37 +510,39 @@ def train(
         # ── 4. controller: μ_{t+1} = clip(μ_t + η_μ·m_t + η_H·(H* − H_t)) ──
         meta_grad = meta_stats.meta_grad if meta_stats is not None else None
         state = ctl.controller_step(state, entropy, meta_grad, cfg.controller)
-        if meta_stats is not None:
-            controller_f.write(json.dumps({
-                "step": step, "mu": mu, "mu_next": state.mu, "entropy": entropy,
-                "target_entropy": state.target_entropy, **meta_stats._asdict(),
-            }) + "\n")
-            controller_f.flush()
+        if meta_stats is not None and logs is not None:
+            logs.controller({"step": step, "mu": mu, "mu_next": state.mu, "entropy": entropy,
+                             "target_entropy": state.target_entropy, **meta_stats._asdict()})
 
-        # ── 5. log ──
+        # ── 5. log (global numbers; rank 0 writes) ──
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps and eval_rows:
             val_last = run_eval(step + 1)
             val_now: dict = val_last
         else:
             val_now = {"val_reward": None, "val_accuracy": None}
+        n_tokens, n_format_ok, n_rollouts, completion_tokens = dist.sum([
+            rollouts.n_tokens + (sft_batch.n_tokens if sft_batch is not None else 0), sum(format_ok),
+            len(format_ok), float(rollouts.completion_mask.sum())])
+        mu_spread = dist.spread(state.mu)  # μ must be the same number on every rank
         dt = time.perf_counter() - t0
-        n_tokens = rollouts.n_tokens + (sft_batch.n_tokens if sft_batch is not None else 0)
         record = {
             "step": step, "mu": mu, "mu_next": state.mu, "entropy": entropy,
             "target_entropy": state.target_entropy, "sft_loss": _num(sft_loss_v), "rl_loss": _num(rl_loss_v),
-            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-            "format_error_rate": 1.0 - sum(format_ok) / len(format_ok),
-            "frac_reward_zero_std": float((rewards.view(-1, G).std(dim=1) == 0).float().mean()),
+            "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
+            "format_error_rate": 1.0 - n_format_ok / n_rollouts,
+            "frac_reward_zero_std": float((all_rewards.view(-1, G).std(dim=1) == 0).float().mean()),
             "meta_grad": meta_grad, "lr": lr, "grad_norm": grad_norm,
             "clip_frac": rl_stats.get("clip_frac"), "approx_kl": rl_stats.get("approx_kl"),
             "kl_ref": rl_stats.get("kl_ref"),
-            "completion_len": float(rollouts.completion_mask.sum(-1).mean()),
+            "completion_len": completion_tokens / n_rollouts,
             **val_now, "tokens_per_s": n_tokens / dt,
             "time_rollout_s": t_rollout, "time_update_s": t_update, "time_meta_s": t_meta,
             "elapsed_s": time.perf_counter() - t_start,
         }
-        metrics_f.write(json.dumps(record) + "\n")
-        metrics_f.flush()
+        if dist.world_size > 1:
+            record.update(world_size=dist.world_size, mu_rank_spread=mu_spread)
+        if logs is not None:
+            logs.metrics(record)
         if checkpoint_root and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             save(step + 1)
         if bar is not None:
@@ -479,12 +557,12 @@ def train(
     if checkpoint_root and cfg.checkpoint_every and cfg.max_steps % cfg.checkpoint_every and start_step < cfg.max_steps:
         save(cfg.max_steps)  # the final state is always checkpointed
     val_final = run_eval(cfg.max_steps) if eval_rows else nan_eval
-    with (out / "metrics.jsonl").open("a") as f:  # NaN (no val split) → null: bare NaN is not JSON
-        f.write(json.dumps({"step": cfg.max_steps, **{k: _num(v) for k, v in val_final.items()}, "final": True,
-                            "mu": state.mu, "config_hash": config_hash(cfg)}) + "\n")
-    for f in (metrics_f, controller_f, samples_f):
-        f.close()
-    model_dir = save_policy(model, tokenizer, out / "model")
+    model_dir = out / "model"
+    if logs is not None:
+        logs.metrics({"step": cfg.max_steps, **{k: _num(v) for k, v in val_final.items()}, "final": True,
+                      "mu": state.mu, "config_hash": config_hash(cfg)})
+        logs.close()
+    save_final_policy(policy, model_cfg, model_dir)
     result = TrainResult(
         out_dir=out, model_dir=model_dir, steps=cfg.max_steps, mu_final=state.mu,
         target_entropy=state.target_entropy, val_reward_initial=val_initial["val_reward"],
@@ -496,6 +574,43 @@ def train(
              result.val_reward_final, result.val_accuracy_initial, result.val_accuracy_final, state.mu,
              result.elapsed_s)
     return result
+
+
+def _full(x: torch.Tensor) -> float:
+    """A norm that FSDP2 returns as a (replicated) DTensor, as a plain float."""
+    return float(x.full_tensor() if hasattr(x, "full_tensor") else x)
+
+
+class _Logs:
+    """metrics.jsonl, controller.jsonl and samples.jsonl of the run (rank 0 only), one JSON record per line."""
+
+    def __init__(self, out: Path, append: bool) -> None:
+        mode = "a" if append else "w"
+        self._files = {name: (out / name).open(mode) for name in LOG_FILES}
+        self._out = out
+
+    def metrics(self, record: dict) -> None:
+        self._write("metrics.jsonl", [record])
+
+    def controller(self, record: dict) -> None:
+        self._write("controller.jsonl", [record])
+
+    def samples(self, step: int, samples: list[dict]) -> None:
+        self._write("samples.jsonl", [{"step": step, **s} for s in samples])
+
+    def _write(self, name: str, records: list[dict]) -> None:
+        f = self._files[name]
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+        f.flush()
+
+    def flush(self) -> None:
+        for f in self._files.values():
+            f.flush()
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
 
 
 def _num(x: float) -> float | None:

@@ -31,23 +31,24 @@ from pathlib import Path
 import torch
 
 from amft_lib import checkpoint as ckpt
-from amft_lib import storage
+from amft_lib import distributed, sharded_checkpoint, storage
 from amft_lib.config import WarmStartConfig, config_hash, save_config
 from amft_lib.data.schema import DataError
 from amft_lib.dataset import check_task, load_splits
-from amft_lib.losses import masked_mean
-from amft_lib.model import check_model_source, load_policy, save_policy, trainable_parameters
+from amft_lib.model import check_model_source, load_policy, trainable_parameters
 from amft_lib.optim import build_optimizer
-from amft_lib.rollout import completion_logprobs, demonstration_batch, sample_completions
+from amft_lib.rollout import completion_logprobs, demonstration_batch, row_seeds, sample_completions
 from amft_lib.sampler import Cursor
 from amft_lib.scoring import greedy_eval, score_completions
 from amft_lib.tasks import get_task
 from amft_lib.training import (
+    Policy,
     check_device,
     check_out_dir,
     find_resume_point,
     lr_factor,
     resolve_device,
+    save_final_policy,
     seed_everything,
     sft_gradient,
 )
@@ -103,12 +104,13 @@ class WarmStartCheckpoints:
     it are skipped; their results come from `trainer_state.json`.
     """
 
-    def __init__(self, root: str | None, cfg: WarmStartConfig, model) -> None:
+    def __init__(self, root: str | None, cfg: WarmStartConfig, policy: Policy) -> None:
         self.root = storage.join(root, CHECKPOINT_DIR) if root else None
         self.every = cfg.checkpoint_every if root else 0
         self.keep_last = cfg.checkpoint_keep_last
         self.config_hash = config_hash(cfg)
-        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.policy = policy  # under torchrun: DCP sharded checkpoints (sharded_checkpoint.py), same rules
+        self.named = [(n, p) for n, p in policy.generate.named_parameters() if p.requires_grad]
         # each phase's first global step; the final SFT's is known once rejection sampling has its chunk count
         self.offsets = {"warmup": 0, "rejection_sampling": cfg.warmup_steps}
         # run-level results saved with every checkpoint: live references owned by run_warm_start
@@ -126,6 +128,7 @@ class WarmStartCheckpoints:
         if found is None:
             return {}
         self.uri, step, payload = found
+        sharded_checkpoint.check_world(self.uri, payload.trainer_state, self.policy.dist)
         state = payload.trainer_state
         if state.get("phase") not in PHASES:
             raise ckpt.CheckpointError(f"{self.uri} is not a warm-start checkpoint (no phase in trainer_state.json)")
@@ -149,14 +152,18 @@ class WarmStartCheckpoints:
         if state["phase"] != phase:
             return 0, {}
         self._pending = None
-        with torch.no_grad():
-            for name, p in self.named:
-                p.copy_(payload.model_state[name].to(p.device, p.dtype))
-        if optimizer is not None:
-            optimizer.load_state_dict(payload.optimizer_state)
+        if payload.sharded_dir is not None:
+            sharded_checkpoint.load(payload, self.policy.forward, optimizer)
+        else:
+            with torch.no_grad():
+                for name, p in self.named:
+                    p.copy_(payload.model_state[name].to(p.device, p.dtype))
+            if optimizer is not None:
+                optimizer.load_state_dict(payload.optimizer_state)
         if cursor is not None:
             cursor.load_state_dict(state["cursor"])
-        ckpt.restore_rng_state(payload.rng_state)  # last: nothing between here and the next step draws
+        rng = payload.rng_state  # last: nothing between here and the next step draws
+        ckpt.restore_rng_state(rng["per_rank"][self.policy.dist.rank] if "per_rank" in rng else rng)
         return state["phase_step"], state.get("rs", {})
 
     def step_done(self, phase: str, done: int, total: int, *, optimizer=None, cursor: Cursor | None = None,
@@ -168,11 +175,18 @@ class WarmStartCheckpoints:
             return
         progress = dict(self.progress)
         progress["history"] = list(progress.get("history", [])) + list(records or [])
+        dist = self.policy.dist
         trainer_state = {
             "step": step, "config_hash": self.config_hash, "phase": phase, "phase_step": done, "phase_steps": total,
             "offsets": self.offsets, "cursor": cursor.state_dict() if cursor is not None else None,
+            "world_size": dist.world_size, "strategy": dist.strategy,
             **progress, **({"rs": rs} if rs is not None else {}),
         }
+        if dist.world_size > 1:
+            sharded_checkpoint.save(self.root, step, dist, self.policy.forward, optimizer, scheduler_state={},
+                                    controller_state={}, trainer_state=trainer_state, config_hash=self.config_hash,
+                                    keep_last=self.keep_last, metric=None)
+            return
         payload = ckpt.CheckpointPayload(
             model_state={n: p.detach().cpu() for n, p in self.named},
             optimizer_state=optimizer.state_dict() if optimizer is not None else {},
@@ -193,21 +207,24 @@ def sft_steps(
     """Plain SFT for `steps` steps (AdamW, warm-up + cosine to peak `lr`, default `cfg.lr`). No
     rollouts: this is the cheap part. With `checkpoints` (phase "warmup" or "final_sft") it resumes
     a restored checkpoint of this phase and checkpoints as it goes; returns the records of the
-    steps it ran."""
+    steps it ran. `model` is an HF model, or a `Policy` under torchrun: each rank then trains on its
+    block of every global batch of `cfg.batch_size` demonstrations."""
     if steps == 0:
         return []
+    policy = model if isinstance(model, Policy) else Policy(model, model, tokenizer)
+    dist = policy.dist
     peak = cfg.lr if lr is None else lr
-    params = trainable_parameters(model)
+    params = trainable_parameters(policy.generate)
     optimizer = build_optimizer(params, lr=peak, betas=(0.9, 0.99), weight_decay=0.01,
                                 master_weights=cfg.model.master_weights)
     cursor = Cursor(len(rows), seed)
     start = checkpoints.start(phase, steps, optimizer, cursor)[0] if checkpoints is not None else 0
     history, t0 = [], time.perf_counter()
-    model.train()
+    policy.generate.train()
     for step in range(start, steps):
         for group in optimizer.param_groups:
             group["lr"] = peak * lr_factor(step, max(1, steps // 20), steps, 0.1)
-        batch_rows = [rows[i] for i in cursor.take(cfg.batch_size)]
+        batch_rows = dist.shard([rows[i] for i in cursor.take(cfg.batch_size)], "batch_size")
         batch = demonstration_batch(
             tokenizer,
             [r["prompt"] for r in batch_rows],
@@ -215,7 +232,8 @@ def sft_steps(
             cfg.max_new_tokens,
             cfg.model.chat_template,
         )
-        grads, loss = sft_gradient(model, params, batch, micro_batch_size=cfg.micro_batch_size, precision=cfg.precision)
+        grads, loss = sft_gradient(policy.forward, params, batch, micro_batch_size=cfg.micro_batch_size,
+                                   precision=cfg.precision, dist=dist)
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -234,12 +252,18 @@ def sft_steps(
 def rejection_sample(model, tokenizer, task, rows: list[dict], cfg: WarmStartConfig,
                      checkpoints: WarmStartCheckpoints | None = None) -> tuple[list[dict], dict]:
     """k samples per prompt → verifier → keep accepted, distinct, ≤ c per prompt. Returns (rows, stats).
-    With `checkpoints` it resumes a restored checkpoint taken after a chunk and checkpoints per chunk."""
+    With `checkpoints` it resumes a restored checkpoint taken after a chunk and checkpoints per chunk.
+
+    Each completion is sampled from its own seed (prompt index, sample index), so the accepted rows do
+    not depend on chunking or on the world size. Under torchrun (`model` a `Policy`) each rank samples
+    its block of every chunk and every rank gathers the whole chunk's texts and rewards, so all ranks
+    hold the same accepted rows."""
+    policy = model if isinstance(model, Policy) else Policy(model, model, tokenizer)
     accepted: list[dict] = []
     per_prompt_correct: list[int] = []
     by_group: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # difficulty → [accepted, sampled]
     k = cfg.rs_samples
-    chunk = rs_chunk_size(k)
+    chunk = rs_chunk_size(k) * policy.dist.world_size
     n_chunks, first = math.ceil(len(rows) / chunk), 0
     if checkpoints is not None:
         first, saved = checkpoints.start("rejection_sampling", n_chunks)
@@ -249,14 +273,10 @@ def rejection_sample(model, tokenizer, task, rows: list[dict], cfg: WarmStartCon
     t0 = time.perf_counter()
     for start in range(first * chunk, len(rows), chunk):
         part = rows[start : start + chunk]
-        batch = sample_completions(
-            model, tokenizer, [r["prompt"] for r in part], group_size=k, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.rs_temperature, chat_template=cfg.model.chat_template,
-        )
-        rewards, _ = score_completions(task, [r["answer"] for r in part for _ in range(k)], batch.texts)
+        texts_all, rewards_all = _sample_block(policy, task, part, start, cfg)
         for i, row in enumerate(part):
-            texts = batch.texts[i * k : (i + 1) * k]
-            ok = rewards[i * k : (i + 1) * k].tolist()
+            texts = texts_all[i * k : (i + 1) * k]
+            ok = rewards_all[i * k : (i + 1) * k]
             per_prompt_correct.append(int(sum(ok)))
             group = _difficulty(row)
             by_group[group][0] += int(sum(ok))
@@ -295,6 +315,31 @@ def rejection_sample(model, tokenizer, task, rows: list[dict], cfg: WarmStartCon
     return accepted, stats
 
 
+def _sample_block(policy: Policy, task, part: list[dict], first: int, cfg: WarmStartConfig) -> tuple[list, list]:
+    """k completions and rewards for every prompt of `part` (global prompt index `first` + i), in order.
+    Under torchrun each rank samples a block of at most ⌈len/world⌉ prompts and the blocks are
+    gathered; a rank left without prompts (a short last chunk) still steps through a dummy prompt,
+    as FSDP2's synced generation needs every rank."""
+    k, dist = cfg.rs_samples, policy.dist
+    per = -(-len(part) // dist.world_size)
+    lo = min(len(part), dist.rank * per)
+    mine = part[lo : lo + per]
+    todo = mine or part[:1]
+    batch = sample_completions(
+        policy.generate, policy.tokenizer, [r["prompt"] for r in todo], group_size=k,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.rs_temperature, chat_template=cfg.model.chat_template,
+        seeds=row_seeds(cfg.seed, "rejection_sampling", 0, (first + lo) * k, len(todo) * k), synced=dist.sharded,
+    )
+    policy.settle()
+    rewards, _ = score_completions(task, [r["answer"] for r in todo for _ in range(k)], batch.texts)
+    texts, scores = (batch.texts, rewards.tolist()) if mine else ([], [])
+    if dist.world_size == 1:
+        return texts, scores
+    gathered: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(gathered, (texts, scores))
+    return [t for ts, _ in gathered for t in ts], [r for _, rs in gathered for r in rs]
+
+
 def _difficulty(row: dict) -> str:
     """A coarse difficulty bucket from the row's meta (General Points: how many solutions exist)."""
     meta = json.loads(row.get("meta") or "{}")
@@ -307,14 +352,22 @@ def _difficulty(row: dict) -> str:
 @torch.no_grad()
 def measure_target_entropy(model, tokenizer, rows: list[dict], cfg: WarmStartConfig) -> float:
     """H*: mean token entropy of the model's own sampled completions (like-for-like with H_t), sampled and
-    measured at `cfg.entropy_temperature`, which must be the training rollout temperature."""
+    measured at `cfg.entropy_temperature`, which must be the training rollout temperature. Under
+    torchrun (`model` a `Policy`) each rank measures its block of `rows`; the token sums are reduced."""
+    policy = model if isinstance(model, Policy) else Policy(model, model, tokenizer)
+    dist, G = policy.dist, cfg.entropy_group
     temperature = cfg.entropy_temperature
+    mine = dist.shard(rows, "entropy_prompts")
     batch = sample_completions(
-        model, tokenizer, [r["prompt"] for r in rows], group_size=cfg.entropy_group,
+        policy.generate, policy.tokenizer, [r["prompt"] for r in mine], group_size=G,
         max_new_tokens=cfg.max_new_tokens, temperature=temperature, chat_template=cfg.model.chat_template,
+        seeds=row_seeds(cfg.seed, "entropy", 0, dist.offset(len(rows)) * G, len(mine) * G), synced=dist.sharded,
     )
-    _, entropy = completion_logprobs(model, batch, temperature, with_entropy=True)
-    return float(masked_mean(entropy, batch.completion_mask.to(entropy.device)))
+    _, entropy = completion_logprobs(policy.forward, batch, temperature, with_entropy=True)
+    policy.settle()
+    mask = batch.completion_mask.to(entropy.device)
+    total, count = dist.sum([float((entropy * mask).sum()), float(mask.sum())])
+    return total / max(1.0, count)
 
 
 def run_warm_start(cfg: WarmStartConfig, out_dir: str | Path, splits: dict[str, list[dict]] | None = None,
@@ -327,9 +380,6 @@ def run_warm_start(cfg: WarmStartConfig, out_dir: str | Path, splits: dict[str, 
     resume: "never", "auto" (newest verified checkpoint under the root, if any) or the URI of one
         checkpoint. A different config hash is refused unless force_resume (this run's config wins).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     out = Path(out_dir)
     model_cfg = cfg.model if init_model is None else replace(cfg.model, name=str(init_model))
     # ── preflight: inputs checked and the model loaded before anything goes into out_dir ──
@@ -343,24 +393,49 @@ def run_warm_start(cfg: WarmStartConfig, out_dir: str | Path, splits: dict[str, 
     if not demos:
         raise DataError(f"{cfg.data.path or 'generated data'}: warm start needs demonstrations in the train split; "
                         "none found")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    model, tokenizer = load_policy(model_cfg, device=device, seed=cfg.seed)
-    task = get_task(cfg.data.task)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     eval_rows = splits.get("val", [])[: cfg.eval_prompts]
+    _, world, _ = distributed.world_from_env()
+    distributed.resolve_strategy(cfg.distributed, world)
+    if world > 1:
+        distributed.check_divisible(world, batch_size=cfg.batch_size, entropy_prompts=cfg.entropy_prompts,
+                                    **{"validation prompts evaluated (min(eval_prompts, val rows))": len(eval_rows)})
+    seed_everything(cfg.seed)
+    dist, device = distributed.init(cfg.distributed, resolve_device(cfg.device))
+    try:
+        return _run(cfg, out, model_cfg, dist, device, splits, train_rows, demos, eval_rows, checkpoint_root, resume,
+                    force_resume)
+    finally:
+        distributed.shutdown(dist)
+
+
+def _run(cfg, out, model_cfg, dist, device, splits, train_rows, demos, eval_rows, checkpoint_root, resume,
+         force_resume) -> WarmStartResult:
+    """The three phases (`run_warm_start` has checked every input and joined the process group)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    model, tokenizer = load_policy(model_cfg, device=device, seed=cfg.seed)
+    policy = Policy.of(model, tokenizer, dist, device)
+    task = get_task(cfg.data.task)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     t0 = time.perf_counter()
 
     def val_acc() -> float:
-        return greedy_eval(model, tokenizer, task, eval_rows, cfg.max_new_tokens, cfg.model.chat_template).accuracy
+        mine = dist.shard(eval_rows, "validation prompts")
+        acc = greedy_eval(policy.generate, tokenizer, task, mine, cfg.max_new_tokens, cfg.model.chat_template,
+                          synced=dist.sharded).accuracy
+        policy.settle()
+        (correct,) = dist.sum([acc * len(mine)])
+        return correct / len(eval_rows) if eval_rows else 0.0
 
-    checkpoints = WarmStartCheckpoints(checkpoint_root, cfg, model)
+    checkpoints = WarmStartCheckpoints(checkpoint_root, cfg, policy)
     restored = checkpoints.load(resume, force_resume)  # {} on a fresh start
     accuracy = restored.get("val_accuracy") or {"initial": val_acc()}
     history: list[dict] = restored.get("history", [])
     checkpoints.progress.update(val_accuracy=accuracy, history=history)  # live: saved with each checkpoint
-    history += sft_steps(model, tokenizer, demos, cfg.warmup_steps, cfg, cfg.seed, "warmup", checkpoints=checkpoints)
+    history += sft_steps(policy, tokenizer, demos, cfg.warmup_steps, cfg, cfg.seed, "warmup", checkpoints=checkpoints)
     if "after_warmup" not in accuracy:  # checkpoints taken after the warm-up carry it
         accuracy["after_warmup"] = val_acc()
     rs_rows = train_rows
@@ -369,17 +444,21 @@ def run_warm_start(cfg: WarmStartConfig, out_dir: str | Path, splits: dict[str, 
     if "rs_stats" in restored:  # resumed in the final SFT: rejection sampling is done
         accepted, rs_stats = restored["accepted"], restored["rs_stats"]
     else:
-        accepted, rs_stats = rejection_sample(model, tokenizer, task, rs_rows, cfg, checkpoints=checkpoints)
+        accepted, rs_stats = rejection_sample(policy, tokenizer, task, rs_rows, cfg, checkpoints=checkpoints)
     checkpoints.progress.update(accepted=accepted, rs_stats=rs_stats)
-    history += sft_steps(model, tokenizer, demos + accepted, cfg.final_sft_steps, cfg, cfg.seed + 1, "final_sft",
+    history += sft_steps(policy, tokenizer, demos + accepted, cfg.final_sft_steps, cfg, cfg.seed + 1, "final_sft",
                          lr=cfg.lr * cfg.final_sft_lr_ratio, checkpoints=checkpoints)
     checkpoints.check_applied()
     accuracy["warm_start"] = val_acc()
     h_rows = [train_rows[i] for i in Cursor(len(train_rows), cfg.seed + 2).take(cfg.entropy_prompts)]
-    target_entropy = measure_target_entropy(model, tokenizer, h_rows, cfg)
+    target_entropy = measure_target_entropy(policy, tokenizer, h_rows, cfg)
 
-    model_dir = save_policy(model, tokenizer, out / "model")
-    accepted_path = out / "accepted.parquet"
+    model_dir, accepted_path, stats_path = out / "model", out / "accepted.parquet", out / "stats.json"
+    save_final_policy(policy, model_cfg, model_dir)
+    result = WarmStartResult(model_dir, accepted_path, stats_path, target_entropy, rs_stats["acceptance_rate"],
+                             rs_stats["pass_at_k"], accuracy, resumed_from=checkpoints.uri)
+    if not dist.is_main:
+        return result
     tmp = accepted_path.with_suffix(".parquet.tmp")
     columns = ["id", "task", "prompt", "answer", "demonstration", "split", "meta"]
     table = pa.table({c: [r.get(c) for r in accepted] for c in columns},
@@ -399,11 +478,9 @@ def run_warm_start(cfg: WarmStartConfig, out_dir: str | Path, splits: dict[str, 
         "final_sft_steps": cfg.final_sft_steps,
         "elapsed_s": time.perf_counter() - t0,
     }
-    stats_path = out / "stats.json"
     stats_tmp = stats_path.with_suffix(".json.tmp")
     stats_tmp.write_text(json.dumps(stats, indent=2, sort_keys=True))  # sorted: restored dicts come back sorted
     stats_tmp.replace(stats_path)  # written last: its presence means the warm start is complete
     log.info("warm start done: acceptance %.3f, pass@%d %.3f, val accuracy %s, H* %.3f",
              rs_stats["acceptance_rate"], cfg.rs_samples, rs_stats["pass_at_k"], accuracy, target_entropy)
-    return WarmStartResult(model_dir, accepted_path, stats_path, target_entropy, rs_stats["acceptance_rate"],
-                           rs_stats["pass_at_k"], accuracy, resumed_from=checkpoints.uri)
+    return result

@@ -30,7 +30,8 @@ class ScriptedPolicy(torch.nn.Module):
         self.tok, self.script = tokenizer, script
         self.calls: dict[str, int] = {}
 
-    def generate(self, input_ids, attention_mask, generation_config):
+    def generate(self, input_ids, attention_mask, generation_config, **sampling):
+        # `sampling` (the per-row seeded logits processors) does not matter: the script decides the text
         outs = []
         for row, mask in zip(input_ids, attention_mask):
             prompt = self.tok.decode(row[mask.bool()][1:])  # drop BOS
