@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not (ROOT / "amft_lib" / "distributed.py").is_fi
 TINY = ["max_steps=4", "eval_every=0", "eval_prompts=4", "eval_samples=1", "device=cpu", "checkpoint_every=2",
         "model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2", "rollout.prompts_per_step=2",
         "rollout.group_size=2", "rollout.max_new_tokens=16", "loss.sft_batch_size=4", "controller.meta_interval=2",
-        "controller.meta_val_prompts=2", "controller.meta_val_group=2", "log_samples=0"]
+        "controller.meta_val_prompts=4", "controller.meta_val_group=2", "log_samples=0"]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,7 @@ def test_two_rank_torchrun_publishes_what_the_in_pod_path_does(inputs, tmp_path,
     streamed = capsys.readouterr().out
     print(f"2-rank torchrun train stage: {seconds:.1f} s")
     assert "rank 0 published model/ and train/" in streamed  # the workers' output is streamed through the task
+    assert "rank 1/2" in streamed and "ddp over gloo" in streamed  # two ranks, really distributed
 
     inputs["cfg"].distributed.strategy = "none"
     single, single_out, single_outcome, single_s = run_stage(inputs, tmp_path / "in_pod", monkeypatch)
@@ -87,4 +88,6 @@ def test_two_rank_torchrun_publishes_what_the_in_pod_path_does(inputs, tmp_path,
     assert json.loads((out / "model" / POINTER_FILE).read_text())["uri"] == run.model
     assert (out / "run_dir" / "metrics.jsonl").is_file() and "<html" in (out / "curves.html").read_text().lower()
     assert outcome.metrics["steps"] == single_outcome.metrics["steps"] == 4.0
-    assert seconds < 60
+    records = [json.loads(line) for line in Path(run.train, "metrics.jsonl").read_text().splitlines()]
+    sized = [r["world_size"] for r in records if "world_size" in r]  # the trainer's record of every step's size
+    assert sized == [2, 2, 2, 2]

@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.s3, pytest.mark.skipif(
 TINY = ["max_steps=4", "eval_every=0", "eval_prompts=4", "eval_samples=1", "device=cpu", "checkpoint_every=2",
         "model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2", "rollout.prompts_per_step=2",
         "rollout.group_size=2", "rollout.max_new_tokens=16", "loss.sft_batch_size=4", "controller.meta_interval=2",
-        "controller.meta_val_prompts=2", "controller.meta_val_group=2", "log_samples=0",
+        "controller.meta_val_prompts=4", "controller.meta_val_group=2", "log_samples=0",
         "distributed.strategy=ddp", "distributed.backend=gloo"]
 
 
@@ -110,7 +110,7 @@ def crd_schema() -> dict:
     return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
-def test_trainjob_path_trains_and_publishes_through_s3(s3, s3_prefix, tmp_path, monkeypatch, crd_schema):
+def test_trainjob_path_trains_and_publishes_through_s3(s3, s3_prefix, tmp_path, monkeypatch, crd_schema, capfd):
     from amft_lib.model import load_policy, save_policy
 
     run = RunRoot.at(f"{s3_prefix}/runs/tj1")
@@ -136,6 +136,7 @@ def test_trainjob_path_trains_and_publishes_through_s3(s3, s3_prefix, tmp_path, 
         curves_path=str(out / "curves.html"), num_nodes=1, nproc_per_node=2, launcher="trainjob", cluster=job)
 
     assert fake.calls[0] == "create" and fake.calls[-1] == "delete"  # deleted once Complete
+    assert "rank 1/2 (local 1) on cpu: ddp over gloo" in capfd.readouterr().err  # torchrun from PET_* alone
     assert any(k.endswith(".safetensors") for k in storage.list_prefix(run.model))
     assert json.loads(storage.get_bytes(run.train_result))["steps"] == 4
     assert outcome.metrics["steps"] == 4.0 and (out / "run_dir" / "metrics.jsonl").is_file()
