@@ -15,7 +15,7 @@ path has one name and every stage asks `RunRoot` for it.
       checkpoints/            step-NNNNNNN/ (MANIFEST.json last), LATEST
       train/                  metrics.jsonl, controller.jsonl, config.yaml, result.json, logs/
       model/                  the trained model
-      launch/                 train.json: what a launched (torchrun / TrainJob) train stage's workers read
+      launch/                 train.json, warm_start.json: what a launched (torchrun / TrainJob) stage's workers read
       eval/                   metrics.json, report.md, report.html
       registry.json           what the register stage did
       lineage.json            the lineage record
@@ -110,6 +110,11 @@ class RunRoot:
     @property
     def warm_start_stats(self) -> str:
         return self.path("warm_start", "stats.json")
+
+    @property
+    def warm_start_result(self) -> str:
+        """A launched (multi-process) warm start's numbers, written by its rank 0 for the launching task."""
+        return self.path("warm_start", "result.json")
 
     @property
     def warm_start_config(self) -> str:

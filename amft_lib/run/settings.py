@@ -123,6 +123,11 @@ _TABLE: tuple[Setting, ...] = (
     _s("p3_warm_start_checkpoint_every", int, 50, "Warm-start steps (SFT steps; a rejection-sampling chunk counts "
        "as one) between checkpoints to <run root>/warm_start/checkpoints/, plus one at each phase's end; a retried "
        "task resumes from the newest. 0: none (the config's default, for tests).", warm_start="checkpoint_every"),
+    _s("p3_warm_start_num_nodes", int, 1, "Warm-start nodes; with p3_warm_start_nproc_per_node as for training "
+       "(p4_train_num_nodes): more than one process in all runs as a TrainJob on the cluster."),
+    _s("p3_warm_start_nproc_per_node", int, 1, "Warm-start processes per node (locally: torchrun --standalone)."),
+    _s("p3_warm_start_distributed_strategy", str, "auto", "How several warm-start processes share the work: auto, "
+       "ddp, fsdp or none (as p4_train_distributed_strategy).", warm_start="distributed.strategy"),
     _s("p3_warm_start_overrides", list, [], "KEY=VALUE for any other warm-start config key.",
        warm_start=OVERRIDES),
     # ── p4: AMFT training ──

@@ -1,4 +1,4 @@
-"""The Kubeflow Trainer v2 `TrainJob` the train stage launches for a multi-process run, as a plain dict.
+"""The Kubeflow Trainer v2 `TrainJob` a GPU stage (train, warm start) launches for a multi-process run, as a dict.
 
 Why a pure function: the manifest is what a cluster admits or refuses, and the only way to know it is
 right without a cluster is to validate it against the CRD's OpenAPI schema

@@ -155,6 +155,19 @@ def test_train_stage_carries_what_launches_the_trainjob(compiled):
     assert "secretKeyRef" not in yaml.safe_dump(spec)
 
 
+def test_warm_start_stage_carries_its_own_scale_out(compiled):
+    """The warm start has its own process counts (p3_warm_start_*) and the same GPU pool; no registry secret."""
+    spec, _ = compiled
+    params = all_tasks(spec)["warm-start"]["inputs"]["parameters"]
+    for name, parameter in {"num_nodes": "p3_warm_start_num_nodes", "nproc_per_node": "p3_warm_start_nproc_per_node",
+                            "s3_secret": "p0_s3_secret", "gpus_per_node": "p0_gpu_count",
+                            "node_selector": "p0_gpu_node_selector", "tolerations": "p0_gpu_tolerations"}.items():
+        assert params[name]["componentInputParameter"] == f"pipelinechannel--{parameter}", name
+    assert params["launcher"]["runtimeValue"]["constant"] == "trainjob"
+    assert "registry_secret" not in params
+    assert "p3_warm_start_distributed_strategy" in all_tasks(spec)["preflight"]["inputs"]["parameters"]
+
+
 def test_local_variant_launches_torchrun(tmp_path):
     from kfp import compiler
 
@@ -162,9 +175,11 @@ def test_local_variant_launches_torchrun(tmp_path):
 
     path = tmp_path / "local.yaml"
     compiler.Compiler().compile(amft_pipeline_local, str(path))
-    params = all_tasks(yaml.safe_load(path.read_text()))["train"]["inputs"]["parameters"]
-    assert params["nproc_per_node"]["componentInputParameter"] == "pipelinechannel--p4_train_nproc_per_node"
-    assert "launcher" not in params and "s3_secret" not in params  # the component's default: torchrun
+    tasks = all_tasks(yaml.safe_load(path.read_text()))
+    for task, prefix in (("train", "p4_train"), ("warm-start", "p3_warm_start")):
+        params = tasks[task]["inputs"]["parameters"]
+        assert params["nproc_per_node"]["componentInputParameter"] == f"pipelinechannel--{prefix}_nproc_per_node"
+        assert "launcher" not in params and "s3_secret" not in params  # the component's default: torchrun
 
 
 def test_run_id_comes_from_the_kfp_job(compiled):

@@ -36,6 +36,13 @@ def test_bad_scale_out_names_the_parameter(args, message):
         check_scale_out(*args)
 
 
+def test_the_warm_start_errors_name_its_own_parameters():
+    with pytest.raises(ScaleOutError, match="p3_warm_start_distributed_strategy=none with 4 processes"):
+        check_scale_out(2, 2, "none", "trainjob", stage="warm_start")
+    with pytest.raises(ScaleOutError, match="p3_warm_start_nproc_per_node=0"):
+        check_scale_out(1, 0, "auto", stage="warm_start")
+
+
 def test_good_scale_out():
     assert check_scale_out(1, 1, "none").world_size == 1  # today's in-pod path, strategy irrelevant
     assert check_scale_out(1, 2, "auto").world_size == 2
@@ -90,9 +97,9 @@ def run(tmp_path) -> RunRoot:
 def test_launched_train_stage_fills_its_outputs_from_the_run_root(run, tmp_path, monkeypatch):
     launched = {}
 
-    def publish_like_rank_0(run_: RunRoot, nproc_per_node: int) -> None:
+    def publish_like_rank_0(run_: RunRoot, nproc_per_node: int, stage: str) -> None:
         """Stand-in for the workers: what rank 0 publishes (for real: tests/integration/test_train_torchrun.py)."""
-        launched.update(nproc=nproc_per_node, spec=json.loads(Path(run_.launch_spec("train")).read_text()))
+        launched.update(nproc=nproc_per_node, stage=stage, spec=json.loads(Path(run_.launch_spec(stage)).read_text()))
         train = Path(run_.train)
         train.mkdir(parents=True)
         (train / "metrics.jsonl").write_text(json.dumps({"step": 1, "mu": 0.5, "entropy": 1.0, "sft_loss": 2.0}) + "\n")
@@ -112,7 +119,7 @@ def test_launched_train_stage_fills_its_outputs_from_the_run_root(run, tmp_path,
         run_dir=str(out_dir / "run_dir"), model_dir=str(out_dir / "model"), curves_path=str(out_dir / "curves.html"),
         nproc_per_node=2)
 
-    assert launched["nproc"] == 2
+    assert launched["nproc"] == 2 and launched["stage"] == "train"
     spec = launched["spec"]
     assert spec["init_model"] == "s3://amft/pipelines/runs/r1/warm_start/model"  # the pointer's URI, not the file
     assert spec["config"]["controller"]["target_entropy"] == 0.7

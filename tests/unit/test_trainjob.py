@@ -94,6 +94,16 @@ def test_the_train_stage_trainjob_validates_against_the_crd(schema, crd):
     assert manifest["spec"]["runtimeRef"]["name"] == "torch-distributed"
 
 
+def test_the_warm_start_trainjob_runs_its_own_worker(schema, crd):
+    run = RunRoot.resolve("s3://amft/pipelines", "r-7")
+    manifest = trainjob_for(run, ScaleOut(1, 2, "trainjob"), cluster_job(), "ns", stage="warm_start")
+    jsonschema.validate(manifest, schema)
+    assert manifest["metadata"]["name"] == "amft-r-7-warm-start"
+    assert re.fullmatch(cel_name_pattern(crd), manifest["metadata"]["name"])
+    assert manifest["spec"]["trainer"]["args"][:4] == ["-m", "amft_lib.cli", "stage", "warm-start-worker"]
+    assert manifest["metadata"]["labels"]["amft.pipeline/stage"] == "warm-start"
+
+
 def test_pod_settings_go_through_runtime_patches_onto_the_runtimes_node_job(schema):
     """Node selector, tolerations and /dev/shm reach the stock runtime's replicated job and container,
     both named `node` there (torch_distributed_runtime.yaml); no removed override field is used."""
