@@ -73,6 +73,7 @@ class _Tail:
         self.client, self.mlflow_run_id, self.path, self.interval_s = client, mlflow_run_id, path, interval_s
         self.skip_through = skip_through  # steps a retried task's earlier attempt already logged
         self.offset = 0
+        self._seen = b""
         self.logged_steps = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="amft-mlflow-tail", daemon=True)
@@ -84,7 +85,10 @@ class _Tail:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.flush()  # whatever the last interval wrote
+        try:
+            self.flush()  # whatever the last interval wrote
+        except Exception as exc:  # as in _run: the run root keeps every number, the stage must not fail here
+            log.warning("mlflow: could not log the last metrics (%s)", type(exc).__name__)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -99,20 +103,31 @@ class _Tail:
         if not self.path.is_file():
             return
         with self.path.open("rb") as f:
+            f.seek(max(0, self.offset - len(self._seen)))
+            if f.read(len(self._seen)) != self._seen:
+                # rewritten under us: a resumed trainer cuts its restored logs at the checkpoint's step and
+                # appends from there, so the offset may point into another line; read it again from the
+                # start (steps already logged are skipped below)
+                self.offset, self._seen = 0, b""
             f.seek(self.offset)
             data = f.read()
         end = data.rfind(b"\n") + 1  # only complete lines; a half-written one waits for the next round
         if not end:
             return
-        metrics = []
+        metrics, last_step = [], self.skip_through
         stamp = int(time.time() * 1000)  # MLflow timestamps are wall-clock epoch milliseconds
         for line in data[:end].decode("utf-8").splitlines():
             if not line.strip():
                 continue
-            record = json.loads(line)
-            step = int(record.get("step", 0))
-            if step <= self.skip_through and not record.get("final"):
+            try:
+                record = json.loads(line)
+            except ValueError:  # not a record (a line cut by a rewrite): the file keeps it, MLflow skips it
                 continue
+            step = int(record.get("step", 0))
+            if step <= last_step and not record.get("final"):  # an earlier attempt, or a re-read, logged it
+                continue
+            if not record.get("final"):
+                last_step = step
             points = metric_points(record)
             if record.get("final"):  # the end-of-run evaluation; its μ is the last step's update, not a new step
                 points = {k: v for k, v in points.items() if k in _FINAL_METRICS}
@@ -121,6 +136,8 @@ class _Tail:
         for start in range(0, len(metrics), 1000):  # MLflow's batch limit
             self.client.log_batch(self.mlflow_run_id, metrics=metrics[start:start + 1000])
         self.offset += end
+        self._seen = (self._seen + data[:end])[-256:]  # the bytes before the offset, to notice a rewrite
+        self.skip_through = last_step  # logged: a re-read after a rewrite must not log these steps twice
 
 
 @contextlib.contextmanager

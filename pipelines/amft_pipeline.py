@@ -3,6 +3,10 @@
     preflight → prepare data → validate (gate) → warm start (GPU) → train (GPU) → evaluate → register (gate)
     exit handler: run summary
 
+Warm start and training scale out (p3_warm_start_* / p4_train_ num_nodes × nproc_per_node): one
+process runs in the task's pod; more run as a Kubeflow Trainer v2 TrainJob the task launches and
+watches (cluster) or under a local torchrun (run-local). See amft_lib.run.scale_out.
+
 Two variants are built from one definition, because what a cluster needs cannot run locally:
 
 - `amft_pipeline` (cluster; compiled to amft_pipeline.yaml by `amft pipeline compile`): GPU requests,
@@ -69,6 +73,18 @@ def build_pipeline(target: str = "cluster") -> Any:
             # NCCL and DataLoader workers need more shared memory than a pod's 64 MiB default
             kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
 
+    def scale_out(num_nodes: Any, nproc_per_node: Any, s3_secret: Any, gpus: Any, cpu: Any, memory: Any,
+                  node_selector: Any, tolerations: Any, **extra: Any) -> dict[str, Any]:
+        """A GPU stage's scale-out inputs: more than one process runs as a TrainJob on the GPU pool on a
+        cluster (needs pipelines/rbac/trainjob-launcher.yaml), a local torchrun otherwise; the task fills
+        its outputs from the run root either way (amft_lib.run.scale_out)."""
+        args = dict(num_nodes=num_nodes, nproc_per_node=nproc_per_node)
+        if cluster:
+            args.update(launcher="trainjob", image=CUDA_IMAGE, s3_secret=s3_secret, gpus_per_node=gpus,
+                        cpu_per_node=cpu, memory_per_node=memory, node_selector=node_selector,
+                        tolerations=tolerations, **extra)
+        return args
+
     def secrets(task: Any, s3_secret: Any, registry_secret: Any = None) -> None:
         """S3 keys (required) and registry credentials (optional) from Kubernetes secrets, as env vars."""
         if cluster:
@@ -114,6 +130,9 @@ def build_pipeline(target: str = "cluster") -> Any:
         p3_warm_start_rs_samples: int = 8,
         p3_warm_start_rs_max_prompts: int = 256,
         p3_warm_start_checkpoint_every: int = 50,
+        p3_warm_start_num_nodes: int = 1,
+        p3_warm_start_nproc_per_node: int = 1,
+        p3_warm_start_distributed_strategy: str = "auto",
         p3_warm_start_overrides: list = [],  # noqa: B006
         # ── phase 4: AMFT training ──
         p4_train_method: str = "amft",
@@ -126,6 +145,9 @@ def build_pipeline(target: str = "cluster") -> Any:
         p4_train_eta_h: float = 0.05,
         p4_train_meta_interval: int = 10,
         p4_train_checkpoint_every: int = 20,
+        p4_train_num_nodes: int = 1,
+        p4_train_nproc_per_node: int = 1,
+        p4_train_distributed_strategy: str = "auto",
         p4_train_seed: int = 0,
         p4_train_overrides: list = [],  # noqa: B006
         # ── phase 5: evaluation and blessing ──
@@ -181,7 +203,10 @@ def build_pipeline(target: str = "cluster") -> Any:
             with dsl.If(gate.outputs["Output"] == True, name="data-valid"):  # noqa: E712 (a KFP condition)
                 # ── Stage 3: warm start (GPU) ──
                 warm = warm_start(dataset=data.outputs["dataset"], warm_start_config=pre.outputs["warm_start_config"],
-                                  run_root=run_root, s3_endpoint_url=p0_s3_endpoint_url)
+                                  run_root=run_root, s3_endpoint_url=p0_s3_endpoint_url,
+                                  **scale_out(p3_warm_start_num_nodes, p3_warm_start_nproc_per_node, p0_s3_secret,
+                                              p0_gpu_count, p0_gpu_cpu_request, p0_gpu_memory_request,
+                                              p0_gpu_node_selector, p0_gpu_tolerations))
                 warm.set_display_name("warm start").set_caching_options(False)
                 warm.set_retry(num_retries=2, backoff_duration=gpu_backoff, backoff_factor=2.0,
                                backoff_max_duration="600s")
@@ -193,7 +218,10 @@ def build_pipeline(target: str = "cluster") -> Any:
                 trained = train(warm_start_model=warm.outputs["model"], dataset=data.outputs["dataset"],
                                 train_config=pre.outputs["train_config"], target_entropy=warm.outputs["Output"],
                                 run_root=run_root, s3_endpoint_url=p0_s3_endpoint_url,
-                                registry_tracking_uri=p6_registry_tracking_uri)
+                                registry_tracking_uri=p6_registry_tracking_uri,
+                                **scale_out(p4_train_num_nodes, p4_train_nproc_per_node, p0_s3_secret, p0_gpu_count,
+                                            p0_gpu_cpu_request, p0_gpu_memory_request, p0_gpu_node_selector,
+                                            p0_gpu_tolerations, registry_secret=p0_registry_secret))
                 trained.set_display_name("train").set_caching_options(False)
                 # a retried task resumes from its newest checkpoint instead of starting over
                 trained.set_retry(num_retries=2, backoff_duration=gpu_backoff, backoff_factor=2.0,

@@ -1,7 +1,7 @@
 """`amft`: one command line for every stage. Each subcommand calls the same library function
 that the KFP component calls, so what runs here is what runs on the cluster.
 
-One module per subcommand group (`amft_lib.cli.data`, `.train`, `.evaluate`, `.s3`, `.bench`), each
+One module per subcommand group (`amft_lib.cli.data`, `.train`, `.evaluate`, `.s3`, `.bench`, `.stage`), each
 adding its subcommands through `register(subparsers)` and importing heavy dependencies inside the
 handler, which keeps `amft --help` fast. Groups that live outside the library — `amft pipeline`, in
 `pipelines/cli.py` — come in through the `amft.commands` entry point group (setup.cfg), so the
@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "amft_lib.cli.evaluate",
     "amft_lib.cli.s3",
     "amft_lib.cli.bench",
+    "amft_lib.cli.stage",
 )
 ENTRY_POINT_GROUP = "amft.commands"
 

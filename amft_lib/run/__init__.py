@@ -11,4 +11,7 @@ library stays importable (and testable) without the orchestration layer.
 - `preflight` — checks that can fail before a GPU is requested; builds both stage configs.
 - `stages`    — each stage's body (what a component does besides reading/writing KFP artifacts).
 - `summary`   — the run summary and the lineage record, read back from the run root.
+- `scale_out` — where the train stage's processes run: in-pod, local torchrun, or a Kubeflow Trainer TrainJob.
+- `trainjob`  — the TrainJob manifest, as a pure function (validated against the CRD in the tests).
+- `trainjob_watch` — create / re-attach / follow / delete a TrainJob through the kubernetes client.
 """

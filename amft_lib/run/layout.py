@@ -15,6 +15,7 @@ path has one name and every stage asks `RunRoot` for it.
       checkpoints/            step-NNNNNNN/ (MANIFEST.json last), LATEST
       train/                  metrics.jsonl, controller.jsonl, config.yaml, result.json, logs/
       model/                  the trained model
+      launch/                 train.json, warm_start.json: what a launched (torchrun / TrainJob) stage's workers read
       eval/                   metrics.json, report.md, report.html
       registry.json           what the register stage did
       lineage.json            the lineage record
@@ -111,6 +112,11 @@ class RunRoot:
         return self.path("warm_start", "stats.json")
 
     @property
+    def warm_start_result(self) -> str:
+        """A launched (multi-process) warm start's numbers, written by its rank 0 for the launching task."""
+        return self.path("warm_start", "result.json")
+
+    @property
     def warm_start_config(self) -> str:
         return self.path("warm_start", "config.yaml")
 
@@ -125,6 +131,11 @@ class RunRoot:
     @property
     def model(self) -> str:
         return self.path("model")
+
+    def launch_spec(self, stage: str) -> str:
+        """What the launcher of a multi-process `stage` hands its workers (resolved config, init model
+        URI): the one thing that crosses from the KFP task to torchrun's processes or a TrainJob's pods."""
+        return self.path("launch", f"{stage}.json")
 
     @property
     def eval(self) -> str:
@@ -226,7 +237,12 @@ def model_uri(artifact_dir: str | Path) -> str:
 def open_model(artifact_dir: str | Path, staging_dir: str | Path) -> str:
     """A local HF directory for a model artifact: the artifact itself when it holds the files,
     else the run-root copy its pointer names, downloaded into `staging_dir`."""
-    uri = model_uri(artifact_dir)
+    return stage_model(model_uri(artifact_dir), staging_dir)
+
+
+def stage_model(uri: str, staging_dir: str | Path) -> str:
+    """A local HF directory for the model at `uri`: a local path as it is, an s3:// prefix downloaded
+    into `staging_dir`."""
     if not storage.is_s3(uri):
         return uri
     if not storage.download_prefix(uri, staging_dir):

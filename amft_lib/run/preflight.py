@@ -111,6 +111,21 @@ def run_preflight(params: Mapping[str, Any], *, job_id: str = "") -> Preflight:
             return True, "; ".join(details)
 
         attempt("gpu memory", probe_memory)
+
+        def probe_scale_out() -> tuple[bool, str]:
+            from amft_lib.run.scale_out import PARAMETER_PREFIX, TRAIN, WARM_START, check_scale_out
+
+            details = []
+            for stage, cfg in ((WARM_START, configs[0]), (TRAIN, configs[1])):
+                prefix, strategy = PARAMETER_PREFIX[stage], cfg.distributed.strategy
+                scale = check_scale_out(values[f"{prefix}_num_nodes"], values[f"{prefix}_nproc_per_node"], strategy,
+                                        "trainjob", stage=stage)
+                details.append(f"{stage}: 1 process (in the task's pod)" if scale.world_size == 1 else
+                               f"{stage}: {scale.num_nodes} node(s) × {scale.nproc_per_node} process(es) ({strategy}), "
+                               "launched by the task (TrainJob on a cluster, torchrun locally)")
+            return True, "; ".join(details)
+
+        attempt("scale-out", probe_scale_out)
     data_uri = values["p1_data_input_uri"]
     if data_uri:
         def probe_data() -> tuple[bool, str]:

@@ -123,6 +123,11 @@ _TABLE: tuple[Setting, ...] = (
     _s("p3_warm_start_checkpoint_every", int, 50, "Warm-start steps (SFT steps; a rejection-sampling chunk counts "
        "as one) between checkpoints to <run root>/warm_start/checkpoints/, plus one at each phase's end; a retried "
        "task resumes from the newest. 0: none (the config's default, for tests).", warm_start="checkpoint_every"),
+    _s("p3_warm_start_num_nodes", int, 1, "Warm-start nodes; with p3_warm_start_nproc_per_node as for training "
+       "(p4_train_num_nodes): more than one process in all runs as a TrainJob on the cluster."),
+    _s("p3_warm_start_nproc_per_node", int, 1, "Warm-start processes per node (locally: torchrun --standalone)."),
+    _s("p3_warm_start_distributed_strategy", str, "auto", "How several warm-start processes share the work: auto, "
+       "ddp, fsdp or none (as p4_train_distributed_strategy).", warm_start="distributed.strategy"),
     _s("p3_warm_start_overrides", list, [], "KEY=VALUE for any other warm-start config key.",
        warm_start=OVERRIDES),
     # ── p4: AMFT training ──
@@ -140,6 +145,15 @@ _TABLE: tuple[Setting, ...] = (
        train="controller.meta_interval"),
     _s("p4_train_checkpoint_every", int, 20, "Steps between checkpoints to the run root (a retried task resumes "
        "from the newest); the config's 0 (never) is for tests.", train="checkpoint_every"),
+    _s("p4_train_num_nodes", int, 1, "Training nodes. With p4_train_nproc_per_node, more than one process in all "
+       "runs training as a Kubeflow Trainer TrainJob of nodes × processes on the cluster (a local run has one "
+       "node); 1 × 1 trains in the task's own pod."),
+    _s("p4_train_nproc_per_node", int, 1, "Training processes per node (one per GPU on the cluster; locally "
+       "`torchrun --standalone` starts this many)."),
+    _s("p4_train_distributed_strategy", str, "auto", "How several processes share the training: auto (ddp when "
+       "there is more than one process, else none), ddp, fsdp, or none (refused with more than one process). "
+       "The config's default is none; auto here so p4_train_num_nodes/p4_train_nproc_per_node alone scale out.",
+       train="distributed.strategy"),
     _s("p4_train_seed", int, FROM_CONFIG, "Seed of both the warm start and training.", warm_start="seed", train="seed"),
     _s("p4_train_overrides", list, [], "KEY=VALUE for any other training config key.", train=OVERRIDES),
     # ── p5: evaluation and blessing ──

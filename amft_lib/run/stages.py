@@ -20,11 +20,31 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from amft_lib.run.layout import RunRoot, fetch_input, model_uri, open_model, publish, put_json, write_pointer
+from amft_lib.run.layout import (
+    RunRoot,
+    fetch_input,
+    model_uri,
+    open_model,
+    publish,
+    put_json,
+    stage_model,
+    write_pointer,
+)
+from amft_lib.run.scale_out import (
+    TRAIN,
+    WARM_START,
+    ClusterJob,
+    ScaleOut,
+    ScaleOutError,
+    check_scale_out,
+    launch_trainjob,
+    run_torchrun,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +120,17 @@ def validate_stage(run: RunRoot, dataset_dir: str, *, html_path: str, markdown_p
 
 
 def warm_start_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model_dir: str,
-                     base_model_dir: str) -> StageOutcome:
+                     base_model_dir: str, num_nodes: int = 1, nproc_per_node: int = 1, launcher: str = "torchrun",
+                     cluster: ClusterJob | None = None) -> StageOutcome:
     """Snapshot the base model, build the warm-start model (SFT → rejection sampling → SFT) and
     publish both to the run root; the `model` / `base_model` artifacts point there (one stored copy
-    of each). `value` is H* (nats/token) for the training controller."""
+    of each). `value` is H* (nats/token) for the training controller.
+
+    One process builds it here; more (num_nodes × nproc_per_node > 1) are launched like the train
+    stage's (amft_lib.run.scale_out) and read the base model from the run root."""
     import dataclasses
 
-    from amft_lib.config import WarmStartConfig, config_from_dict
+    from amft_lib.config import WarmStartConfig, config_from_dict, config_to_dict
     from amft_lib.dataset import read_rows
     from amft_lib.model import load_policy, save_policy
     from amft_lib.model_source import allow_hub_downloads, resolve_model
@@ -114,10 +138,13 @@ def warm_start_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model_
 
     cfg = config_from_dict(json.loads(config_json), WarmStartConfig)
     cfg.data.path = run.data  # the durable copy; rows are read from the local artifact
+    scale = check_scale_out(num_nodes, nproc_per_node, cfg.distributed.strategy, launcher,
+                            cluster.gpus_per_node if cluster else 0, stage=WARM_START)
     allow_hub_downloads(cfg.model.allow_download)
     source = resolve_model(cfg.model.name, allow_download=cfg.model.allow_download)
     put_json(run.base_model_source, source.lineage())  # every file's sha256, for the lineage record
-    arm_fault(WARM_START_FAULT_ENV, run.warm_start, run.warm_start_fault_marker)
+    if scale.world_size == 1:
+        arm_fault(WARM_START_FAULT_ENV, run.warm_start, run.warm_start_fault_marker)
     with tempfile.TemporaryDirectory(prefix="amft-warm-start-") as tmp:
         base = Path(tmp, "base_model")
         if source.local_dir is not None:  # the files as they are: no load of a multi-GB model on the CPU
@@ -126,40 +153,96 @@ def warm_start_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model_
             policy, tokenizer = load_policy(dataclasses.replace(cfg.model, lora=False), device="cpu", seed=cfg.seed)
             save_policy(policy, tokenizer, base)
             del policy
-        work = Path(tmp, "warm_start")
-        # checkpoints under <run>/warm_start/checkpoints/; a retried task resumes from the newest verified one
-        result = run_warm_start(cfg, work, splits=read_rows(dataset_dir), init_model=str(base),
-                                checkpoint_root=run.uri, resume="auto")
-        publish(work, run.warm_start)
-        publish(base, run.base_model)
+        if scale.world_size > 1:  # the workers start from the run root's copy
+            publish(base, run.base_model)
+            _launch(run, WARM_START, scale, cluster, {"config": config_to_dict(cfg), "init_model": run.base_model})
+            result = _read_json(run.warm_start_result)
+        else:
+            work = Path(tmp, "warm_start")
+            # checkpoints under <run>/warm_start/checkpoints/; a retried task resumes from the newest verified one
+            result = _warm_start_record(run_warm_start(cfg, work, splits=read_rows(dataset_dir), init_model=str(base),
+                                                       checkpoint_root=run.uri, resume="auto"))
+            publish(work, run.warm_start)
+            publish(base, run.base_model)
     write_pointer(base_model_dir, run.base_model, model_name=cfg.model.name)
-    write_pointer(model_dir, run.warm_start_model, target_entropy=result.target_entropy)
-    out = StageOutcome(value=float(result.target_entropy), metadata={
+    write_pointer(model_dir, run.warm_start_model, target_entropy=result["target_entropy"])
+    out = StageOutcome(value=float(result["target_entropy"]), metadata={
         "base_model": {"model_name": cfg.model.name, "uri": run.base_model},
-        "model": {"target_entropy": result.target_entropy, "uri": run.warm_start_model}})
-    out.add_metrics({"acceptance_rate": result.acceptance_rate, f"pass_at_{cfg.rs_samples}": result.pass_at_k,
-                     "target_entropy": result.target_entropy})
-    out.add_metrics(result.val_accuracy, "val_accuracy_")
-    if result.resumed_from:
-        out.metadata["model"]["resumed_from"] = result.resumed_from
+        "model": {"target_entropy": result["target_entropy"], "uri": run.warm_start_model}})
+    out.add_metrics({"acceptance_rate": result["acceptance_rate"], f"pass_at_{cfg.rs_samples}": result["pass_at_k"],
+                     "target_entropy": result["target_entropy"]})
+    out.add_metrics(result["val_accuracy"], "val_accuracy_")
+    if result["resumed_from"]:
+        out.metadata["model"]["resumed_from"] = result["resumed_from"]
     return out
+
+
+def _warm_start_record(result: Any) -> dict[str, Any]:
+    """The WarmStartResult numbers a warm-start task reports (what a launched rank 0 writes as result.json)."""
+    return {"target_entropy": result.target_entropy, "acceptance_rate": result.acceptance_rate,
+            "pass_at_k": result.pass_at_k, "val_accuracy": dict(result.val_accuracy),
+            "resumed_from": result.resumed_from}
+
+
+def warm_start_worker_stage(run: RunRoot) -> None:
+    """One rank of a launched warm start (`amft stage warm-start-worker`, under torchrun): every rank
+    runs `run_warm_start` from the run root's data and base model; rank 0 publishes warm_start/ and
+    its result.json."""
+    from amft_lib.config import WarmStartConfig, config_from_dict
+    from amft_lib.warm_start import run_warm_start
+
+    with _worker_inputs(run, WARM_START) as (spec, rank, splits, init_model, tmp):
+        cfg = config_from_dict(spec["config"], WarmStartConfig)
+        work = Path(tmp, "warm_start")
+        result = run_warm_start(cfg, work, splits=splits, init_model=init_model, checkpoint_root=run.uri,
+                                resume="auto")
+        if rank == 0:  # only rank 0 wrote `work`; every rank got the same result
+            publish(work, run.warm_start)
+            put_json(run.warm_start_result, _warm_start_record(result))
+            log.info("rank 0 published warm_start/ to %s", run.uri)
 
 
 # ── Stage 4: train ──────────────────────────────────────────────────────────────────────────────
 
 
 def train_stage(run: RunRoot, dataset_dir: str, config_json: str, *, target_entropy: float, init_model: str,
-                run_dir: str, model_dir: str, curves_path: str, tracking_uri: str = "") -> StageOutcome:
+                run_dir: str, model_dir: str, curves_path: str, tracking_uri: str = "", num_nodes: int = 1,
+                nproc_per_node: int = 1, launcher: str = "torchrun", cluster: ClusterJob | None = None) -> StageOutcome:
     """The AMFT loop with checkpoints under the run root and `resume="auto"`, so a retried task (or a
     new pipeline run given the same run id) continues from the newest verified checkpoint. The config
-    and every per-step curve go to a nested MLflow run of the pipeline run while it trains."""
+    and every per-step curve go to a nested MLflow run of the pipeline run while it trains.
+
+    One process (num_nodes × nproc_per_node = 1) trains here, in this process. More are launched
+    (`launcher`: "torchrun" locally, "trainjob" on a cluster with `cluster` settings; see
+    amft_lib.run.scale_out) and publish to the same run-root paths, from which the outputs are filled."""
     from amft_lib import checkpoint
-    from amft_lib.config import TrainConfig, config_from_dict, config_to_dict
+    from amft_lib.config import config_to_dict
     from amft_lib.dataset import read_rows
-    from amft_lib.model_source import allow_hub_downloads
-    from amft_lib.reports import training_report_html
     from amft_lib.tracking import track_stage
     from amft_lib.trainer import train
+
+    cfg = _train_config(run, config_json, target_entropy)
+    scale = check_scale_out(num_nodes, nproc_per_node, cfg.distributed.strategy, launcher,
+                            cluster.gpus_per_node if cluster else 0)
+    done = [step for step, _, complete in checkpoint.list_checkpoints(run.uri) if complete]
+    if scale.world_size > 1:
+        return _launched_train_stage(run, cfg, scale, cluster, init_model=init_model, tracking_uri=tracking_uri,
+                                     resumed_from_step=max(done, default=0), run_dir=run_dir, model_dir=model_dir,
+                                     curves_path=curves_path)
+    arm_train_fault(run)
+    with tempfile.TemporaryDirectory(prefix="amft-init-model-") as staging, \
+            track_stage(tracking_uri or None, run.run_id, "train", config_to_dict(cfg), run_dir,
+                        artifact_root=run.mlflow_artifacts):
+        result = train(cfg, run_dir, init_model=open_model(init_model, staging), splits=read_rows(dataset_dir),
+                       progress=False, checkpoint_root=run.uri, resume="auto")
+    summary = _publish_training(run, cfg, result, run_dir, resumed_from_step=max(done, default=0))
+    return _train_outcome(run, summary, run_dir=run_dir, model_dir=model_dir, curves_path=curves_path)
+
+
+def _train_config(run: RunRoot, config_json: str, target_entropy: float) -> Any:
+    """The TrainConfig the stage trains with: preflight's JSON, the run root's data, the warm start's H*."""
+    from amft_lib.config import TrainConfig, config_from_dict
+    from amft_lib.model_source import allow_hub_downloads
 
     cfg = config_from_dict(json.loads(config_json), TrainConfig)
     cfg.data.path = run.data  # the durable copy; rows are read from the local artifact
@@ -167,29 +250,109 @@ def train_stage(run: RunRoot, dataset_dir: str, config_json: str, *, target_entr
     # the temperature H* was measured at (warm start stats): the trainer refuses one unlike its rollouts'
     cfg.controller.target_entropy_temperature = _read_json(run.warm_start_stats).get("target_entropy_temperature")
     allow_hub_downloads(cfg.model.allow_download)
-    done = [step for step, _, complete in checkpoint.list_checkpoints(run.uri) if complete]
-    arm_train_fault(run)
-    with tempfile.TemporaryDirectory(prefix="amft-init-model-") as staging, \
-            track_stage(tracking_uri or None, run.run_id, "train", config_to_dict(cfg), run_dir,
-                        artifact_root=run.mlflow_artifacts):
-        result = train(cfg, run_dir, init_model=open_model(init_model, staging), splits=read_rows(dataset_dir),
-                       progress=False, checkpoint_root=run.uri, resume="auto")
+    return cfg
+
+
+def _publish_training(run: RunRoot, cfg: Any, result: Any, run_dir: str | Path, *, resumed_from_step: int) -> dict:
+    """Publish a finished training's logs (`run_dir` → <run>/train/), model (→ <run>/model/) and summary
+    (<run>/train/result.json); returns the summary. Done by the one process that wrote `run_dir`."""
     model_files = Path(tempfile.mkdtemp(prefix="amft-model-"))
     shutil.move(str(result.model_dir), model_files / "model")  # out of run_dir: the logs artifact stays small
     summary = {"steps": result.steps, "mu_final": result.mu_final, "target_entropy": result.target_entropy,
                "val_accuracy_initial": result.val_accuracy_initial, "val_accuracy_final": result.val_accuracy_final,
                "val_reward_initial": result.val_reward_initial, "val_reward_final": result.val_reward_final,
-               "resumed_from_step": max(done, default=0), "elapsed_s": result.elapsed_s,
+               "resumed_from_step": resumed_from_step, "elapsed_s": result.elapsed_s,
                "method": cfg.controller.method}
-    Path(curves_path).write_text(training_report_html(run_dir, summary), encoding="utf-8")
     publish(run_dir, run.train)
     publish(model_files / "model", run.model)
     shutil.rmtree(model_files, ignore_errors=True)
-    write_pointer(model_dir, run.model, method=cfg.controller.method)
     put_json(run.train_result, summary)
-    out = StageOutcome(metadata={"model": {"uri": run.model, "method": cfg.controller.method}})
+    return summary
+
+
+def _train_outcome(run: RunRoot, summary: dict, *, run_dir: str, model_dir: str, curves_path: str) -> StageOutcome:
+    """The train task's KFP outputs from a published training: the curves page (from `run_dir`'s
+    metrics), the model pointer and the summary's numbers."""
+    from amft_lib.reports import training_report_html
+
+    Path(curves_path).write_text(training_report_html(run_dir, summary), encoding="utf-8")
+    write_pointer(model_dir, run.model, method=summary["method"])
+    out = StageOutcome(metadata={"model": {"uri": run.model, "method": summary["method"]}})
     out.add_metrics(summary)
     return out
+
+
+def _launched_train_stage(run: RunRoot, cfg: Any, scale: ScaleOut, cluster: ClusterJob | None, *, init_model: str,
+                          tracking_uri: str, resumed_from_step: int, run_dir: str, model_dir: str,
+                          curves_path: str) -> StageOutcome:
+    """Hand the workers their inputs through the run root, run them, and read back what rank 0 published."""
+    from amft_lib import storage
+    from amft_lib.config import config_to_dict
+
+    _launch(run, TRAIN, scale, cluster, {"config": config_to_dict(cfg), "init_model": model_uri(init_model),
+                                         "tracking_uri": tracking_uri, "resumed_from_step": resumed_from_step})
+    summary = _read_json(run.train_result)
+    storage.download_prefix(run.train, run_dir)
+    return _train_outcome(run, summary, run_dir=run_dir, model_dir=model_dir, curves_path=curves_path)
+
+
+def _launch(run: RunRoot, stage: str, scale: ScaleOut, cluster: ClusterJob | None, spec: dict[str, Any]) -> None:
+    """Write `stage`'s launch spec under the run root and run its workers (torchrun here, or a TrainJob)."""
+    from amft_lib import storage
+
+    if scale.launcher == "trainjob":  # a TrainJob's pods see S3, not this pod's files
+        if cluster is None:
+            raise ScaleOutError("launcher=trainjob needs the cluster settings (image, secrets, GPU pool)")
+        for what, uri in (("run root", run.uri), ("init model", spec["init_model"])):
+            if not storage.is_s3(uri):
+                raise ScaleOutError(f"{what} {uri}: a TrainJob's pods read their inputs from S3; use an s3:// run root")
+    put_json(run.launch_spec(stage), spec)
+    if scale.launcher == "trainjob":
+        launch_trainjob(run, scale, cluster, stage=stage)
+    else:
+        run_torchrun(run, scale.nproc_per_node, stage=stage)
+
+
+@contextlib.contextmanager
+def _worker_inputs(run: RunRoot, stage: str) -> Iterator[tuple[dict[str, Any], int, dict, str, str]]:
+    """What every rank of a launched `stage` starts from: (launch spec, rank, the data's splits, a local
+    init model, a temp dir), all fetched from the run root."""
+    from amft_lib import storage
+
+    if not storage.exists(run.launch_spec(stage)):
+        raise ScaleOutError(f"{run.launch_spec(stage)}: no launch spec (the {stage} task writes it before launching)")
+    spec = _read_json(run.launch_spec(stage))
+    from amft_lib.dataset import read_rows
+    from amft_lib.model_source import allow_hub_downloads
+
+    allow_hub_downloads(spec["config"]["model"]["allow_download"])
+    rank = int(os.environ.get("RANK", "0"))
+    with tempfile.TemporaryDirectory(prefix=f"amft-worker-{rank}-") as tmp:
+        data = Path(tmp, "data")
+        if not storage.download_prefix(run.data, data):
+            raise ScaleOutError(f"{run.data}: no prepared data under the run root")
+        yield spec, rank, read_rows(str(data)), stage_model(spec["init_model"], Path(tmp, "init_model")), tmp
+
+
+def train_worker_stage(run: RunRoot) -> None:
+    """One rank of a launched train stage (`amft stage train-worker`, under torchrun): read the launch
+    spec, the data and the init model from the run root, call `train()` like every other rank (it sets
+    up and tears down the process group), and on rank 0 publish what the in-pod path publishes."""
+    from amft_lib.config import TrainConfig, config_from_dict
+    from amft_lib.tracking import track_stage
+    from amft_lib.trainer import train
+
+    with _worker_inputs(run, TRAIN) as (spec, rank, splits, init_model, tmp):
+        cfg = config_from_dict(spec["config"], TrainConfig)
+        run_dir = Path(tmp, "run")
+        tracking = (track_stage(spec.get("tracking_uri") or None, run.run_id, "train", spec["config"], run_dir,
+                                artifact_root=run.mlflow_artifacts) if rank == 0 else contextlib.nullcontext())
+        with tracking:
+            result = train(cfg, run_dir, init_model=init_model, splits=splits, progress=False,
+                           checkpoint_root=run.uri, resume="auto")
+        if rank == 0:  # only rank 0 wrote run_dir (metrics, model); every rank got the same result
+            _publish_training(run, cfg, result, run_dir, resumed_from_step=int(spec.get("resumed_from_step", 0)))
+            log.info("rank 0 published model/ and train/ to %s", run.uri)
 
 
 def _read_json(uri: str) -> dict[str, Any]:

@@ -6,6 +6,13 @@ every `checkpoint_every` steps with `resume="auto"`: a retried task — or a new
 the same run id — continues from the newest verified checkpoint instead of starting over. The
 model, the run's logs (metrics.jsonl: μ, entropy, reward, losses per step) and an HTML page of the
 training curves are KFP artifacts and are published to <run root>/model/ and <run root>/train/.
+
+Scale-out: with `num_nodes` × `nproc_per_node` > 1 the task launches the processes instead of
+training itself — `launcher="trainjob"` creates a Kubeflow Trainer v2 TrainJob (runtime
+torch-distributed) on the GPU pool and watches it, `launcher="torchrun"` runs a local torchrun — and
+fills the same outputs from what rank 0 published to the run root (amft_lib.run.scale_out). The
+TrainJob's placement and shape are plain inputs rather than dsl.TaskConfig passthroughs; the
+scale_out module's docstring says why.
 """
 
 from kfp import dsl
@@ -27,6 +34,17 @@ def train(
     run_root: str,
     s3_endpoint_url: str,
     registry_tracking_uri: str = "",
+    num_nodes: int = 1,
+    nproc_per_node: int = 1,
+    launcher: str = "torchrun",
+    image: str = "",
+    s3_secret: str = "",
+    registry_secret: str = "",
+    gpus_per_node: int = 0,
+    cpu_per_node: str = "1",
+    memory_per_node: str = "4Gi",
+    node_selector: dict = {},  # noqa: B006 (a KFP default)
+    tolerations: list = [],  # noqa: B006
 ):
     """Train and publish the final model.
 
@@ -35,14 +53,29 @@ def train(
         target_entropy: H* from the warm start; the controller's entropy term steers towards it.
         run_root: s3://…/runs/<run id>; checkpoints go to <run_root>/checkpoints/.
         registry_tracking_uri: MLflow tracking URI for the training curves; empty uses $MLFLOW_TRACKING_URI.
+        num_nodes: training nodes (a TrainJob's numNodes; 1 locally).
+        nproc_per_node: training processes per node; num_nodes × nproc_per_node = 1 trains in this pod.
+        launcher: how more than one process starts: torchrun (a local subprocess) or trainjob (Kubeflow Trainer).
+        image: the TrainJob's image (trainjob only).
+        s3_secret: Kubernetes secret with the S3 keys, read by the TrainJob's pods (trainjob only).
+        registry_secret: Kubernetes secret with MLflow credentials, optional (trainjob only).
+        gpus_per_node: GPUs of each TrainJob node (trainjob only).
+        cpu_per_node: CPU request of each TrainJob node (trainjob only).
+        memory_per_node: memory request of each TrainJob node (trainjob only).
+        node_selector: node selector of the TrainJob's pods (trainjob only).
+        tolerations: tolerations of the TrainJob's pods (trainjob only).
     """
     from amft_lib.run.layout import RunRoot, use_s3_endpoint
+    from amft_lib.run.scale_out import ClusterJob
     from amft_lib.run.stages import train_stage
 
     use_s3_endpoint(s3_endpoint_url)
+    cluster = ClusterJob(image, s3_secret, registry_secret, s3_endpoint_url, gpus_per_node, cpu_per_node,
+                         memory_per_node, node_selector, tolerations) if launcher == "trainjob" else None
     out = train_stage(RunRoot.at(run_root), dataset.path, train_config, target_entropy=target_entropy,
                       init_model=warm_start_model.path, run_dir=run_dir.path, model_dir=model.path,
-                      curves_path=curves.path, tracking_uri=registry_tracking_uri)
+                      curves_path=curves.path, tracking_uri=registry_tracking_uri, num_nodes=num_nodes,
+                      nproc_per_node=nproc_per_node, launcher=launcher, cluster=cluster)
     model.metadata.update(out.metadata["model"])
     for key, value in out.metrics.items():
         stats.log_metric(key, value)

@@ -130,6 +130,58 @@ def test_gates_and_exit_handler(compiled):
     assert "train" not in exit_dag and "register" not in exit_dag
 
 
+def test_train_stage_carries_what_launches_the_trainjob(compiled):
+    """Cluster variant: the train task gets the scale-out parameters and the TrainJob's image, secret
+    *names* and GPU-pool placement from the pipeline parameters (one source each), launcher=trainjob."""
+    from components import CUDA_IMAGE
+
+    spec, _ = compiled
+    params = all_tasks(spec)["train"]["inputs"]["parameters"]
+    from_pipeline = {"num_nodes": "p4_train_num_nodes", "nproc_per_node": "p4_train_nproc_per_node",
+                     "s3_secret": "p0_s3_secret", "registry_secret": "p0_registry_secret",
+                     "gpus_per_node": "p0_gpu_count", "cpu_per_node": "p0_gpu_cpu_request",
+                     "memory_per_node": "p0_gpu_memory_request", "node_selector": "p0_gpu_node_selector",
+                     "tolerations": "p0_gpu_tolerations"}
+    for name, parameter in from_pipeline.items():
+        assert params[name]["componentInputParameter"] == f"pipelinechannel--{parameter}", name
+    assert params["launcher"]["runtimeValue"]["constant"] == "trainjob"
+    assert params["image"]["runtimeValue"]["constant"] == CUDA_IMAGE
+    # the strategy reaches the trainer through the config preflight builds (key distributed.strategy)
+    assert "p4_train_distributed_strategy" in all_tasks(spec)["preflight"]["inputs"]["parameters"]
+    root = spec["root"]["inputDefinitions"]["parameters"]
+    assert root["p4_train_num_nodes"]["defaultValue"] == 1 and root["p4_train_nproc_per_node"]["defaultValue"] == 1
+    assert root["p4_train_distributed_strategy"]["defaultValue"] == "auto"
+    # the launcher only names secrets; secretKeyRef entries are built at run time, never compiled in
+    assert "secretKeyRef" not in yaml.safe_dump(spec)
+
+
+def test_warm_start_stage_carries_its_own_scale_out(compiled):
+    """The warm start has its own process counts (p3_warm_start_*) and the same GPU pool; no registry secret."""
+    spec, _ = compiled
+    params = all_tasks(spec)["warm-start"]["inputs"]["parameters"]
+    for name, parameter in {"num_nodes": "p3_warm_start_num_nodes", "nproc_per_node": "p3_warm_start_nproc_per_node",
+                            "s3_secret": "p0_s3_secret", "gpus_per_node": "p0_gpu_count",
+                            "node_selector": "p0_gpu_node_selector", "tolerations": "p0_gpu_tolerations"}.items():
+        assert params[name]["componentInputParameter"] == f"pipelinechannel--{parameter}", name
+    assert params["launcher"]["runtimeValue"]["constant"] == "trainjob"
+    assert "registry_secret" not in params
+    assert "p3_warm_start_distributed_strategy" in all_tasks(spec)["preflight"]["inputs"]["parameters"]
+
+
+def test_local_variant_launches_torchrun(tmp_path):
+    from kfp import compiler
+
+    from pipelines.amft_pipeline import amft_pipeline_local
+
+    path = tmp_path / "local.yaml"
+    compiler.Compiler().compile(amft_pipeline_local, str(path))
+    tasks = all_tasks(yaml.safe_load(path.read_text()))
+    for task, prefix in (("train", "p4_train"), ("warm-start", "p3_warm_start")):
+        params = tasks[task]["inputs"]["parameters"]
+        assert params["nproc_per_node"]["componentInputParameter"] == f"pipelinechannel--{prefix}_nproc_per_node"
+        assert "launcher" not in params and "s3_secret" not in params  # the component's default: torchrun
+
+
 def test_run_id_comes_from_the_kfp_job(compiled):
     spec, _ = compiled
     params = all_tasks(spec)["preflight"]["inputs"]["parameters"]

@@ -63,6 +63,26 @@ def test_a_retried_stage_continues_its_run_without_duplicate_points(store, tmp_p
     assert [m.step for m in client.get_metric_history(child, "mu")] == list(range(6))
 
 
+def test_a_log_rewritten_under_the_tail_is_reread_not_misparsed(store, tmp_path):
+    """A resumed trainer rewrites metrics.jsonl (restored logs cut at the checkpoint's step) after the
+    tail has read further into the old file, then appends: the tail's offset then points into the middle
+    of a line. Seen as a failed retried train task (JSONDecodeError in the final flush) in
+    tests/integration/test_pipeline_local.py; here the same sequence, deterministically."""
+    client = registry.get_client(store)
+    mlflow_run = tracking.pipeline_run(client, "run-c")  # any run to log into
+    path = tmp_path / "metrics.jsonl"
+    tail = tracking._Tail(client, mlflow_run, path, interval_s=3600, skip_through=-1)
+    _write(path, range(5))  # what an earlier attempt left, steps 0..4, read by the tail
+    tail.flush()
+    path.write_text("")  # the restore: cut at step 2 …
+    _write(path, range(2))
+    with path.open("a") as f:  # … and the resumed run appends past the old offset (its own numbers)
+        for step in range(2, 12):
+            f.write(json.dumps({"step": step, "mu": 0.4, "entropy": 1.25, "resumed_from": 2}) + "\n")
+    tail.flush()
+    assert [m.step for m in client.get_metric_history(mlflow_run, "mu")] == list(range(12))
+
+
 def test_an_unreachable_registry_does_not_stop_training(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's default backoff takes minutes
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
