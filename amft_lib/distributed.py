@@ -204,9 +204,9 @@ def wrap(model: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.M
     if dist.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        # buffers (rotary tables) are deterministic from the config: no need to broadcast them every forward
+        # buffers (rotary tables) are deterministic from the config: no need to sync them every forward
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                       broadcast_buffers=False)
+                                       forward_sync_buffers=False)
     if dist.strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

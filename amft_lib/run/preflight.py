@@ -106,8 +106,14 @@ def run_preflight(params: Mapping[str, Any], *, job_id: str = "") -> Preflight:
 
             if all(cfg.device == "cpu" for cfg in configs):
                 return True, "skipped: both stages run on CPU (device=cpu)"
-            details = [f"{stage}: {probe_training_memory(cfg, values['p0_gpu_memory_gib'])}"
-                       for stage, cfg in zip(("warm start", "training"), configs, strict=True)]
+            from amft_lib.run.scale_out import PARAMETER_PREFIX, TRAIN, WARM_START
+
+            details = []
+            for stage, cfg in ((WARM_START, configs[0]), (TRAIN, configs[1])):
+                prefix = PARAMETER_PREFIX[stage]  # FSDP2 shards the state over nodes × processes per node
+                world = values[f"{prefix}_num_nodes"] * values[f"{prefix}_nproc_per_node"]
+                details.append(f"{stage.replace('_', ' ')}: "
+                               f"{probe_training_memory(cfg, values['p0_gpu_memory_gib'], world_size=world)}")
             return True, "; ".join(details)
 
         attempt("gpu memory", probe_memory)
