@@ -54,3 +54,14 @@ def test_no_command_modules_left_at_the_library_root():
     """CLI modules live in amft_lib/cli/ (one per group); the old *_commands.py files are gone."""
     assert not list((ROOT / "amft_lib").glob("*_commands.py"))
     assert not (ROOT / "amft_lib" / "data" / "commands.py").exists()
+
+
+def test_test_modules_have_unique_basenames():
+    """pytest imports test files without packages (rootdir-relative basenames), so two
+    `test_x.py` in different test folders make collection of the second one fail for the whole run
+    — which is how one CI run died before running a single test."""
+    seen: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    clashes = {name: paths for name, paths in seen.items() if len(paths) > 1}
+    assert not clashes, f"test modules share a basename (rename one): {clashes}"
