@@ -15,6 +15,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -585,12 +586,13 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def config_hash(cfg: Any) -> str:
-    """sha256 of the canonical JSON form: identical configs hash identically across machines.
+    """sha256 of the canonical JSON form of a config dataclass or its dict: identical configs hash
+    identically across machines (checkpoints, lineage records and the registry all carry this one).
 
     `distributed` is left out: it says how the run is launched, not what it trains (a 2-rank run trains
     what a 1-rank run of the same config does), so a resume under another launch gets the precise
     world-size error instead of a config mismatch, and hashes from before the section existed hold."""
-    data = config_to_dict(cfg)
+    data = dict(cfg) if isinstance(cfg, Mapping) else config_to_dict(cfg)
     data.pop("distributed", None)
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from amft_lib import storage
+from amft_lib.config import config_hash
 
 # The scrubber lives in amft_lib.redact (one copy for storage errors, the CLI and records); these
 # names stay importable from here for the modules that use them as lineage.redact_text etc.
@@ -143,7 +144,7 @@ def image_digests(environ: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def canonical_hash(obj: Any) -> str:
-    """sha256 of canonical JSON; equals :func:`amft_lib.config.config_hash` for a config's dict."""
+    """sha256 of canonical JSON (cache keys); a config's hash is :func:`amft_lib.config.config_hash`."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -268,7 +269,7 @@ def build_lineage(
         "git_commit": git_commit(),
         "image_digests": image_digests(),
         "config": config_dict,
-        "config_hash": canonical_hash(config_dict) if config_dict is not None else None,
+        "config_hash": config_hash(config_dict) if config_dict is not None else None,
         "inputs": inputs,
         "raw_data": dict(raw_data) if raw_data is not None else _raw_data_from_inputs(inputs),
         "validation": dict(validation) if validation is not None else None,

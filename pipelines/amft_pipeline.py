@@ -64,10 +64,17 @@ def build_pipeline(target: str = "cluster") -> Any:
         if cluster:
             task.set_cpu_request(cpu).set_memory_request(memory)
 
-    def gpu_task(task: Any, gpus: Any, cpu: Any, memory: Any, node_selector: Any, tolerations: Any) -> None:
+    def gpu_task(task: Any, pre: Any, stage: str, node_selector: Any, tolerations: Any) -> None:
+        """Place `task` on the GPU pool with the pod request preflight resolved for `stage` (string
+        outputs, which is what KFP's driver reads for resources): the GPU shape when the stage runs
+        in its pod, no GPU when it only launches a TrainJob."""
         if cluster:
+            gpus, cpu, memory = (pre.outputs[f"{stage}_{field}"] for field in ("gpus", "cpu", "memory"))
             task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
             task.set_cpu_request(cpu).set_memory_request(memory)
+            # resource setters do not register their channels as the task's inputs, so the enclosing
+            # condition/exit-handler DAGs would not receive preflight's outputs (compile fails)
+            task.register_pipeline_channels([gpus, cpu, memory])
             kubernetes.add_node_selector_json(task, node_selector)
             kubernetes.add_toleration_json(task, tolerations)
             # NCCL and DataLoader workers need more shared memory than a pod's 64 MiB default
@@ -210,8 +217,7 @@ def build_pipeline(target: str = "cluster") -> Any:
                 warm.set_display_name("warm start").set_caching_options(False)
                 warm.set_retry(num_retries=2, backoff_duration=gpu_backoff, backoff_factor=2.0,
                                backoff_max_duration="600s")
-                gpu_task(warm, p0_gpu_count, p0_gpu_cpu_request, p0_gpu_memory_request, p0_gpu_node_selector,
-                         p0_gpu_tolerations)
+                gpu_task(warm, pre, "warm_start", p0_gpu_node_selector, p0_gpu_tolerations)
                 secrets(warm, p0_s3_secret)
 
                 # ── Stage 4: AMFT training (GPU; checkpoints to the run root, resume auto) ──
@@ -226,8 +232,7 @@ def build_pipeline(target: str = "cluster") -> Any:
                 # a retried task resumes from its newest checkpoint instead of starting over
                 trained.set_retry(num_retries=2, backoff_duration=gpu_backoff, backoff_factor=2.0,
                                   backoff_max_duration="600s")
-                gpu_task(trained, p0_gpu_count, p0_gpu_cpu_request, p0_gpu_memory_request, p0_gpu_node_selector,
-                         p0_gpu_tolerations)
+                gpu_task(trained, pre, "train", p0_gpu_node_selector, p0_gpu_tolerations)
                 secrets(trained, p0_s3_secret, p0_registry_secret)  # MLflow: params and curves while it trains
 
                 # ── Stage 5: evaluate (vs base, warm start and champion) ──
@@ -243,8 +248,7 @@ def build_pipeline(target: str = "cluster") -> Any:
                 scored.set_retry(num_retries=2, backoff_duration=gpu_backoff, backoff_factor=2.0,
                                  backoff_max_duration="600s")
                 # on the GPU pool: generation is evaluation's cost (bf16 and batched there; CPU locally)
-                gpu_task(scored, p0_gpu_count, p0_gpu_cpu_request, p0_gpu_memory_request, p0_gpu_node_selector,
-                         p0_gpu_tolerations)
+                gpu_task(scored, pre, "evaluate", p0_gpu_node_selector, p0_gpu_tolerations)
                 secrets(scored, p0_s3_secret, p0_registry_secret)
 
                 with dsl.If(scored.outputs["Output"] == True, name="blessed"):  # noqa: E712 (a KFP condition)

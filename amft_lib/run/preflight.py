@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from amft_lib.run import scale_out
 from amft_lib.run.layout import RunRoot, put_json
 from amft_lib.run.settings import SETTINGS, build_configs
 
@@ -28,12 +29,14 @@ class Check:
 
 @dataclasses.dataclass
 class Preflight:
-    """The checks, and — only when all passed — the resolved run and both configs as JSON."""
+    """The checks, and — only when all passed — the resolved run, both configs as JSON, and what each
+    GPU stage's own task pod requests (keyed by stage: warm_start, train, evaluate)."""
 
     checks: list[Check]
     run: RunRoot | None = None
     warm_start_config: str = ""
     train_config: str = ""
+    pods: dict[str, scale_out.PodRequest] = dataclasses.field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -106,11 +109,9 @@ def run_preflight(params: Mapping[str, Any], *, job_id: str = "") -> Preflight:
 
             if all(cfg.device == "cpu" for cfg in configs):
                 return True, "skipped: both stages run on CPU (device=cpu)"
-            from amft_lib.run.scale_out import PARAMETER_PREFIX, TRAIN, WARM_START
-
             details = []
-            for stage, cfg in ((WARM_START, configs[0]), (TRAIN, configs[1])):
-                prefix = PARAMETER_PREFIX[stage]  # FSDP2 shards the state over nodes × processes per node
+            for stage, cfg in ((scale_out.WARM_START, configs[0]), (scale_out.TRAIN, configs[1])):
+                prefix = scale_out.PARAMETER_PREFIX[stage]  # FSDP2 shards the state over nodes × processes per node
                 world = values[f"{prefix}_num_nodes"] * values[f"{prefix}_nproc_per_node"]
                 details.append(f"{stage.replace('_', ' ')}: "
                                f"{probe_training_memory(cfg, values['p0_gpu_memory_gib'], world_size=world)}")
@@ -119,16 +120,16 @@ def run_preflight(params: Mapping[str, Any], *, job_id: str = "") -> Preflight:
         attempt("gpu memory", probe_memory)
 
         def probe_scale_out() -> tuple[bool, str]:
-            from amft_lib.run.scale_out import PARAMETER_PREFIX, TRAIN, WARM_START, check_scale_out
-
             details = []
-            for stage, cfg in ((WARM_START, configs[0]), (TRAIN, configs[1])):
-                prefix, strategy = PARAMETER_PREFIX[stage], cfg.distributed.strategy
-                scale = check_scale_out(values[f"{prefix}_num_nodes"], values[f"{prefix}_nproc_per_node"], strategy,
-                                        "trainjob", stage=stage)
+            for stage, cfg in ((scale_out.WARM_START, configs[0]), (scale_out.TRAIN, configs[1])):
+                prefix, strategy = scale_out.PARAMETER_PREFIX[stage], cfg.distributed.strategy
+                scale = scale_out.check_scale_out(values[f"{prefix}_num_nodes"], values[f"{prefix}_nproc_per_node"],
+                                                  strategy, "trainjob", gpus_per_node=values["p0_gpu_count"],
+                                                  stage=stage)
                 details.append(f"{stage}: 1 process (in the task's pod)" if scale.world_size == 1 else
                                f"{stage}: {scale.num_nodes} node(s) × {scale.nproc_per_node} process(es) ({strategy}), "
-                               "launched by the task (TrainJob on a cluster, torchrun locally)")
+                               "launched by the task (TrainJob on a cluster, torchrun locally; the task's own pod "
+                               "requests no GPU)")
             return True, "; ".join(details)
 
         attempt("scale-out", probe_scale_out)
@@ -145,10 +146,23 @@ def run_preflight(params: Mapping[str, Any], *, job_id: str = "") -> Preflight:
         result.run = run
         result.warm_start_config = json.dumps(config_to_dict(configs[0]), sort_keys=True)
         result.train_config = json.dumps(config_to_dict(configs[1]), sort_keys=True)
+        result.pods = task_pods(values)
         put_json(run.preflight, {"checks": [dataclasses.asdict(c) for c in result.checks], "run_id": run.run_id,
                                  "warm_start_config": config_to_dict(configs[0]),
                                  "train_config": config_to_dict(configs[1])})
     return result
+
+
+def task_pods(values: Mapping[str, Any]) -> dict[str, scale_out.PodRequest]:
+    """Each GPU stage task's pod request for these (checked) settings: a stage that runs more than one
+    process launches them and needs no GPU itself; evaluation always runs in its pod."""
+    shape = values["p0_gpu_count"], values["p0_gpu_cpu_request"], values["p0_gpu_memory_request"]
+    pods = {}
+    for stage in (scale_out.WARM_START, scale_out.TRAIN):
+        prefix = scale_out.PARAMETER_PREFIX[stage]
+        pods[stage] = scale_out.task_pod(values[f"{prefix}_num_nodes"] * values[f"{prefix}_nproc_per_node"], *shape)
+    pods["evaluate"] = scale_out.task_pod(1, *shape)
+    return pods
 
 
 def checks_markdown(checks: Sequence[Check]) -> str:

@@ -21,8 +21,11 @@ selector, tolerations and GPU shape already are pipeline parameters (p0_gpu_*), 
 one source of truth that kfp.local, `.python_func` and the compiled YAML all show; a TaskConfig is
 filled only by the KFP backend's driver, so that path could not be run or tested off-cluster. ENV
 passthrough would also forward the task's secret-backed variables; the TrainJob instead names the
-secrets (valueFrom.secretKeyRef) itself. Known cost: in TrainJob mode the launcher pod still holds
-the train task's own requests (KFP fixes them at compile time) while the job runs.
+secrets (valueFrom.secretKeyRef) itself.
+
+The launching task's own pod is sized at run time too (`task_pod`, from preflight's outputs): a TrainJob
+launcher asks for no GPU and a small CPU/memory slice while its job holds the GPUs, so a pool with
+exactly the nodes the job needs cannot deadlock on the launcher's request.
 """
 
 from __future__ import annotations
@@ -88,6 +91,29 @@ class ClusterJob:
     shm_size: str = "16Gi"
     timeout_s: float = 3 * 24 * 3600.0
     poll_s: float = 15.0
+
+
+# The launching task's pod while a TrainJob does the work: it only creates, watches and deletes the job.
+LAUNCHER_CPU, LAUNCHER_MEMORY = "1", "2Gi"
+
+
+@dataclass(frozen=True)
+class PodRequest:
+    """A GPU stage task's own pod resources, as strings: KFP's driver reads a resource placeholder's
+    value with GetStringValue (backend/src/v2/driver/resolve.go), so an integer-typed input resolves
+    to "" and the GPU limit is silently dropped."""
+
+    gpus: str
+    cpu: str
+    memory: str
+
+
+def task_pod(world_size: int, gpus: int, cpu: str, memory: str) -> PodRequest:
+    """What the stage task's pod requests: the GPU shape when it trains in-pod (one process), almost
+    nothing when it launches `world_size` processes elsewhere (their pods get the GPU shape)."""
+    if world_size == 1:
+        return PodRequest(str(gpus), cpu, memory)
+    return PodRequest("0", LAUNCHER_CPU, LAUNCHER_MEMORY)
 
 
 def check_scale_out(num_nodes: Any, nproc_per_node: Any, strategy: str, launcher: str = "torchrun",

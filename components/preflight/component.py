@@ -22,6 +22,9 @@ def preflight(
     p0_run_id: str,
     p0_s3_root: str,
     p0_s3_endpoint_url: str,
+    p0_gpu_count: int,
+    p0_gpu_cpu_request: str,
+    p0_gpu_memory_request: str,
     p0_gpu_memory_gib: float,
     p1_data_task: str,
     p1_data_input_uri: str,
@@ -54,7 +57,10 @@ def preflight(
     p4_train_seed: int,
     p4_train_overrides: list,
     p6_registry_tracking_uri: str,
-) -> NamedTuple("Outputs", [("run_id", str), ("run_root", str), ("warm_start_config", str), ("train_config", str)]):
+) -> NamedTuple("Outputs", [("run_id", str), ("run_root", str), ("warm_start_config", str), ("train_config", str),
+                            ("warm_start_gpus", str), ("warm_start_cpu", str), ("warm_start_memory", str),
+                            ("train_gpus", str), ("train_cpu", str), ("train_memory", str),
+                            ("evaluate_gpus", str), ("evaluate_cpu", str), ("evaluate_memory", str)]):
     """Validate settings and connectivity; output the resolved run and configs.
 
     Takes the pipeline parameters under their own names (amft_lib.run.settings describes each one;
@@ -62,6 +68,9 @@ def preflight(
 
     Args:
         job_id: the KFP job id (dsl.PIPELINE_JOB_ID_PLACEHOLDER); the run id when p0_run_id is empty.
+
+    Returns the run, both stage configs, and each GPU task's own pod request (strings: what KFP's
+    driver reads for resources): no GPU for a stage that launches a TrainJob.
     """
     params = dict(locals())  # first statement: exactly the parameters above
     from collections import namedtuple
@@ -76,8 +85,10 @@ def preflight(
         f.write(checks_markdown(result.checks))
     if not result.passed:
         raise RuntimeError("preflight failed: " + "; ".join(result.failures()))
-    outputs = namedtuple("Outputs", ["run_id", "run_root", "warm_start_config", "train_config"])
-    return outputs(result.run.run_id, result.run.uri, result.warm_start_config, result.train_config)
+    pods = {f"{stage}_{field}": getattr(pod, field) for stage, pod in result.pods.items()
+            for field in ("gpus", "cpu", "memory")}
+    outputs = namedtuple("Outputs", ["run_id", "run_root", "warm_start_config", "train_config", *pods])
+    return outputs(result.run.run_id, result.run.uri, result.warm_start_config, result.train_config, **pods)
 
 if __name__ == "__main__":
     from kfp import compiler

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from kfp import compiler, dsl
 
-from amft_lib.run import settings
+from amft_lib.run import scale_out, settings
 from amft_lib.run.layout import RunRoot, put_json
 from amft_lib.run.summary import summarize_run, summary_markdown
 from components.evaluate import evaluate
@@ -132,6 +132,24 @@ def test_preflight_reports_every_problem_before_failing(tmp_path, tracking_uri):
     assert "p3_model_name" in str(err.value)  # the error names the pipeline parameter
     text = Path(report.path).read_text()
     assert "FAILED" in text and "| config | **failed** |" in text and "| registry | ok |" in text
+
+
+def test_preflight_sizes_each_gpu_task_pod_for_where_its_processes_run(tmp_path, tracking_uri):
+    """Training on 2 processes launches them (a TrainJob on a cluster), so the train task's own pod asks
+    for no GPU and a launcher's CPU slice; the warm start (1 process) and evaluation keep the GPU shape."""
+    report = artifact(dsl.Markdown, tmp_path, "report")
+    Path(report.path).parent.mkdir(parents=True)
+    knobs = {**PREFLIGHT_KNOBS, "p0_s3_root": str(tmp_path / "s3"), "p6_registry_tracking_uri": tracking_uri,
+             "p0_gpu_count": 2, "p0_gpu_cpu_request": "16", "p0_gpu_memory_request": "64Gi",
+             "p4_train_nproc_per_node": 2, "p4_train_distributed_strategy": "ddp"}
+    out = preflight.python_func(report=report, job_id="job-pods", **knobs)
+    assert (out.train_gpus, out.train_cpu, out.train_memory) == ("0", scale_out.LAUNCHER_CPU, scale_out.LAUNCHER_MEMORY)
+    for stage in ("warm_start", "evaluate"):
+        assert tuple(getattr(out, f"{stage}_{f}") for f in ("gpus", "cpu", "memory")) == ("2", "16", "64Gi"), stage
+    assert "the task's own pod requests no GPU" in Path(report.path).read_text()
+    # one process per GPU: more processes per node than the pool's GPUs is refused before anything runs
+    with pytest.raises(RuntimeError, match=r"p4_train_nproc_per_node=4 > p0_gpu_count=2"):
+        preflight.python_func(report=report, job_id="job-pods-2", **{**knobs, "p4_train_nproc_per_node": 4})
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ tolerations, the gates and the exit handler. And the committed YAML equals a fre
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,14 +43,34 @@ def executor(spec: dict, stage: str) -> dict:
     return spec["deploymentSpec"]["executors"][f"exec-{stage}"]["container"]
 
 
-def test_gpu_stages_request_gpus_cpu_and_memory_from_parameters(compiled):
+def placeholder_input(value: str) -> str:
+    """The input parameter a resource placeholder names: {{$.inputs.parameters['NAME']}} → NAME."""
+    match = re.fullmatch(r"\{\{\$\.inputs\.parameters\['([^']+)'\]\}\}", value)
+    assert match, f"not an input placeholder: {value!r}"
+    return match.group(1)
+
+
+def test_gpu_stages_request_the_pod_preflight_resolved_as_strings(compiled):
+    """Each GPU stage's pod request comes from preflight's string outputs for that stage. Strings,
+    because KFP's driver reads a resource placeholder's value with GetStringValue
+    (backend/src/v2/driver/resolve.go): an integer input (p0_gpu_count, as this pipeline once wired it)
+    resolves to "" and the pod silently gets no GPU."""
     spec, _ = compiled
+    preflight_outputs = spec["components"]["comp-preflight"]["outputDefinitions"]["parameters"]
+    declared = {}  # every DAG component's input parameter types, by name
+    for component in spec["components"].values():
+        declared.update({name: d["parameterType"]
+                         for name, d in (component.get("inputDefinitions") or {}).get("parameters", {}).items()})
     for stage in GPU_STAGES:
         resources = executor(spec, stage)["resources"]
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
-        assert "p0_gpu_count" in resources["accelerator"]["resourceCount"]
-        assert "p0_gpu_cpu_request" in resources["resourceCpuRequest"]
-        assert "p0_gpu_memory_request" in resources["resourceMemoryRequest"]
+        key = stage.replace("-", "_")
+        for field, value in (("gpus", resources["accelerator"]["resourceCount"]),
+                             ("cpu", resources["resourceCpuRequest"]), ("memory", resources["resourceMemoryRequest"])):
+            name = placeholder_input(value)
+            assert name == f"pipelinechannel--preflight-{key}_{field}", (stage, field, name)
+            assert preflight_outputs[f"{key}_{field}"]["parameterType"] == "STRING", (stage, field)
+            assert declared[name] == "STRING", f"{stage} {field}: the enclosing DAG passes {declared[name]}"
     for stage in ("preflight", "prepare-data", "validate-data", "register", "run-summary"):
         assert "accelerator" not in executor(spec, stage).get("resources", {}), f"{stage} must not ask for a GPU"
 
