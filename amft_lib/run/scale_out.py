@@ -204,16 +204,18 @@ def trainjob_for(run: RunRoot, scale: ScaleOut, job: ClusterJob, namespace: str,
 
 
 def launch_trainjob(run: RunRoot, scale: ScaleOut, job: ClusterJob, api: Any = None, namespace: str = "",
-                    stage: str = TRAIN) -> None:
-    """Create (or re-attach to) `stage`'s TrainJob and wait for it (amft_lib.run.trainjob_watch).
-    In a pod, the API client and namespace come from the pod's service account."""
+                    stage: str = TRAIN, core: Any = None) -> None:
+    """Create (or re-attach to) `stage`'s TrainJob and wait for it (amft_lib.run.trainjob_watch),
+    following its node-0 pod's log (amft_lib.run.trainjob_logs; `core` is a CoreV1Api, None: no logs).
+    In a pod, the API clients and namespace come from the pod's service account."""
+    from amft_lib.run.trainjob_logs import PodLogTail
     from amft_lib.run.trainjob_watch import run_trainjob
 
     if api is None:
         from kubernetes import client, config
 
         config.load_incluster_config()
-        api = client.CustomObjectsApi()
+        api, core = client.CustomObjectsApi(), client.CoreV1Api()
     if not namespace:
         with open(SERVICE_ACCOUNT_NAMESPACE, encoding="utf-8") as f:
             namespace = f.read().strip()
@@ -224,5 +226,6 @@ def launch_trainjob(run: RunRoot, scale: ScaleOut, job: ClusterJob, api: Any = N
     # what defines the training, not resumed_from_step: a retry (more checkpoints by then) is the same job
     spec = json.loads(storage.get_bytes(run.launch_spec(stage)))
     launch_hash = storage.sha256_bytes(json.dumps([spec["config"], spec["init_model"]], sort_keys=True).encode())[:16]
-    run_trainjob(api, trainjob_for(run, scale, job, namespace, launch_hash, stage), timeout_s=job.timeout_s,
-                 poll_s=job.poll_s)
+    manifest = trainjob_for(run, scale, job, namespace, launch_hash, stage)
+    logs = PodLogTail(core, namespace, manifest["metadata"]["name"]) if core is not None else None
+    run_trainjob(api, manifest, timeout_s=job.timeout_s, poll_s=job.poll_s, logs=logs)

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from amft_lib.run.trainjob import GROUP, PLURAL, VERSION, TrainJobError
+from amft_lib.run.trainjob_logs import PodLogTail
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,15 @@ class TrainJobTimeout(TrainJobError):
 
 def run_trainjob(api: Any, manifest: Mapping[str, Any], *, timeout_s: float, poll_s: float = 10.0,
                  keep: str = "on-failure", sleep: Callable[[float], None] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+                 clock: Callable[[], float] = time.monotonic, logs: PodLogTail | None = None) -> dict[str, Any]:
     """Create (or re-attach to) the TrainJob `manifest`, log its status changes until it is Complete
-    or Failed, apply the keep/delete policy, and return the last object read.
+    or Failed, apply the keep/delete policy, and return the last object read. With `logs`, the node-0
+    pod's output follows the status into this process's log, and a failure shows each failed pod's
+    last lines.
 
-    Raises TrainJobFailed (one line: name, reason, message), TrainJobTimeout, or TrainJobError for an
-    API error (403 names the RBAC file the pipeline's service account needs).
+    Raises TrainJobFailed (one line: name, reason, message, the failed pod's last error line),
+    TrainJobTimeout, or TrainJobError for an API error (403 names the RBAC file the pipeline's service
+    account needs).
     """
     if keep not in KEEP_POLICIES:
         raise TrainJobError(f"keep={keep!r}: choose one of {', '.join(KEEP_POLICIES)}")
@@ -66,13 +70,16 @@ def run_trainjob(api: Any, manifest: Mapping[str, Any], *, timeout_s: float, pol
         if observed != seen:
             log.info("%s: %s", ref, describe_state(state))
             seen = observed
+        if logs is not None:
+            logs.poll()
         if state["phase"] == "Complete":
             if keep != "always":
                 _delete(api, name, namespace, ref, "complete")
             return job
         if state["phase"] == "Failed":
             raise TrainJobFailed(f"{ref} failed: {state['reason'] or 'no reason given'}"
-                                 f"{': ' + state['message'] if state['message'] else ''} (kept for its pod logs)")
+                                 f"{': ' + state['message'] if state['message'] else ''}"
+                                 f"{failed_pods_report(logs)} (kept for its pod logs)")
         if clock() >= deadline:
             if keep != "always":
                 _delete(api, name, namespace, ref, "timed out")
@@ -80,6 +87,20 @@ def run_trainjob(api: Any, manifest: Mapping[str, Any], *, timeout_s: float, pol
                                   "under the run root: a retry resumes from them)")
         sleep(poll_s)
         job = _call(ref, "read", lambda: api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
+
+
+def failed_pods_report(logs: PodLogTail | None) -> str:
+    """Print each failed pod's last lines; return "; <pod>: <its last error line>" for the first one."""
+    if logs is None:
+        return ""
+    from amft_lib.run.scale_out import last_error_line
+
+    failed = logs.failed_pods()
+    for pod, lines in failed:
+        logs.emit(f"── last {len(lines)} lines of failed pod {pod} ──")
+        for line in lines:
+            logs.emit(f"[{pod}] {line}")
+    return f"; {failed[0][0]}: {last_error_line(failed[0][1])}" if failed else ""
 
 
 def job_state(job: Mapping[str, Any]) -> dict[str, Any]:

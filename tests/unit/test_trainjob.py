@@ -212,18 +212,23 @@ def test_env_rules(env, message):
 
 
 def test_rbac_grants_exactly_what_the_watcher_calls():
-    """pipelines/rbac/trainjob-launcher.yaml: create/get/delete on trainjobs, bound to a service account."""
+    """pipelines/rbac/trainjob-launcher.yaml: create/get/delete on trainjobs, list pods and get pods/log
+    (the log tail), bound to a service account; read from the calls the launcher's modules make."""
     import inspect
 
-    from amft_lib.run import trainjob_watch
+    from amft_lib.run import trainjob_logs, trainjob_watch
 
     role, binding = yaml.safe_load_all((Path(__file__).resolve().parents[2] / "pipelines" / "rbac" /
                                         "trainjob-launcher.yaml").read_text())
-    (rule,) = role["rules"]
-    assert rule["apiGroups"] == ["trainer.kubeflow.org"] and rule["resources"] == ["trainjobs"]
+    granted = {(group, resource): set(rule["verbs"]) for rule in role["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"]}
     source = inspect.getsource(trainjob_watch)
-    used = {verb for verb in ("create", "get", "delete", "patch", "list", "replace")
+    jobs = {verb for verb in ("create", "get", "delete", "patch", "list", "replace")
             if f".{verb}_namespaced_custom_object(" in source}
-    assert set(rule["verbs"]) == used == {"create", "get", "delete"}
+    logs_source = inspect.getsource(trainjob_logs)
+    pods = {verb for verb in ("list", "read", "create", "delete", "patch") if f".{verb}_namespaced_pod(" in logs_source}
+    assert granted == {("trainer.kubeflow.org", "trainjobs"): jobs, ("", "pods"): pods,
+                       ("", "pods/log"): {"get"} if ".read_namespaced_pod_log(" in logs_source else set()}
+    assert jobs == {"create", "get", "delete"} and pods == {"list"}
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"][0]["kind"] == "ServiceAccount"
