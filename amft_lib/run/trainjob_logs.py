@@ -7,7 +7,8 @@ Reads only through `CoreV1Api.list_namespaced_pod` and `read_namespaced_pod_log`
 pods/log `get`; pipelines/rbac/trainjob-launcher.yaml). Polling, not `follow=True`: the watcher already
 polls the TrainJob, a pod can be replaced mid-run (a restarted node), and a stuck stream must never hold
 the launcher. Each read asks for the seconds since the previous one (plus a margin) with timestamps,
-and lines at or before the last one printed are dropped, so nothing is printed twice and a long run
+and lines before the last one printed (or among those sharing its timestamp, already printed) are
+dropped, so nothing is printed twice and a long run
 costs one short read per poll. Reading logs is best effort: no error here ever fails the stage.
 
 Pods are found by the labels JobSet puts on them (the TrainJob's JobSet has the TrainJob's name; the
@@ -42,6 +43,7 @@ class PodLogTail:
         self.clock = clock
         self.pod = ""  # the pod followed now (a replaced pod starts over)
         self.last = ""  # RFC 3339 timestamp of the last line printed from it
+        self.at_last = 0  # how many printed lines carry exactly that timestamp (lines can share one)
         self.read_at = 0.0
         self.disabled = False
         self._warned: set[str] = set()
@@ -58,7 +60,7 @@ class PodLogTail:
         if name != self.pod:
             if self.pod:
                 self.emit(f"[{name}] (node 0 now runs in a new pod)")
-            self.pod, self.last = name, ""
+            self.pod, self.last, self.at_last = name, "", 0
         now = self.clock()
         kwargs: dict[str, Any] = {"timestamps": True}
         if self.last:
@@ -69,11 +71,18 @@ class PodLogTail:
         if text is None:
             return
         self.read_at = now
+        seen_at_last = 0  # lines stamped `last` in this read; the first `at_last` of them were printed before
         for stamp, line in split_timestamps(text):
-            if stamp and self.last and stamp <= self.last:
+            if stamp and self.last and stamp < self.last:
                 continue
+            if stamp and stamp == self.last:
+                seen_at_last += 1
+                if seen_at_last <= self.at_last:
+                    continue
+                self.at_last += 1
+            elif stamp:
+                self.last, self.at_last, seen_at_last = stamp, 1, 1
             self.emit(f"[{name}] {line}")
-            self.last = stamp or self.last
 
     def failed_pods(self) -> list[tuple[str, list[str]]]:
         """(pod name, last lines) of every pod of the job that failed, node order, for the failure report."""

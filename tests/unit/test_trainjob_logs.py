@@ -92,6 +92,18 @@ def test_the_node0_log_is_printed_once_as_it_grows_and_a_replaced_pod_starts_ove
                            f"[{NAME}-node-0-0-c] resuming from step 3"]
 
 
+def test_lines_sharing_a_timestamp_are_each_printed_once():
+    """A burst of lines can carry one timestamp; a read that ends inside the burst must not lose the rest."""
+    core = FakeCoreV1Api()
+    core.pods = [pod(f"{NAME}-node-0-0-a")]
+    core.logs[f"{NAME}-node-0-0-a"] = [(1, "a"), (2, "b1"), (2, "b2")]
+    tail, printed = tail_of(core)
+    tail.poll()
+    core.logs[f"{NAME}-node-0-0-a"] += [(2, "b3"), (3, "c")]
+    tail.poll()
+    assert [line.split("] ", 1)[1] for line in printed] == ["a", "b1", "b2", "b3", "c"]
+
+
 def test_no_log_access_is_said_once_and_never_fails(caplog):
     core = FakeCoreV1Api()
     core.pods = [pod(f"{NAME}-node-0-0-a")]
