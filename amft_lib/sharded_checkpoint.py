@@ -17,8 +17,13 @@ files in a local temp folder and uploads them, so nodes need no shared filesyste
 unpickled on load: DCP's files are tensors plus its metadata, the RNG files go through
 `torch.load(weights_only=True)` (checkpoint.py).
 
-Resuming needs the same world size (checked by the trainer against ``trainer_state.world_size``):
-the per-rank RNG streams and the "one contiguous block per rank" data split are tied to it.
+Training resumes under another world size or strategy (`check_world(elastic=True)`): DCP reshards
+model and optimizer onto whatever sharding loads them (FSDP2 on M ranks, DDP, or one plain process), the
+data cursors are global (every rank takes its block of the same global batch), and no training draw uses
+the per-rank RNG streams (rollouts are seeded per row), so the run continues on the same trajectory up to
+float reduction order. A 1-process checkpoint (safetensors + a full optimizer state) resumes under DDP
+(every rank loads it whole) but not under FSDP2. The warm start keeps the strict rule: its rejection
+sampling's partial blocks are per rank.
 """
 
 from __future__ import annotations
@@ -85,12 +90,20 @@ def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> d
     return {"model": model_state, "optim": optim_state}
 
 
-def check_world(uri: str, trainer_state: dict[str, Any], dist: Dist) -> None:
-    """Refuse a checkpoint written by another number of processes (or another layout)."""
+def check_world(uri: str, trainer_state: dict[str, Any], dist: Dist, *, elastic: bool = False) -> None:
+    """Refuse a checkpoint this launch cannot continue: any change of world size or strategy when not
+    `elastic`; with `elastic`, only a 1-process checkpoint under FSDP2 (no sharded state to reshard)."""
     saved_world = int(trainer_state.get("world_size", 1))
     saved_strategy = trainer_state.get("strategy", "none")
-    if saved_world != dist.world_size or (saved_world > 1 and saved_strategy != dist.strategy):
+    same = saved_world == dist.world_size and (saved_world == 1 or saved_strategy == dist.strategy)
+    if same:
+        return
+    if not elastic:
         raise ckpt.CheckpointError(
             f"{uri} was written by {saved_world} process(es) with distributed.strategy={saved_strategy}; this run "
             f"has {dist.world_size} with {dist.strategy}: relaunch with the same nnodes × nproc-per-node and "
-            "strategy (changing the world size on resume is not supported), or start a new run root")
+            "strategy (the warm start does not change world size on resume), or start a new run root")
+    if saved_world == 1 and dist.strategy == "fsdp":
+        raise ckpt.CheckpointError(
+            f"{uri} was written by 1 process (whole tensors, no DCP shards): resume it under ddp or in one "
+            "process, then continue under fsdp from that run's next checkpoint")

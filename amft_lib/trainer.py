@@ -264,7 +264,7 @@ def train(
     seed_everything(cfg.seed)
     dist, device = distributed.init(cfg.distributed, resolve_device(cfg.device))
     if restored is not None:
-        sharded_checkpoint.check_world(restored[0], restored[2].trainer_state, dist)
+        sharded_checkpoint.check_world(restored[0], restored[2].trainer_state, dist, elastic=True)
     try:
         return _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, eval_rows, progress,
                       checkpoint_root, restored, cfg_hash, t_start)
@@ -343,8 +343,13 @@ def _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, e
         if checkpoint_root and main:
             _restore_logs(checkpoint_root, out, start_step)
         rng = payload.rng_state  # last: nothing draws until the loop
-        restore_rng_state(rng["per_rank"][dist.rank] if "per_rank" in rng else rng)
-        log.info("resumed from %s at step %d (μ=%.4f)", uri, start_step, state.mu)
+        per_rank = rng.get("per_rank", [rng])
+        if dist.rank < len(per_rank):  # a rank the saving run did not have keeps its seeded stream
+            restore_rng_state(per_rank[dist.rank])
+        saved_world, saved_strategy = int(ts.get("world_size", 1)), ts.get("strategy", "none")
+        log.info("resumed from %s at step %d (μ=%.4f)%s", uri, start_step, state.mu,
+                 f"; written by {saved_world} process(es) ({saved_strategy}), continuing on {dist.world_size} "
+                 f"({dist.strategy})" if (saved_world, saved_strategy) != (dist.world_size, dist.strategy) else "")
     logs = _Logs(out, append=restored is not None) if main else None
 
     def save(step_done: int) -> None:

@@ -5,6 +5,8 @@ tests/integration/test_distributed.py (real torchrun, gloo)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -101,3 +103,27 @@ def test_strategy_none_under_torchrun_is_refused_before_anything_is_written(tmp_
     with pytest.raises(ConfigError, match=r"rollout\.prompts_per_step=3 does not split over 2 ranks"):
         train(cfg, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("saved", "now", "elastic", "refused"), [
+    ((2, "fsdp"), (2, "fsdp"), False, None),
+    ((1, "none"), (1, "none"), False, None),
+    ((2, "fsdp"), (1, "none"), False, "written by 2 process(es) with distributed.strategy=fsdp"),
+    ((2, "ddp"), (2, "fsdp"), False, "the warm start does not change world size"),
+    ((2, "fsdp"), (1, "none"), True, None),  # DCP reshards onto whole tensors
+    ((4, "fsdp"), (2, "ddp"), True, None),
+    ((1, "none"), (2, "ddp"), True, None),  # every DDP rank loads the whole 1-process state
+    ((1, "none"), (2, "fsdp"), True, "written by 1 process (whole tensors, no DCP shards)"),
+])
+def test_which_checkpoints_a_launch_can_continue(saved, now, elastic, refused):
+    """The trainer resumes elastically; the warm start (and any strict caller) only on the same layout."""
+    from amft_lib.checkpoint import CheckpointError
+    from amft_lib.sharded_checkpoint import check_world
+
+    state = {"world_size": saved[0], "strategy": saved[1]}
+    dist = Dist(world_size=now[0], strategy=now[1])
+    if refused is None:
+        check_world("s3://b/run/checkpoints/step-0000004", state, dist, elastic=elastic)
+    else:
+        with pytest.raises(CheckpointError, match=re.escape(refused)):
+            check_world("s3://b/run/checkpoints/step-0000004", state, dist, elastic=elastic)
