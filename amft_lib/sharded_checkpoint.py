@@ -13,9 +13,14 @@ Layout (manifest ``"layout": "dcp"``, ``"world_size"``, ``"strategy"``)::
 Why DCP: under FSDP2 no rank holds the whole model, and gathering it onto one rank to write
 safetensors would need the whole model (and optimizer, 3× larger) in one host's memory. DCP writes
 each rank's shard in parallel and loads it back onto the same sharding. Every rank stages its own
-files in a local temp folder and uploads them, so nodes need no shared filesystem. Nothing is
-unpickled on load: DCP's files are tensors plus its metadata, the RNG files go through
-`torch.load(weights_only=True)` (checkpoint.py).
+files in a local temp folder and uploads them, so nodes need no shared filesystem.
+
+Nothing from the run root is unpickled freely (DESIGN.md): stock DCP reads `.metadata` with
+`pickle.load` and non-tensor items (the optimizer's param groups) with `torch.load(weights_only=False)`,
+so a crafted checkpoint would run code in every training pod. `load` goes through `safe_dcp`: the
+metadata through an unpickler that admits only DCP's own metadata classes, a non-tensor item only if
+`torch.load(weights_only=True)` accepts it; tensors are read with weights_only already, and the RNG
+files go through `torch.load(weights_only=True)` (checkpoint.py).
 
 Training resumes under another world size or strategy (`check_world(elastic=True)`): DCP reshards
 model and optimizer onto whatever sharding loads them (FSDP2 on M ranks, DDP, or one plain process), the
@@ -71,8 +76,11 @@ def load(payload: ckpt.CheckpointPayload, model: torch.nn.Module, optimizer: tor
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
+    from amft_lib.safe_dcp import SafeLoadPlanner, SafeReader
+
+    SafeReader(payload.sharded_dir).read_metadata()  # refused metadata: one line here, not DCP's wrapped error
     state = _state(model, optimizer)  # the target sharding (get_state_dict initialises the optimizer state)
-    dcp.load(state, storage_reader=dcp.FileSystemReader(payload.sharded_dir))
+    dcp.load(state, storage_reader=SafeReader(payload.sharded_dir), planner=SafeLoadPlanner())
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:
