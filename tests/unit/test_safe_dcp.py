@@ -90,3 +90,15 @@ def test_a_crafted_non_tensor_item_is_refused(tmp_path):
     with pytest.raises(CorruptCheckpointError, match=r"optim\.param_groups\.0\.lr refused by torch\.load"):
         SafeLoadPlanner().load_bytes(item, buffer)
     assert not marker.exists()
+
+
+def test_the_library_loads_dcp_only_through_the_safe_reader_and_planner():
+    """A later `dcp.load(...)` with DCP's defaults would bring the free unpickling back."""
+    root = Path(__file__).resolve().parents[2] / "amft_lib"
+    calls = [(path.name, line) for path in root.rglob("*.py") for line in path.read_text().splitlines()
+             if "dcp.load(" in line or "FileSystemReader(" in line]
+    assert calls, "no DCP load found: the check would pass vacuously"
+    for name, line in calls:
+        if "class SafeReader(dcp.FileSystemReader)" in line:
+            continue
+        assert "SafeReader(" in line and "planner=SafeLoadPlanner()" in line, f"{name}: {line.strip()}"
