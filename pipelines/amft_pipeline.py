@@ -81,7 +81,7 @@ def build_pipeline(target: str = "cluster") -> Any:
             kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
 
     def scale_out(num_nodes: Any, nproc_per_node: Any, s3_secret: Any, gpus: Any, cpu: Any, memory: Any,
-                  node_selector: Any, tolerations: Any, **extra: Any) -> dict[str, Any]:
+                  node_selector: Any, tolerations: Any, timeout_h: Any, **extra: Any) -> dict[str, Any]:
         """A GPU stage's scale-out inputs: more than one process runs as a TrainJob on the GPU pool on a
         cluster (needs pipelines/rbac/trainjob-launcher.yaml), a local torchrun otherwise; the task fills
         its outputs from the run root either way (amft_lib.run.scale_out)."""
@@ -89,7 +89,7 @@ def build_pipeline(target: str = "cluster") -> Any:
         if cluster:
             args.update(launcher="trainjob", image=CUDA_IMAGE, s3_secret=s3_secret, gpus_per_node=gpus,
                         cpu_per_node=cpu, memory_per_node=memory, node_selector=node_selector,
-                        tolerations=tolerations, **extra)
+                        tolerations=tolerations, trainjob_timeout_h=timeout_h, **extra)
         return args
 
     def secrets(task: Any, s3_secret: Any, registry_secret: Any = None) -> None:
@@ -116,6 +116,7 @@ def build_pipeline(target: str = "cluster") -> Any:
         p0_gpu_memory_gib: float = 80.0,
         p0_gpu_node_selector: dict = {"nvidia.com/gpu.present": "true"},  # noqa: B006 (a KFP default)
         p0_gpu_tolerations: list = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],  # noqa: B006
+        p0_trainjob_timeout_h: float = 72.0,
         # ── phase 1: data ──
         p1_data_task: str = "general_points",
         p1_data_input_uri: str = "",
@@ -213,7 +214,7 @@ def build_pipeline(target: str = "cluster") -> Any:
                                   run_root=run_root, s3_endpoint_url=p0_s3_endpoint_url,
                                   **scale_out(p3_warm_start_num_nodes, p3_warm_start_nproc_per_node, p0_s3_secret,
                                               p0_gpu_count, p0_gpu_cpu_request, p0_gpu_memory_request,
-                                              p0_gpu_node_selector, p0_gpu_tolerations))
+                                              p0_gpu_node_selector, p0_gpu_tolerations, p0_trainjob_timeout_h))
                 warm.set_display_name("warm start").set_caching_options(False)
                 warm.set_retry(num_retries=2, backoff_duration=gpu_backoff, backoff_factor=2.0,
                                backoff_max_duration="600s")
@@ -227,7 +228,8 @@ def build_pipeline(target: str = "cluster") -> Any:
                                 registry_tracking_uri=p6_registry_tracking_uri,
                                 **scale_out(p4_train_num_nodes, p4_train_nproc_per_node, p0_s3_secret, p0_gpu_count,
                                             p0_gpu_cpu_request, p0_gpu_memory_request, p0_gpu_node_selector,
-                                            p0_gpu_tolerations, registry_secret=p0_registry_secret))
+                                            p0_gpu_tolerations, p0_trainjob_timeout_h,
+                                            registry_secret=p0_registry_secret))
                 trained.set_display_name("train").set_caching_options(False)
                 # a retried task resumes from its newest checkpoint instead of starting over
                 trained.set_retry(num_retries=2, backoff_duration=gpu_backoff, backoff_factor=2.0,

@@ -120,6 +120,9 @@ def run_preflight(params: Mapping[str, Any], *, job_id: str = "") -> Preflight:
         attempt("gpu memory", probe_memory)
 
         def probe_scale_out() -> tuple[bool, str]:
+            timeout_h = values["p0_trainjob_timeout_h"]
+            if not (isinstance(timeout_h, int | float) and 0 < timeout_h < float("inf")):
+                raise scale_out.ScaleOutError(f"p0_trainjob_timeout_h={timeout_h!r}: must be a number of hours > 0")
             details = []
             for stage, cfg in ((scale_out.WARM_START, configs[0]), (scale_out.TRAIN, configs[1])):
                 prefix, strategy = scale_out.PARAMETER_PREFIX[stage], cfg.distributed.strategy

@@ -88,6 +88,8 @@ _TABLE: tuple[Setting, ...] = (
     _s("p0_gpu_node_selector", dict, {"nvidia.com/gpu.present": "true"}, "Node selector of the GPU pool."),
     _s("p0_gpu_tolerations", list, [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
        "Tolerations of the GPU pool's taints."),
+    _s("p0_trainjob_timeout_h", float, 72.0, "Longest a scale-out TrainJob (warm start or train on more than one "
+       "process) may run: then the launcher deletes it and fails the task; checkpoints stay, and a retry resumes."),
     # ── p1: data ──
     _s("p1_data_task", str, FROM_CONFIG, "Task: general_points (generated) or math (ingested from input_uri).",
        warm_start="data.task", train="data.task"),

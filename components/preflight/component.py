@@ -26,6 +26,7 @@ def preflight(
     p0_gpu_cpu_request: str,
     p0_gpu_memory_request: str,
     p0_gpu_memory_gib: float,
+    p0_trainjob_timeout_h: float,
     p1_data_task: str,
     p1_data_input_uri: str,
     p3_model_name: str,

@@ -45,6 +45,7 @@ def train(
     memory_per_node: str = "4Gi",
     node_selector: dict = {},  # noqa: B006 (a KFP default)
     tolerations: list = [],  # noqa: B006
+    trainjob_timeout_h: float = 72.0,
 ):
     """Train and publish the final model.
 
@@ -64,6 +65,7 @@ def train(
         memory_per_node: memory request of each TrainJob node (trainjob only).
         node_selector: node selector of the TrainJob's pods (trainjob only).
         tolerations: tolerations of the TrainJob's pods (trainjob only).
+        trainjob_timeout_h: longest the TrainJob may run before it is deleted and the task fails (trainjob only).
     """
     from amft_lib.run.layout import RunRoot, use_s3_endpoint
     from amft_lib.run.scale_out import ClusterJob
@@ -71,7 +73,8 @@ def train(
 
     use_s3_endpoint(s3_endpoint_url)
     cluster = ClusterJob(image, s3_secret, registry_secret, s3_endpoint_url, gpus_per_node, cpu_per_node,
-                         memory_per_node, node_selector, tolerations) if launcher == "trainjob" else None
+                         memory_per_node, node_selector, tolerations,
+                         timeout_s=trainjob_timeout_h * 3600) if launcher == "trainjob" else None
     out = train_stage(RunRoot.at(run_root), dataset.path, train_config, target_entropy=target_entropy,
                       init_model=warm_start_model.path, run_dir=run_dir.path, model_dir=model.path,
                       curves_path=curves.path, tracking_uri=registry_tracking_uri, num_nodes=num_nodes,

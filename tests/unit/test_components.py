@@ -150,6 +150,8 @@ def test_preflight_sizes_each_gpu_task_pod_for_where_its_processes_run(tmp_path,
     # one process per GPU: more processes per node than the pool's GPUs is refused before anything runs
     with pytest.raises(RuntimeError, match=r"p4_train_nproc_per_node=4 > p0_gpu_count=2"):
         preflight.python_func(report=report, job_id="job-pods-2", **{**knobs, "p4_train_nproc_per_node": 4})
+    with pytest.raises(RuntimeError, match=r"p0_trainjob_timeout_h=0: must be a number of hours > 0"):
+        preflight.python_func(report=report, job_id="job-pods-3", **{**knobs, "p0_trainjob_timeout_h": 0})
 
 
 @pytest.fixture(scope="module")

@@ -162,7 +162,7 @@ def test_train_stage_carries_what_launches_the_trainjob(compiled):
                      "s3_secret": "p0_s3_secret", "registry_secret": "p0_registry_secret",
                      "gpus_per_node": "p0_gpu_count", "cpu_per_node": "p0_gpu_cpu_request",
                      "memory_per_node": "p0_gpu_memory_request", "node_selector": "p0_gpu_node_selector",
-                     "tolerations": "p0_gpu_tolerations"}
+                     "tolerations": "p0_gpu_tolerations", "trainjob_timeout_h": "p0_trainjob_timeout_h"}
     for name, parameter in from_pipeline.items():
         assert params[name]["componentInputParameter"] == f"pipelinechannel--{parameter}", name
     assert params["launcher"]["runtimeValue"]["constant"] == "trainjob"
@@ -182,7 +182,8 @@ def test_warm_start_stage_carries_its_own_scale_out(compiled):
     params = all_tasks(spec)["warm-start"]["inputs"]["parameters"]
     for name, parameter in {"num_nodes": "p3_warm_start_num_nodes", "nproc_per_node": "p3_warm_start_nproc_per_node",
                             "s3_secret": "p0_s3_secret", "gpus_per_node": "p0_gpu_count",
-                            "node_selector": "p0_gpu_node_selector", "tolerations": "p0_gpu_tolerations"}.items():
+                            "node_selector": "p0_gpu_node_selector", "tolerations": "p0_gpu_tolerations",
+                            "trainjob_timeout_h": "p0_trainjob_timeout_h"}.items():
         assert params[name]["componentInputParameter"] == f"pipelinechannel--{parameter}", name
     assert params["launcher"]["runtimeValue"]["constant"] == "trainjob"
     assert "registry_secret" not in params

@@ -49,7 +49,7 @@ def test_preflight_takes_exactly_the_settings_it_needs():
     name), plus the run-level ones preflight checks; nothing else."""
     inputs = set(preflight.component_spec.inputs) - {"job_id"}
     run_level = {"p0_run_id", "p0_s3_root", "p0_s3_endpoint_url", "p0_gpu_memory_gib", "p1_data_input_uri",
-                 "p0_gpu_count", "p0_gpu_cpu_request", "p0_gpu_memory_request",
+                 "p0_gpu_count", "p0_gpu_cpu_request", "p0_gpu_memory_request", "p0_trainjob_timeout_h",
                  "p6_registry_tracking_uri", "p4_train_num_nodes", "p4_train_nproc_per_node",
                  "p3_warm_start_num_nodes", "p3_warm_start_nproc_per_node"}
     assert inputs == set(settings.config_settings()) | run_level
