@@ -98,14 +98,14 @@ def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> d
     return {"model": model_state, "optim": optim_state}
 
 
-def check_world(uri: str, trainer_state: dict[str, Any], dist: Dist, *, elastic: bool = False) -> None:
+def check_world(uri: str, trainer_state: dict[str, Any], dist: Dist, *, elastic: bool = False) -> str:
     """Refuse a checkpoint this launch cannot continue: any change of world size or strategy when not
-    `elastic`; with `elastic`, only a 1-process checkpoint under FSDP2 (no sharded state to reshard)."""
+    `elastic`; with `elastic`, only a 1-process checkpoint under FSDP2 (no sharded state to reshard).
+    Returns "" for the same layout, else one line saying what changed (for the resume log)."""
     saved_world = int(trainer_state.get("world_size", 1))
     saved_strategy = trainer_state.get("strategy", "none")
-    same = saved_world == dist.world_size and (saved_world == 1 or saved_strategy == dist.strategy)
-    if same:
-        return
+    if saved_world == dist.world_size and (saved_world == 1 or saved_strategy == dist.strategy):
+        return ""
     if not elastic:
         raise ckpt.CheckpointError(
             f"{uri} was written by {saved_world} process(es) with distributed.strategy={saved_strategy}; this run "
@@ -115,3 +115,5 @@ def check_world(uri: str, trainer_state: dict[str, Any], dist: Dist, *, elastic:
         raise ckpt.CheckpointError(
             f"{uri} was written by 1 process (whole tensors, no DCP shards): resume it under ddp or in one "
             "process, then continue under fsdp from that run's next checkpoint")
+    return (f"written by {saved_world} process(es) ({saved_strategy}), continuing on {dist.world_size} "
+            f"({dist.strategy})")

@@ -264,7 +264,9 @@ def train(
     seed_everything(cfg.seed)
     dist, device = distributed.init(cfg.distributed, resolve_device(cfg.device))
     if restored is not None:
-        sharded_checkpoint.check_world(restored[0], restored[2].trainer_state, dist, elastic=True)
+        change = sharded_checkpoint.check_world(restored[0], restored[2].trainer_state, dist, elastic=True)
+        if change:
+            log.info("%s: %s", restored[0], change)
     try:
         return _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, eval_rows, progress,
                       checkpoint_root, restored, cfg_hash, t_start)
@@ -346,10 +348,7 @@ def _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, e
         per_rank = rng.get("per_rank", [rng])
         if dist.rank < len(per_rank):  # a rank the saving run did not have keeps its seeded stream
             restore_rng_state(per_rank[dist.rank])
-        saved_world, saved_strategy = int(ts.get("world_size", 1)), ts.get("strategy", "none")
-        log.info("resumed from %s at step %d (μ=%.4f)%s", uri, start_step, state.mu,
-                 f"; written by {saved_world} process(es) ({saved_strategy}), continuing on {dist.world_size} "
-                 f"({dist.strategy})" if (saved_world, saved_strategy) != (dist.world_size, dist.strategy) else "")
+        log.info("resumed from %s at step %d (μ=%.4f)", uri, start_step, state.mu)
     logs = _Logs(out, append=restored is not None) if main else None
 
     def save(step_done: int) -> None:

@@ -111,8 +111,7 @@ def run_preflight(params: Mapping[str, Any], *, job_id: str = "") -> Preflight:
                 return True, "skipped: both stages run on CPU (device=cpu)"
             details = []
             for stage, cfg in ((scale_out.WARM_START, configs[0]), (scale_out.TRAIN, configs[1])):
-                prefix = scale_out.PARAMETER_PREFIX[stage]  # FSDP2 shards the state over nodes × processes per node
-                world = values[f"{prefix}_num_nodes"] * values[f"{prefix}_nproc_per_node"]
+                world = stage_world_size(values, stage)  # FSDP2 shards the state over nodes × processes per node
                 details.append(f"{stage.replace('_', ' ')}: "
                                f"{probe_training_memory(cfg, values['p0_gpu_memory_gib'], world_size=world)}")
             return True, "; ".join(details)
@@ -160,12 +159,16 @@ def task_pods(values: Mapping[str, Any]) -> dict[str, scale_out.PodRequest]:
     """Each GPU stage task's pod request for these (checked) settings: a stage that runs more than one
     process launches them and needs no GPU itself; evaluation always runs in its pod."""
     shape = values["p0_gpu_count"], values["p0_gpu_cpu_request"], values["p0_gpu_memory_request"]
-    pods = {}
-    for stage in (scale_out.WARM_START, scale_out.TRAIN):
-        prefix = scale_out.PARAMETER_PREFIX[stage]
-        pods[stage] = scale_out.task_pod(values[f"{prefix}_num_nodes"] * values[f"{prefix}_nproc_per_node"], *shape)
+    pods = {stage: scale_out.task_pod(stage_world_size(values, stage), *shape)
+            for stage in (scale_out.WARM_START, scale_out.TRAIN)}
     pods["evaluate"] = scale_out.task_pod(1, *shape)
     return pods
+
+
+def stage_world_size(values: Mapping[str, Any], stage: str) -> int:
+    """Processes a GPU stage runs: its pipeline parameters' nodes × processes per node."""
+    prefix = scale_out.PARAMETER_PREFIX[stage]
+    return values[f"{prefix}_num_nodes"] * values[f"{prefix}_nproc_per_node"]
 
 
 def checks_markdown(checks: Sequence[Check]) -> str:

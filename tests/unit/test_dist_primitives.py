@@ -123,7 +123,9 @@ def test_which_checkpoints_a_launch_can_continue(saved, now, elastic, refused):
     state = {"world_size": saved[0], "strategy": saved[1]}
     dist = Dist(world_size=now[0], strategy=now[1])
     if refused is None:
-        check_world("s3://b/run/checkpoints/step-0000004", state, dist, elastic=elastic)
+        change = check_world("s3://b/run/checkpoints/step-0000004", state, dist, elastic=elastic)
+        assert change == ("" if saved == now else
+                          f"written by {saved[0]} process(es) ({saved[1]}), continuing on {now[0]} ({now[1]})")
     else:
         with pytest.raises(CheckpointError, match=re.escape(refused)):
             check_world("s3://b/run/checkpoints/step-0000004", state, dist, elastic=elastic)
