@@ -232,7 +232,7 @@ def train_stage(run: RunRoot, dataset_dir: str, config_json: str, *, target_entr
     arm_train_fault(run)
     with tempfile.TemporaryDirectory(prefix="amft-init-model-") as staging, \
             track_stage(tracking_uri or None, run.run_id, "train", config_to_dict(cfg), run_dir,
-                        artifact_root=run.mlflow_artifacts):
+                        artifact_root=run.mlflow_artifacts, checkpoint_root=run.uri):
         result = train(cfg, run_dir, init_model=open_model(init_model, staging), splits=read_rows(dataset_dir),
                        progress=False, checkpoint_root=run.uri, resume="auto")
     summary = _publish_training(run, cfg, result, run_dir, resumed_from_step=max(done, default=0))
@@ -288,9 +288,11 @@ def _launched_train_stage(run: RunRoot, cfg: Any, scale: ScaleOut, cluster: Clus
     """Hand the workers their inputs through the run root, run them, and read back what rank 0 published."""
     from amft_lib import storage
     from amft_lib.config import config_to_dict
+    from amft_lib.tracking import plugin_env
 
     _launch(run, TRAIN, scale, cluster, {"config": config_to_dict(cfg), "init_model": model_uri(init_model),
-                                         "tracking_uri": tracking_uri, "resumed_from_step": resumed_from_step})
+                                         "tracking_uri": tracking_uri, "resumed_from_step": resumed_from_step,
+                                         "mlflow_plugin": plugin_env()})  # the KFP plugin's run, for rank 0
     summary = _read_json(run.train_result)
     storage.download_prefix(run.train, run_dir)
     return _train_outcome(run, summary, run_dir=run_dir, model_dir=model_dir, curves_path=curves_path)
@@ -346,7 +348,8 @@ def train_worker_stage(run: RunRoot) -> None:
         cfg = config_from_dict(spec["config"], TrainConfig)
         run_dir = Path(tmp, "run")
         tracking = (track_stage(spec.get("tracking_uri") or None, run.run_id, "train", spec["config"], run_dir,
-                                artifact_root=run.mlflow_artifacts) if rank == 0 else contextlib.nullcontext())
+                                artifact_root=run.mlflow_artifacts, checkpoint_root=run.uri,
+                                plugin=spec.get("mlflow_plugin")) if rank == 0 else contextlib.nullcontext())
         with tracking:
             result = train(cfg, run_dir, init_model=init_model, splits=splits, progress=False,
                            checkpoint_root=run.uri, resume="auto")

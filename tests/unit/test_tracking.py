@@ -88,3 +88,142 @@ def test_an_unreachable_registry_does_not_stop_training(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     with tracking.track_stage("http://127.0.0.1:9/", "run-c", "train", {}, tmp_path, interval_s=0.05) as child:
         assert child is None
+
+
+# ── KFP 2.17's MLflow plugin (KEP-12862) ───────────────────────────────────────────────────────────
+
+
+def _plugin_runs(client, kfp_run: str) -> tuple[str, str]:
+    """What the plugin's driver makes before a task starts: one parent run per KFP run, a nested run
+    per task (created here with the client, as the driver does through the REST API; no KFP server runs)."""
+    exp = client.create_experiment(f"kfp-{kfp_run}")
+    parent = client.create_run(exp, run_name=kfp_run).info.run_id
+    task = client.create_run(exp, run_name="train", tags={"mlflow.parentRunId": parent}).info.run_id
+    return parent, task
+
+
+def _amft_tree(client, run_id: str) -> list:
+    """Runs our own tree would have created for pipeline run `run_id` (in our experiment, if any)."""
+    exp = client.get_experiment_by_name(tracking.EXPERIMENT)
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`{tracking.RUN_ID_TAG}` = '{run_id}'") \
+        if exp else []
+
+
+def test_with_the_plugins_run_id_the_stage_logs_into_that_run_and_creates_no_tree(store, tmp_path, monkeypatch):
+    client = registry.get_client(store)
+    parent, task = _plugin_runs(client, "kfp-1")
+    # the variables exactly as the plugin injects them into the task's container
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_RUN_ID", task)
+    monkeypatch.setenv("MLFLOW_WORKSPACE", "team-a")
+    runs_before = {r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    with tracking.track_stage("sqlite:////nonexistent/elsewhere.db", "run-p", "train", {"max_steps": 4}, tmp_path,
+                              interval_s=0.05, system_metrics_s=0.2) as child:
+        _write(tmp_path / "metrics.jsonl", range(4), final=True)
+        time.sleep(0.5)  # a system-metrics sample or two
+    assert child == task  # the plugin's run, not one of ours (and its tracking URI, not the argument)
+    runs_after = {r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    assert runs_after == runs_before  # no parent, no nested run of our own
+    assert _amft_tree(client, "run-p") == []
+    run = client.get_run(task)
+    assert [m.step for m in client.get_metric_history(task, "mu")] == list(range(4))
+    assert run.data.params["max_steps"] == "4" and run.data.metrics["val_accuracy"] == 0.25
+    assert run.data.tags[tracking.RUN_ID_TAG] == "run-p" and run.data.tags[tracking.STAGE_TAG] == "train"
+    assert run.data.tags["mlflow.parentRunId"] == parent  # the plugin's tree, untouched
+    assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
+    assert run.info.status == "RUNNING"  # the plugin's driver ends its own run
+
+
+def test_a_retried_task_under_the_plugin_continues_without_duplicates(store, tmp_path, monkeypatch):
+    client = registry.get_client(store)
+    _, task = _plugin_runs(client, "kfp-2")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_RUN_ID", task)
+    with pytest.raises(RuntimeError), tracking.track_stage(None, "run-q", "train", {"seed": 0}, tmp_path,
+                                                           interval_s=0.05, system_metrics_s=None):
+        _write(tmp_path / "metrics.jsonl", range(3))
+        raise RuntimeError("killed")
+    retry = tmp_path / "retry"
+    retry.mkdir()
+    with tracking.track_stage(None, "run-q", "train", {"seed": 0}, retry, interval_s=0.05, system_metrics_s=None):
+        _write(retry / "metrics.jsonl", range(5))
+    assert [m.step for m in client.get_metric_history(task, "mu")] == list(range(5))
+
+
+def test_without_the_plugin_the_stage_builds_its_own_tree(store, tmp_path, monkeypatch):
+    for name in tracking.PLUGIN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    client = registry.get_client(store)
+    with tracking.track_stage(store, "run-t", "train", {}, tmp_path, interval_s=0.05, system_metrics_s=None) as child:
+        _write(tmp_path / "metrics.jsonl", range(2))
+    tree = {r.data.tags[tracking.STAGE_TAG]: r for r in _amft_tree(client, "run-t")}
+    assert set(tree) == {"pipeline", "train"} and tree["train"].info.run_id == child
+    assert tree["train"].data.tags["mlflow.parentRunId"] == tree["pipeline"].info.run_id
+    assert tree["train"].info.status == "FINISHED"
+
+
+def test_plugin_env_needs_the_run_id():
+    assert tracking.plugin_env({"MLFLOW_TRACKING_URI": "http://mlflow:5000"}) == {}
+    assert tracking.plugin_env({"MLFLOW_RUN_ID": "abc", "MLFLOW_WORKSPACE": "ns", "OTHER": "x"}) == {
+        "MLFLOW_RUN_ID": "abc", "MLFLOW_WORKSPACE": "ns"}
+
+
+# ── checkpoints as MLflow 3 LoggedModels ──────────────────────────────────────────────────────────
+
+
+def _save(root, step, val_reward):
+    """A real checkpoint (amft_lib.checkpoint) of a 2-tensor model, retention keep_last=2."""
+    import torch
+
+    from amft_lib import checkpoint
+
+    payload = checkpoint.CheckpointPayload(
+        model_state={"w": torch.full((2, 2), float(step)), "b": torch.zeros(2)}, optimizer_state={"state": {}},
+        scheduler_state={"last_epoch": step}, controller_state={"mu": 0.5}, rng_state=checkpoint.capture_rng_state(),
+        trainer_state={"step": step})
+    return checkpoint.save_checkpoint(str(root), step, payload, "cfg-1", keep_last=2, metric=val_reward)
+
+
+def _write_eval(path, step, acc, final=False):
+    """One metrics.jsonl record at `step` whose val numbers evaluate the weights after step + 1 updates
+    (the final record: after `step`), as trainer.py writes them."""
+    with path.open("a") as f:
+        f.write(json.dumps({"step": step, "mu": 0.5, "val_accuracy": acc, "val_reward": acc / 2,
+                            **({"final": True} if final else {})}) + "\n")
+
+
+def test_each_checkpoint_becomes_a_logged_model_pointing_at_it(store, tmp_path, monkeypatch):
+    for name in tracking.PLUGIN_ENV:
+        monkeypatch.delenv(name, raising=False)
+    client = registry.get_client(store)
+    root, logs = tmp_path / "root", tmp_path / "logs"
+    logs.mkdir()
+    with tracking.track_stage(store, "run-lm", "train", {}, logs, interval_s=0.05, checkpoint_root=str(root),
+                              system_metrics_s=None) as child:
+        for step in (2, 4, 6):  # eval at k = step - 1 measures checkpoint `step`
+            _write_eval(logs / "metrics.jsonl", step - 1, acc=step / 10)
+            _save(root, step, step / 20)
+        deadline = time.time() + 10
+        while len(client.get_run(child).outputs.model_outputs) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        assert len(client.get_run(child).outputs.model_outputs) == 3  # recorded while training runs
+        _save(root, 7, None)  # the final checkpoint, then the final evaluation of those weights
+        _write_eval(logs / "metrics.jsonl", 7, acc=0.9, final=True)
+    exp = client.get_run(child).info.experiment_id
+    models = client.search_logged_models([exp], filter_string="tags.`amft.run_id` = 'run-lm'")
+    by_step = {int(m.tags[tracking.CHECKPOINT_STEP_TAG]): m for m in models}
+    assert sorted(by_step) == [2, 4, 6, 7]  # one per checkpoint
+    outputs = {o.model_id: o.step for o in client.get_run(child).outputs.model_outputs}
+    for step, model in by_step.items():
+        assert outputs[model.model_id] == step  # logged as the run's output at its step
+        assert model.tags[tracking.CHECKPOINT_URI_TAG] == str(root / "checkpoints" / f"step-{step:07d}")
+        assert model.tags[tracking.EXTERNAL_TAG] == "true" and model.source_run_id == child
+        assert client.list_logged_model_artifacts(model.model_id) == []  # no second copy of the weights
+        metrics = {m.key: m.value for m in client.get_logged_model(model.model_id).metrics}
+        expected = 0.9 if step == 7 else step / 10
+        assert metrics == {"val_accuracy": expected, "val_reward": expected / 2}, step
+    # retention (keep_last=2, best by val_reward = step 6) deleted steps 2 and 4: tagged, not forgotten
+    states = {s: client.get_logged_model(m.model_id).tags[tracking.CHECKPOINT_STATE_TAG] for s, m in by_step.items()}
+    assert states == {2: "deleted", 4: "deleted", 6: "complete", 7: "complete"}
+    # the val points are the run's own (no duplicates in its history)
+    assert [m.step for m in client.get_metric_history(child, "val_accuracy")] == [1, 3, 5, 7]
