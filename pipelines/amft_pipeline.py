@@ -27,6 +27,7 @@ from typing import Any
 from kfp import dsl, kubernetes
 
 from amft_lib.run.settings import pipeline_docstring
+from amft_lib.run.trainjob import kueue_labels
 from components import CPU_IMAGE, CUDA_IMAGE
 from components.evaluate import evaluate
 from components.preflight import preflight
@@ -51,11 +52,18 @@ champion) → register if blessed; the run summary runs whatever happened. Param
 phase (p0 … p6); *_overrides take KEY=VALUE for any config key not listed."""
 
 
-def build_pipeline(target: str = "cluster") -> Any:
-    """The pipeline for `target` "cluster" (everything) or "local" (what kfp.local can run)."""
+def build_pipeline(target: str = "cluster", kueue_queue: str = "", kueue_priority_class: str = "") -> Any:
+    """The pipeline for `target` "cluster" (everything) or "local" (what kfp.local can run).
+
+    `kueue_queue` / `kueue_priority_class` become Kueue's labels on every GPU task pod and the defaults
+    of p0_kueue_queue / p0_kueue_priority_class (which label the TrainJobs at run time). Compile time,
+    because KFP's pod labels are literals in the compiled spec (kfp-kubernetes' `add_pod_label` takes a
+    string; the platform spec's pod_metadata is a map of strings): a run parameter cannot reach them."""
     if target not in ("cluster", "local"):
         raise ValueError(f"target={target!r}: choose cluster or local")
     cluster = target == "cluster"
+    pod_labels = kueue_labels(kueue_queue, kueue_priority_class, queue_param="--kueue-queue",
+                              priority_param="--kueue-priority-class")
     # A GPU task that died is usually a lost node or preemption: give the cluster a minute to
     # reschedule. kfp.local sleeps the backoff too, and locally there is nothing to wait for.
     gpu_backoff = "60s" if cluster else "1s"
@@ -79,9 +87,12 @@ def build_pipeline(target: str = "cluster") -> Any:
             kubernetes.add_toleration_json(task, tolerations)
             # NCCL and DataLoader workers need more shared memory than a pod's 64 MiB default
             kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+            for key, value in pod_labels.items():  # Kueue admits the pod through its queue (none: no label)
+                kubernetes.add_pod_label(task, key, value)
 
     def scale_out(num_nodes: Any, nproc_per_node: Any, s3_secret: Any, gpus: Any, cpu: Any, memory: Any,
-                  node_selector: Any, tolerations: Any, timeout_h: Any, **extra: Any) -> dict[str, Any]:
+                  node_selector: Any, tolerations: Any, timeout_h: Any, queue: Any, priority_class: Any,
+                  **extra: Any) -> dict[str, Any]:
         """A GPU stage's scale-out inputs: more than one process runs as a TrainJob on the GPU pool on a
         cluster (needs pipelines/rbac/trainjob-launcher.yaml), a local torchrun otherwise; the task fills
         its outputs from the run root either way (amft_lib.run.scale_out)."""
@@ -89,7 +100,8 @@ def build_pipeline(target: str = "cluster") -> Any:
         if cluster:
             args.update(launcher="trainjob", image=CUDA_IMAGE, s3_secret=s3_secret, gpus_per_node=gpus,
                         cpu_per_node=cpu, memory_per_node=memory, node_selector=node_selector,
-                        tolerations=tolerations, trainjob_timeout_h=timeout_h, **extra)
+                        tolerations=tolerations, trainjob_timeout_h=timeout_h, kueue_queue=queue,
+                        kueue_priority_class=priority_class, **extra)
         return args
 
     def secrets(task: Any, s3_secret: Any, registry_secret: Any = None) -> None:
@@ -117,6 +129,8 @@ def build_pipeline(target: str = "cluster") -> Any:
         p0_gpu_node_selector: dict = {"nvidia.com/gpu.present": "true"},  # noqa: B006 (a KFP default)
         p0_gpu_tolerations: list = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],  # noqa: B006
         p0_trainjob_timeout_h: float = 72.0,
+        p0_kueue_queue: str = kueue_queue,
+        p0_kueue_priority_class: str = kueue_priority_class,
         # ── phase 1: data ──
         p1_data_task: str = "general_points",
         p1_data_input_uri: str = "",
@@ -214,7 +228,8 @@ def build_pipeline(target: str = "cluster") -> Any:
                                   run_root=run_root, s3_endpoint_url=p0_s3_endpoint_url,
                                   **scale_out(p3_warm_start_num_nodes, p3_warm_start_nproc_per_node, p0_s3_secret,
                                               p0_gpu_count, p0_gpu_cpu_request, p0_gpu_memory_request,
-                                              p0_gpu_node_selector, p0_gpu_tolerations, p0_trainjob_timeout_h))
+                                              p0_gpu_node_selector, p0_gpu_tolerations, p0_trainjob_timeout_h,
+                                              p0_kueue_queue, p0_kueue_priority_class))
                 warm.set_display_name("warm start").set_caching_options(False)
                 warm.set_retry(num_retries=2, backoff_duration=gpu_backoff, backoff_factor=2.0,
                                backoff_max_duration="600s")
@@ -228,8 +243,8 @@ def build_pipeline(target: str = "cluster") -> Any:
                                 registry_tracking_uri=p6_registry_tracking_uri,
                                 **scale_out(p4_train_num_nodes, p4_train_nproc_per_node, p0_s3_secret, p0_gpu_count,
                                             p0_gpu_cpu_request, p0_gpu_memory_request, p0_gpu_node_selector,
-                                            p0_gpu_tolerations, p0_trainjob_timeout_h,
-                                            registry_secret=p0_registry_secret))
+                                            p0_gpu_tolerations, p0_trainjob_timeout_h, p0_kueue_queue,
+                                            p0_kueue_priority_class, registry_secret=p0_registry_secret))
                 trained.set_display_name("train").set_caching_options(False)
                 # a retried task resumes from its newest checkpoint instead of starting over
                 trained.set_retry(num_retries=2, backoff_duration=gpu_backoff, backoff_factor=2.0,

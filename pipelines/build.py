@@ -83,13 +83,20 @@ def _coerce_param(key: str, kind: str, value: Any) -> Any:
     return float(value) if kind == "Float" else value
 
 
-def compile_pipeline(out: Path | str) -> Path:
-    """Compile the cluster variant to IR YAML at `out`, byte-for-byte reproducibly."""
+def compile_pipeline(out: Path | str, kueue_queue: str = "", kueue_priority_class: str = "") -> Path:
+    """Compile the cluster variant to IR YAML at `out`, byte-for-byte reproducibly; with a Kueue queue
+    (and priority class) its GPU task pods carry Kueue's labels (see amft_pipeline.build_pipeline)."""
     from kfp import compiler
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(load_pipeline(), str(out))
+    if kueue_queue or kueue_priority_class:
+        from pipelines.amft_pipeline import build_pipeline
+
+        pipeline = build_pipeline("cluster", kueue_queue, kueue_priority_class)
+    else:
+        pipeline = load_pipeline()
+    compiler.Compiler().compile(pipeline, str(out))
     out.write_text(stable_header(out.read_text(encoding="utf-8")), encoding="utf-8")
     return out
 

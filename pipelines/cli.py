@@ -32,6 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        description="Compile the cluster variant of the pipeline. Images come from AMFT_IMAGE_CPU / "
                        "AMFT_IMAGE_CUDA at compile time.")
     c.add_argument("--out", type=Path, default=DEFAULT_YAML, help="output YAML path")
+    c.add_argument("--kueue-queue", default="", metavar="QUEUE", help="Kueue LocalQueue: label "
+                   "kueue.x-k8s.io/queue-name on the GPU task pods and p0_kueue_queue's default (KFP fixes pod "
+                   "labels at compile time); default none")
+    c.add_argument("--kueue-priority-class", default="", metavar="CLASS", help="Kueue WorkloadPriorityClass, "
+                   "applied like --kueue-queue (label kueue.x-k8s.io/priority-class)")
     c.set_defaults(handler=_compile)
 
     s = sub.add_parser("params", help="list every pipeline parameter: type, default, the local profile's value, "
@@ -85,7 +90,7 @@ def _add_param_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    path = compile_pipeline(args.out)
+    path = compile_pipeline(args.out, args.kueue_queue, args.kueue_priority_class)
     print(f"compiled {path}")
     return 0
 

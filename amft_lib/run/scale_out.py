@@ -75,8 +75,9 @@ class ScaleOut:
 class ClusterJob:
     """What a TrainJob needs besides the process counts: the image, the secrets' *names*, the S3
     endpoint, and the GPU pool's placement and per-node shape (the pipeline's p0_* parameters).
-    `timeout_s` bounds the launcher's wait (3 days by default); `service_account` "" runs the pods
-    under the namespace's default account, which needs no Kubernetes API rights."""
+    `timeout_s` bounds the launcher's wait (3 days by default) and is the job's activeDeadlineSeconds;
+    `kueue_queue` / `kueue_priority_class` label it for Kueue (amft_lib.run.trainjob); `service_account`
+    "" runs the pods under the namespace's default account, which needs no Kubernetes API rights."""
 
     image: str
     s3_secret: str
@@ -91,6 +92,8 @@ class ClusterJob:
     shm_size: str = "16Gi"
     timeout_s: float = 3 * 24 * 3600.0
     poll_s: float = 15.0
+    kueue_queue: str = ""  # LocalQueue (label kueue.x-k8s.io/queue-name); "" = not admitted through Kueue
+    kueue_priority_class: str = ""  # WorkloadPriorityClass (label kueue.x-k8s.io/priority-class)
 
 
 # The launching task's pod while a TrainJob does the work: it only creates, watches and deletes the job.
@@ -183,7 +186,7 @@ def trainjob_for(run: RunRoot, scale: ScaleOut, job: ClusterJob, namespace: str,
     """The TrainJob manifest of this run's `stage` (a pure function of its arguments). `launch_hash`
     (of the launch spec) labels the job, so a retry can tell its own job from one started with other
     settings under the same run id (LAUNCH_LABEL, amft_lib.run.trainjob_watch)."""
-    from amft_lib.run.trainjob import resources_per_node, secret_env, trainjob_manifest, trainjob_name
+    from amft_lib.run.trainjob import kueue_labels, resources_per_node, secret_env, trainjob_manifest, trainjob_name
     from amft_lib.run.trainjob_watch import LAUNCH_LABEL
 
     env = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -200,7 +203,10 @@ def trainjob_for(run: RunRoot, scale: ScaleOut, job: ClusterJob, namespace: str,
         env=env, secret_env_vars=secrets, node_selector=job.node_selector, tolerations=job.tolerations,
         service_account=job.service_account, shm_size=job.shm_size,
         labels={"app.kubernetes.io/part-of": "amft-pipeline", "amft.pipeline/stage": stage.replace("_", "-"),
-                **({LAUNCH_LABEL: launch_hash} if launch_hash else {})})
+                **({LAUNCH_LABEL: launch_hash} if launch_hash else {}),
+                **kueue_labels(job.kueue_queue, job.kueue_priority_class, queue_param="p0_kueue_queue",
+                               priority_param="p0_kueue_priority_class")},
+        active_deadline_s=job.timeout_s)
 
 
 def launch_trainjob(run: RunRoot, scale: ScaleOut, job: ClusterJob, api: Any = None, namespace: str = "",

@@ -90,6 +90,12 @@ _TABLE: tuple[Setting, ...] = (
        "Tolerations of the GPU pool's taints."),
     _s("p0_trainjob_timeout_h", float, 72.0, "Longest a scale-out TrainJob (warm start or train on more than one "
        "process) may run: then the launcher deletes it and fails the task; checkpoints stay, and a retry resumes."),
+    _s("p0_kueue_queue", str, "", "Kueue LocalQueue of the GPU work: label kueue.x-k8s.io/queue-name on every "
+       "TrainJob and GPU task pod; empty: no label (no Kueue). KFP fixes pod labels when the pipeline is compiled, "
+       "so the GPU task pods carry the queue `amft pipeline compile --kueue-queue` gave (this default); a run's value "
+       "labels its TrainJobs."),
+    _s("p0_kueue_priority_class", str, "", "Kueue WorkloadPriorityClass (label kueue.x-k8s.io/priority-class, "
+       "needs p0_kueue_queue), applied like the queue; empty: the queue's default priority."),
     # ── p1: data ──
     _s("p1_data_task", str, FROM_CONFIG, "Task: general_points (generated) or math (ingested from input_uri).",
        warm_start="data.task", train="data.task"),

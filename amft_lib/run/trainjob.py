@@ -14,6 +14,14 @@ carries image, command, args, env, numNodes, numProcPerNode and resourcesPerNode
 sets `PET_NNODES`, `PET_NPROC_PER_NODE`, `PET_NODE_RANK`, `PET_MASTER_ADDR` and `PET_MASTER_PORT`, which
 `torchrun` reads, so the command is a bare `torchrun -m …`; those names are refused in `env`.
 
+Kueue: a cluster that admits GPU work through Kueue finds the LocalQueue in the TrainJob's label
+`kueue.x-k8s.io/queue-name` and the WorkloadPriorityClass in `kueue.x-k8s.io/priority-class`
+(Kueue's pkg/controller/constants: QueueLabel, WorkloadPriorityClassLabel); Kueue then manages the
+TrainJob as one workload (it suspends and resumes it), so the labels go on the TrainJob only, never on
+its pods (those would be admitted a second time by Kueue's pod integration). No queue, no labels.
+`spec.activeDeadlineSeconds` bounds the job on the cluster's side too (counted from its start, and
+reset when Kueue resumes it), so a job whose launcher died cannot hold GPUs past the timeout.
+
 Secrets: credentials enter only as `valueFrom.secretKeyRef` (a secret's *name* and key); there is no
 parameter that takes a value, so no value can reach the manifest, the API server's audit log or ours.
 """
@@ -21,6 +29,7 @@ parameter that takes a value, so no value can reach the manifest, the API server
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -40,6 +49,10 @@ RESERVED_ENV = frozenset({"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "
 NAME_MAX = 40
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+# A Kubernetes label value: at most 63 characters, alphanumerics at both ends, '-', '_', '.' inside.
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 
 
 class TrainJobError(UserError):
@@ -67,6 +80,26 @@ def secret_env(secret: str, keys: Sequence[str], *, optional: bool = False) -> l
         raise TrainJobError("secret name is empty: name the Kubernetes secret that holds the credentials")
     return [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": optional}}}
             for key in keys]
+
+
+def kueue_labels(queue: str = "", priority_class: str = "", *, queue_param: str = "kueue queue",
+                 priority_param: str = "kueue priority class") -> dict[str, str]:
+    """Kueue's labels for a job or pod admitted through LocalQueue `queue` with WorkloadPriorityClass
+    `priority_class`; {} for no queue (today's behaviour). A priority class without a queue is refused:
+    Kueue ignores a job without a queue, so the class would silently do nothing. The `*_param` names
+    are what an error calls the values (the pipeline parameter's name)."""
+    queue, priority_class = queue.strip(), priority_class.strip()
+    for name, value in ((queue_param, queue), (priority_param, priority_class)):
+        if value and not _LABEL_VALUE.match(value):
+            raise TrainJobError(f"{name}={value!r}: not a Kubernetes label value (at most 63 characters: letters, "
+                                "digits, '-', '_', '.', starting and ending with a letter or digit)")
+    if priority_class and not queue:
+        raise TrainJobError(f"{priority_param}={priority_class!r} needs {queue_param}: Kueue ignores a job "
+                            "without a queue")
+    labels = {KUEUE_QUEUE_LABEL: queue} if queue else {}
+    if priority_class:
+        labels[KUEUE_PRIORITY_LABEL] = priority_class
+    return labels
 
 
 def resources_per_node(*, gpus: int, cpu: str, memory: str, gpu_resource: str = "nvidia.com/gpu") -> dict[str, Any]:
@@ -98,13 +131,15 @@ def trainjob_manifest(
     shm_size: str = "",
     labels: Mapping[str, str] | None = None,
     runtime: str = RUNTIME,
+    active_deadline_s: float = 0,
 ) -> dict[str, Any]:
     """The TrainJob manifest (a dict ready for `CustomObjectsApi.create_namespaced_custom_object`).
 
     `env` holds plain (non-secret) variables; credentials come only through `secret_env_vars`
     (`secret_env(...)` entries: valueFrom.secretKeyRef), and a literal value there is refused.
     `shm_size` mounts a memory-backed /dev/shm of that size ("" for none; NCCL and DataLoader workers
-    need more than a pod's 64 MiB default). Raises TrainJobError naming the bad parameter.
+    need more than a pod's 64 MiB default). `active_deadline_s` > 0 sets spec.activeDeadlineSeconds
+    (rounded up to whole seconds). Raises TrainJobError naming the bad parameter.
     """
     _check(name, namespace, image, command, num_nodes, nproc_per_node, runtime)
     container: dict[str, Any] = {"name": NODE}
@@ -127,6 +162,10 @@ def trainjob_manifest(
         trainer["resourcesPerNode"] = dict(resources)
     spec: dict[str, Any] = {"runtimeRef": {"apiGroup": GROUP, "kind": "ClusterTrainingRuntime", "name": runtime},
                             "trainer": trainer}
+    if active_deadline_s:
+        if isinstance(active_deadline_s, bool) or not active_deadline_s > 0:
+            raise TrainJobError(f"active deadline={active_deadline_s!r} s: must be more than 0")
+        spec["activeDeadlineSeconds"] = math.ceil(active_deadline_s)
     if pod:
         spec["runtimePatches"] = [{"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {
             "replicatedJobs": [{"name": NODE, "template": {"spec": {"template": {"spec": pod}}}}]}}}}]

@@ -36,6 +36,8 @@ def warm_start(
     node_selector: dict = {},  # noqa: B006 (a KFP default)
     tolerations: list = [],  # noqa: B006
     trainjob_timeout_h: float = 72.0,
+    kueue_queue: str = "",
+    kueue_priority_class: str = "",
 ) -> float:
     """Build the warm-start model; returns H* (nats/token).
 
@@ -53,6 +55,8 @@ def warm_start(
         node_selector: node selector of the TrainJob's pods (trainjob only).
         tolerations: tolerations of the TrainJob's pods (trainjob only).
         trainjob_timeout_h: longest the TrainJob may run before it is deleted and the task fails (trainjob only).
+        kueue_queue: Kueue LocalQueue labelled on the TrainJob; empty: none (trainjob only).
+        kueue_priority_class: Kueue WorkloadPriorityClass labelled on the TrainJob (trainjob only).
     """
     from amft_lib.run.layout import RunRoot, use_s3_endpoint
     from amft_lib.run.scale_out import ClusterJob
@@ -61,7 +65,8 @@ def warm_start(
     use_s3_endpoint(s3_endpoint_url)
     cluster = ClusterJob(image, s3_secret, "", s3_endpoint_url, gpus_per_node, cpu_per_node, memory_per_node,
                          node_selector, tolerations,
-                         timeout_s=trainjob_timeout_h * 3600) if launcher == "trainjob" else None
+                         timeout_s=trainjob_timeout_h * 3600, kueue_queue=kueue_queue,
+                         kueue_priority_class=kueue_priority_class) if launcher == "trainjob" else None
     out = warm_start_stage(RunRoot.at(run_root), dataset.path, warm_start_config, model_dir=model.path,
                            base_model_dir=base_model.path, num_nodes=num_nodes, nproc_per_node=nproc_per_node,
                            launcher=launcher, cluster=cluster)

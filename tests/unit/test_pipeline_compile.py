@@ -162,7 +162,8 @@ def test_train_stage_carries_what_launches_the_trainjob(compiled):
                      "s3_secret": "p0_s3_secret", "registry_secret": "p0_registry_secret",
                      "gpus_per_node": "p0_gpu_count", "cpu_per_node": "p0_gpu_cpu_request",
                      "memory_per_node": "p0_gpu_memory_request", "node_selector": "p0_gpu_node_selector",
-                     "tolerations": "p0_gpu_tolerations", "trainjob_timeout_h": "p0_trainjob_timeout_h"}
+                     "tolerations": "p0_gpu_tolerations", "trainjob_timeout_h": "p0_trainjob_timeout_h",
+                     "kueue_queue": "p0_kueue_queue", "kueue_priority_class": "p0_kueue_priority_class"}
     for name, parameter in from_pipeline.items():
         assert params[name]["componentInputParameter"] == f"pipelinechannel--{parameter}", name
     assert params["launcher"]["runtimeValue"]["constant"] == "trainjob"
@@ -255,3 +256,44 @@ def test_committed_yaml_equals_a_fresh_compile(tmp_path):
     assert COMMITTED.is_file(), "pipelines/amft_pipeline.yaml is missing: run `amft pipeline compile`"
     assert out.read_text() == COMMITTED.read_text(), (
         "pipelines/amft_pipeline.yaml is stale: run `amft pipeline compile` (AMFT_IMAGE_* unset) and commit it")
+
+
+KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class"
+
+
+def test_compiled_with_a_queue_every_gpu_task_pod_carries_kueues_labels(tmp_path):
+    """`amft pipeline compile --kueue-queue` (KFP pod labels are compile-time literals): every GPU task
+    pod carries the queue and priority class, no CPU task does, and the run parameters that label the
+    TrainJobs default to the same values."""
+    from amft_lib import cli
+
+    out = tmp_path / "queued.yaml"
+    assert cli.main(["pipeline", "compile", "--out", str(out), "--kueue-queue", "team-a-gpu",
+                     "--kueue-priority-class", "batch-low"]) == 0
+    spec, platform = yaml.safe_load_all(out.read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for stage in GPU_STAGES:
+        labels = executors[f"exec-{stage}"]["podMetadata"]["labels"]
+        assert labels == {KUEUE_QUEUE_LABEL: "team-a-gpu", KUEUE_PRIORITY_LABEL: "batch-low"}, stage
+    for stage in ("preflight", "prepare-data", "validate-data", "register", "run-summary"):
+        assert "podMetadata" not in executors.get(f"exec-{stage}", {}), stage
+    root = spec["root"]["inputDefinitions"]["parameters"]
+    assert root["p0_kueue_queue"]["defaultValue"] == "team-a-gpu"
+    assert root["p0_kueue_priority_class"]["defaultValue"] == "batch-low"
+
+
+def test_without_a_queue_no_pod_carries_a_kueue_label(compiled):
+    spec, executors = compiled
+    assert "kueue.x-k8s.io" not in yaml.safe_dump(executors)  # today's behaviour: nothing to admit through
+    assert spec["root"]["inputDefinitions"]["parameters"]["p0_kueue_queue"].get("defaultValue", "") == ""
+
+
+def test_a_bad_queue_name_is_refused_at_compile_time(tmp_path, capsys):
+    from amft_lib import cli
+
+    out = tmp_path / "bad.yaml"
+    assert cli.main(["pipeline", "compile", "--out", str(out), "--kueue-queue", "Team A"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --kueue-queue='Team A': not a Kubernetes label value (at most 63 characters: letters, "
+                   "digits, '-', '_', '.', starting and ending with a letter or digit)"]
+    assert not out.exists()

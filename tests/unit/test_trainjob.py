@@ -232,3 +232,61 @@ def test_rbac_grants_exactly_what_the_watcher_calls():
     assert jobs == {"create", "get", "delete"} and pods == {"list"}
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"][0]["kind"] == "ServiceAccount"
+
+
+# ── Kueue and the active deadline ──────────────────────────────────────────────────────────────────
+# Kueue's convention (sigs.k8s.io/kueue pkg/controller/constants): a job is admitted through the LocalQueue
+# named by its label QueueLabel and prioritised by the WorkloadPriorityClass in WorkloadPriorityClassLabel.
+# The TrainJob CRD types `metadata` as a bare object, so the label syntax the API server enforces (a
+# qualified-name key, a ≤ 63-character value) is checked here from the Kubernetes grammar.
+KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class"
+LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                       r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+def assert_valid_labels(labels: dict) -> None:
+    for key, value in labels.items():
+        assert LABEL_KEY.match(key) and len(key.split("/")[-1]) <= 63, key
+        assert isinstance(value, str) and LABEL_VALUE.match(value), (key, value)
+
+
+def test_a_queued_trainjob_carries_kueues_labels_and_the_deadline(schema, crd):
+    manifest = stage_manifest(kueue_queue="team-a-gpu", kueue_priority_class="batch-low", timeout_s=72 * 3600.0)
+    jsonschema.validate(manifest, schema)
+    labels = manifest["metadata"]["labels"]
+    assert labels[KUEUE_QUEUE_LABEL] == "team-a-gpu" and labels[KUEUE_PRIORITY_LABEL] == "batch-low"
+    assert_valid_labels(labels)
+    assert manifest["spec"]["activeDeadlineSeconds"] == 72 * 3600  # p0_trainjob_timeout_h's default, in seconds
+    # Kueue admits the TrainJob as one workload: its pods must not carry a queue of their own
+    assert KUEUE_QUEUE_LABEL not in json.dumps(manifest["spec"])
+
+
+def test_no_queue_means_no_kueue_label_as_before(schema):
+    manifest = stage_manifest(timeout_s=1.5)
+    jsonschema.validate(manifest, schema)
+    assert not [k for k in manifest["metadata"]["labels"] if k.startswith("kueue.x-k8s.io/")]
+    assert_valid_labels(manifest["metadata"]["labels"])
+    assert manifest["spec"]["activeDeadlineSeconds"] == 2  # whole seconds, rounded up (the CRD's int64)
+
+
+def test_the_schema_refuses_a_zero_deadline(schema):
+    manifest = trainjob_manifest(name="amft-r-train", namespace="ns", image="img", command=["torchrun"],
+                                 active_deadline_s=10)
+    manifest["spec"]["activeDeadlineSeconds"] = 0
+    with pytest.raises(jsonschema.ValidationError, match="minimum"):
+        jsonschema.validate(manifest, schema)
+    with pytest.raises(TrainJobError, match="active deadline=-5"):
+        trainjob_manifest(name="amft-r-train", namespace="ns", image="img", command=["torchrun"], active_deadline_s=-5)
+
+
+@pytest.mark.parametrize(("queue", "priority", "message"), [
+    ("Team A", "", "p0_kueue_queue='Team A': not a Kubernetes label value"),
+    ("q" * 64, "", "p0_kueue_queue='qqqq"),
+    ("team-a", "-low", "p0_kueue_priority_class='-low'"),
+    ("", "batch-low", "p0_kueue_priority_class='batch-low' needs p0_kueue_queue"),
+])
+def test_bad_kueue_settings_are_one_clear_line(queue, priority, message):
+    with pytest.raises(TrainJobError, match=re.escape(message)) as err:
+        stage_manifest(kueue_queue=queue, kueue_priority_class=priority)
+    assert "\n" not in str(err.value)
