@@ -13,7 +13,14 @@ Why MLflow and these rules (DESIGN.md, research anchors B and F):
 - **Idempotent.** A pipeline retry registers the same run id again: the version tagged with that
   run id is found (`search_model_versions` on the tag) and returned; nothing new is created.
 - **`champion` alias** moves to each newly registered version; the evaluator compares the next
-  candidate against it.
+  candidate against it. Registered under another alias (e.g. `candidate`, the pipeline's
+  p6_registry_alias), @champion is left to an approval: :func:`promote` moves it (the Airflow DAG's
+  approval step does the same through MLflow's REST API).
+- **Linked to its LoggedModel (MLflow 3).** When the training stage recorded its checkpoints as
+  LoggedModels (amft_lib.tracking), the servable model is logged into the final checkpoint's
+  LoggedModel (as `log_model(model_id=…)` completes an external model) and the version's source is
+  `models:/<model_id>`: the registry, the checkpoint's step and val metrics and the weights in the run
+  root are one object. Without them (no checkpoints, tracking off), the register run holds it as before.
 
 Tracking store: ``--tracking-uri`` / ``$MLFLOW_TRACKING_URI`` when set (any MLflow server in
 production), else an embedded SQLite store ``sqlite:///$AMFT_STATE_DIR/mlflow.db`` (default state
@@ -43,6 +50,8 @@ from amft_lib.errors import UserError
 log = logging.getLogger(__name__)
 
 CHAMPION_ALIAS = "champion"
+CANDIDATE_ALIAS = "candidate"
+_ALIAS_RE = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,254}")
 DEFAULT_EXPERIMENT = "amft"
 MODEL_ARTIFACT_PATH = "model"
 RUN_ID_TAG = "amft.run_id"
@@ -211,6 +220,8 @@ class RegisterResult:
     alias_moved: bool = False
     mlflow_run_id: str | None = None
     model_uri: str | None = None
+    logged_model_id: str | None = None  # the LoggedModel the version's source is (None: a runs:/ source)
+    alias: str = CHAMPION_ALIAS
 
 
 # ── tags ────────────────────────────────────────────────────────────────────────────────────────
@@ -385,6 +396,7 @@ def register_model(
     """
     _check_name(name)
     _check_run_id(run_id)
+    check_alias(alias)
     if eval_metrics.get("blessed") is not True:
         reason = eval_metrics.get("reason") or "no verdict in metrics.json"
         log.info("not registering %s for run %s: not blessed (%s)", name, run_id, reason)
@@ -400,40 +412,51 @@ def register_model(
         existing = _find_by_run_id(client, name, run_id)
         if existing is not None:
             moved = _move_alias(client, name, alias, existing.version)
+            model_id = logged_model_id(existing.source)
             if lineage_uri:
                 _sync_lineage(lineage_uri, {"name": name, "version": str(existing.version), "alias": alias,
-                                            "tracking_uri": safe_uri, "mlflow_run_id": existing.run_id})
+                                            "tracking_uri": safe_uri, "mlflow_run_id": existing.run_id,
+                                            "logged_model_id": model_id})
             log.info("run %s is already registered as %s version %s; nothing created", run_id, name, existing.version)
             return RegisterResult(True, f"already registered by run {run_id}", name, str(existing.version),
                                   created=False, alias_moved=moved, mlflow_run_id=existing.run_id,
-                                  model_uri=f"models:/{name}/{existing.version}")
+                                  model_uri=f"models:/{name}/{existing.version}", logged_model_id=model_id,
+                                  alias=alias)
 
         tags = registry_tags(eval_metrics, run_id, record, lineage_uri)
         exp_id = experiment_id(client, experiment, artifact_root)
         run = client.create_run(exp_id, run_name=f"register-{run_id}", tags={RUN_ID_TAG: run_id})
         mlflow_run_id = run.info.run_id
         try:
-            log.info("logging %s as an MLflow transformers model of run %s", path, mlflow_run_id)
+            final = final_logged_model(client, run_id)
+            log.info("logging %s as an MLflow transformers model of %s", path,
+                     f"LoggedModel {final.model_id}" if final else f"run {mlflow_run_id}")
             with tempfile.TemporaryDirectory(prefix="amft-mlmodel-") as tmp:
-                client.log_artifacts(mlflow_run_id, str(servable_model(path, Path(tmp) / MODEL_ARTIFACT_PATH)),
-                                     artifact_path=MODEL_ARTIFACT_PATH)
+                servable = servable_model(path, Path(tmp) / MODEL_ARTIFACT_PATH)
+                if final is None:
+                    client.log_artifacts(mlflow_run_id, str(servable), artifact_path=MODEL_ARTIFACT_PATH)
+                else:
+                    attach_servable(client, final.model_id, servable, mlflow_run_id)
             _log_eval_metrics(client, mlflow_run_id, tags)
             with contextlib.suppress(MlflowException):
                 client.create_registered_model(name, description="AMFT fine-tuned reasoner (amft register)")
-            version = client.create_model_version(
-                name,
-                source=f"runs:/{mlflow_run_id}/{MODEL_ARTIFACT_PATH}",
-                run_id=mlflow_run_id,
-                tags=tags,
-                description=lineage.redact_text(f"pipeline run {run_id}: {eval_metrics.get('reason', '')}")[:1000],
-            )
+            with _global_tracking_uri(uri):  # see _global_tracking_uri
+                version = client.create_model_version(
+                    name,
+                    source=final.model_uri if final else f"runs:/{mlflow_run_id}/{MODEL_ARTIFACT_PATH}",
+                    run_id=mlflow_run_id,
+                    tags=tags,
+                    description=lineage.redact_text(f"pipeline run {run_id}: {eval_metrics.get('reason', '')}")[:1000],
+                    model_id=final.model_id if final else None,
+                )
             first = _find_by_run_id(client, name, run_id)
             if first is not None and int(first.version) < int(version.version):
                 return _yield_to(client, name, run_id, version.version, mlflow_run_id, first, alias, lineage_uri,
                                  safe_uri)
             moved = _move_alias(client, name, alias, version.version)
             registry = {"name": name, "version": str(version.version), "alias": alias,
-                        "tracking_uri": safe_uri, "mlflow_run_id": mlflow_run_id}
+                        "tracking_uri": safe_uri, "mlflow_run_id": mlflow_run_id,
+                        "logged_model_id": final.model_id if final else None}
             if lineage_uri:
                 _sync_lineage(lineage_uri, registry)
                 with tempfile.TemporaryDirectory(prefix="amft-lineage-") as tmp:
@@ -451,7 +474,8 @@ def register_model(
     reason = lineage.redact_text(f"registered: {eval_metrics.get('reason', '')}".strip())
     return RegisterResult(True, reason, name, str(version.version),
                           created=True, alias_moved=moved, mlflow_run_id=mlflow_run_id,
-                          model_uri=f"models:/{name}/{version.version}")
+                          model_uri=f"models:/{name}/{version.version}",
+                          logged_model_id=final.model_id if final else None, alias=alias)
 
 
 def _yield_to(client: Any, name: str, run_id: str, ours: str, mlflow_run_id: str, first: Any, alias: str,
@@ -477,10 +501,12 @@ def _yield_to(client: Any, name: str, run_id: str, ours: str, mlflow_run_id: str
         client.delete_run(mlflow_run_id)
     if lineage_uri:
         _sync_lineage(lineage_uri, {"name": name, "version": str(first.version), "alias": alias,
-                                    "tracking_uri": safe_uri, "mlflow_run_id": first.run_id})
+                                    "tracking_uri": safe_uri, "mlflow_run_id": first.run_id,
+                                    "logged_model_id": logged_model_id(first.source)})
     return RegisterResult(True, f"already registered by run {run_id} (concurrently)", name, str(first.version),
                           created=False, alias_moved=False, mlflow_run_id=first.run_id,
-                          model_uri=f"models:/{name}/{first.version}")
+                          model_uri=f"models:/{name}/{first.version}", logged_model_id=logged_model_id(first.source),
+                          alias=alias)
 
 
 def _log_eval_metrics(client: Any, run_id: str, tags: Mapping[str, str]) -> None:
@@ -491,12 +517,106 @@ def _log_eval_metrics(client: Any, run_id: str, tags: Mapping[str, str]) -> None
                 client.log_metric(run_id, key[len("amft.eval.") :].replace("@", "_at_"), float(value))
 
 
+# ── LoggedModels (MLflow 3) and the candidate alias ──────────────────────────────────────────────
+
+
+def check_alias(alias: str) -> str:
+    """An alias to register under: a letter, then letters, digits, '_' or '-' (MLflow's own rule
+    forbids 'latest' and version-like 'v<N>'; ours is narrower and also refuses those)."""
+    if not _ALIAS_RE.fullmatch(alias or "") or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise RegistryInputError(f"alias {alias!r}: use a letter then letters, digits, '_' or '-' (not 'latest' or "
+                                 f"v<N>), e.g. {CHAMPION_ALIAS} or {CANDIDATE_ALIAS}")
+    return alias
+
+
+def logged_model_id(source: str | None) -> str | None:
+    """The LoggedModel id of a version whose source is `models:/<model_id>` (MLflow 3); None otherwise."""
+    match = re.fullmatch(r"models:/(m-[0-9a-f]+)", source or "")
+    return match.group(1) if match else None
+
+
+def _lm_experiments(client: Any) -> list[str]:
+    """Where the training stage's LoggedModels live: our experiment, and with KFP's MLflow plugin
+    ($MLFLOW_RUN_ID, this task's run) the plugin's experiment of this KFP run."""
+    ids = []
+    found = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+    if found is not None:
+        ids.append(found.experiment_id)
+    if os.environ.get("MLFLOW_RUN_ID"):
+        with contextlib.suppress(Exception):
+            ids.append(client.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id)
+    return sorted(set(ids))
+
+
+def final_logged_model(client: Any, run_id: str) -> Any | None:
+    """The LoggedModel of pipeline run `run_id`'s final training checkpoint (the highest step the
+    training stage recorded; its weights are the trained model's), or None when it recorded none."""
+    from amft_lib.tracking import CHECKPOINT_MODEL_TYPE, CHECKPOINT_STEP_TAG, STAGE_TAG
+
+    experiments = _lm_experiments(client)
+    if not experiments:
+        return None
+    models = [m for m in client.search_logged_models(
+        experiments, filter_string=f"tags.`{RUN_ID_TAG}` = '{_check_run_id(run_id)}' and tags.`{STAGE_TAG}` = 'train'",
+        max_results=1000) if m.model_type == CHECKPOINT_MODEL_TYPE and CHECKPOINT_STEP_TAG in m.tags]
+    return max(models, key=lambda m: int(m.tags[CHECKPOINT_STEP_TAG]), default=None)
+
+
+def attach_servable(client: Any, model_id: str, servable_dir: str | Path, mlflow_run_id: str) -> None:
+    """Log the servable model (servable_model's folder) into LoggedModel `model_id`, as MLflow's
+    `log_model(model_id=…)` completes an external model: its files, then the external tag goes. The
+    checkpoint it points at stays where it is (tag amft.checkpoint_uri)."""
+    from amft_lib.tracking import EXTERNAL_TAG
+
+    client.log_model_artifacts(model_id, str(servable_dir))
+    with contextlib.suppress(_mlflow_error()):  # already gone on a retried registration
+        client.delete_logged_model_tag(model_id, EXTERNAL_TAG)
+    client.set_logged_model_tags(model_id, {"amft.registered_by_run": mlflow_run_id})
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri: str) -> Any:
+    """MLflow's SQL registry resolves a `models:/<model_id>` source with a client on the *global*
+    tracking URI (sqlalchemy_store.create_model_version, "TODO: Propagate tracking URI"), not the
+    store it belongs to: point the global URI at `uri` for the call, then put back what was there."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    before, env = tracking_utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri = before
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def promote(name: str, version: str, *, alias: str = CHAMPION_ALIAS, tracking_uri: str | None = None) -> bool:
+    """Move `alias` (default @champion) to `version` of `name` after an approval; as at registration
+    it only moves forward (an approval of an older candidate never demotes a newer champion).
+    Returns whether it moved."""
+    _check_name(name)
+    check_alias(alias)
+    client = get_client(tracking_uri)
+    try:
+        client.get_model_version(name, str(version))
+        return _move_alias(client, name, alias, str(version))
+    except _mlflow_error() as exc:
+        raise ModelLookupError(f"promote {name}:{version} to @{alias}: {_one_line(exc)}") from None
+
+
 # ── lookup ──────────────────────────────────────────────────────────────────────────────────────
 
 
 def _ref(client: Any, mv: Any, aliases: tuple[str, ...] | None = None) -> ModelRef:
     artifact_uri = None
-    if mv.run_id:
+    if logged_model_id(mv.source):  # the servable model lives in the LoggedModel's artifacts
+        with contextlib.suppress(Exception):
+            artifact_uri = client.get_logged_model(logged_model_id(mv.source)).artifact_location
+    elif mv.run_id:
         with contextlib.suppress(Exception):
             artifact_uri = storage.join(client.get_run(mv.run_id).info.artifact_uri, MODEL_ARTIFACT_PATH)
     return ModelRef(
@@ -591,5 +711,11 @@ def download_model(ref: ModelRef | str, dst: str | Path, tracking_uri: str | Non
         raise ModelLookupError(f"{ref.uri}: no MLflow run holds its artifacts (source {ref.source})")
     client = get_client(tracking_uri)
     Path(dst).mkdir(parents=True, exist_ok=True)
+    if logged_model_id(ref.source) and ref.artifact_uri:  # a LoggedModel's artifacts (MLflow 3)
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        (Path(dst) / "mlflow").mkdir(exist_ok=True)
+        local = get_artifact_repository(ref.artifact_uri).download_artifacts("", str(Path(dst) / "mlflow"))
+        return hf_directory(local, Path(dst) / "hf")
     local = client.download_artifacts(ref.run_id, MODEL_ARTIFACT_PATH, dst_path=str(Path(dst) / "mlflow"))
     return hf_directory(local, Path(dst) / "hf")

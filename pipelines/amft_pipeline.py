@@ -183,6 +183,7 @@ def build_pipeline(target: str = "cluster", kueue_queue: str = "", kueue_priorit
         p6_registry_model_name: str = "amft-gp",
         p6_registry_tracking_uri: str = "",
         p6_registry_artifact_root: str = "",
+        p6_registry_alias: str = "champion",
     ):
         # The docstring (with every parameter's description) comes from the settings table: see below.
         params = dict(locals())
@@ -274,7 +275,7 @@ def build_pipeline(target: str = "cluster", kueue_queue: str = "", kueue_priorit
                         model=trained.outputs["model"], run_id=pre.outputs["run_id"], run_root=run_root,
                         s3_root=p0_s3_root, s3_endpoint_url=p0_s3_endpoint_url,
                         registry_model_name=p6_registry_model_name, registry_tracking_uri=p6_registry_tracking_uri,
-                        registry_artifact_root=p6_registry_artifact_root)
+                        registry_artifact_root=p6_registry_artifact_root, registry_alias=p6_registry_alias)
                     # idempotent on the run id, so retrying cannot create a second version
                     registered.set_display_name("register").set_caching_options(False).set_retry(num_retries=2)
                     cpu_task(registered)

@@ -175,6 +175,9 @@ _TABLE: tuple[Setting, ...] = (
     _s("p6_registry_model_name", str, "amft-gp", "Registered model name; the blessed version gets @champion."),
     _s("p6_registry_tracking_uri", str, "", "MLflow tracking URI; empty uses $MLFLOW_TRACKING_URI."),
     _s("p6_registry_artifact_root", str, "", "Artifact root of a new MLflow experiment; empty: <s3_root>/mlflow."),
+    _s("p6_registry_alias", str, "champion", "Alias the blessed version gets: champion (it serves at once), or e.g. "
+       "candidate to leave @champion to an approval (the Airflow DAG's approve step, or "
+       "amft_lib.registry.promote)."),
 )
 
 

@@ -428,7 +428,7 @@ def evaluate_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model: s
 
 
 def register_stage(run: RunRoot, model_dir: str, *, s3_root: str, registry_model_name: str,
-                   registry_tracking_uri: str, registry_artifact_root: str) -> Any:
+                   registry_tracking_uri: str, registry_artifact_root: str, registry_alias: str = "champion") -> Any:
     """Write the lineage record, register the blessed model (idempotent on the run id) and record
     what happened in `<run>/registry.json`. Returns the registry's RegisterResult."""
     from amft_lib import storage
@@ -440,10 +440,11 @@ def register_stage(run: RunRoot, model_dir: str, *, s3_root: str, registry_model
         result = register_model(
             open_model(model_dir, tmp), read_eval_metrics(run.eval), registry_model_name, run.run_id,
             lineage_uri=lineage_uri, tracking_uri=registry_tracking_uri or None,
-            artifact_root=registry_artifact_root or storage.join(s3_root.rstrip("/"), "mlflow"))
+            artifact_root=registry_artifact_root or storage.join(s3_root.rstrip("/"), "mlflow"), alias=registry_alias)
     put_json(run.registry, {
         "registered": result.registered, "name": result.name, "version": result.version, "created": result.created,
-        "model_uri": result.model_uri, "alias_moved": result.alias_moved, "reason": result.reason})
+        "model_uri": result.model_uri, "alias_moved": result.alias_moved, "reason": result.reason,
+        "alias": result.alias, "logged_model_id": result.logged_model_id})
     return result
 
 
