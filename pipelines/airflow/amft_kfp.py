@@ -244,6 +244,78 @@ def failure_reason(run: Any) -> str:
     return "; ".join(parts) or f"the run ended {run.state} without an error message"
 
 
+def run_state(client: Any, run_id: str) -> tuple[str, str]:
+    """(state, reason) of KFP run `run_id`: the reason is empty unless the run ended badly."""
+    run = client.get_run(run_id)
+    state = str(run.state or "")
+    return state, (failure_reason(run) if state in FAILED_STATES else "")
+
+
+def terminate(client: Any, run_id: str) -> str:
+    """Ask KFP to terminate run `run_id` (POST …/runs/{id}:terminate; its pods are stopped) unless it
+    already ended; returns the state it had."""
+    state, _ = run_state(client, run_id)
+    if state not in FINAL_STATES:
+        client.terminate_run(run_id)
+        log.warning("terminated KFP run %s (it was %s)", run_id, state or "not started")
+    return state
+
+
+# ── MLflow: the approval moves @champion ────────────────────────────────────────────────────────
+
+
+@dataclasses.dataclass(frozen=True)
+class MlflowTarget:
+    """An MLflow tracking server's REST API (from an Airflow Connection: host = the server URL; login
+    and password = basic auth, or password alone = a bearer token). The Airflow venv has no mlflow
+    package (it pins other web-framework versions), so the approval talks REST."""
+
+    host: str
+    login: str = ""
+    password: str = dataclasses.field(default="", repr=False)
+
+
+def mlflow_target(conn: Any) -> MlflowTarget:
+    host = (conn.host or "").strip().rstrip("/")
+    if not host:
+        raise ValueError(f"connection {conn.conn_id!r}: set host to the MLflow tracking server URL")
+    if "://" not in host:
+        host = f"{conn.schema or 'http'}://{host}" + (f":{conn.port}" if conn.port else "")
+    return MlflowTarget(host=host, login=conn.login or "", password=conn.password or "")
+
+
+def _mlflow(target: MlflowTarget, method: str, path: str, **kwargs: Any) -> Any:
+    import requests
+
+    auth = (target.login, target.password) if target.login else None
+    headers = {"Authorization": f"Bearer {target.password}"} if target.password and not target.login else {}
+    return requests.request(method, f"{target.host}/api/2.0/mlflow/{path}", auth=auth, headers=headers,
+                            timeout=30, **kwargs)
+
+
+def alias_version(target: MlflowTarget, name: str, alias: str) -> int | None:
+    """The version `alias` points at, None when it points nowhere."""
+    resp = _mlflow(target, "GET", "registered-models/alias", params={"name": name, "alias": alias})
+    if resp.status_code in (400, 404) and "not found" in resp.text.lower():
+        return None
+    resp.raise_for_status()
+    return int(resp.json()["model_version"]["version"])
+
+
+def promote(target: MlflowTarget, name: str, version: str | int, alias: str = "champion") -> dict[str, Any]:
+    """Move `alias` of registered model `name` to `version` after an approval, forward only (as the
+    pipeline's registry does: an older candidate never demotes a newer champion)."""
+    before = alias_version(target, name, alias)
+    if before is not None and before >= int(version):
+        log.info("%s@%s is version %s already (>= %s): not moved", name, alias, before, version)
+        return {"moved": False, "previous": before, "version": int(version)}
+    resp = _mlflow(target, "POST", "registered-models/alias", json={"name": name, "alias": alias,
+                                                                    "version": str(version)})
+    resp.raise_for_status()
+    log.info("moved %s@%s: %s → %s", name, alias, before, version)
+    return {"moved": True, "previous": before, "version": int(version)}
+
+
 # ── S3: freshness check and run summary ─────────────────────────────────────────────────────────
 
 
@@ -368,6 +440,8 @@ def summary_outputs(summary: Mapping[str, Any]) -> dict[str, Any]:
         "registered": registered,
         "registered_name": reg.get("name") if registered else None,
         "registered_version": reg.get("version") if registered else None,
+        "registered_alias": reg.get("alias") if registered else None,
+        "logged_model_id": reg.get("logged_model_id") if registered else None,
         "lineage_uri": (stages.get("lineage") or {}).get("uri"),
         "lineage_command": (stages.get("lineage") or {}).get("command"),
         "accuracy": summary.get("accuracy") or {},

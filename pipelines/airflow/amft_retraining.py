@@ -2,12 +2,23 @@
 
 ```
 check_new_data ──▶ submit ──▶ wait_for_run ──▶ run_summary
-(skip the rest      (create, or   (poke the KFP    (summary.json → XCom: blessed,
- when no new data)   re-attach)    run; timeout)    registered version, lineage URI;
-                                                    fail with the run's reason)
+(skip the rest      (create, or   (deferred: the    (summary.json → XCom: blessed,
+ when no new data)   re-attach)    triggerer polls   registered version, lineage URI;
+                                   KFP; on timeout   fail with the run's reason)
+                                   terminate it)          │ with approval:
+                                                          ▼
+              registered_as_candidate ──▶ approve_champion ──▶ promote_champion
+              (skip unless registered      (ApprovalOperator)   (@champion → the candidate,
+               as @candidate)                                    via MLflow's REST API)
 ```
 
-Drop-in: copy this file, `amft_kfp.py` (beside it) and the compiled `pipelines/amft_pipeline.yaml`
+Waiting holds no worker slot: `wait_for_run` defers to a trigger (amft_kfp_wait.py) that polls the KFP
+API from the triggerer; when AMFT_AIRFLOW_WAIT_TIMEOUT_S has passed since submission the KFP run is
+terminated and the task fails. With AMFT_AIRFLOW_APPROVAL=1 the pipeline registers the blessed model
+under the `candidate` alias (p6_registry_alias) and a person approves (or rejects) moving @champion
+to it in Airflow's Required Actions view; approve → @champion moves, reject → it stays.
+
+Drop-in: copy this file, `amft_kfp.py`, `amft_kfp_wait.py` (beside it) and the compiled `pipelines/amft_pipeline.yaml`
 into the DAG folder (or set AMFT_PIPELINE_PACKAGE). The Airflow environment needs `kfp` and
 `boto3` (requirements/airflow.txt), not the amft package: parsing this file imports neither kfp nor
 torch.
@@ -18,6 +29,7 @@ Set at parse time by environment variables (Airflow reads them when it parses th
   AMFT_PIPELINE_PACKAGE   the compiled pipeline YAML (default: amft_pipeline.yaml beside this file,
                           then ../amft_pipeline.yaml, i.e. the repository's copy)
   AMFT_AIRFLOW_WAIT_TIMEOUT_S, AMFT_AIRFLOW_POKE_INTERVAL_S   how long / how often to wait (48 h / 60 s)
+  AMFT_AIRFLOW_APPROVAL   "1": register as candidate and let a person approve @champion (default off)
 
 Per run (Params, editable in the trigger form or `conf`):
   every pipeline parameter under its own name (p0_s3_root, p4_train_max_steps, … as
@@ -32,6 +44,8 @@ Connections (credentials never appear in Params, XCom or logs; Airflow masks con
             (optional); extra {"namespace": "...", "verify_ssl": true, "ssl_ca_cert": "/path"}
   amft_s3   (type aws) login = access key id, password = secret key,
             extra {"endpoint_url": "...", "region_name": "..."}; absent = boto3's default chain
+  amft_mlflow  (approval only) host = MLflow tracking server URL; login/password = basic auth, or
+            password alone = bearer token
 
 Idempotence: the KFP run is named after the Airflow run. A retried `submit` finds the run its
 first try created (even when the API timed out after creating it) and waits for that one.
@@ -42,9 +56,10 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
-from airflow.sdk import Param, PokeReturnValue, dag, get_current_context, task
+from airflow.sdk import Param, dag, get_current_context, task
 
 HERE = Path(__file__).resolve().parent
 try:
@@ -52,11 +67,23 @@ try:
 except ModuleNotFoundError:  # imported from outside the DAG folder (tests, a wrapper DAG file)
     sys.path.insert(0, str(HERE))
     import amft_kfp
+from amft_kfp_wait import WaitForKfpRun  # noqa: E402 (after the DAG folder is on sys.path)
 
 log = logging.getLogger(__name__)
 
 PARAMS_VARIABLE = "amft_pipeline_params"
 LOCAL, KFP = "local", "kfp"
+CHAMPION, CANDIDATE = "champion", "candidate"
+APPROVAL_BODY = """Run {{ ti.xcom_pull(task_ids='run_summary', key='return_value')['run_name'] }} registered
+**{{ ti.xcom_pull(task_ids='run_summary', key='registered_name') }} version
+{{ ti.xcom_pull(task_ids='run_summary', key='registered_version') }}** as @candidate.
+
+- blessing: {{ ti.xcom_pull(task_ids='run_summary', key='return_value')['blessing_reason'] }}
+- accuracy: {{ ti.xcom_pull(task_ids='run_summary', key='return_value')['accuracy'] }}
+- lineage: {{ ti.xcom_pull(task_ids='run_summary', key='lineage_uri') }}
+
+Approve moves @champion to it (the next retraining is compared against it); Reject leaves @champion
+where it is."""
 
 
 def default_package() -> Path:
@@ -108,6 +135,8 @@ def _airflow_params(mode: str) -> dict[str, Param]:
                                description="OMP/torch threads per local task"),
         "amft_bin": Param("", type="string", section="Local mode",
                           description="the amft executable; empty = $AMFT_BIN, `amft` on PATH, repo .venv"),
+        "mlflow_conn_id": Param("amft_mlflow", type="string", section="Approval",
+                                description="Connection of the MLflow server whose @champion the approval moves"),
     }
 
 
@@ -146,12 +175,15 @@ def build_dag(
     start_date: dt.datetime = dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     poke_interval_s: float = 60.0,
     wait_timeout_s: float = 48 * 3600.0,
-    sensor_mode: str = "reschedule",
     retries: int = 2,
     retry_delay_s: float = 120.0,
+    approval: bool = False,
+    approval_timeout_s: float | None = 7 * 24 * 3600.0,
 ):
     """The retraining DAG. Parse-time settings are arguments, so a platform team can also write a
-    three-line DAG file calling this with its own dag_id and schedule."""
+    three-line DAG file calling this with its own dag_id and schedule. `approval`: register the
+    blessed model as `candidate` and move @champion only after a person approves (ApprovalOperator;
+    no answer within `approval_timeout_s` counts as a reject)."""
     package = Path(package) if package else default_package()
     pipeline_params = amft_kfp.read_package_params(package)
     retry_delay = dt.timedelta(seconds=retry_delay_s)
@@ -202,7 +234,10 @@ def build_dag(
             arguments = amft_kfp.merge_arguments(pipeline_params, platform,
                                                  {k: p.get(k) for k in pipeline_params})
             arguments.setdefault("p0_run_id", name)
-            handle = {"mode": p["mode"], "name": name, "amft_run_id": arguments["p0_run_id"]}
+            if approval and "p6_registry_alias" in pipeline_params:  # @champion waits for the approval
+                arguments.setdefault("p6_registry_alias", CANDIDATE)
+            handle = {"mode": p["mode"], "name": name, "amft_run_id": arguments["p0_run_id"],
+                      "submitted_at": time.time()}
             if p["mode"] == LOCAL:
                 state_dir = Path(p["local_state_dir"] or Path(os.environ.get("AIRFLOW_HOME", "~/airflow"))
                                  / "amft-local").expanduser()
@@ -219,21 +254,8 @@ def build_dag(
                     "s3_root": arguments.get("p0_s3_root", default.get("p0_s3_root")),
                     "s3_endpoint_url": arguments.get("p0_s3_endpoint_url", default.get("p0_s3_endpoint_url")) or ""}
 
-        # ── Step 3: wait ── reschedule mode frees the worker slot between pokes.
-        @task.sensor(task_id="wait_for_run", poke_interval=poke_interval_s, timeout=wait_timeout_s,
-                     mode=sensor_mode, retries=retries, retry_delay=retry_delay)
-        def wait_for_run(handle: dict) -> PokeReturnValue:
-            if handle["mode"] == LOCAL:  # run-local already finished inside `submit`
-                return PokeReturnValue(True, {"state": handle["state"], "reason": ""})
-            p = get_current_context()["params"]
-            client = amft_kfp.kfp_client(amft_kfp.kfp_target(_connection(p["kfp_conn_id"], required=True)))
-            run = client.get_run(handle["kfp_run_id"])
-            state = str(run.state or "")
-            if state not in amft_kfp.FINAL_STATES:
-                log.info("KFP run %s (%s): %s", handle["name"], handle["kfp_run_id"], state or "no state yet")
-                return PokeReturnValue(False)
-            reason = "" if state == amft_kfp.SUCCEEDED else amft_kfp.failure_reason(run)
-            return PokeReturnValue(True, {"state": state, "reason": reason})
+        # ── Step 3: wait ── deferred: no worker slot while the KFP run runs (amft_kfp_wait.py); on the
+        # deadline the KFP run is terminated.
 
         # ── Step 4: run summary → XCom; fail the DAG run with the KFP run's reason.
         @task(task_id="run_summary", retries=retries, retry_delay=retry_delay)
@@ -266,9 +288,38 @@ def build_dag(
                      out["registered_name"], out["registered_version"], out["lineage_uri"])
             return out
 
+        # ── Step 5 (approval): registered as candidate → a person approves → @champion moves.
+        @task.short_circuit(task_id="registered_as_candidate")
+        def registered_as_candidate(out: dict) -> bool:
+            if out.get("registered_version") is None:
+                log.info("nothing registered (blessed=%s): no approval to ask for", out.get("blessed"))
+                return False
+            if out.get("registered_alias") not in (None, CANDIDATE):
+                log.info("registered under @%s, not as candidate: nothing to approve", out["registered_alias"])
+                return False
+            return True
+
+        @task(task_id="promote_champion", retries=retries, retry_delay=retry_delay)
+        def promote_champion(out: dict) -> dict:
+            p = get_current_context()["params"]
+            target = amft_kfp.mlflow_target(_connection(p["mlflow_conn_id"], required=True))
+            return amft_kfp.promote(target, out["registered_name"], out["registered_version"], CHAMPION)
+
         handle = submit()
         check_new_data() >> handle
-        run_summary(handle, wait_for_run(handle))
+        final = WaitForKfpRun(task_id="wait_for_run", handle=handle, poll_interval_s=poke_interval_s,
+                              wait_timeout_s=wait_timeout_s, retries=retries, retry_delay=retry_delay)
+        out = run_summary(handle, final.output)
+        if approval:
+            from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+            ask = ApprovalOperator(
+                task_id="approve_champion", subject="AMFT: make {{ ti.xcom_pull(task_ids='run_summary', "
+                "key='registered_name') }} version {{ ti.xcom_pull(task_ids='run_summary', "
+                "key='registered_version') }} the champion?",
+                body=APPROVAL_BODY, response_timeout=dt.timedelta(seconds=approval_timeout_s)
+                if approval_timeout_s else None)
+            registered_as_candidate(out) >> ask >> promote_champion(out)
 
     return amft_retraining()
 
@@ -278,4 +329,5 @@ amft_retraining = build_dag(
     mode=os.environ.get("AMFT_AIRFLOW_MODE", KFP),
     poke_interval_s=float(os.environ.get("AMFT_AIRFLOW_POKE_INTERVAL_S", 60)),
     wait_timeout_s=float(os.environ.get("AMFT_AIRFLOW_WAIT_TIMEOUT_S", 48 * 3600)),
+    approval=os.environ.get("AMFT_AIRFLOW_APPROVAL", "").strip().lower() in ("1", "true", "yes", "on"),
 )

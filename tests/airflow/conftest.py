@@ -7,7 +7,8 @@ one file that builds the test DAGs with `build_dag` (short poke interval and ret
 platform team would wrap the DAG with its own settings.
 
 Real services: SeaweedFS through the project's own `amft s3 serve` (main .venv), which also runs
-`amft pipeline run-local` for the local-mode test. The KFP API server is the one fake (fake_kfp.py).
+`amft pipeline run-local` for the local-mode test, and an MLflow tracking server on SQLite (`mlflow
+server` from the main .venv) for the approval's @champion. The KFP API server is the one fake (fake_kfp.py).
 """
 
 import json
@@ -51,6 +52,10 @@ from amft_retraining import build_dag
 amft_test_kfp = build_dag("amft_test_kfp", schedule=None, poke_interval_s=0.2, retry_delay_s=0.2, retries=2,
                           wait_timeout_s=120)
 amft_test_local = build_dag("amft_test_local", schedule=None, mode="local", retries=0, wait_timeout_s=900)
+amft_test_kfp_timeout = build_dag("amft_test_kfp_timeout", schedule=None, poke_interval_s=0.2, retry_delay_s=0.2,
+                                  retries=2, wait_timeout_s=2)
+amft_test_kfp_approval = build_dag("amft_test_kfp_approval", schedule=None, poke_interval_s=0.2, retry_delay_s=0.2,
+                                   retries=0, wait_timeout_s=120, approval=True, approval_timeout_s=300)
 '''
 
 
@@ -111,6 +116,43 @@ def s3(tmp_path_factory) -> dict[str, str]:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real MLflow tracking server (SQLite store) from the project venv; yields its URL. Slow to
+    start on a busy machine (~40 s), so one per session."""
+    mlflow = MAIN_VENV_BIN / "mlflow"
+    if not mlflow.exists():
+        pytest.fail(f"{mlflow} missing: run scripts/bootstrap.sh before the Airflow tests")
+    import requests
+
+    data = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    log = (data / "server.log").open("w")
+    proc = subprocess.Popen([str(mlflow), "server", "--backend-store-uri", f"sqlite:///{data / 'mlflow.db'}",
+                             "--default-artifact-root", str(data / "artifacts"), "--host", "127.0.0.1", "--port",
+                             str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "MLFLOW_ENABLE_TELEMETRY": "false"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if requests.get(f"{url}/health", timeout=5).ok:
+                break
+        except requests.RequestException:  # not listening yet, or still starting up
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server did not come up:\n{(data / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
     log.close()
 
 

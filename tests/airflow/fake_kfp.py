@@ -17,8 +17,11 @@ run_service_api.py / experiment_service_api.py / healthz_service_api.py and the 
   GET  /apis/v2beta1/runs?experiment_id=…&filter=…&sort_by=…&page_size=…&page_token=…
                                             → {"runs": […], "total_size": n, "next_page_token": ""}
   GET  /apis/v2beta1/runs/{run_id}          → the run; each GET advances it along its `script`
-       (e.g. RUNNING → SUCCEEDED). A FAILED run carries `error` (google.rpc.Status) and a failed
-       entry in run_details.task_details, as the real server reports a failed task.
+       (e.g. RUNNING → SUCCEEDED; the last state stays). A FAILED run carries `error`
+       (google.rpc.Status) and a failed entry in run_details.task_details, as the real server reports
+       a failed task. `on_get(run)` is called on each GET (a test observes Airflow meanwhile).
+  POST /apis/v2beta1/runs/{run_id}:terminate → {} (kfp.Client.terminate_run); the run is CANCELED
+       from then on, as the real server reports a terminated run once its pods stopped.
 Requests are recorded (method, path, query, whether the bearer token matched) for assertions.
 Faults: `fail_create_after_storing` answers 503 to a create *after* storing the run (the API timed
 out but the run exists), `fail_get` answers 503 to the next N GETs of a run.
@@ -59,6 +62,7 @@ class FakeKfp:
         self.requests: list[dict[str, Any]] = []
         self.outcome = Outcome()
         self.on_finish: Callable[[dict[str, Any]], None] | None = None  # e.g. write summary.json to S3
+        self.on_get: Callable[[dict[str, Any]], None] | None = None  # called on each GET of a run
         self.fail_create_after_storing = 0
         self.fail_get = 0
         self._scripts: dict[str, list[str]] = {}
@@ -81,6 +85,11 @@ class FakeKfp:
     def created(self) -> list[dict[str, Any]]:
         return [r for r in self.requests if r["method"] == "POST" and r["path"] == "/apis/v2beta1/runs"]
 
+    def terminated(self) -> list[str]:
+        """Run ids that were asked to terminate, in order."""
+        return [r["path"].rsplit("/", 1)[1].removesuffix(":terminate") for r in self.requests
+                if r["method"] == "POST" and r["path"].endswith(":terminate")]
+
     # ── API ──────────────────────────────────────────────────────────────────────────────────
 
     def handle(self, method: str, path: str, query: dict[str, str], body: Any) -> tuple[int, Any]:
@@ -102,6 +111,12 @@ class FakeKfp:
                 found.sort(key=lambda r: r["created_at"], reverse=query.get("sort_by", "").endswith("desc"))
                 return 200, {"runs": found, "total_size": len(found), "next_page_token": ""}
             return self._create(body)
+        if path.startswith("/apis/v2beta1/runs/") and path.endswith(":terminate") and method == "POST":
+            run_id = path.rsplit("/", 1)[1].removesuffix(":terminate")
+            if run_id not in self.runs:
+                return 404, {"code": 5, "message": f"Run {run_id} not found", "details": []}
+            self._scripts[run_id] = ["CANCELED"]
+            return 200, {}
         if path.startswith("/apis/v2beta1/runs/") and method == "GET":
             run_id = path.rsplit("/", 1)[1]
             if run_id not in self.runs:
@@ -109,7 +124,10 @@ class FakeKfp:
             if self.fail_get:
                 self.fail_get -= 1
                 return 503, {"code": 14, "message": "upstream connect error (fake)"}
-            return 200, self._advance(run_id)
+            run = self._advance(run_id)
+            if self.on_get:
+                self.on_get(run)
+            return 200, run
         return 404, {"code": 5, "message": f"fake KFP: no route {method} {path}"}
 
     def _create(self, body: dict[str, Any]) -> tuple[int, Any]:
@@ -130,7 +148,7 @@ class FakeKfp:
         if script:
             run["state"] = script.pop(0)
             run["state_history"].append({"update_time": _now(), "state": run["state"]})
-            if run["state"] in ("SUCCEEDED", "FAILED"):
+            if run["state"] in ("SUCCEEDED", "FAILED", "CANCELED"):
                 run["finished_at"] = _now()
                 if run["state"] == "FAILED":
                     self._fail(run)
