@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,24 @@ def s3(tmp_path_factory) -> dict[str, str]:
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    """A fake KFP API server (fake_kfp.py) with a bearer token, as the Connection `amft_kfp`."""
+    from fake_kfp import FakeKfp
+
+    token = f"kfp-token-{uuid.uuid4().hex}"
+    with FakeKfp(token=token) as server:
+        monkeypatch.setenv("AIRFLOW_CONN_AMFT_KFP", json.dumps({"conn_type": "http", "host": server.url,
+                                                                "password": token}))
+        yield server
+
+
+@pytest.fixture
+def root() -> str:
+    """A fresh S3 root for one test's runs."""
+    return f"s3://amft/airflow-tests/{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="session")

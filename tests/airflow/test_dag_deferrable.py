@@ -16,23 +16,9 @@ import uuid
 import pytest
 import requests
 from conftest import run_dag
-from fake_kfp import FakeKfp, Outcome
+from fake_kfp import Outcome
 
 pytestmark = pytest.mark.s3
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    token = f"kfp-token-{uuid.uuid4().hex}"
-    with FakeKfp(token=token) as server:
-        monkeypatch.setenv("AIRFLOW_CONN_AMFT_KFP", json.dumps({"conn_type": "http", "host": server.url,
-                                                                "password": token}))
-        yield server
-
-
-@pytest.fixture
-def root() -> str:
-    return f"s3://amft/airflow-tests/{uuid.uuid4().hex[:8]}"
 
 
 def write_summary(s3_client, name: str = "amft-gp", version: str = "7", alias: str = "champion"):
@@ -143,30 +129,44 @@ def champion(url: str, name: str) -> str:
         "model_version"]["version"]
 
 
-def answer_when_asked(dag_id: str, option: str, asked: list) -> threading.Thread:
+def answer_when_asked(dag_id: str, option: str, asked: list, errors: list) -> threading.Thread:
     """A reviewer: waits until the approval task awaits input, then answers through Airflow's own HITL
-    response handler (what the Required Actions UI calls)."""
+    response handler (what the Required Actions UI calls). If that fails, the waiting task is failed so
+    dag.test() (which waits for a human forever) ends and the test reports the error."""
     from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
     from airflow.api_fastapi.core_api.datamodels.hitl import UpdateHITLDetailPayload
     from airflow.api_fastapi.core_api.routes.public.hitl import update_hitl_detail
+    from airflow.models.hitl import HITLDetail
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
 
+    def waiting(session):
+        return session.query(TaskInstance).filter(TaskInstance.dag_id == dag_id,
+                                                  TaskInstance.task_id == "approve_champion",
+                                                  TaskInstance.state == "awaiting_input").first()
+
     def reviewer() -> None:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                with create_session() as session:
+                    ti = waiting(session)
+                    if ti is not None:
+                        asked.append(session.query(HITLDetail).filter(HITLDetail.ti_id == ti.id).one().subject)
+                        update_hitl_detail(dag_id=dag_id, dag_run_id=ti.run_id, task_id="approve_champion",
+                                           update_hitl_detail_payload=UpdateHITLDetailPayload(
+                                               chosen_options=[option]),
+                                           user=SimpleAuthManagerUser(username="reviewer", role="admin"),
+                                           session=session)
+                        return
+                time.sleep(0.3)
+            raise TimeoutError("approve_champion never asked for input")
+        except BaseException as exc:
+            errors.append(exc)
             with create_session() as session:
-                ti = session.query(TaskInstance).filter(TaskInstance.dag_id == dag_id,
-                                                        TaskInstance.task_id == "approve_champion").order_by(
-                    TaskInstance.start_date.desc()).first()
-                if ti is not None and str(ti.state) == "awaiting_input":
-                    asked.append(ti.hitl_detail.subject)
-                    update_hitl_detail(dag_id=dag_id, dag_run_id=ti.run_id, task_id="approve_champion",
-                                       update_hitl_detail_payload=UpdateHITLDetailPayload(chosen_options=[option]),
-                                       user=SimpleAuthManagerUser(username="reviewer", role="admin"),
-                                       session=session)
-                    return
-            time.sleep(0.3)
+                ti = waiting(session)
+                if ti is not None:
+                    ti.state = "failed"
 
     thread = threading.Thread(target=reviewer, daemon=True)
     thread.start()
@@ -181,9 +181,11 @@ def test_approval_gates_the_champion(test_dags, fake, s3_connection, s3_client, 
     monkeypatch.setenv("AIRFLOW_CONN_AMFT_MLFLOW", json.dumps({"conn_type": "http", "host": mlflow_server}))
     fake.on_finish = write_summary(s3_client, name=name, version="2", alias="candidate")
     asked: list = []
-    reviewer = answer_when_asked("amft_test_kfp_approval", option, asked)
+    errors: list = []
+    reviewer = answer_when_asked("amft_test_kfp_approval", option, asked, errors)
     state, tasks, xcoms = run_dag(test_dags["amft_test_kfp_approval"], {"p0_s3_root": root})
     reviewer.join(timeout=5)
+    assert errors == []
 
     assert state == "success", tasks
     # the pipeline was asked to register under the candidate alias, leaving @champion to the approval

@@ -9,27 +9,12 @@ pipeline's exit handler writing summary.json (the fake writes it when a run fini
 
 import json
 import time
-import uuid
 
 import pytest
 from conftest import run_dag
-from fake_kfp import FakeKfp, Outcome
+from fake_kfp import Outcome
 
 pytestmark = pytest.mark.s3
-
-
-@pytest.fixture
-def fake(monkeypatch):
-    token = f"kfp-token-{uuid.uuid4().hex}"
-    with FakeKfp(token=token) as server:
-        monkeypatch.setenv("AIRFLOW_CONN_AMFT_KFP", json.dumps({"conn_type": "http", "host": server.url,
-                                                                "password": token}))
-        yield server
-
-
-@pytest.fixture
-def root() -> str:
-    return f"s3://amft/airflow-tests/{uuid.uuid4().hex[:8]}"
 
 
 def write_summary(s3_client, *, registered: bool = True):
