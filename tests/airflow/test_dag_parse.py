@@ -27,10 +27,11 @@ print(json.dumps({"parse_s": t1 - t0, "dags": sorted(bag.dag_ids),
 
 
 def test_dag_file_parses_fast_without_heavy_imports(airflow_db, tmp_path):
-    # dropped into a DAG folder the way the README says: the two files and the compiled pipeline
+    # dropped into a DAG folder the way the README says: the three files and the compiled pipeline
     dags = tmp_path / "dags"
     dags.mkdir()
-    for src in (DAG_DIR / "amft_retraining.py", DAG_DIR / "amft_kfp.py", REPO / "pipelines" / "amft_pipeline.yaml"):
+    for src in (DAG_DIR / "amft_retraining.py", DAG_DIR / "amft_kfp.py", DAG_DIR / "amft_kfp_wait.py",
+                REPO / "pipelines" / "amft_pipeline.yaml"):
         shutil.copy(src, dags)
     out = subprocess.run([sys.executable, "-c", PARSE, str(dags)], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -43,7 +44,7 @@ def test_dag_file_parses_fast_without_heavy_imports(airflow_db, tmp_path):
     assert pipeline <= set(result["params"]) and {"p0_s3_root", "p4_train_max_steps"} <= pipeline
     assert set(result["params"]) - pipeline == {"mode", "kfp_conn_id", "kfp_experiment", "s3_conn_id", "data_prefix",
                                                 "skip_if_no_new_data", "resubmit_failed", "local_state_dir",
-                                                "local_threads", "amft_bin"}
+                                                "local_threads", "amft_bin", "mlflow_conn_id"}
 
 
 def test_run_name_is_deterministic_and_a_valid_amft_run_id():
