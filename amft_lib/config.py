@@ -554,7 +554,7 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
             node = node[part]
         if parts[-1] not in node:
             raise ConfigError(f"override {item!r}: unknown key {key!r}")
-        node[parts[-1]] = parse_value(raw, f"override {item[:200]!r}")
+        node[parts[-1]] = parse_value(raw, f"override {item if len(item) <= 80 else item[:77] + '...'!r}")
     return config_from_dict(data, type(cfg))
 
 

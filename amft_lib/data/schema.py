@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,6 +46,29 @@ _PARQUET_OPTIONS: dict[str, Any] = {
     "use_dictionary": False,
     "store_schema": True,
 }
+
+
+# C0 controls except tab, newline and carriage return, DEL, and the C1 controls: NUL truncates strings in
+# C-based tools, ESC starts terminal escape sequences (a row that rewrites a reviewer's terminal), and
+# none of them belongs in a prompt, answer or demonstration.
+_CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+TEXT_COLUMNS: tuple[str, ...] = ("id", "prompt", "answer", "demonstration", "meta")
+
+
+def find_control_character(text: str) -> str | None:
+    """"U+001B at 12" for the first control character in `text` (tab, newline, CR allowed), else None."""
+    match = _CONTROL_RE.search(text)
+    return None if match is None else f"U+{ord(match.group()):04X} at {match.start()}"
+
+
+def row_control_character(row: Mapping[str, Any]) -> str | None:
+    """"prompt: U+0000 at 3" for the first text column of a row holding a control character, else None."""
+    for name in TEXT_COLUMNS:
+        value = row.get(name)
+        found = find_control_character(value) if isinstance(value, str) else None
+        if found:
+            return f"{name}: {found}"
+    return None
 
 
 class DataError(UserError):
