@@ -141,24 +141,21 @@ def check_column_types(schema: pa.Schema, where: Path | str) -> None:
         raise DataError(f"{where}: column {name!r} has type {tp}; the dataset contract needs a string")
 
 
-def check_prompt_lengths(rows: Sequence[Mapping[str, Any]], count_tokens: Callable[[str], int], context: int,
-                         reserve: int, where: str) -> int:
+def check_prompt_lengths(rows: Sequence[Mapping[str, Any]], count_tokens: Callable[[list[str]], Sequence[int]],
+                         context: int, reserve: int, where: str) -> int:
     """The longest prompt in tokens; DataError if any prompt plus `reserve` new tokens exceeds `context`.
 
     The rule (README "Data integrity"): a prompt that does not fit the model's context together with
     the tokens the stage generates is refused, never truncated. Truncating the left (HF's default)
     cuts the question a verifier judges, so the model would be graded on a task it never saw, and
     every stage would have to truncate the same way; refusing names the row so the data is fixed once.
-    Pure: the tokenizer comes in as `count_tokens`.
+    Pure: the tokenizer comes in as `count_tokens` (prompts -> token counts, one batched call: a fast
+    tokenizer counts 18,000 prompts in a fraction of a second, one call per prompt took 4 s).
     """
     budget = context - reserve
-    longest = 0
-    offenders: list[tuple[int, Mapping[str, Any]]] = []
-    for row in rows:
-        n = count_tokens(row["prompt"])
-        longest = max(longest, n)
-        if n > budget:
-            offenders.append((n, row))
+    lengths = list(count_tokens([row["prompt"] for row in rows]))
+    longest = max(lengths, default=0)
+    offenders = [(n, row) for n, row in zip(lengths, rows, strict=True) if n > budget]
     if offenders:
         n, row = offenders[0]
         raise DataError(
@@ -190,8 +187,13 @@ def check_prompts_fit(rows: Sequence[Mapping[str, Any]], tokenizer: Any, model: 
         return
     bos = 1 if tokenizer.bos_token_id is not None and not chat_template else 0
 
-    def count(prompt: str) -> int:
-        return len(tokenizer.encode(render_prompt(tokenizer, prompt, chat_template), add_special_tokens=False)) + bos
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer of a fast one: same ids, 1.5x less
+
+    def count(prompts: list[str]) -> list[int]:
+        texts = [render_prompt(tokenizer, p, chat_template) for p in prompts]
+        if backend is not None:
+            return [len(e.ids) + bos for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return [len(ids) + bos for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     reserve = int(max_new_tokens or 0)
     longest = check_prompt_lengths(rows, count, context, reserve, where or "generated data")

@@ -100,10 +100,13 @@ def test_prompt_length_rule_hand_worked() -> None:
     """context 20, reserve 8 → a prompt may be at most 12 tokens (here: characters)."""
     rows = [{"id": "a", "split": "train", "prompt": "x" * 12}, {"id": "b", "split": "val", "prompt": "y" * 13},
             {"id": "c", "split": "val", "prompt": "z" * 30}]
-    assert check_prompt_lengths(rows[:1], len, 20, 8, "d") == 12
+    def count(prompts: list[str]) -> list[int]:
+        return [len(p) for p in prompts]
+
+    assert check_prompt_lengths(rows[:1], count, 20, 8, "d") == 12
     with pytest.raises(DataError, match=r"^d: row 'b' \(split val\): prompt is 13 tokens; with 8 new tokens that "
                                         r"exceeds the model's context of 20 \(2 such prompt\(s\)\)"):
-        check_prompt_lengths(rows, len, 20, 8, "d")
+        check_prompt_lengths(rows, count, 20, 8, "d")
 
 
 def test_model_context_reads_common_config_names() -> None:
