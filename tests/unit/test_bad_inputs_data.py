@@ -1,9 +1,10 @@
 """Bad data and config inputs (issue 21 items 3, 4 and 6's CLI side): a table in the style of test_bad_inputs.py.
 
-Every row runs the real command line in-process (`amft_lib.cli.main`) and asserts what a user sees: exit 2 and
+Rows are the main table's `Case` (fragment: for rc 1, the name of the failed gate check). Every row runs the real
+command line in-process (`amft_lib.cli.main`) and asserts what a user sees: exit 2 and
 exactly one `error:` line naming the file/column/row/key, no traceback, the output location exactly as it was.
 Gate rows (`rc=1`) run the real GX gate and assert the named expectation failed and no `error:` line was printed.
-Two rows also run the installed `amft` script in a subprocess with a timeout: the FIFO and /dev/zero configs
+Four tests also run the installed `amft` script in a subprocess with a timeout: FIFO and /dev/zero configs
 hung before, and a hang must fail the test, not the suite.
 
 The worlds: a prepared General Points dataset and broken copies. A "re-signed" copy has its card.json sha256
@@ -18,32 +19,15 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_bad_inputs import Case, _snapshot  # the main table's row type and "unchanged" check, shared
 
 from amft_lib.cli import main
 from amft_lib.data.schema import sha256_file
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    argv: str  # a command line; {name} fields come from the `world` fixture
-    fragment: str  # must appear in the single `error:` line (rc 2) or be the failed check's name (rc 1)
-    out: str | None = "{out}"  # the output location that must be left exactly as it was
-    rc: int = 2
-
-
-def _snapshot(path: Path) -> object:
-    if not path.exists():
-        return None
-    if path.is_file():
-        return ("file", path.read_bytes())
-    return sorted((str(p.relative_to(path)), p.read_bytes() if p.is_file() else b"<dir>") for p in path.rglob("*"))
 
 
 def _resign(dataset: Path) -> None:
