@@ -24,12 +24,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from amft_lib.errors import UserError
+from amft_lib.regular_file import read_regular_file
 
 COLUMNS: tuple[str, ...] = ("id", "task", "prompt", "answer", "demonstration", "split", "meta")
 SPLITS: tuple[str, ...] = ("train", "val", "test_id", "test_ood")
 EVAL_SPLITS: tuple[str, ...] = ("val", "test_id", "test_ood")
 NULLABLE_COLUMNS: frozenset[str] = frozenset({"demonstration"})
 CARD_NAME = "card.json"
+MAX_CARD_BYTES = 16 << 20  # a card lists a few splits and inputs: kilobytes
 CARD_VERSION = 1
 
 # Every column is a string; only `demonstration` may be null (rows without a worked solution
@@ -217,13 +219,14 @@ class DatasetCard:
 
 
 def read_card(dataset_dir: Path) -> DatasetCard:
-    """Read `card.json` from a prepared dataset directory."""
+    """Read `card.json` from a prepared dataset directory (a regular file of at most MAX_CARD_BYTES: a
+    FIFO or device named card.json must not hang the loader of every stage)."""
     path = dataset_dir / CARD_NAME
+    if not path.exists() and not path.is_symlink():
+        raise DataError(f"{path}: no dataset card (was `amft data prepare` run to completion?)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no dataset card (was `amft data prepare` run to completion?)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        data = json.loads(read_regular_file(path, "dataset card", MAX_CARD_BYTES, DataError).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"{path}: cannot read dataset card: {one_line(exc)}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: dataset card must be a JSON object")

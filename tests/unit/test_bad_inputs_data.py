@@ -87,6 +87,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     card["splits"]["val"]["file"] = "../gp/val.parquet"
     (escape / "card.json").write_text(json.dumps(card))
     w["escape"] = escape
+    fifocard = t / "fifocard"
+    shutil.copytree(gp, fifocard)
+    (fifocard / "card.json").unlink()
+    os.mkfifo(fifocard / "card.json")
+    w["fifocard"] = fifocard
 
     # rows and columns, each under a card that matches it
     w["dupids"] = _edit_split(gp, t / "dupids", "val", lambda rows: [{**r, "id": rows[0]["id"]} for r in rows])
@@ -152,6 +157,9 @@ CASES = [
     Case("train-unlisted-parquet", TRAIN + " {extra}", "more.parquet: not listed in card.json"),
     Case("eval-unlisted-parquet", EVAL + " {extra}", "more.parquet: not listed in card.json"),
     Case("train-card-escapes-folder", TRAIN + " {escape}", "a card lists files inside its own folder"),
+    Case("eval-card-is-fifo", EVAL + " {fifocard}", "card.json: dataset card is a FIFO"),
+    Case("gate-card-is-fifo", "data validate --dataset {fifocard} --out-dir {out}",
+         "card.json: dataset card is a FIFO"),
     # ── rows: duplicate ids (load and gate), control characters (gate), prompts over the context ──
     Case("train-duplicate-ids", TRAIN + " {dupids}", "val.parquet: row 2: duplicate id"),
     Case("warm-duplicate-ids-across-splits", WARM + " {dupacross}", "val.parquet: row 1: duplicate id"),
@@ -265,7 +273,7 @@ def test_console_script_does_not_hang(flag: str, path: str, world: dict[str, str
     cmd = ([str(amft), "train", "--out", str(tmp_path / "o"), "--data", world["gp"], flag, target]
            if flag == "--config" else [str(amft), "pipeline", "submit", "--host", "http://127.0.0.1:9", flag, target])
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          timeout=120)
+                          timeout=300)  # generous: the box is shared; a hang never ends
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and target in errors[0], proc.stderr
