@@ -145,3 +145,20 @@ def test_resigned_card_over_good_rows_is_accepted(prepared: Path, tmp_path: Path
     card["splits"]["val"]["sha256"] = sha256_file(copy / "val.parquet")
     (copy / "card.json").write_text(json.dumps(card))
     assert [r["id"] for r in read_rows(copy)["val"]] == [r["id"] for r in rows[::-1]]
+
+
+def test_prepare_reports_control_characters(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two of 60 input questions hold NUL and ESC: prepare counts them in the card notes and warns, naming the
+    first input line; normalisation removed them, so no prepared row holds one."""
+    from amft_lib.data.prepare import PrepareConfig, run_prepare
+
+    rows = [{"question": f"Item {i}: how many apples are {i} plus {i + 1}?" + {3: "\x00", 7: "\x1b[2J"}.get(i, ""),
+             "answer": f"#### {2 * i + 1}"} for i in range(60)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="amft_lib.data.prepare"):
+        result = run_prepare(PrepareConfig(out_dir=str(tmp_path / "ds"), task="math", input=str(src), ngram_n=0))
+    assert result.card.notes["control_character_rows"] == 2
+    assert "in.jsonl:4: prompt: U+0000" in caplog.text
+    prepared = [r for split in read_rows(tmp_path / "ds").values() for r in split]
+    assert len(prepared) == 60 and not [r for r in prepared if row_control_character(r)]
