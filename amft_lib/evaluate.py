@@ -320,6 +320,7 @@ def evaluate_model(model_path: str, splits: Mapping[str, Sequence[dict]], task: 
     import torch
 
     from amft_lib.config import ModelConfig
+    from amft_lib.dataset import check_prompts_fit
     from amft_lib.model import load_policy
 
     device = _device(cfg.device)
@@ -327,6 +328,8 @@ def evaluate_model(model_path: str, splits: Mapping[str, Sequence[dict]], task: 
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     model, tokenizer = load_policy(ModelConfig(name=model_path, dtype=dtype, chat_template=cfg.chat_template),
                                    device=device, seed=cfg.seed)
+    check_prompts_fit([r for rows in splits.values() for r in rows], tokenizer, model, cfg.max_new_tokens,
+                      cfg.chat_template, cfg.data)  # refused before anything is written (dataset.py)
     log.info("eval %s: loaded %s on %s in %.1f s", label, model_path, device, time.perf_counter() - t0)
     results: dict[str, dict] = {}
     samples: dict[str, list[dict]] = {}
