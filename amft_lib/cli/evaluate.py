@@ -162,24 +162,43 @@ class LineageNotFoundError(UserError, LookupError):
 
 def _record_for(ref, tracking_uri: str | None) -> dict:
     """The lineage record of a model version: from its lineage-URI tag, else the copy logged in its run."""
-    import tempfile
-
     from amft_lib import lineage, registry
 
     uri = ref.tags.get(registry.LINEAGE_TAG)
     if uri:
         return lineage.read_lineage(uri)
-    if ref.run_id:
-        client = registry.get_client(tracking_uri)
-        with tempfile.TemporaryDirectory(prefix="amft-lineage-") as tmp:
-            try:
-                local = client.download_artifacts(ref.run_id, f"lineage/{lineage.LINEAGE_FILE}", dst_path=tmp)
-            except Exception:
-                local = None
-            if local:
-                return lineage.read_lineage(local)
+    logged = registry.logged_lineage(ref, tracking_uri)
+    if logged is not None:
+        return lineage.parse_lineage(logged, f"{ref.uri} lineage/{lineage.LINEAGE_FILE}")
     raise LineageNotFoundError(f"{ref.uri}: no lineage record (no {registry.LINEAGE_TAG} tag and none logged in its "
                                "run)")
+
+
+def _audit(ref, record: dict, tracking_uri: str | None):
+    """lineage.audit_lineage against the registry's view of `ref`: its artifacts (where the registry
+    keeps them), its tags, and the record copy logged in its run (must equal the one read)."""
+    from amft_lib import lineage, registry
+
+    key = lineage.signing_key()
+    try:
+        with registry.registered_artifacts(ref, tracking_uri) as (folder, _):
+            audit = lineage.audit_lineage(record, registry_copy=folder, registered=(ref.name, ref.version),
+                                          registry_tags=ref.tags, key=key)
+    except registry.ModelLookupError as exc:
+        audit = lineage.audit_lineage(record, registered=(ref.name, ref.version), registry_tags=ref.tags, key=key)
+        audit.mismatches.append(lineage.Mismatch(lineage.REGISTRY_OBJECT, ref.uri, f"unreadable: {exc}"))
+    logged = registry.logged_lineage(ref, tracking_uri)
+    if logged is not None and ref.tags.get(registry.LINEAGE_TAG):
+        audit.objects.add("lineage copy")
+        try:
+            same = lineage.parse_lineage(logged, "logged copy") == record
+        except ValueError:
+            same = False
+        if not same:
+            audit.mismatches.append(lineage.Mismatch(
+                "lineage copy", f"{ref.uri} lineage/{lineage.LINEAGE_FILE}",
+                f"differs from the record at {ref.tags[registry.LINEAGE_TAG]}"))
+    return audit
 
 
 @contextlib.contextmanager
@@ -226,11 +245,12 @@ def _print_lineage(args: argparse.Namespace) -> int:
         print(lineage.format_chain(record, model))
     if not args.verify:
         return 0
-    mismatches = lineage.verify_lineage(record)
-    checked = len(record.get("inputs") or [])
-    if not mismatches:
-        print(f"verify: ok ({checked} input file(s) match their recorded sha256)")
-        return 0
-    for m in mismatches:
+    audit = _audit(ref, record, args.tracking_uri)
+    for m in audit.mismatches:
         print(f"verify: FAILED {lineage.redact_text(str(m))}")
-    return 1
+    if audit.mismatches:
+        print(f"verify: FAILED {len(audit.mismatches)} mismatch(es); {audit.summary()}")
+        return 1
+    print(f"verify: ok ({audit.summary()}; the run root and the registry's copy of {ref.uri} match the record, "
+          "and so do its metrics)")
+    return 0
