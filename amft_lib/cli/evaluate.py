@@ -120,12 +120,14 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
 
 def _register(args: argparse.Namespace) -> int:
     from amft_lib.registry import read_eval_metrics, register_model
+    from amft_lib.run.summary import record_registry_copy
 
     result = register_model(
         args.model, read_eval_metrics(args.eval), args.name, args.run_id, lineage_uri=args.lineage,
         tracking_uri=args.tracking_uri, artifact_root=args.artifact_root, experiment=args.experiment,
         alias=args.alias,
     )
+    record_registry_copy(args.lineage, result, args.tracking_uri)
     if not result.registered:
         print(result.reason)
         return 0
