@@ -96,6 +96,10 @@ class UnsafeObjectError(UserError, OSError):
     directory) makes a hash hang on /dev/zero or fill a disk."""
 
 
+class SizeExceededError(UnsafeObjectError):
+    """More bytes than the record says: a changed file, not read further than that."""
+
+
 def _kind(mode: int) -> str:
     for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
@@ -139,7 +143,7 @@ def _hash_local(path: str, limit: int | None) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
             if limit is not None and size > limit:
-                raise UnsafeObjectError(f"more than the recorded {limit} bytes")
+                raise SizeExceededError(f"more than the recorded {limit} bytes")
         return digest.hexdigest(), size
 
 
@@ -161,7 +165,7 @@ def hash_object(uri: str, *, limit: int | None = None, inside: str | None = None
         return _hash_local(_regular_path(_local_path(uri), inside), limit)
     listed = _s3_size(uri) if size is None else size
     if limit is not None and listed > limit:
-        raise UnsafeObjectError(f"{listed} bytes, more than the recorded {limit}")
+        raise SizeExceededError(f"{listed} bytes, more than the recorded {limit}")
     with tempfile.TemporaryDirectory(prefix="amft-sha-") as tmp:
         local = os.path.join(tmp, "object")
         storage.get_file(uri, local)
@@ -570,6 +574,9 @@ def _check_entry(entry: Mapping[str, Any], uri: str, inside: str | None, listed:
         actual, size = hash_object(uri, limit=limit, inside=inside, size=listed)
     except (storage.ObjectNotFoundError, FileNotFoundError):
         audit.mismatches.append(Mismatch(name, uri, "missing", expected, None))
+        return
+    except SizeExceededError as exc:
+        audit.mismatches.append(Mismatch(name, uri, f"size mismatch: {exc} (not read further)"))
         return
     except UnsafeObjectError as exc:
         audit.mismatches.append(Mismatch(name, uri, f"refused: {exc}"))

@@ -304,7 +304,7 @@ TAMPER = [
            ("FAILED warm_start_model ", "/warm_start/model/model.safetensors: sha256 mismatch")),
     Tamper("warm-start-weights-grown",
            lambda r: storage.put_bytes(r.root.path("warm_start", "model", "model.safetensors"), b"\0" * 400_000),
-           ("FAILED warm_start_model ", "refused: 400000 bytes, more than the recorded")),
+           ("FAILED warm_start_model ", "size mismatch: 400000 bytes, more than the recorded")),
     Tamper("training-config-edited",
            lambda r: storage.put_bytes(storage.join(r.root.train, "config.yaml"), storage.get_bytes(
                storage.join(r.root.train, "config.yaml")).replace(b"seed: 0", b"seed: 7", 1)),
@@ -325,7 +325,7 @@ TAMPER = [
     Tamper("record-of-another-version", _edit_record(lambda rec: rec["registry"].update(version="7")),
            ("FAILED registry models:/gp-lineage-tamper/1: the record belongs to gp-lineage-tamper version 7",)),
     Tamper("recorded-size-shrunk", _edit_record(_bytes_of("model", "model.safetensors", 1000), resign=True),
-           ("FAILED model ", "refused: ", "more than the recorded 1000"), key=KEY),
+           ("FAILED model ", "size mismatch: ", "more than the recorded 1000"), key=KEY),
     Tamper("input-dev-zero", _local_input("devzero"),
            ("FAILED dataset /dev/zero: refused: a character device, not a regular file",), key=KEY),
     Tamper("input-symlink-out", _local_input("symlink"),
