@@ -1,7 +1,7 @@
 """`amft evaluate`, `amft register`, `amft lineage`: the last stages of the pipeline on the command line.
 
 Each handler calls the same library function the KFP component calls (run_evaluate,
-register_model, verify_lineage). Exit codes: 0 done (an unblessed model is a result, not an
+register_model, audit_lineage). Exit codes: 0 done (an unblessed model is a result, not an
 error), 1 a check failed (`--fail-if-not-blessed`, `lineage --verify`), 2 a user error (bad input,
 unknown model, unreachable registry), reported by the CLI boundary as one `error: …` line.
 """
@@ -143,17 +143,22 @@ def _register(args: argparse.Namespace) -> int:
 def _add_lineage(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "lineage",
-        help="print a registered model's lineage back to the raw data; --verify re-checks input hashes",
+        help="print a registered model's lineage back to the raw data; --verify proves the model against it",
         description="MODEL is NAME (latest version), NAME:VERSION or NAME@ALIAS. Prints the chain model → "
-        "eval → training → warm start → base model → validation → data → code. With --verify, re-reads "
-        "every recorded input and exits 1 with one line per mismatch.",
+        "eval → training → warm start → base model → validation → data → code. With --verify, re-hashes every "
+        "recorded file (data, the model in the run root and in the registry, warm-start model, configs, "
+        "metrics; bounded, regular files only), compares the recorded metrics with the evaluation artifact, "
+        "checks the signature when $AMFT_LINEAGE_SECRET_KEY is set, and exits 1 with one line per mismatch "
+        "and a summary.",
     )
     p.add_argument("model", metavar="MODEL", help="NAME, NAME:VERSION or NAME@champion")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or embedded SQLite)")
     p.add_argument("--state-dir", type=Path,
                    help="a local run's state dir (`amft pipeline run-local --state-dir`): use its registry and, "
                    "unless an S3 endpoint is configured, start its embedded SeaweedFS for this command")
-    p.add_argument("--verify", action="store_true", help="re-read every input and check its sha256")
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash every recorded object (run root and registry copy), compare metrics, check the "
+                   "signature; exit 1 naming each mismatch")
     p.add_argument("--json", action="store_true", help="print the lineage record as JSON instead of the chain")
     p.set_defaults(handler=_lineage)
 
