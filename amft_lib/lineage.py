@@ -70,6 +70,7 @@ REGISTRY_OBJECT = "registry_model"  # the registered version's MLflow artifacts,
 _CHUNK = 1 << 20
 MAX_RECORD_BYTES = 64 << 20  # a record lists files, not their contents: megabytes at most
 _METRICS_MAX = 16 << 20  # an evaluation's metrics.json is kilobytes; the audit parses no more than this
+_IN_MEMORY = 8 << 20  # S3 objects up to this size are hashed from memory
 
 
 # ── hashing inputs ──────────────────────────────────────────────────────────────────────────────
@@ -160,12 +161,18 @@ def hash_object(uri: str, *, limit: int | None = None, inside: str | None = None
                 size: int | None = None) -> tuple[str, int]:
     """(sha256, bytes) of one local file or S3 object, refusing what is not a regular file and
     reading at most `limit` (+1) bytes. An S3 object larger than `limit` (by its listed `size`, or a
-    listing of its folder) is not downloaded; a smaller one is streamed through a temp file."""
+    listing of its folder) is not downloaded; a smaller one is hashed from memory (up to 8 MiB) or
+    streamed through a temp file."""
     if not storage.is_s3(uri):
         return _hash_local(_regular_path(_local_path(uri), inside), limit)
     listed = _s3_size(uri) if size is None else size
     if limit is not None and listed > limit:
         raise SizeExceededError(f"{listed} bytes, more than the recorded {limit}")
+    if listed <= _IN_MEMORY:  # configs, tokenizers, metrics: one GET, no temp file
+        data = storage.get_bytes(uri)
+        if limit is not None and len(data) > limit:
+            raise SizeExceededError(f"{len(data)} bytes, more than the recorded {limit}")
+        return hashlib.sha256(data).hexdigest(), len(data)
     with tempfile.TemporaryDirectory(prefix="amft-sha-") as tmp:
         local = os.path.join(tmp, "object")
         storage.get_file(uri, local)
