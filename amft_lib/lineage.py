@@ -647,6 +647,49 @@ def _check_base_model(record: Mapping[str, Any], audit: Audit) -> None:
         audit.mismatches.append(Mismatch("base_model", str(base["uri"]), "sha256 mismatch", base["sha256"], actual))
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _entry_problem(entry: Any, registry_copy: bool) -> str | None:
+    if not isinstance(entry, Mapping):
+        return "not an object"
+    for key in ("name", "uri", "sha256"):
+        if not isinstance(entry.get(key), str) or not entry[key]:
+            return f"no {key}"
+    if not _SHA256.fullmatch(entry["sha256"]):
+        return "sha256 is not 64 hex digits"
+    size = entry.get("bytes")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        return "bytes is not a size"
+    if registry_copy and not isinstance(entry.get("path"), str):
+        return "no path"
+    return None
+
+
+def _well_formed(record: Mapping[str, Any], audit: Audit) -> dict[str, Any]:
+    """A copy of `record` whose `inputs`, `objects`, `registry` and `base_model` have the shapes
+    the checks read; each malformed part is a mismatch (a hostile record is input, not a traceback)."""
+    clean = dict(record)
+    for section in ("inputs", "objects"):
+        entries = record.get(section) or []
+        if not isinstance(entries, list):
+            audit.mismatches.append(Mismatch("record", section, "malformed: not a list"))
+            entries = []
+        kept = []
+        for i, entry in enumerate(entries):
+            why = _entry_problem(entry, isinstance(entry, Mapping) and entry.get("name") == REGISTRY_OBJECT)
+            if why:
+                audit.mismatches.append(Mismatch("record", f"{section}[{i}]", f"malformed entry: {why}"))
+            else:
+                kept.append(entry)
+        clean[section] = kept
+    for section in ("registry", "base_model"):
+        if record.get(section) is not None and not isinstance(record[section], Mapping):
+            audit.mismatches.append(Mismatch("record", section, "malformed: not an object"))
+            clean[section] = None
+    return clean
+
+
 def _check_files(record: Mapping[str, Any], audit: Audit, registry_copy: str | None = None) -> None:
     for entries in _by_name(record.get("inputs") or []).values():
         _check_entries(entries, audit)
@@ -661,7 +704,7 @@ def verify_lineage(record: Mapping[str, Any]) -> list[Mismatch]:
     in it since would be read by the next `read_rows` and change the data without changing any
     recorded hash. :func:`audit_lineage` is the full check `amft lineage --verify` runs."""
     audit = Audit()
-    _check_files(record, audit)
+    _check_files(_well_formed(record, audit), audit)
     return audit.mismatches
 
 
@@ -749,9 +792,10 @@ def audit_lineage(
     `registry_copy` (the folder the registry names, never one the record names); the recorded eval
     metrics equal the evaluation artifact and the registry's tags; the signature, with a key."""
     audit = Audit()
-    _check_completeness(record, audit, registered)
-    _check_files(record, audit, registry_copy)
-    _check_metrics(record, audit, registry_tags or {})
+    clean = _well_formed(record, audit)
+    _check_completeness(clean, audit, registered)
+    _check_files(clean, audit, registry_copy)
+    _check_metrics(clean, audit, registry_tags or {})
     audit.signature, problem = check_signature(record, key)
     if problem:
         audit.mismatches.append(Mismatch("signature", SIGNATURE_ALG, problem))
@@ -775,9 +819,17 @@ def _kv(mapping: Mapping[str, Any] | None, limit: int = 8) -> str:
     return text + (", …" if len(items) > limit else "")
 
 
+_MAPPING_PARTS = ("registry", "eval", "base_model", "validation", "raw_data", "mu_summary", "warm_start",
+                  "image_digests")
+
+
 def format_chain(record: Mapping[str, Any], model: Mapping[str, Any] | None = None) -> str:
     """The lineage as text, from the registered model back to the raw data (what `amft lineage`
-    prints). `model` adds the registry's view (name, version, aliases, source)."""
+    prints). `model` adds the registry's view (name, version, aliases, source). Parts of the wrong
+    shape print as absent (`--verify` names them): a hostile record must not crash the printout."""
+    record = {k: (None if k in _MAPPING_PARTS and not isinstance(v, Mapping) else v) for k, v in record.items()}
+    inputs = record.get("inputs") if isinstance(record.get("inputs"), list) else []
+    record["inputs"] = [e for e in inputs if isinstance(e, Mapping)]
     lines = []
     reg = dict(record.get("registry") or {})
     if model:
@@ -824,7 +876,7 @@ def format_chain(record: Mapping[str, Any], model: Mapping[str, Any] | None = No
         lines.append("  ↑ data        -")
     for i, entry in enumerate(inputs):
         lead = "  ↑ data        " if i == 0 else "                "
-        lines.append(f"{lead}{entry['name']}: {entry['uri']} sha256 {entry['sha256']}")
+        lines.append(f"{lead}{entry.get('name')}: {entry.get('uri')} sha256 {entry.get('sha256')}")
     raw = record.get("raw_data")
     if raw:
         lines.append(f"  ↑ raw data    {raw.get('source', '?')} {raw.get('task') or ''}; "

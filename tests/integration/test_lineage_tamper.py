@@ -322,6 +322,12 @@ TAMPER = [
     Tamper("registry-weights-rehashed-in-record", _swap_registry_weights,
            (f"FAILED {lineage.REGISTRY_OBJECT} model/model.safetensors: differs from the run root's "
             "model.safetensors",)),
+    Tamper("record-input-entry-malformed", _edit_record(lambda rec: rec["inputs"].insert(0, "train.parquet")),
+           ("FAILED record inputs[0]: malformed entry: not an object",)),
+    Tamper("record-sha256-not-hex", _edit_record(lambda rec: rec["objects"][0].update(sha256="../../etc/passwd")),
+           ("FAILED record objects[0]: malformed entry: sha256 is not 64 hex digits",)),
+    Tamper("record-registry-not-an-object", _edit_record(lambda rec: rec.update(registry="gp:1")),
+           ("FAILED record registry: malformed: not an object",)),
     Tamper("record-of-another-version", _edit_record(lambda rec: rec["registry"].update(version="7")),
            ("FAILED registry models:/gp-lineage-tamper/1: the record belongs to gp-lineage-tamper version 7",)),
     Tamper("recorded-size-shrunk", _edit_record(_bytes_of("model", "model.safetensors", 1000), resign=True),
