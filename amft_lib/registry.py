@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -593,3 +593,40 @@ def download_model(ref: ModelRef | str, dst: str | Path, tracking_uri: str | Non
     Path(dst).mkdir(parents=True, exist_ok=True)
     local = client.download_artifacts(ref.run_id, MODEL_ARTIFACT_PATH, dst_path=str(Path(dst) / "mlflow"))
     return hf_directory(local, Path(dst) / "hf")
+
+
+# ── read-only: a registered version's artifacts, for `amft lineage --verify` ────────────────────
+# Kept apart from registration: the lineage audit reads what the registry serves, never writes it.
+
+
+@contextlib.contextmanager
+def registered_artifacts(ref: ModelRef, tracking_uri: str | None = None) -> Iterator[tuple[str, str]]:
+    """``(folder, location)``: a folder :mod:`amft_lib.storage` can read holding the version's MLflow
+    model artifacts (what ``models:/NAME@champion`` loads), and where the registry keeps them.
+
+    An s3:// or local artifact root is read in place (the audit streams each object, bounded); any
+    other scheme (``mlflow-artifacts:``, http) is downloaded into a temp folder that lives as long
+    as the ``with`` block. The location always comes from the registry, never from a lineage record.
+    """
+    if not ref.run_id or not ref.artifact_uri:
+        raise ModelLookupError(f"{ref.uri}: no MLflow run holds its artifacts (source {ref.source})")
+    location = ref.artifact_uri
+    if storage.is_s3(location) or location.startswith("file://") or "://" not in location:
+        yield location, location
+        return
+    with tempfile.TemporaryDirectory(prefix="amft-registry-copy-") as tmp:
+        local = get_client(tracking_uri).download_artifacts(ref.run_id, MODEL_ARTIFACT_PATH, dst_path=tmp)
+        yield local, location
+
+
+def logged_lineage(ref: ModelRef, tracking_uri: str | None = None) -> bytes | None:
+    """The lineage record logged in the version's MLflow run (`lineage/lineage.json`), or None."""
+    if not ref.run_id:
+        return None
+    with tempfile.TemporaryDirectory(prefix="amft-lineage-") as tmp:
+        try:
+            local = get_client(tracking_uri).download_artifacts(ref.run_id, f"lineage/{lineage.LINEAGE_FILE}",
+                                                                dst_path=tmp)
+        except Exception:  # MLflow raises its own types, OSError or a 404: no copy is an answer
+            return None
+        return Path(local).read_bytes()

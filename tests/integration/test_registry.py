@@ -212,12 +212,18 @@ def test_cli_register_and_lineage_verify_local(store, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.parquet").write_bytes((store["data"] / "train.parquet").read_bytes())
-    record = lineage.build_lineage("run-cli", inputs=lineage.describe_inputs("dataset", str(data)),
-                                   base_model={"id": "tiny"})
-    lin = lineage.write_lineage(record, str(tmp_path / "lineage.json"))
     eval_dir = tmp_path / "eval"
     eval_dir.mkdir()
     (eval_dir / "metrics.json").write_text(json.dumps(blessed_metrics()))
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    # a complete record: what makes the model besides the data (`--verify` refuses less)
+    objects = [*lineage.describe_inputs("model", str(store["model"])),
+               *lineage.describe_inputs("warm_start_model", str(store["model"])),
+               *lineage.describe_inputs("train_config", str(tmp_path / "config.yaml")),
+               *lineage.describe_inputs("eval_metrics", str(eval_dir / "metrics.json"))]
+    record = lineage.build_lineage("run-cli", inputs=lineage.describe_inputs("dataset", str(data)), objects=objects,
+                                   base_model={"id": "tiny"}, eval_metrics=blessed_metrics())
+    lin = lineage.write_lineage(record, str(tmp_path / "lineage.json"))
 
     argv = ["register", "--model", str(store["model"]), "--eval", str(eval_dir), "--name", "gp-cli",
             "--run-id", "run-cli", "--lineage", lin, "--tracking-uri", store["uri"],
@@ -235,7 +241,8 @@ def test_cli_register_and_lineage_verify_local(store, tmp_path, capsys):
     args = parser.parse_args(["lineage", "gp-cli", "--tracking-uri", store["uri"], "--verify"])
     assert args.handler(args) == 1
     failed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("verify: FAILED")]
-    assert len(failed) == 1 and "sha256 mismatch" in failed[0]
+    assert len(failed) == 2 and "train.parquet: sha256 mismatch" in failed[0]  # one per mismatch, then a summary
+    assert failed[1].startswith("verify: FAILED 1 mismatch(es); ")
 
     from amft_lib import cli  # the boundary that turns a user error into one line and exit 2
 
