@@ -93,6 +93,7 @@ def run_preflight(params: Mapping[str, Any], *, job_id: str = "") -> Preflight:
         from amft_lib import registry
 
         uri = values["p6_registry_tracking_uri"] or registry.default_tracking_uri()
+        registry.check_reachable(uri)  # one line within seconds, not MLflow's retries
         registry.get_client(uri).search_registered_models(max_results=1)
         return True, f"reachable at {lineage.redact_text(uri)}"
 
