@@ -286,17 +286,20 @@ def run_local(state_dir: Path | str, arguments: Mapping[str, Any], *, s3_setting
     state = Path(state_dir).absolute()
     check_stage_parameters(arguments)  # a bad override fails here, not after S3 and the first task started
     with state_lock(state), _sigterm_unwinds():
-        return _run_locked(state, arguments, s3_settings, threads, verbose, t0)
+        tmp = run_tmp(state)
+        try:
+            return _run_locked(state, tmp, arguments, s3_settings, threads, verbose, t0)
+        finally:  # every task's temp files: component files (`mktemp -d`), model copies of a killed task
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run_locked(state: Path, arguments: Mapping[str, Any], s3_settings: Any | None, threads: int | None,
-                verbose: bool, t0: float) -> LocalRun:
-    """`run_local` once the state dir is ours."""
+def _run_locked(state: Path, tmp: Path, arguments: Mapping[str, Any], s3_settings: Any | None,
+                threads: int | None, verbose: bool, t0: float) -> LocalRun:
+    """`run_local` once the state dir is ours; `tmp` is the TMPDIR of this run's tasks."""
     from kfp import local
 
     from amft_lib import lineage
 
-    tmp = run_tmp(state)
     for folder in clean_stale_tmp(state / "tmp"):
         logging.getLogger(__name__).info("removed the temp folder of a run that died: %s", folder)
     for sub in (tmp, state / "kfp" / "outputs"):
@@ -350,8 +353,6 @@ def _run_locked(state: Path, arguments: Mapping[str, Any], s3_settings: Any | No
         finally:
             root_logger.removeFilter(task_log)
             tempfile.tempdir = None
-            # every task's temp files (component files from `mktemp -d`, model copies of a killed task)
-            shutil.rmtree(tmp, ignore_errors=True)
         # Re-read rather than trust the exit handler's copy: it cannot see the pipeline's final state.
         summary = summarize_run(args["p0_s3_root"], args["p0_run_id"], "", state_name, error)
         reg = summary["stages"].get("register") or {}
