@@ -124,7 +124,7 @@ def test_silent_tracking_server_fails_at_the_probe_deadline() -> None:
         s.listen(1)  # the kernel completes the handshake; nobody ever reads or answers
         port = s.getsockname()[1]
         t0 = time.monotonic()
-        with pytest.raises(registry.RegistryUnreachableError, match="unreachable within 0.5 s"):
+        with pytest.raises(registry.RegistryUnreachableError, match=r"unreachable within 0\.5 s"):
             registry.check_reachable(f"http://127.0.0.1:{port}", timeout_s=0.5)
         assert time.monotonic() - t0 < 30  # it returns (loose: the deadline is 0.5 s)
 
