@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from amft_lib.proclock import DirLock, descendants, process_alive
+from amft_lib.proclock import DirLock, descendants, process_alive, process_start_time
 from amft_lib.redact import RedactingFilter, RedactingStream, redact_text
 from amft_lib.run.summary import accuracy_table, summarize_run, summary_markdown
 from pipelines.build import load_pipeline
@@ -157,8 +157,9 @@ def _stop_tasks(keep: set[int]) -> None:
                 os.kill(pid, sig)
         deadline = time.monotonic() + (_TASK_STOP_TIMEOUT if sig == signal.SIGTERM else 5.0)
         while time.monotonic() < deadline and any(process_alive(pid) for pid in pids):
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(-1, os.WNOHANG)  # reap our own children, or they stay zombies ("alive")
+            for pid in pids:  # reap those that are our children, or they stay zombies; never weed's status
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
             time.sleep(0.05)
         pids = [pid for pid in pids if process_alive(pid)]
         if not pids:
@@ -201,8 +202,6 @@ def clean_stale_tmp(tmp_root: Path) -> list[Path]:
 
 def run_tmp(state: Path) -> Path:
     """This process's run temp folder under the state dir (the TMPDIR of its tasks)."""
-    from amft_lib.proclock import process_start_time
-
     return state / "tmp" / f"run-{os.getpid()}-{process_start_time(os.getpid()) or 0}"
 
 
