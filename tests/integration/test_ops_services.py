@@ -114,7 +114,14 @@ def test_weed_of_a_killed_owner_is_stopped_before_a_rerun_starts_one(tmp_path: P
             os.kill(old, signal.SIGKILL)
 
 
-def test_sigterm_stops_run_local_and_its_seaweedfs_before_it_exits(tmp_path: Path) -> None:
+def test_busy_state_dir_then_sigterm_stops_run_local_and_its_seaweedfs_before_it_exits(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real run-local: a second run-local and the printed `amft lineage … --state-dir` command get one
+    line naming it (no second weed); then SIGTERM stops its tasks and its weed before it exits."""
+    from amft_lib.cli import main
+
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
     state = tmp_path / "state"
     amft = Path(sys.executable).with_name("amft")
     proc = subprocess.Popen([str(amft), "pipeline", "run-local", "--profile", "test", "--threads", "1",
@@ -123,6 +130,18 @@ def test_sigterm_stops_run_local_and_its_seaweedfs_before_it_exits(tmp_path: Pat
     try:
         _wait_for(lambda: weeds_on(state / "s3"), 120, "run-local's SeaweedFS")
         weed = weeds_on(state / "s3")[0]
+        _wait_for(lambda: (state / "mlflow.db").is_file(), 120, "the registry (preflight creates it)")
+        capsys.readouterr()
+        for argv, says in ((["pipeline", "run-local", "--profile", "test", "--state-dir", str(state)],
+                            f"error: state dir {state}: in use by pid {proc.pid} (amft pipeline run-local"),
+                           (["lineage", "gp:1", "--state-dir", str(state), "--verify"],
+                            f"error: SeaweedFS data dir {state / 's3'}: in use by pid {proc.pid} (amft pipeline "
+                            "run-local")):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert [line for line in err.splitlines() if line.startswith("error:")] == [err.strip()], err
+            assert err.startswith(says) and "Traceback" not in err and "panic" not in err
+        assert weeds_on(state / "s3") == [weed]  # neither started a second SeaweedFS on the data
         _wait_for(lambda: set(descendants(proc.pid)) - {weed}, 120, "the first task")
         tasks = set(descendants(proc.pid)) - {weed}
         proc.send_signal(signal.SIGTERM)
