@@ -225,3 +225,44 @@ def test_a_bad_stage_parameter_is_named(params: dict, named: str) -> None:
 def test_good_stage_parameters_give_both_configs() -> None:
     warm, train = check_stage_parameters({"p4_train_overrides": ["eval_every=7"], "p0_run_id": "not-a-config-key"})
     assert train.eval_every == 7 and warm is not None
+
+
+def test_preflight_names_an_unreachable_tracking_uri_and_a_bad_override_in_one_line_each(tmp_path: Path) -> None:
+    """The cluster path: preflight's own report (a local-folder run root stands in for S3 here)."""
+    from amft_lib.run.preflight import run_preflight
+
+    with socket.socket() as s:  # bound, never listening: the tracking server refuses connections
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        t0 = time.monotonic()
+        result = run_preflight({"p0_s3_root": str(tmp_path / "s3"), "p0_run_id": "ops-21", "p3_model_name": "tiny",
+                                "p6_registry_tracking_uri": f"http://admin:{PASSWORD}@127.0.0.1:{port}",
+                                "p4_train_overrides": ["eval_every=2", "nosuch=1"]})
+        elapsed = time.monotonic() - t0
+    failed = {c.name: c.detail for c in result.checks if not c.ok}
+    assert set(failed) == {"config", "registry"}, failed
+    assert failed["registry"].startswith(f"tracking URI http://***@127.0.0.1:{port}: unreachable within 5 s")
+    assert failed["config"].startswith("p4_train_overrides: train config: override 'nosuch=1'")
+    assert all("\n" not in d and PASSWORD not in d for d in failed.values())
+    assert elapsed < 30  # loose: it returns, instead of MLflow's minutes of retries
+
+
+@pytest.mark.parametrize("command", [["submit"], ["schedule", "--cron", "0 3 * * *"]])
+def test_verbose_submit_and_schedule_never_print_the_host_password(command: list[str]) -> None:
+    """The installed script with -v: the error line, the debug traceback and urllib3's retry warnings
+    all pass the scrubber (no KFP API server can run here: the host refuses connections)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        repo = Path(__file__).resolve().parents[2]
+        argv = [str(Path(sys.executable).with_name("amft")), "-v", "pipeline", *command,
+                "--host", f"http://admin:{PASSWORD}@127.0.0.1:{port}",
+                "--package", str(repo / "pipelines" / "amft_pipeline.yaml")]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(repo)})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-2000:]
+    assert PASSWORD not in output
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {command[0]} to http://***@127.0.0.1:{port} failed")
+    assert "Traceback" in output  # -v logged the cause with its traceback, scrubbed
