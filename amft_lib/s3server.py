@@ -89,6 +89,7 @@ _ENV_FILE = "s3.env"
 _LOCK_FILE = "weed.lock"  # flock held by the process that runs this data dir's weed
 _PID_FILE = "weed.pid"  # {"pid", "start", "owner", "ports"} of the running weed; removed once it is gone
 _ORPHAN_TIMEOUT = 15.0  # s a dead owner's weed gets to exit on SIGTERM before SIGKILL (as in stop())
+_SPAWN_MARK = b"=== amft: starting weed mini"  # written to weed.out before each start
 _SECURITY_DIR = "security"  # weed's -config_dir: security.toml and the gRPC TLS files
 # The components that read a [grpc.<name>] section (cert/key for serving and dialling), as listed in
 # weed/command/scaffold/security.toml; "client" is what every outgoing dial falls back to.
@@ -513,7 +514,7 @@ class EmbeddedS3:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEED_"))}
         self._spawn_offset = self._log_size()
         self._out = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        self._out.write(f"\n=== amft: starting weed mini at {time.strftime('%Y-%m-%dT%H:%M:%S')} ===\n".encode())
+        self._out.write(b"\n" + _SPAWN_MARK + f" at {time.strftime('%Y-%m-%dT%H:%M:%S')} ===\n".encode())
         self._out.flush()
         in_main = threading.current_thread() is threading.main_thread()
         self._proc = subprocess.Popen(
@@ -542,7 +543,7 @@ class EmbeddedS3:
             return
         logger.warning("SeaweedFS (pid %s) left running on %s by a stopped run (pid %s); stopping it first",
                        pid, self.data_dir, record.get("owner"))
-        offset = self._log_size()
+        offset = self._last_spawn_offset()  # it may have logged "Filer stopped" already (PDEATHSIG's SIGTERM)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
         if not self._wait_exit(lambda: not process_alive(pid, record.get("start")), _ORPHAN_TIMEOUT, offset):
@@ -681,6 +682,13 @@ class EmbeddedS3:
                 return False
             time.sleep(0.1)
         return False
+
+    def _last_spawn_offset(self) -> int:
+        """Where the log of the last weed started on this data dir begins (0 if no mark)."""
+        try:
+            return max(0, self.log_path.read_bytes().rfind(_SPAWN_MARK))
+        except FileNotFoundError:
+            return 0
 
     def _log_since(self, offset: int) -> str:
         try:
