@@ -91,11 +91,65 @@ def default_artifact_root() -> str:
     return os.environ.get("AMFT_MLFLOW_ARTIFACT_ROOT") or str((state_dir() / "mlartifacts").resolve())
 
 
+# MLflow's HTTP client retries a failed request 7 times with backoff factor 2 and waits up to 120 s
+# per request (mlflow/environment_variables.py, read at each request in mlflow/utils/rest_utils.py):
+# an unreachable tracking URI held a stage for minutes. These bound it — a refused connection fails
+# in ~3 s, a silent host in ≤ 3 × 30 s — and stay overridable: a value already in the environment wins.
+HTTP_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",  # per request; an artifact upload through the server must fit it
+}
+REACHABLE_TIMEOUT_S = 5.0  # preflight's one connection attempt to an http(s) tracking URI
+
+
+class RegistryUnreachableError(RegistryError, ConnectionError):
+    """The tracking server did not answer at all (no HTTP response) within the probe's deadline."""
+
+
+def bound_http_waits() -> None:
+    """Put :data:`HTTP_BOUNDS` into the environment where the user set nothing (MLflow reads them
+    at each request; task subprocesses inherit them). Called wherever a client is made."""
+    for name, value in HTTP_BOUNDS.items():
+        os.environ.setdefault(name, value)
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = REACHABLE_TIMEOUT_S) -> str:
+    """One HTTP request to an http(s) tracking server with a deadline, no retries: any HTTP answer
+    (even 401/404) means it is there. Raises RegistryUnreachableError in one line (credentials
+    scrubbed) otherwise; other stores (sqlite, file) are not probed. Returns a one-line detail.
+
+    Why not just the client's first call: with retries and backoff that call takes seconds to
+    minutes to fail; preflight should say "unreachable" within a few seconds."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https"):
+        return f"{lineage.redact_text(tracking_uri)} (not an HTTP server: not probed)"
+    host = parts.netloc.rpartition("@")[2]  # no userinfo on the wire here: reachability needs no login
+    url = urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
+    safe = lineage.redact_text(tracking_uri)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):
+            pass
+    except urllib.error.HTTPError:
+        pass  # an HTTP status is an answer
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise RegistryUnreachableError(
+            f"tracking URI {safe}: unreachable within {timeout_s:g} s ({type(reason).__name__}: "
+            f"{lineage.redact_text(' '.join(str(reason).split()))})") from None
+    return f"{safe} answers"
+
+
 @functools.lru_cache(maxsize=8)
 def _client(tracking_uri: str) -> Any:
     """One MlflowClient per store: opening a SQLite store runs its schema check (~seconds on first use)."""
     from mlflow import MlflowClient
 
+    bound_http_waits()
     if tracking_uri.startswith("sqlite:///"):
         Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
