@@ -100,7 +100,7 @@ CASES = [
     Case("run-local-override-bad-value", RUN + " --set p4_train_overrides=[optim.lr=nan]",
          "p4_train_overrides: train config: optim.lr=nan"),
     Case("run-local-override-not-yaml", RUN + " --set p4_train_overrides=['optim.lr=[1,']",
-         "p4_train_overrides: train config: override 'optim.lr=[1,': value '[1,' is not valid YAML"),
+         "p4_train_overrides: train config: override 'optim.lr=[1,': not valid YAML"),
     Case("run-local-override-not-a-list", RUN + " --set p4_train_overrides=eval_every=3",
          "p4_train_overrides"),
     Case("run-local-warm-start-override", RUN + " --set p3_warm_start_overrides=[optim.nosuch=1]",
