@@ -63,8 +63,12 @@ CONTENT_FILES = (
     "added_tokens.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
     "chat_template.json", "preprocessor_config.json", "processor_config.json",
 )
-# Fields a re-save rewrites without changing the model (the library version that wrote the file).
-VOLATILE_KEYS = ("transformers_version", "_name_or_path")
+# Fields a re-save rewrites without changing the model: the library version that wrote the file, and the
+# load-time arguments transformers copies into tokenizer_config.json (a registry round trip adds
+# `is_local` and `local_files_only`).
+VOLATILE_KEYS = ("transformers_version", "_name_or_path", "name_or_path", "_commit_hash", "is_local",
+                 "local_files_only", "cache_dir", "revision", "subfolder", "token", "force_download",
+                 "trust_remote_code")
 DTYPE_BITS = {
     "BOOL": 8, "U8": 8, "I8": 8, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
     "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,

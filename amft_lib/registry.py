@@ -352,8 +352,9 @@ def _champion_version(client: Any, name: str, alias: str) -> int | None:
         return None
 
 
-def _same_as_champion(client: Any, name: str, alias: str, digest: str) -> str | None:
-    """The champion's version when its recorded content digest equals `digest`, else None.
+def _same_as_champion(client: Any, name: str, alias: str, digest: str, run_id: str) -> str | None:
+    """The champion's version when its recorded content digest equals `digest` and another run
+    registered it, else None (a champion of this very run id is the idempotent-retry case).
 
     Why here as well as in evaluation: the evaluator refuses to bless an identical candidate, but a
     metrics.json from elsewhere (or an older one) can still say blessed; the same weights must never
@@ -362,7 +363,7 @@ def _same_as_champion(client: Any, name: str, alias: str, digest: str) -> str | 
     if version is None:
         return None
     tags = client.get_model_version(name, str(version)).tags or {}
-    return str(version) if tags.get(CONTENT_TAG) == digest else None
+    return str(version) if tags.get(CONTENT_TAG) == digest and tags.get(RUN_ID_TAG) != run_id else None
 
 
 def _move_alias(client: Any, name: str, alias: str, version: str) -> bool:
@@ -429,7 +430,7 @@ def register_model(
                                   created=False, alias_moved=moved, mlflow_run_id=existing.run_id,
                                   model_uri=f"models:/{name}/{existing.version}")
 
-        same = _same_as_champion(client, name, alias, digest)
+        same = _same_as_champion(client, name, alias, digest, run_id)
         if same is not None:
             log.info("not registering %s for run %s: same content as version %s (@%s)", name, run_id, same, alias)
             return RegisterResult(False, f"not registered: the model's content (weights, config, tokenizer) equals "
