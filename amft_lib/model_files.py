@@ -101,10 +101,10 @@ def regular_files(root: str | os.PathLike[str], link_root: str | os.PathLike[str
                 target = path.resolve()
                 if not target.is_relative_to(inside):
                     raise ModelFilesError(f"{path}: symlink to {target}, outside the model directory; copy the file in")
-                if not target.is_file():
-                    raise ModelFilesError(f"{path}: symlink to {target}, which is not a regular file")
                 if name in dirnames:  # a linked folder would be walked twice or escape later: refuse it
                     raise ModelFilesError(f"{path}: symlink to a folder; model directories hold plain files")
+                if not target.is_file():
+                    raise ModelFilesError(f"{path}: symlink to {target}, which is not a regular file")
                 found.append(path)
             elif stat.S_ISDIR(mode):
                 continue

@@ -56,7 +56,9 @@ def test_local_folder_records_every_file_sha256(tmp_path):
     assert [(f.path, f.size) for f in r.files] == [("config.json", 23), ("sub/w.bin", 3)]
     assert r.files[1].sha256 == hashlib.sha256(b"abc").hexdigest()
     assert r.lineage()["files"][1]["sha256"] == r.files[1].sha256
-    assert probe_model_source(str(tmp_path)) == f"local model directory {tmp_path}"
+    # preflight's probe checks the directory as a model (model_files): a .bin and no safetensors is refused
+    with pytest.raises(UserError, match=r"sub/w\.bin: pickle-format weights only"):
+        probe_model_source(str(tmp_path))
 
 
 def test_cli_refuses_a_hub_id_in_one_line_exit_2(tmp_path, capsys):
