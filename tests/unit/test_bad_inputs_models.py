@@ -18,35 +18,18 @@ import shutil
 import struct
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import test_bad_inputs as table  # the main table's Case and row runner (pytest puts tests/unit on sys.path)
 
-from amft_lib.cli import main
+Case = table.Case
 
 EVIL_PY = """\
 from pathlib import Path
 Path({marker!r}).write_text("the model directory's code ran")
 from transformers import LlamaConfig as EvilConfig, LlamaForCausalLM as EvilModel  # noqa: E402
 """
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    argv: str  # a command line; {name} fields come from the `world` fixture
-    fragment: str  # must appear in the single `error:` line
-    out: str | None = "{out}"  # the output location that must be left exactly as it was
-    rc: int = 2
-
-
-def _snapshot(path: Path) -> object:
-    if not path.exists():
-        return None
-    if path.is_file():
-        return ("file", path.read_bytes())
-    return sorted((str(p.relative_to(path)), p.read_bytes() if p.is_file() else b"<dir>") for p in path.rglob("*"))
 
 
 class _Payload:
@@ -89,6 +72,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     w["eval"] = t / "eval"
     w["tracking"] = f"sqlite:///{t / 'registry' / 'mlflow.db'}"
     w["registry"] = t / "registry"
+    w["preflight_tracking"] = f"sqlite:///{t / 'preflight-registry' / 'mlflow.db'}"  # not the one rows watch
     (t / "outside.txt").write_text("a host file that must never be copied or uploaded\n")
 
     def variant(name: str) -> Path:
@@ -230,27 +214,13 @@ CASES = [
 ]
 
 
-def _fill(text: str, world: dict[str, str], out: str) -> str:
-    return text.format(out=out, **world)
-
-
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_bad_model(case: Case, world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture,
                    monkeypatch: pytest.MonkeyPatch) -> None:
-    out = str(tmp_path / "out")
+    """The main table's checks (exit 2, one `error:` line with the fragment, no traceback, output
+    unchanged), with `yes` on stdin, and the marker proving no code from the directory ran."""
     monkeypatch.setattr("sys.stdin", _Yes())  # what `yes |` feeds: transformers must never get to ask
-    argv = _fill(case.argv, world, out).split()
-    watched = Path(_fill(case.out, world, out)) if case.out else None
-    before = _snapshot(watched) if watched else None
-    rc = main(argv)
-    captured = capsys.readouterr()
-    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
-    assert rc == case.rc, (rc, captured.err[-3000:])
-    assert len(errors) == 1, captured.err[-3000:]
-    assert case.fragment in errors[0], errors[0]
-    assert "Traceback" not in captured.err + captured.out
-    if watched is not None:
-        assert _snapshot(watched) == before, f"{watched} changed"
+    table.test_bad_input(case, world, tmp_path, capsys)
     assert not Path(world["marker"]).exists(), "code from the model directory ran"
 
 
@@ -304,7 +274,7 @@ def test_preflight_refuses_the_model_before_any_gpu_stage(world: dict[str, str],
 
     monkeypatch.setattr("sys.stdin", _Yes())
     params = {"p0_s3_root": str(tmp_path / "root"), "p0_run_id": "run-1", "p3_model_name": world[name],
-              "p6_registry_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "p1_data_input_uri": ""}
+              "p6_registry_tracking_uri": world["preflight_tracking"], "p1_data_input_uri": ""}
     result = run_preflight(params)
     assert not result.passed
     failures = result.failures()
@@ -321,7 +291,7 @@ def test_a_good_directory_passes_every_stage_check(world: dict[str, str], tmp_pa
     from amft_lib.run.preflight import run_preflight
 
     params = {"p0_s3_root": str(tmp_path / "root"), "p0_run_id": "run-1", "p3_model_name": world["good"],
-              "p6_registry_tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "p1_data_input_uri": ""}
+              "p6_registry_tracking_uri": world["preflight_tracking"], "p1_data_input_uri": ""}
     result = run_preflight(params)
     model_check = [c for c in result.checks if c.name == "base model"]
     assert model_check and model_check[0].ok and "checked: no code" in model_check[0].detail
