@@ -322,6 +322,7 @@ def _stage_s3(uri: str, root: Path) -> ResolvedModel:
     from amft_lib import storage
 
     objects = _list_s3(uri)
+    _check_s3_listing(uri, objects)  # custom code or pickle-only: refused before a byte of weights is fetched
     listing = json.dumps([uri.rstrip("/"), sorted(objects)], separators=(",", ":"))
     digest = hashlib.sha256(listing.encode()).hexdigest()
     dest = root / f"s3-{digest[:24]}"
