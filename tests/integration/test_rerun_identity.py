@@ -31,5 +31,5 @@ def test_a_same_seed_rerun_adds_no_version_and_keeps_the_champion(tmp_path, s3_s
     assert second["eval"]["blessed"] is False and "identical to the champion" in second["eval"]["reason"], second
     assert not (second.get("register") or {}).get("registered"), second  # the register step is skipped
     versions = registry.get_client(tracking).search_model_versions(f"name = '{name}'")
-    assert [v.version for v in versions] == ["1"]
+    assert [str(v.version) for v in versions] == ["1"]
     assert registry.resolve(f"{name}@champion", tracking).version == "1"
