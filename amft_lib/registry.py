@@ -6,7 +6,11 @@ Why MLflow and these rules (DESIGN.md, research anchors B and F):
 - **Servable, never pickled.** The model is logged as an MLflow `transformers` model (task
   text-generation, explicit pip requirements): `mlflow.pyfunc.load_model("models:/NAME@champion")`
   answers a prompt and `mlflow models serve` works. Inside it the weights stay safetensors (no
-  pickled `mlflow.pytorch` model); directories holding pickle-format weights are refused.
+  pickled `mlflow.pytorch` model); directories holding pickle-format weights, code files, symlinks
+  or custom-code config keys are refused (amft_lib.model_files), every load passes trust_remote_code=False.
+- **Never the same model twice.** The version is tagged with the model's content digest
+  (model_files.content_digest: tensors, config, tokenizer — not a folder listing); a blessed model
+  whose content equals the current champion's is not registered again and the alias stays.
 - **Provenance on the version.** Tags carry the pipeline run id, data sha256, validation result,
   base model, warm-start stats, μ summary, flattened eval metrics and the lineage URI, so the
   registry answers "what made this model" without the pipeline UI (KFP is dropping MLMD lineage).
@@ -37,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from amft_lib import lineage, storage
+from amft_lib import lineage, model_files, storage
 from amft_lib.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -47,9 +51,8 @@ DEFAULT_EXPERIMENT = "amft"
 MODEL_ARTIFACT_PATH = "model"
 RUN_ID_TAG = "amft.run_id"
 LINEAGE_TAG = "amft.lineage_uri"
+CONTENT_TAG = "amft.model_content_sha256"
 _MAX_TAG_VALUE = 5000  # MLflow allows more, but tags are for reading; a long value is truncated
-# Weight formats that unpickle on load. A registered model must be loadable without running code.
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}")
 _BAD_NAME_CHARS = set("'\"`\\@:\n\r\t")
 
@@ -254,8 +257,9 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class RegisterResult:
-    """What :func:`register_model` did. `registered` is False only for an unblessed model;
-    `created` is False when the run id was already registered (idempotent retry)."""
+    """What :func:`register_model` did. `registered` is False for an unblessed model and for one whose
+    content equals the champion's (`version` then names the champion); `created` is False when the
+    run id was already registered (idempotent retry)."""
 
     registered: bool
     reason: str
@@ -357,12 +361,14 @@ def read_eval_metrics(eval_uri: str) -> dict[str, Any]:
 
 
 def check_model_dir(model_dir: str | Path) -> Path:
-    """The HF directory to register: config.json and safetensors weights, no pickle-format files."""
+    """The HF directory to register: data only — config.json and safetensors weights that match it, no
+    pickle-format or code files, no symlinks out, no custom-code keys (amft_lib.model_files)."""
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise ModelDirNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
-    files = [p for p in path.rglob("*") if p.is_file()]
-    pickled = sorted(str(p.relative_to(path)) for p in files if p.suffix.lower() in _PICKLE_SUFFIXES)
+    files = model_files.check_files(path)  # before anything reads (or uploads) a linked file
+    model_files.check_no_code(path)
+    pickled = sorted(str(p.relative_to(path)) for p in files if p.suffix.lower() in model_files.PICKLE_SUFFIXES)
     if pickled:
         raise RegistryInputError(
             f"{path}: refusing pickle-format weights ({', '.join(pickled[:3])}); save with safetensors "
@@ -370,6 +376,7 @@ def check_model_dir(model_dir: str | Path) -> Path:
         )
     if not any(p.suffix == ".safetensors" for p in files):
         raise RegistryInputError(f"{path}: no .safetensors weights found")
+    model_files.check_model_dir(path)
     return path
 
 
@@ -397,6 +404,20 @@ def _champion_version(client: Any, name: str, alias: str) -> int | None:
         return int(client.get_model_version_by_alias(name, alias).version)
     except _mlflow_error():
         return None
+
+
+def _same_as_champion(client: Any, name: str, alias: str, digest: str, run_id: str) -> str | None:
+    """The champion's version when its recorded content digest equals `digest` and another run
+    registered it, else None (a champion of this very run id is the idempotent-retry case).
+
+    Why here as well as in evaluation: the evaluator refuses to bless an identical candidate, but a
+    metrics.json from elsewhere (or an older one) can still say blessed; the same weights must never
+    become a new version. Versions registered before the tag existed have none and never match."""
+    version = _champion_version(client, name, alias)
+    if version is None:
+        return None
+    tags = client.get_model_version(name, str(version)).tags or {}
+    return str(version) if tags.get(CONTENT_TAG) == digest and tags.get(RUN_ID_TAG) != run_id else None
 
 
 def _move_alias(client: Any, name: str, alias: str, version: str) -> bool:
@@ -445,6 +466,7 @@ def register_model(
         reason = lineage.redact_text(f"not registered: the evaluation did not bless the model ({reason})")
         return RegisterResult(False, reason, name)
     path = check_model_dir(model_dir)
+    digest = model_files.content_digest(path)
     record = lineage.read_lineage(lineage_uri) if lineage_uri else None
     uri = tracking_uri or default_tracking_uri()
     client = get_client(uri)
@@ -462,7 +484,12 @@ def register_model(
                                   created=False, alias_moved=moved, mlflow_run_id=existing.run_id,
                                   model_uri=f"models:/{name}/{existing.version}")
 
-        tags = registry_tags(eval_metrics, run_id, record, lineage_uri)
+        same = _same_as_champion(client, name, alias, digest, run_id)
+        if same is not None:
+            log.info("not registering %s for run %s: same content as version %s (@%s)", name, run_id, same, alias)
+            return RegisterResult(False, f"not registered: the model's content (weights, config, tokenizer) equals "
+                                  f"{name} version {same} (@{alias}); the champion stays", name, same)
+        tags = {**registry_tags(eval_metrics, run_id, record, lineage_uri), CONTENT_TAG: digest}
         exp_id = experiment_id(client, experiment, artifact_root)
         run = client.create_run(exp_id, run_name=f"register-{run_id}", tags={RUN_ID_TAG: run_id})
         mlflow_run_id = run.info.run_id
@@ -609,8 +636,9 @@ def servable_model(model_dir: str | Path, out_dir: str | Path) -> Path:
     for package in SERVING_PACKAGES:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             requirements.append(f"{package}=={importlib.metadata.version(package)}")
-    model = AutoModelForCausalLM.from_pretrained(path)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)  # round-trips exactly (AutoTokenizer may not)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
+    # round-trips exactly (AutoTokenizer may not)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path, trust_remote_code=False)
     flavor_log = logging.getLogger("mlflow.transformers")
     level = flavor_log.level
     flavor_log.setLevel(logging.ERROR)  # it warns that a local model has no hub model card or license: known

@@ -251,7 +251,7 @@ def load_token_counter(tokenizer_dir: str) -> TokenCounter:
             return lambda text: len(fast.encode(text, add_special_tokens=False).ids)
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
     except Exception as exc:  # any loader failure is a bad --tokenizer, reported as one line
         raise DataError(f"{path}: cannot load tokenizer: {' '.join(str(exc).split())[:200]}") from None
