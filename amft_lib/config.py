@@ -22,14 +22,10 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from amft_lib.errors import UserError
+from amft_lib.config_file import ConfigError, load_mapping_file, parse_value
 
 METHODS = ("sft", "grpo", "sft_grpo", "fixed", "entropy", "meta", "amft", "chord", "hpt")
 Method = Literal["sft", "grpo", "sft_grpo", "fixed", "entropy", "meta", "amft", "chord", "hpt"]
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value or file is invalid; the message names the field and the fix."""
 
 
 def _help(text: str, default: Any, *, ge: float | None = None, gt: float | None = None,
@@ -534,24 +530,11 @@ def config_from_dict(data: dict, cls: type = TrainConfig) -> Any:
 
 
 def load_config(path: str | Path, cls: type = TrainConfig) -> Any:
-    """Load a YAML config file; errors name the file and the offending key."""
-    path = Path(path)
+    """Load a YAML config file (through the bounded loader of config_file: a regular file, no duplicate
+    keys, no alias bombs); errors name the file and the offending key."""
+    data = load_mapping_file(path, "config file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory; --config takes a YAML file (see configs/)") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file; --config takes a YAML file") from None
-    except OSError as exc:  # permission denied, I/O error: the path is fine, reading it is not
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    try:
-        return config_from_dict(data or {}, cls)
+        return config_from_dict(data, cls)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -571,13 +554,7 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
             node = node[part]
         if parts[-1] not in node:
             raise ConfigError(f"override {item!r}: unknown key {key!r}")
-        try:
-            node[parts[-1]] = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(
-                f"override {item!r}: value {raw!r} is not valid YAML ({first}); quote it or fix the brackets"
-            ) from None
+        node[parts[-1]] = parse_value(raw, f"override {item if len(item) <= 80 else item[:77] + '...'!r}")
     return config_from_dict(data, type(cfg))
 
 

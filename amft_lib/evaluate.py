@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from amft_lib import lineage, storage
+from amft_lib import lineage, model_files, storage
 from amft_lib.config import ConfigError, check_fields
 from amft_lib.data.schema import DataError
 
@@ -320,6 +320,7 @@ def evaluate_model(model_path: str, splits: Mapping[str, Sequence[dict]], task: 
     import torch
 
     from amft_lib.config import ModelConfig
+    from amft_lib.dataset import check_prompts_fit
     from amft_lib.model import load_policy
 
     device = _device(cfg.device)
@@ -327,6 +328,8 @@ def evaluate_model(model_path: str, splits: Mapping[str, Sequence[dict]], task: 
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     model, tokenizer = load_policy(ModelConfig(name=model_path, dtype=dtype, chat_template=cfg.chat_template),
                                    device=device, seed=cfg.seed)
+    check_prompts_fit([r for rows in splits.values() for r in rows], tokenizer, model, cfg.max_new_tokens,
+                      cfg.chat_template, cfg.data)  # refused before anything is written (dataset.py)
     log.info("eval %s: loaded %s on %s in %.1f s", label, model_path, device, time.perf_counter() - t0)
     results: dict[str, dict] = {}
     samples: dict[str, list[dict]] = {}
@@ -460,7 +463,7 @@ def _cache_uri(cfg: EvalConfig, model_dir: str, data_digest: str, task: str) -> 
     without files to hash (a builtin name)."""
     if not Path(model_dir, "config.json").is_file():
         return None
-    key = {"schema": SCHEMA_VERSION, "model": lineage.tree_sha256(model_dir), "data": data_digest, "task": task,
+    key = {"schema": SCHEMA_VERSION, "model": model_files.content_digest(model_dir), "data": data_digest, "task": task,
            "splits": list(cfg.splits), "max_examples": cfg.max_examples, "max_new_tokens": cfg.max_new_tokens,
            "pass_k": cfg.pass_k, "n_samples": cfg.n_samples, "temperature": cfg.temperature, "top_p": cfg.top_p,
            "batch_size": cfg.batch_size, "seed": cfg.seed, "chat_template": cfg.chat_template, "dtype": cfg.dtype}
@@ -468,10 +471,12 @@ def _cache_uri(cfg: EvalConfig, model_dir: str, data_digest: str, task: str) -> 
 
 
 def _same_content(a: str | None, b: str | None) -> bool:
-    """Whether two model folders hold the same files (content hash); False when either has none."""
+    """Whether two model folders hold the same model (model_files.content_digest: tensors, config,
+    tokenizer); False when either has no files. A folder listing is not the model: the staged copy
+    of a candidate carries `.amft-source.json`, a registry download does not."""
     if not a or not b or not Path(a, "config.json").is_file() or not Path(b, "config.json").is_file():
         return False
-    return lineage.tree_sha256(a) == lineage.tree_sha256(b)
+    return model_files.content_digest(a) == model_files.content_digest(b)
 
 
 def _cached_scores(uri: str | None) -> dict[str, Any] | None:

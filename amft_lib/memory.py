@@ -194,7 +194,7 @@ def count_parameters(config, *, lora_r: int = 0, lora_targets: Sequence[str] = (
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     total = sum(p.numel() for p in model.parameters())  # shared (tied) tensors are counted once
     if lora_r <= 0:
         return ParamCount(total, total)

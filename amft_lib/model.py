@@ -9,6 +9,10 @@ Three sources:
   cache it as safetensors (~0.4 s to reload afterwards).
 - any local Hugging Face directory (what the warm start and the trainer write), an s3:// folder
   or, with `model.allow_download`, a hub id: all resolved by model_source.resolve_model.
+
+A model directory is data, never code: before any from_pretrained, `load_policy` runs the full
+model_files check (no `auto_map`, no symlink out, safetensors headers against config.json,
+tokenizer fit, chat templates bounded), and every load passes trust_remote_code=False.
 """
 
 from __future__ import annotations
@@ -96,12 +100,13 @@ def smollm2_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors (once; ~20 s)", src / SMOLLM2_GGUF)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    quant = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF, trust_remote_code=False)
+    quant = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
+                                                 trust_remote_code=False)
     config = quant.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # a dequantised model cannot be saved while flagged as gguf
-    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     clean.load_state_dict(quant.state_dict())
     tmp = out.with_name(out.name + ".tmp")
     clean.save_pretrained(tmp)
@@ -115,8 +120,9 @@ def smollm2_dir() -> Path:
 
 
 def check_model_source(cfg: ModelConfig) -> None:
-    """Refuse an unknown or unreachable model before a run writes anything: lists (S3) or stats
-    (local) the source without loading or downloading weights (model_source.probe_model_source).
+    """Refuse an unknown, unreachable or unsafe model before a run writes anything: lists (S3) or
+    checks (local: model_files.check_model_dir) the source without loading or downloading weights
+    (model_source.probe_model_source).
     Raises a UserError naming `model.name` / `p3_model_name` and the fix."""
     from amft_lib.model_source import probe_model_source
 
@@ -136,11 +142,13 @@ def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
     else:
         from amft_lib.model_source import resolve_model  # tiny/smollm2/local/PVC/s3:///hub id (opt-in)
 
-        path = resolve_model(cfg.name, allow_download=cfg.allow_download, hash_files=False).local_dir
+        source = resolve_model(cfg.name, allow_download=cfg.allow_download, hash_files=False)
+        source.check()  # data, never code: every stage that loads a model directory passes here first
+        path = source.local_dir
         try:
             # PreTrainedTokenizerFast round-trips exactly (AutoTokenizer can swap in a lossy class).
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
         except (OSError, ValueError, KeyError) as exc:  # missing tokenizer/weights, unknown architecture
             first = " ".join(str(exc).split())[:300] or type(exc).__name__
             raise ModelError(f"model.name={cfg.name!r}: cannot load the model from {path}: {first}") from None

@@ -16,8 +16,13 @@ its files with their sha256 (`ResolvedModel.files`), and an S3 source is staged 
 whose name is derived from the prefix and the listing's ETags, so a changed object under the same
 prefix is a different cache entry rather than a silently stale copy.
 
-`probe_model_source` is the cheap check preflight runs before any GPU is requested: it lists,
-but never downloads weights.
+`probe_model_source` is the check preflight runs before any GPU is requested: it lists, but never
+downloads weights.
+
+Model directories are data, never code (amft_lib.model_files): every resolved folder is checked for
+symlinks leaving it, non-regular files and custom-code references (`auto_map`) before anything
+hashes, copies or uploads it; `ResolvedModel.check()` runs the full check (weights, config,
+tokenizer, chat templates) that `model.load_policy` and preflight run before a load.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
+from amft_lib import model_files
 from amft_lib.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -71,6 +77,12 @@ class ResolvedModel:
     local_dir: Path | None
     files: tuple[ModelFile, ...] = ()
     revision: str | None = None  # hub commit, or the S3 listing digest the cache is keyed by
+    link_root: Path | None = None  # where symlinks may point (the hub cache's blobs); None: local_dir itself
+
+    def check(self) -> None:
+        """The full model-directory check (model_files.check_model_dir) before a from_pretrained."""
+        if self.local_dir is not None:
+            model_files.check_model_dir(self.local_dir, self.link_root)
 
     def lineage(self) -> dict:
         """What the lineage record stores about the base model (no secrets: URIs and hashes only)."""
@@ -121,6 +133,7 @@ def resolve_model(
         from amft_lib.model import smollm2_dir
 
         path = smollm2_dir()
+        model_files.check_files(path)
         return ResolvedModel(name, "builtin", path, _hash_folder(path) if hash_files else ())
     if kind == "s3":
         return _stage_s3(name, cache_root(cache_dir))
@@ -130,6 +143,7 @@ def resolve_model(
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
         raise ModelSourceError(_unknown(name, path))
+    model_files.check_files(path)  # before hashing, copying or uploading a byte of it
     return ResolvedModel(name, "local", path, _hash_folder(path) if hash_files else ())
 
 
@@ -147,7 +161,12 @@ def allow_hub_downloads(allowed: bool) -> None:
 
 
 def probe_model_source(name: str, allow_download: bool = False) -> str:
-    """One line for preflight: is the source usable? Lists (S3) or stats (local); downloads nothing.
+    """One line for preflight: is the source usable? Downloads no weights.
+
+    A local folder gets the full model-directory check (model_files.check_model_dir: no code, no
+    symlink out, safetensors headers against config.json, tokenizer fit, chat templates bounded);
+    an S3 folder has its listing checked (safetensors present) and its config files read (no
+    `auto_map`); the stage that stages it runs the full check before loading.
 
     Raises ModelSourceError (a UserError) naming `p3_model_name` / `p3_model_allow_download`.
     """
@@ -161,12 +180,16 @@ def probe_model_source(name: str, allow_download: bool = False) -> str:
         return f"hub id {name}: downloaded at load time (p3_model_allow_download=true){note}"
     if kind == "s3":
         objects = _list_s3(name)
+        _check_s3_listing(name, objects)
         total = sum(size for _, size, _ in objects)
-        return f"s3 model folder {name}: {len(objects)} files, {total / 1e9:.2f} GB, config.json present"
+        return (f"s3 model folder {name}: {len(objects)} files, {total / 1e9:.2f} GB, config.json present, "
+                "safetensors weights, no custom code")
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
         raise ModelSourceError(_unknown(name, path))
-    return f"local model directory {name}"
+    model_files.check_model_dir(path)
+    return f"local model directory {name} (checked: no code, safetensors headers match config.json, tokenizer, " \
+           "chat templates)"
 
 
 def read_model_config(name: str, allow_download: bool = False):
@@ -177,24 +200,25 @@ def read_model_config(name: str, allow_download: bool = False):
     if kind == "s3":
         from amft_lib import storage
 
-        _list_s3(name)  # clear error when the prefix holds no model
+        _check_s3_listing(name, _list_s3(name))  # clear error when the prefix holds no model; no auto_map
         blob = storage.get_bytes(storage.join(name.rstrip("/"), "config.json"))
         data = json.loads(blob)
         return AutoConfig.for_model(data.pop("model_type"), **data)
     if kind == "hub":
         _require_download_opt_in(name, allow_download)
         repo, _, rev = name.partition("@")
-        return AutoConfig.from_pretrained(repo, revision=rev or None)
+        return AutoConfig.from_pretrained(repo, revision=rev or None, trust_remote_code=False)
     if name == "tiny":
         raise ValueError("`tiny` has no config file; model.build_tiny_model builds it from ModelConfig")
     if name == "smollm2-135m":
         from amft_lib.model import smollm2_dir
 
-        return AutoConfig.from_pretrained(smollm2_dir())
+        return AutoConfig.from_pretrained(smollm2_dir(), trust_remote_code=False)
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
         raise ModelSourceError(_unknown(name, path))
-    return AutoConfig.from_pretrained(path)
+    model_files.check_files(path)
+    return AutoConfig.from_pretrained(path, trust_remote_code=False)
 
 
 # ── helpers ──────────────────────────────────────────────────────────────────────────────────────
@@ -257,6 +281,28 @@ def _list_s3(uri: str) -> list[tuple[str, int, str]]:
     return rel
 
 
+def _check_s3_listing(uri: str, objects: list[tuple[str, int, str]]) -> None:
+    """Preflight's look at an S3 model folder without downloading weights: safetensors present,
+    and every config file (small, size-bounded) free of custom-code keys."""
+    from amft_lib import storage
+
+    names = [rel for rel, _, _ in objects]
+    if not any(rel.endswith(".safetensors") for rel in names):
+        pickled = [rel for rel in names if rel.lower().endswith(model_files.PICKLE_SUFFIXES)]
+        why = f"pickle-format weights only ({', '.join(pickled[:3])})" if pickled else "no .safetensors weights"
+        raise model_files.ModelFilesError(f"{uri}: {why}; only safetensors are loaded (pickles run code)")
+    for rel, size, _ in objects:
+        if rel.rsplit("/", 1)[-1] not in model_files.CONFIG_FILES:
+            continue
+        if size > model_files.MAX_JSON_BYTES:
+            raise model_files.ModelFilesError(f"{uri}/{rel}: {size} bytes is not a config file")
+        try:
+            data = json.loads(storage.get_bytes(storage.join(uri.rstrip("/"), rel)))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise model_files.ModelFilesError(f"{uri}/{rel}: not valid JSON") from None
+        model_files.refuse_code(f"{uri.rstrip('/')}/{rel}", data)
+
+
 @contextlib.contextmanager
 def _lock(path: Path):
     """An exclusive file lock: two processes of one pod staging the same model download it once."""
@@ -276,6 +322,7 @@ def _stage_s3(uri: str, root: Path) -> ResolvedModel:
     from amft_lib import storage
 
     objects = _list_s3(uri)
+    _check_s3_listing(uri, objects)  # custom code or pickle-only: refused before a byte of weights is fetched
     listing = json.dumps([uri.rstrip("/"), sorted(objects)], separators=(",", ":"))
     digest = hashlib.sha256(listing.encode()).hexdigest()
     dest = root / f"s3-{digest[:24]}"
@@ -301,6 +348,7 @@ def _stage_s3(uri: str, root: Path) -> ResolvedModel:
                     shutil.rmtree(tmp, ignore_errors=True)
             log.info("staged %s (%d files) into %s", uri, len(files), dest)
         data = json.loads(manifest.read_text())
+        model_files.check_files(dest)
     files = tuple(ModelFile(**f) for f in data["files"])
     return ResolvedModel(uri, "s3", dest, files, revision=f"listing-sha256:{digest}")
 
@@ -318,4 +366,5 @@ def _download_hub(name: str, root: Path) -> ResolvedModel:
             f"p3_model_name / model.name={name!r}: download failed: {type(exc).__name__}: "
             f"{' '.join(str(exc).split())[:300]}{hint}"
         ) from None
-    return ResolvedModel(name, "hub", path, _hash_folder(path), revision=path.name)
+    model_files.check_files(path, link_root=root / "hub")  # snapshots link to ../../blobs: allowed, nothing else
+    return ResolvedModel(name, "hub", path, _hash_folder(path), revision=path.name, link_root=root / "hub")

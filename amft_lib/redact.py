@@ -12,11 +12,14 @@ What :func:`redact_text` replaces with ``***``:
 - signed-URL query parameters (``X-Amz-Signature``, ``X-Amz-Credential``, ``token``, …).
 
 :func:`install_log_redaction` applies the same rules to every log record (for a program's entry
-point: the CLI after ``logging.basicConfig``).
+point: the CLI after ``logging.basicConfig``, `-v` included); :class:`RedactingStream` to printed
+output that bypasses logging (kfp.local's task output); :func:`redacting_excepthook` to the
+traceback of an uncaught exception.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -86,34 +89,92 @@ def safe_url(url: str | None) -> str:
 
 
 class RedactingFilter(logging.Filter):
-    """A logging filter that passes every record's message through :func:`redact_text`.
+    """A logging filter that passes every record's message (and its traceback) through :func:`redact_text`.
 
-    Install it on the handlers of the root logger at a program's entry point (the CLI's
+    Install it on the root logger and its handlers at a program's entry point (the CLI's
     ``logging.basicConfig``), so a URL with credentials or a secret env value that reaches a log
     line from any library (botocore at DEBUG, MLflow, kfp) is scrubbed too. The environment is
-    scanned when the filter is made; `extra` adds secrets to it.
+    scanned at each record, not once: a secret set after start-up (the embedded S3 server's
+    generated key, exported for the tasks of a local run) is scrubbed as well. `extra` adds secrets.
     """
 
     def __init__(self, extra: Iterable[str] = ()) -> None:
         super().__init__()
-        self._secrets = sorted({*secret_values(), *(s for s in extra if s)}, key=len, reverse=True)
+        self._extra = {s for s in extra if s}
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
         except Exception:  # a broken format string is logging's problem; leave the record as it is
             return True
-        clean = redact_text(message, self._secrets)
+        secrets = {*secret_values(), *self._extra}
+        clean = redact_text(message, secrets)
         if clean != message:
             record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:  # the formatter reuses exc_text instead of re-formatting
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text, secrets)
+        if record.stack_info:
+            record.stack_info = redact_text(record.stack_info, secrets)
         return True
 
 
 def install_log_redaction(logger: logging.Logger | None = None, extra: Iterable[str] = ()) -> RedactingFilter:
-    """Add one :class:`RedactingFilter` to every handler of `logger` (default: the root logger)."""
+    """Add one :class:`RedactingFilter` to `logger` (default: the root logger) and to each of its handlers.
+
+    On the handlers it sees every record that propagates to them; on the logger itself it also
+    covers records logged straight to it while someone swaps its handlers (kfp.local replaces the
+    root logger's handlers while a pipeline runs, but keeps its filters). Idempotent.
+    """
     target = logging.getLogger() if logger is None else logger
-    flt = RedactingFilter(extra)
+    flt = next((f for f in target.filters if isinstance(f, RedactingFilter)), None) or RedactingFilter(extra)
+    if flt not in target.filters:
+        target.addFilter(flt)
     for handler in target.handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(flt)
     return flt
+
+
+class RedactingStream(io.TextIOBase):
+    """A text stream that writes whole lines to `target` with :func:`redact_text` applied.
+
+    For output that does not go through logging: kfp.local prints each task's streamed output and
+    its executor input (the pipeline arguments, a tracking URI with its password among them) with
+    ``print``. Lines are held until their newline so a secret split across two writes is still
+    caught; :meth:`flush` writes a pending partial line.
+    """
+
+    def __init__(self, target: Any, extra: Iterable[str] = ()) -> None:
+        self.target = target
+        self._extra = {s for s in extra if s}
+        self._pending = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self._pending += text
+        head, sep, self._pending = self._pending.rpartition("\n")
+        if sep:
+            self.target.write(redact_text(head + sep, {*secret_values(), *self._extra}))
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending:
+            self.target.write(redact_text(self._pending, {*secret_values(), *self._extra}))
+            self._pending = ""
+        self.target.flush()
+
+    def isatty(self) -> bool:
+        return bool(getattr(self.target, "isatty", lambda: False)())
+
+
+def redacting_excepthook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+    """A ``sys.excepthook`` that prints the traceback with :func:`redact_text` applied: a bug's
+    traceback (or ``amft --debug``) can quote a URL with its password in an exception message."""
+    import sys
+    import traceback
+
+    sys.stderr.write(redact_text("".join(traceback.format_exception(exc_type, exc, tb))))

@@ -6,7 +6,11 @@ Why MLflow and these rules (DESIGN.md, research anchors B and F):
 - **Servable, never pickled.** The model is logged as an MLflow `transformers` model (task
   text-generation, explicit pip requirements): `mlflow.pyfunc.load_model("models:/NAME@champion")`
   answers a prompt and `mlflow models serve` works. Inside it the weights stay safetensors (no
-  pickled `mlflow.pytorch` model); directories holding pickle-format weights are refused.
+  pickled `mlflow.pytorch` model); directories holding pickle-format weights, code files, symlinks
+  or custom-code config keys are refused (amft_lib.model_files), every load passes trust_remote_code=False.
+- **Never the same model twice.** The version is tagged with the model's content digest
+  (model_files.content_digest: tensors, config, tokenizer — not a folder listing); a blessed model
+  whose content equals the current champion's is not registered again and the alias stays.
 - **Provenance on the version.** Tags carry the pipeline run id, data sha256, validation result,
   base model, warm-start stats, μ summary, flattened eval metrics and the lineage URI, so the
   registry answers "what made this model" without the pipeline UI (KFP is dropping MLMD lineage).
@@ -39,12 +43,12 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from amft_lib import lineage, storage
+from amft_lib import lineage, model_files, storage
 from amft_lib.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -56,9 +60,8 @@ DEFAULT_EXPERIMENT = "amft"
 MODEL_ARTIFACT_PATH = "model"
 RUN_ID_TAG = "amft.run_id"
 LINEAGE_TAG = "amft.lineage_uri"
+CONTENT_TAG = "amft.model_content_sha256"
 _MAX_TAG_VALUE = 5000  # MLflow allows more, but tags are for reading; a long value is truncated
-# Weight formats that unpickle on load. A registered model must be loadable without running code.
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,199}")
 _BAD_NAME_CHARS = set("'\"`\\@:\n\r\t")
 
@@ -100,11 +103,65 @@ def default_artifact_root() -> str:
     return os.environ.get("AMFT_MLFLOW_ARTIFACT_ROOT") or str((state_dir() / "mlartifacts").resolve())
 
 
+# MLflow's HTTP client retries a failed request 7 times with backoff factor 2 and waits up to 120 s
+# per request (mlflow/environment_variables.py, read at each request in mlflow/utils/rest_utils.py):
+# an unreachable tracking URI held a stage for minutes. These bound it — a refused connection fails
+# in ~3 s, a silent host in ≤ 3 × 30 s — and stay overridable: a value already in the environment wins.
+HTTP_BOUNDS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",  # per request; an artifact upload through the server must fit it
+}
+REACHABLE_TIMEOUT_S = 5.0  # preflight's one connection attempt to an http(s) tracking URI
+
+
+class RegistryUnreachableError(RegistryError, ConnectionError):
+    """The tracking server did not answer at all (no HTTP response) within the probe's deadline."""
+
+
+def bound_http_waits() -> None:
+    """Put :data:`HTTP_BOUNDS` into the environment where the user set nothing (MLflow reads them
+    at each request; task subprocesses inherit them). Called wherever a client is made."""
+    for name, value in HTTP_BOUNDS.items():
+        os.environ.setdefault(name, value)
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = REACHABLE_TIMEOUT_S) -> str:
+    """One HTTP request to an http(s) tracking server with a deadline, no retries: any HTTP answer
+    (even 401/404) means it is there. Raises RegistryUnreachableError in one line (credentials
+    scrubbed) otherwise; other stores (sqlite, file) are not probed. Returns a one-line detail.
+
+    Why not just the client's first call: with retries and backoff that call takes seconds to
+    minutes to fail; preflight should say "unreachable" within a few seconds."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https"):
+        return f"{lineage.redact_text(tracking_uri)} (not an HTTP server: not probed)"
+    host = parts.netloc.rpartition("@")[2]  # no userinfo on the wire here: reachability needs no login
+    url = urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
+    safe = lineage.redact_text(tracking_uri)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):
+            pass
+    except urllib.error.HTTPError:
+        pass  # an HTTP status is an answer
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise RegistryUnreachableError(
+            f"tracking URI {safe}: unreachable within {timeout_s:g} s ({type(reason).__name__}: "
+            f"{lineage.redact_text(' '.join(str(reason).split()))})") from None
+    return f"{safe} answers"
+
+
 @functools.lru_cache(maxsize=8)
 def _client(tracking_uri: str) -> Any:
     """One MlflowClient per store: opening a SQLite store runs its schema check (~seconds on first use)."""
     from mlflow import MlflowClient
 
+    bound_http_waits()
     if tracking_uri.startswith("sqlite:///"):
         Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -209,8 +266,9 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class RegisterResult:
-    """What :func:`register_model` did. `registered` is False only for an unblessed model;
-    `created` is False when the run id was already registered (idempotent retry)."""
+    """What :func:`register_model` did. `registered` is False for an unblessed model and for one whose
+    content equals the champion's (`version` then names the champion); `created` is False when the
+    run id was already registered (idempotent retry)."""
 
     registered: bool
     reason: str
@@ -314,12 +372,14 @@ def read_eval_metrics(eval_uri: str) -> dict[str, Any]:
 
 
 def check_model_dir(model_dir: str | Path) -> Path:
-    """The HF directory to register: config.json and safetensors weights, no pickle-format files."""
+    """The HF directory to register: data only — config.json and safetensors weights that match it, no
+    pickle-format or code files, no symlinks out, no custom-code keys (amft_lib.model_files)."""
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise ModelDirNotFoundError(f"{path}: not a Hugging Face model directory (no config.json)")
-    files = [p for p in path.rglob("*") if p.is_file()]
-    pickled = sorted(str(p.relative_to(path)) for p in files if p.suffix.lower() in _PICKLE_SUFFIXES)
+    files = model_files.check_files(path)  # before anything reads (or uploads) a linked file
+    model_files.check_no_code(path)
+    pickled = sorted(str(p.relative_to(path)) for p in files if p.suffix.lower() in model_files.PICKLE_SUFFIXES)
     if pickled:
         raise RegistryInputError(
             f"{path}: refusing pickle-format weights ({', '.join(pickled[:3])}); save with safetensors "
@@ -327,6 +387,7 @@ def check_model_dir(model_dir: str | Path) -> Path:
         )
     if not any(p.suffix == ".safetensors" for p in files):
         raise RegistryInputError(f"{path}: no .safetensors weights found")
+    model_files.check_model_dir(path)
     return path
 
 
@@ -354,6 +415,20 @@ def _champion_version(client: Any, name: str, alias: str) -> int | None:
         return int(client.get_model_version_by_alias(name, alias).version)
     except _mlflow_error():
         return None
+
+
+def _same_as_champion(client: Any, name: str, alias: str, digest: str, run_id: str) -> str | None:
+    """The champion's version when its recorded content digest equals `digest` and another run
+    registered it, else None (a champion of this very run id is the idempotent-retry case).
+
+    Why here as well as in evaluation: the evaluator refuses to bless an identical candidate, but a
+    metrics.json from elsewhere (or an older one) can still say blessed; the same weights must never
+    become a new version. Versions registered before the tag existed have none and never match."""
+    version = _champion_version(client, name, alias)
+    if version is None:
+        return None
+    tags = client.get_model_version(name, str(version)).tags or {}
+    return str(version) if tags.get(CONTENT_TAG) == digest and tags.get(RUN_ID_TAG) != run_id else None
 
 
 def _move_alias(client: Any, name: str, alias: str, version: str) -> bool:
@@ -403,6 +478,7 @@ def register_model(
         reason = lineage.redact_text(f"not registered: the evaluation did not bless the model ({reason})")
         return RegisterResult(False, reason, name)
     path = check_model_dir(model_dir)
+    digest = model_files.content_digest(path)
     record = lineage.read_lineage(lineage_uri) if lineage_uri else None
     uri = tracking_uri or default_tracking_uri()
     client = get_client(uri)
@@ -423,7 +499,12 @@ def register_model(
                                   model_uri=f"models:/{name}/{existing.version}", logged_model_id=model_id,
                                   alias=alias)
 
-        tags = registry_tags(eval_metrics, run_id, record, lineage_uri)
+        same = _same_as_champion(client, name, alias, digest, run_id)
+        if same is not None:
+            log.info("not registering %s for run %s: same content as version %s (@%s)", name, run_id, same, alias)
+            return RegisterResult(False, f"not registered: the model's content (weights, config, tokenizer) equals "
+                                  f"{name} version {same} (@{alias}); the champion stays", name, same)
+        tags = {**registry_tags(eval_metrics, run_id, record, lineage_uri), CONTENT_TAG: digest}
         exp_id = experiment_id(client, experiment, artifact_root)
         run = client.create_run(exp_id, run_name=f"register-{run_id}", tags={RUN_ID_TAG: run_id})
         mlflow_run_id = run.info.run_id
@@ -675,8 +756,9 @@ def servable_model(model_dir: str | Path, out_dir: str | Path) -> Path:
     for package in SERVING_PACKAGES:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             requirements.append(f"{package}=={importlib.metadata.version(package)}")
-    model = AutoModelForCausalLM.from_pretrained(path)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)  # round-trips exactly (AutoTokenizer may not)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
+    # round-trips exactly (AutoTokenizer may not)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path, trust_remote_code=False)
     flavor_log = logging.getLogger("mlflow.transformers")
     level = flavor_log.level
     flavor_log.setLevel(logging.ERROR)  # it warns that a local model has no hub model card or license: known
@@ -719,3 +801,45 @@ def download_model(ref: ModelRef | str, dst: str | Path, tracking_uri: str | Non
         return hf_directory(local, Path(dst) / "hf")
     local = client.download_artifacts(ref.run_id, MODEL_ARTIFACT_PATH, dst_path=str(Path(dst) / "mlflow"))
     return hf_directory(local, Path(dst) / "hf")
+
+
+# ── read-only: a registered version's artifacts, for `amft lineage --verify` ────────────────────
+# Kept apart from registration: the lineage audit reads what the registry serves, never writes it.
+
+
+@contextlib.contextmanager
+def registered_artifacts(ref: ModelRef, tracking_uri: str | None = None) -> Iterator[tuple[str, str]]:
+    """``(folder, location)``: a folder :mod:`amft_lib.storage` can read holding the version's MLflow
+    model artifacts (what ``models:/NAME@champion`` loads), and where the registry keeps them.
+
+    An s3:// or local artifact root is read in place (the audit streams each object, bounded); any
+    other scheme (``mlflow-artifacts:``, http) is downloaded into a temp folder that lives as long
+    as the ``with`` block. The location always comes from the registry, never from a lineage record.
+    """
+    if not ref.run_id or not ref.artifact_uri:
+        raise ModelLookupError(f"{ref.uri}: no MLflow run holds its artifacts (source {ref.source})")
+    location = ref.artifact_uri
+    if storage.is_s3(location) or location.startswith("file://") or "://" not in location:
+        yield location, location
+        return
+    with tempfile.TemporaryDirectory(prefix="amft-registry-copy-") as tmp:
+        if logged_model_id(ref.source):  # the version's LoggedModel holds them (MLflow 3)
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+            local = get_artifact_repository(location).download_artifacts("", tmp)
+        else:
+            local = get_client(tracking_uri).download_artifacts(ref.run_id, MODEL_ARTIFACT_PATH, dst_path=tmp)
+        yield local, location
+
+
+def logged_lineage(ref: ModelRef, tracking_uri: str | None = None) -> bytes | None:
+    """The lineage record logged in the version's MLflow run (`lineage/lineage.json`), or None."""
+    if not ref.run_id:
+        return None
+    with tempfile.TemporaryDirectory(prefix="amft-lineage-") as tmp:
+        try:
+            local = get_client(tracking_uri).download_artifacts(ref.run_id, f"lineage/{lineage.LINEAGE_FILE}",
+                                                                dst_path=tmp)
+        except Exception:  # MLflow raises its own types, OSError or a 404: no copy is an answer
+            return None
+        return Path(local).read_bytes()

@@ -34,6 +34,13 @@ What :class:`EmbeddedS3` takes care of:
   sockets weed leaves in /tmp (named after our ports) are removed. On Linux the child also gets
   SIGTERM if the process that started it dies (PR_SET_PDEATHSIG), so a killed test run does not
   leave a server holding ports.
+- **One server per data dir** (issue 21: a second start on a busy data dir was a Go panic, and a
+  SIGTERMed run's weed lingered ~27 s while a rerun started another on the same files): ``start()``
+  takes an exclusive lock on ``DATA_DIR/weed.lock`` (held until ``stop()``; the kernel drops it when
+  the holder dies) and refuses a data dir locked by a live process with one line naming it
+  (:class:`amft_lib.proclock.BusyError`). ``DATA_DIR/weed.pid`` names the running weed; a weed
+  left there by a dead owner (killed run) is stopped — SIGTERM, then SIGKILL — before a new one
+  starts, and if it cannot be stopped the start is refused naming its pid.
 
 Secrets: :class:`S3Settings` hides the secret from ``repr``; nothing here logs or prints it, except
 ``serve_forever(show_secret=True)`` which the user asks for explicitly.
@@ -59,12 +66,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TextIO
 
 from amft_lib.errors import UserError
+from amft_lib.proclock import BusyError, DirLock, process_alive, process_start_time, read_record
 
 if TYPE_CHECKING:
     from amft_lib.storage import S3Config
@@ -78,6 +86,10 @@ _GRPC_OFFSET = 10000
 _SERVICES = ("s3", "filer", "master", "volume", "admin")
 _IDENTITIES = "s3-identities.json"
 _ENV_FILE = "s3.env"
+_LOCK_FILE = "weed.lock"  # flock held by the process that runs this data dir's weed
+_PID_FILE = "weed.pid"  # {"pid", "start", "owner", "ports"} of the running weed; removed once it is gone
+_ORPHAN_TIMEOUT = 15.0  # s a dead owner's weed gets to exit on SIGTERM before SIGKILL (as in stop())
+_SPAWN_MARK = b"=== amft: starting weed mini"  # written to weed.out before each start
 _SECURITY_DIR = "security"  # weed's -config_dir: security.toml and the gRPC TLS files
 # The components that read a [grpc.<name>] section (cert/key for serving and dialling), as listed in
 # weed/command/scaffold/security.toml; "client" is what every outgoing dial falls back to.
@@ -364,6 +376,7 @@ class EmbeddedS3:
         self._out: IO[bytes] | None = None
         self._settings: S3Settings | None = None
         self._spawn_offset = 0  # size of the log when weed was last started
+        self._lock = DirLock(self.data_dir / _LOCK_FILE, f"SeaweedFS data dir {self.data_dir}")
 
     # -- paths ---------------------------------------------------------------------------------
 
@@ -445,13 +458,24 @@ class EmbeddedS3:
         return cmd
 
     def start(self) -> S3Settings:
-        """Start weed, wait until S3 answers, create the bucket. Raises S3ServerError with the log tail."""
+        """Start weed, wait until S3 answers, create the bucket. Raises S3ServerError with the log tail,
+        BusyError if another live process runs this data dir."""
         if self.is_running():
             return self.settings
         weed = find_weed()
         port = self._requested_port
         if port is not None and not _port_free(port):
             raise S3PortInUseError(port)
+        _private_dir(self.data_dir)
+        self._lock.acquire()  # BusyError naming the holder; released by stop(), also on a failed start
+        try:
+            self._stop_orphan()
+            return self._start_locked(weed)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_locked(self, weed: str) -> S3Settings:
         for sub in ("data", "logs"):
             _private_dir(self.data_dir / sub)  # object files are plain files in data/
         access, secret = self._credentials()
@@ -473,18 +497,14 @@ class EmbeddedS3:
                 break
             except S3ServerError:
                 taken = self._taken_port()
-                self.stop()
+                self._stop_process()
                 if taken is not None and taken == self._requested_port:
                     raise S3PortInUseError(taken) from None
                 if taken is None or attempt == attempts - 1:
                     raise
                 logger.info("port collision starting SeaweedFS; retrying with other ports")
         self._settings = S3Settings(endpoint, access, secret, self.bucket, self.region)
-        try:
-            self._create_bucket()
-        except BaseException:
-            self.stop()
-            raise
+        self._create_bucket()
         logger.info("SeaweedFS S3 at %s (pid %s, data %s)", endpoint, self.pid, self.data_dir)
         return self._settings
 
@@ -494,7 +514,7 @@ class EmbeddedS3:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEED_"))}
         self._spawn_offset = self._log_size()
         self._out = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        self._out.write(f"\n=== amft: starting weed mini at {time.strftime('%Y-%m-%dT%H:%M:%S')} ===\n".encode())
+        self._out.write(b"\n" + _SPAWN_MARK + f" at {time.strftime('%Y-%m-%dT%H:%M:%S')} ===\n".encode())
         self._out.flush()
         in_main = threading.current_thread() is threading.main_thread()
         self._proc = subprocess.Popen(
@@ -509,6 +529,36 @@ class EmbeddedS3:
             # PDEATHSIG fires when the starting *thread* exits, so only use it from the main thread.
             preexec_fn=_set_pdeathsig if in_main and sys.platform.startswith("linux") else None,
         )
+        pid = self._proc.pid
+        record = {"pid": pid, "start": process_start_time(pid), "owner": os.getpid(), "ports": ports}
+        _write_private(self.data_dir / _PID_FILE, json.dumps(record) + "\n")
+
+    def _stop_orphan(self) -> None:
+        """Stop the weed that a dead owner left running on this data dir (we hold the lock, so its
+        owner is gone): SIGTERM, wait as :meth:`stop` does, SIGKILL. Two servers on one data dir
+        corrupt it, so a weed that survives this refuses the start."""
+        record = read_record(self.data_dir / _PID_FILE)
+        pid = record.get("pid") if record else None
+        if not isinstance(pid, int) or not process_alive(pid, record.get("start")):
+            return
+        logger.warning("SeaweedFS (pid %s) left running on %s by a stopped run (pid %s); stopping it first",
+                       pid, self.data_dir, record.get("owner"))
+        offset = self._last_spawn_offset()  # it may have logged "Filer stopped" already (PDEATHSIG's SIGTERM)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+        if not self._wait_exit(lambda: not process_alive(pid, record.get("start")), _ORPHAN_TIMEOUT, offset):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5.0
+            while process_alive(pid, record.get("start")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if process_alive(pid, record.get("start")):
+            raise BusyError(f"SeaweedFS data dir {self.data_dir}: its previous server (pid {pid}) is still running "
+                            "and could not be stopped; kill it, then run again")
+        ports = record.get("ports")
+        if isinstance(ports, dict):
+            self._remove_sockets({str(k): int(v) for k, v in ports.items() if isinstance(v, int)})
+        (self.data_dir / _PID_FILE).unlink(missing_ok=True)
 
     def _wait_ready(self, endpoint: str) -> None:
         """Poll until S3 answers any HTTP status (403 with auth on) or the process dies."""
@@ -560,7 +610,14 @@ class EmbeddedS3:
                 time.sleep(0.2)
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM, wait for the exit, SIGKILL after ``timeout`` s.
+        """Stop weed (:meth:`_stop_process`: it is gone when this returns) and release the data dir."""
+        try:
+            self._stop_process(timeout)
+        finally:
+            self._lock.release()
+
+    def _stop_process(self, timeout: float = 15.0) -> None:
+        """SIGTERM, wait for the exit, SIGKILL after ``timeout`` s; then the pid file goes.
 
         weed stops S3, admin, filer, volume, master in that order (2–4 s in all). About one stop in
         three, the volume server's graceful shutdown then waits ~30 s on a keep-alive connection that
@@ -572,21 +629,25 @@ class EmbeddedS3:
             offset = self._log_size()
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
-            if not self._wait_exit(proc, timeout, offset):
+            if not self._wait_exit(lambda: proc.poll() is not None, timeout, offset):
                 logger.info("weed (pid %s) still shutting down; sending SIGKILL", proc.pid)
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 proc.wait()
         if proc is not None:
-            self._remove_sockets()
+            self._remove_sockets(self._ports or {})
+            record = read_record(self.data_dir / _PID_FILE)
+            if record and record.get("pid") == proc.pid:
+                (self.data_dir / _PID_FILE).unlink(missing_ok=True)
         if self._out is not None:
             self._out.close()
             self._out = None
 
-    def _remove_sockets(self) -> None:
+    @staticmethod
+    def _remove_sockets(ports: dict[str, int]) -> None:
         """weed leaves its unix sockets in /tmp (not movable for the gRPC ones); they are named after
         our ports, so once our process is gone they are ours to remove."""
-        for service, port in (self._ports or {}).items():
+        for service, port in ports.items():
             for path in (
                 Path(f"/tmp/seaweedfs-{service}-{port}.sock"),
                 Path(f"/tmp/seaweedfs-{service}-grpc-{port + _GRPC_OFFSET}.sock"),
@@ -608,12 +669,12 @@ class EmbeddedS3:
         except FileNotFoundError:
             return 0
 
-    def _wait_exit(self, proc: subprocess.Popen[bytes], timeout: float, offset: int) -> bool:
+    def _wait_exit(self, exited: Callable[[], bool], timeout: float, offset: int) -> bool:
         """True if weed exited by itself; False if it should be killed."""
         deadline = time.monotonic() + timeout
         filer_stopped_at: float | None = None
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
+            if exited():
                 return True
             if filer_stopped_at is None and _FILER_STOPPED.search(self._log_since(offset)):
                 filer_stopped_at = time.monotonic()
@@ -621,6 +682,13 @@ class EmbeddedS3:
                 return False
             time.sleep(0.1)
         return False
+
+    def _last_spawn_offset(self) -> int:
+        """Where the log of the last weed started on this data dir begins (0 if no mark)."""
+        try:
+            return max(0, self.log_path.read_bytes().rfind(_SPAWN_MARK))
+        except FileNotFoundError:
+            return 0
 
     def _log_since(self, offset: int) -> str:
         try:

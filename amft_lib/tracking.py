@@ -20,7 +20,8 @@ and records each complete checkpoint as an *external* LoggedModel (tag `mlflow.m
 like `mlflow.create_external_model`) whose `amft.checkpoint_uri` tag points at the checkpoint in the
 run root — no second copy of the weights — logged as a run output at its step, with the val
 metrics measured on those weights attached (the same points the run's curves have). A checkpoint
-that retention later deletes is tagged `amft.checkpoint_state=deleted`, not forgotten.
+that retention later deletes is tagged `amft.checkpoint_state=deleted`, not forgotten (one created and
+deleted between two polls of the tail is never seen: retention keeps the last two and the best).
 
 mlflow is imported inside the functions (`amft --help` stays fast).
 """

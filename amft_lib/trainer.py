@@ -32,7 +32,7 @@ from amft_lib import distributed, sharded_checkpoint, storage
 from amft_lib.checkpoint import CheckpointPayload, capture_rng_state, restore_rng_state, save_checkpoint
 from amft_lib.config import TrainConfig, check_target_entropy_temperature, config_hash, save_config
 from amft_lib.data.schema import DataError
-from amft_lib.dataset import check_task, load_splits
+from amft_lib.dataset import check_prompts_fit, check_task, load_splits
 from amft_lib.losses import group_advantages, ppo_clip_loss
 from amft_lib.model import check_model_source, load_policy, trainable_parameters
 from amft_lib.optim import build_optimizer
@@ -293,6 +293,8 @@ def _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, e
     """The loop (`train` has checked every input and joined the process group)."""
     main = dist.is_main
     model, tokenizer = load_policy(model_cfg, device=device, seed=cfg.seed)
+    check_prompts_fit([*train_rows, *val_rows], tokenizer, model, cfg.rollout.max_new_tokens, model_cfg.chat_template,
+                      cfg.data.path)  # refused before anything is written (dataset.py)
     model.train()
     policy = Policy.of(model, tokenizer, dist, device)
     forward = policy.forward

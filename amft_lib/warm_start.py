@@ -34,7 +34,7 @@ from amft_lib import checkpoint as ckpt
 from amft_lib import distributed, sharded_checkpoint, storage
 from amft_lib.config import WarmStartConfig, config_hash, save_config
 from amft_lib.data.schema import DataError
-from amft_lib.dataset import check_task, load_splits
+from amft_lib.dataset import check_prompts_fit, check_task, load_splits
 from amft_lib.model import check_model_source, load_policy, trainable_parameters
 from amft_lib.optim import build_optimizer
 from amft_lib.rollout import completion_logprobs, demonstration_batch, row_seeds, sample_completions
@@ -415,6 +415,8 @@ def _run(cfg, out, model_cfg, dist, device, splits, train_rows, demos, eval_rows
     import pyarrow.parquet as pq
 
     model, tokenizer = load_policy(model_cfg, device=device, seed=cfg.seed)
+    check_prompts_fit([*train_rows, *eval_rows], tokenizer, model, cfg.max_new_tokens, model_cfg.chat_template,
+                      cfg.data.path)  # refused before anything is written (dataset.py)
     policy = Policy.of(model, tokenizer, dist, device)
     task = get_task(cfg.data.task)
     if dist.is_main:

@@ -26,6 +26,7 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 
+from amft_lib.lineage import SIGNING_KEY_ENV
 from amft_lib.run.settings import pipeline_docstring
 from amft_lib.run.trainjob import kueue_labels
 from components import CPU_IMAGE, CUDA_IMAGE
@@ -104,8 +105,9 @@ def build_pipeline(target: str = "cluster", kueue_queue: str = "", kueue_priorit
                         kueue_priority_class=priority_class, **extra)
         return args
 
-    def secrets(task: Any, s3_secret: Any, registry_secret: Any = None) -> None:
-        """S3 keys (required) and registry credentials (optional) from Kubernetes secrets, as env vars."""
+    def secrets(task: Any, s3_secret: Any, registry_secret: Any = None, lineage_secret: Any = None) -> None:
+        """S3 keys (required), registry credentials and the lineage signing key (optional) from Kubernetes
+        secrets, as env vars: only the secret's name is compiled in, never a value."""
         if cluster:
             kubernetes.use_secret_as_env(task, secret_name=s3_secret, secret_key_to_env={
                 "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"})
@@ -114,6 +116,9 @@ def build_pipeline(target: str = "cluster", kueue_queue: str = "", kueue_priorit
                     "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
                     "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
                     "MLFLOW_TRACKING_TOKEN": "MLFLOW_TRACKING_TOKEN"})
+            if lineage_secret is not None:  # absent: the record is written unsigned, `--verify` says so
+                kubernetes.use_secret_as_env(task, secret_name=lineage_secret, optional=True,
+                                             secret_key_to_env={SIGNING_KEY_ENV: SIGNING_KEY_ENV})
 
     def amft_pipeline(
         # ── phase 0: run, storage, credentials, GPU pool ──
@@ -122,6 +127,7 @@ def build_pipeline(target: str = "cluster", kueue_queue: str = "", kueue_priorit
         p0_s3_endpoint_url: str = "",
         p0_s3_secret: str = "amft-s3",
         p0_registry_secret: str = "amft-registry",
+        p0_lineage_secret: str = "amft-lineage",
         p0_gpu_count: int = 1,
         p0_gpu_cpu_request: str = "8",
         p0_gpu_memory_request: str = "32Gi",
@@ -279,7 +285,7 @@ def build_pipeline(target: str = "cluster", kueue_queue: str = "", kueue_priorit
                     # idempotent on the run id, so retrying cannot create a second version
                     registered.set_display_name("register").set_caching_options(False).set_retry(num_retries=2)
                     cpu_task(registered)
-                    secrets(registered, p0_s3_secret, p0_registry_secret)
+                    secrets(registered, p0_s3_secret, p0_registry_secret, p0_lineage_secret)  # signs lineage
                     if cluster:  # the lineage record names the images (pin them by digest at compile time)
                         registered.set_env_variable("AMFT_IMAGE_DIGEST_CPU", CPU_IMAGE)
                         registered.set_env_variable("AMFT_IMAGE_DIGEST_CUDA", CUDA_IMAGE)

@@ -34,20 +34,13 @@ def parse_params(pipeline: Any, settings: Sequence[str], params_file: Path | Non
                  base: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Merge `base`, a params file and PARAM=VALUE strings into pipeline arguments, typed and checked
     against the pipeline's parameters (unknown names and wrong types are errors naming the fix)."""
-    import yaml
-
     from amft_lib.config import ConfigError
+    from amft_lib.config_file import load_mapping_file, parse_value
 
     inputs = pipeline_inputs(pipeline)
     raw: dict[str, Any] = dict(base or {})
     if params_file is not None:
-        try:
-            loaded = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{params_file}: {' '.join(str(exc).split())}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{params_file}: expected a mapping of pipeline parameters")
-        raw.update(loaded)
+        raw.update(load_mapping_file(params_file, "params file"))
     for item in settings:
         key, sep, value = item.partition("=")
         if not sep:
@@ -56,10 +49,7 @@ def parse_params(pipeline: Any, settings: Sequence[str], params_file: Path | Non
         if inputs.get(key, ("String",))[0] == "String":
             raw[key] = value
             continue
-        try:
-            raw[key] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: not valid YAML ({' '.join(str(exc).split())})") from None
+        raw[key] = parse_value(value, f"--set {key}")
     out = {}
     for key, value in raw.items():
         if key not in inputs:

@@ -116,7 +116,13 @@ def _run_local(args: argparse.Namespace) -> int:
 
 
 def _remote_params(args: argparse.Namespace) -> dict[str, Any]:
-    return parse_params(load_pipeline(), args.set, args.params_file)
+    """The run's parameters, typed and checked against the stage configs before anything is sent
+    (preflight checks them again on the cluster)."""
+    from amft_lib.run.preflight import check_stage_parameters
+
+    params = parse_params(load_pipeline(), args.set, args.params_file)
+    check_stage_parameters(params)
+    return params
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -126,16 +132,20 @@ def _submit(args: argparse.Namespace) -> int:
                             namespace=args.namespace, package=args.package)
     except Exception as exc:  # API/connection errors: one line, no traceback, no token
         return _remote_error("submit", args.host, exc)
-    print(f"submitted run {run_id} to {args.host} (experiment {args.experiment})")
+    from amft_lib.redact import safe_url
+
+    print(f"submitted run {run_id} to {safe_url(args.host)} (experiment {args.experiment})")
     return 0
 
 
 def _remote_error(what: str, host: str, exc: BaseException) -> int:
-    from amft_lib.lineage import redact_text
+    """One `error:` line for a failed API call: the host without its userinfo (a `--host` URL may
+    carry `user:password@`), the cause scrubbed the same way (it may quote the URL)."""
+    from amft_lib.redact import redact_text, safe_url
 
-    log.debug("%s failed", what, exc_info=True)
+    log.debug("%s failed", what, exc_info=True)  # -v: the traceback, scrubbed by the CLI's log filter
     detail = redact_text(" ".join(str(exc).split())[:400] or type(exc).__name__)
-    print(f"error: {what} to {host} failed: {type(exc).__name__}: {detail}", file=sys.stderr)
+    print(f"error: {what} to {safe_url(host)} failed: {type(exc).__name__}: {detail}", file=sys.stderr)
     return 2
 
 

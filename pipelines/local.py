@@ -4,6 +4,13 @@ an MLflow registry on SQLite, with the services started and stopped around the r
 kfp.local runs each task as a subprocess (`SubprocessRunner(use_venv=False)`) in this environment,
 so what runs here is the component code a cluster runs, minus the platform config (GPUs, secrets)
 that only Kubernetes can apply.
+
+Operations (issue 21): the stage parameters are checked against the typed configs before anything
+starts or is written; the state dir is locked for the run (a second run, or `amft lineage
+--state-dir` during it, gets one line naming the holder); SIGTERM stops the tasks and SeaweedFS
+before the process exits; each run's tasks get a temp folder named after the run's process, removed
+at the end, and folders of runs that died (owner no longer alive) are removed at the next start;
+printed task output and log lines pass through the secret scrubber (`-v` included).
 """
 
 from __future__ import annotations
@@ -17,14 +24,18 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from amft_lib.proclock import DirLock, descendants, process_alive, process_start_time
+from amft_lib.redact import RedactingFilter, RedactingStream, redact_text
 from amft_lib.run.summary import accuracy_table, summarize_run, summary_markdown
 from pipelines.build import load_pipeline
 
@@ -34,6 +45,9 @@ STAGES = ("preflight", "prepare-data", "validate-data", "stop-run", "warm-start"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TASK_START = re.compile(r"^Executing task '([^']+)'")
 _TASK_END = re.compile(r"^Task '([^']+)' finished with status (\w+)")
+STATE_LOCK = ".amft-run.lock"  # in the state dir: flock held by the run-local that uses it
+_RUN_TMP = re.compile(r"^run-(\d+)-(\d+)$")  # state/tmp/run-<owner pid>-<owner start time>: one run's TMPDIR
+_TASK_STOP_TIMEOUT = 10.0  # s the tasks of an interrupted run get to exit on SIGTERM before SIGKILL
 
 
 class TaskLog(logging.Filter):
@@ -91,19 +105,104 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _s3_for(state_dir: Path, settings: Any | None) -> Iterator[Any]:
-    """The caller's S3 settings, or an embedded SeaweedFS under the state dir, stopped on exit."""
+def _s3_for(state_dir: Path, settings: Any | None) -> Iterator[tuple[Any, int | None]]:
+    """(S3 settings, weed pid): the caller's settings, or an embedded SeaweedFS under the state dir,
+    stopped on exit (weed is gone when this exits: stop waits, then kills)."""
     if settings is not None:
-        yield settings
+        yield settings, None
         return
     from amft_lib.s3server import EmbeddedS3
 
     server = EmbeddedS3(state_dir / "s3")
     server.start()
     try:
-        yield server.settings
+        yield server.settings, server.pid
     finally:
         server.stop()
+
+
+def state_lock(state: Path) -> DirLock:
+    """The lock a run holds on its state dir (`with state_lock(state):`): BusyError naming the
+    holder's pid and command when another live process holds it."""
+    return DirLock(state / STATE_LOCK, f"state dir {state}")
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt for the block, so a terminated run unwinds like Ctrl-C:
+    its tasks are stopped and SeaweedFS is stopped (and waited for) before the process exits,
+    instead of weed lingering ~27 s while a rerun starts another on the same data. Main thread only
+    (Python delivers signals there); elsewhere the block runs as is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt("SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_tasks(keep: set[int]) -> None:
+    """SIGTERM every process this one started except `keep` (SeaweedFS, stopped after them), wait up
+    to _TASK_STOP_TIMEOUT s, SIGKILL what is left: an interrupted run leaves no task running."""
+    pids = [pid for pid in descendants(os.getpid()) if pid not in keep and not set(descendants(pid)) & keep]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + (_TASK_STOP_TIMEOUT if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline and any(process_alive(pid) for pid in pids):
+            for pid in pids:  # reap those that are our children, or they stay zombies; never weed's status
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.05)
+        pids = [pid for pid in pids if process_alive(pid)]
+        if not pids:
+            return
+
+
+def _tmpdirs_in_use() -> set[str]:
+    """TMPDIR of every live process we can read (/proc/PID/environ): a task that outlived its run
+    (its run-local was SIGKILLed) still owns its temp folder."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                for item in (entry / "environ").read_bytes().split(b"\0"):
+                    if item.startswith(b"TMPDIR="):
+                        found.add(os.fsdecode(item[len(b"TMPDIR="):]).rstrip("/"))
+    return found
+
+
+def clean_stale_tmp(tmp_root: Path) -> list[Path]:
+    """Remove the run temp folders (`run-<pid>-<start>`) under `tmp_root` whose owner is dead and
+    that no live process uses as TMPDIR; returns what was removed.
+
+    Why: a killed task leaves its temp folder — each holds a model copy — and nothing else ever
+    removed it. The owner is the run-local process (pid and start time, so a reused pid does not
+    keep a dead run's folder); a live one is kept, whoever it is."""
+    removed = []
+    in_use: set[str] | None = None
+    for folder in sorted(tmp_root.glob("run-*")):
+        m = _RUN_TMP.match(folder.name)
+        if not m or not folder.is_dir() or process_alive(int(m.group(1)), int(m.group(2))):
+            continue
+        in_use = _tmpdirs_in_use() if in_use is None else in_use
+        if str(folder) in in_use:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def run_tmp(state: Path) -> Path:
+    """This process's run temp folder under the state dir (the TMPDIR of its tasks)."""
+    return state / "tmp" / f"run-{os.getpid()}-{process_start_time(os.getpid()) or 0}"
 
 
 class KfpChatter(logging.Filter):
@@ -171,26 +270,46 @@ def run_local(state_dir: Path | str, arguments: Mapping[str, Any], *, s3_setting
     """Run the local variant of the DAG end to end under kfp.local; never raises for a failed run.
 
     Services live under `state_dir`: `s3/` (SeaweedFS data and keys), `mlflow.db` (+ `mlartifacts/`),
-    `kfp/outputs` (pipeline root), `tmp/` (TMPDIR of every task). `s3_settings` reuses a running S3
-    (tests) instead of starting one. Credentials reach the tasks through the inherited environment
-    only: they are not pipeline arguments, so they never appear in task logs or outputs. Unless
-    `verbose`, kfp.local's own bookkeeping (executor input dumps, output dumps) is left out of the log.
+    `kfp/outputs` (pipeline root), `tmp/run-<pid>-<start>/` (TMPDIR of every task of this run).
+    `s3_settings` reuses a running S3 (tests) instead of starting one. Credentials reach the tasks
+    through the inherited environment only: they are not pipeline arguments, so they never appear in
+    task logs or outputs. Unless `verbose`, kfp.local's own bookkeeping (executor input dumps, output
+    dumps) is left out of the log; in both modes printed output is scrubbed of secrets.
+
+    Raises ConfigError naming the parameter when a stage parameter is bad (before anything starts
+    or is written), BusyError naming the holder when another process uses the state dir.
     """
+    from amft_lib.run.preflight import check_stage_parameters
+
+    t0 = time.perf_counter()
+    state = Path(state_dir).absolute()
+    check_stage_parameters(arguments)  # a bad override fails here, not after S3 and the first task started
+    with state_lock(state), _sigterm_unwinds():
+        tmp = run_tmp(state)
+        try:
+            return _run_locked(state, tmp, arguments, s3_settings, threads, verbose, t0)
+        finally:  # every task's temp files: component files (`mktemp -d`), model copies of a killed task
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_locked(state: Path, tmp: Path, arguments: Mapping[str, Any], s3_settings: Any | None,
+                threads: int | None, verbose: bool, t0: float) -> LocalRun:
+    """`run_local` once the state dir is ours; `tmp` is the TMPDIR of this run's tasks."""
     from kfp import local
 
     from amft_lib import lineage
 
-    t0 = time.perf_counter()
-    state = Path(state_dir).absolute()
-    for sub in ("tmp", "kfp/outputs"):
-        (state / sub).mkdir(parents=True, exist_ok=True)
+    for folder in clean_stale_tmp(state / "tmp"):
+        logging.getLogger(__name__).info("removed the temp folder of a run that died: %s", folder)
+    for sub in (tmp, state / "kfp" / "outputs"):
+        sub.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{state / 'mlflow.db'}"
     pipeline = load_pipeline(local=True)
     args = dict(arguments)
     args.setdefault("p0_run_id", "local-" + dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     args.setdefault("p0_s3_root", "s3://amft/local")
     args.setdefault("p6_registry_tracking_uri", tracking_uri)
-    env = {"TMPDIR": str(state / "tmp"), "AMFT_STATE_DIR": str(state), "GX_ANALYTICS_ENABLED": "false",
+    env = {"TMPDIR": str(tmp), "AMFT_STATE_DIR": str(state), "GX_ANALYTICS_ENABLED": "false",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MLFLOW_ENABLE_TELEMETRY": "false", "DO_NOT_TRACK": "1",
            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # per-file load/save bars: noise in a pipeline log
     if threads:
@@ -198,17 +317,26 @@ def run_local(state_dir: Path | str, arguments: Mapping[str, Any], *, s3_setting
     task_log = TaskLog()  # kfp.local logs through the root logger
     root_logger = logging.getLogger()
     state_name, error, chain = "SUCCEEDED", "", ""
-    with _s3_for(state, s3_settings) as s3, _environment({**env, **s3.env()}):
+    with _s3_for(state, s3_settings) as (s3, weed_pid), _environment({**env, **s3.env()}):
         tempfile.tempdir = None  # re-read TMPDIR
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(state / "kfp" / "outputs"),
                    workspace_root=str(state / "kfp" / "workspace"), raise_on_error=True)
         root_logger.addFilter(task_log)
         quiet = contextlib.ExitStack()
+        # Scrub what kfp.local prints (task output, executor inputs holding the pipeline arguments) and
+        # the records logged straight to the root logger while kfp.local has swapped its handlers.
+        # The environment (with S3's secret key, set just above) is read at each line.
+        scrub = RedactingFilter()
+        root_logger.addFilter(scrub)
+        quiet.callback(root_logger.removeFilter, scrub)
+        out: Any = RedactingStream(sys.stdout)
+        quiet.callback(out.flush)
         if not verbose:  # a root-logger filter: kfp.local swaps the handlers while it runs, not the filters
             chatter = KfpChatter()
-            quiet.enter_context(contextlib.redirect_stdout(QuietExecutor(sys.stdout)))
+            out = QuietExecutor(out)
             root_logger.addFilter(chatter)  # after task_log, which still sees every record
             quiet.callback(root_logger.removeFilter, chatter)
+        quiet.enter_context(contextlib.redirect_stdout(out))
         try:
             with quiet, warnings.catch_warnings():
                 # Known and expected locally: our image is not a plain Python image, and display
@@ -217,13 +345,13 @@ def run_local(state_dir: Path | str, arguments: Mapping[str, Any], *, s3_setting
                 warnings.filterwarnings("ignore", message=r".*settings \['display_name'\] have no effect")
                 pipeline(**args)
         except RuntimeError as exc:
-            state_name, error = "FAILED", _ANSI.sub("", str(exc))
+            state_name, error = "FAILED", redact_text(_ANSI.sub("", str(exc)))
+        except BaseException:  # Ctrl-C or SIGTERM: no task outlives the run, then weed stops (leaving the with)
+            _stop_tasks({weed_pid} if weed_pid else set())
+            raise
         finally:
             root_logger.removeFilter(task_log)
             tempfile.tempdir = None
-            # each task leaves its ephemeral component file behind (`mktemp -d` in the task command)
-            for leftover in (state / "tmp").glob("tmp.*"):
-                shutil.rmtree(leftover, ignore_errors=True)
         # Re-read rather than trust the exit handler's copy: it cannot see the pipeline's final state.
         summary = summarize_run(args["p0_s3_root"], args["p0_run_id"], "", state_name, error)
         reg = summary["stages"].get("register") or {}
@@ -232,7 +360,7 @@ def run_local(state_dir: Path | str, arguments: Mapping[str, Any], *, s3_setting
                 record = lineage.read_lineage(summary["stages"]["lineage"]["uri"])
                 chain = lineage.format_chain(record, {"name": reg.get("name"), "version": reg.get("version")})
     return LocalRun(state_name, error, task_log.tasks, summary, state / "kfp" / "outputs",
-                    args["p6_registry_tracking_uri"], chain, time.perf_counter() - t0)
+                    redact_text(args["p6_registry_tracking_uri"]), chain, time.perf_counter() - t0)
 
 
 def local_report(run: LocalRun, state_dir: Path) -> str:

@@ -66,9 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from amft_lib.redact import install_log_redaction
+    from amft_lib.redact import install_log_redaction, redact_text, redacting_excepthook
 
-    install_log_redaction()  # secrets in a log record's text (a URL's password, a key) never reach the output
+    # Secrets (a URL's password, a key from the environment) never reach the output: every log record
+    # (`-v` included) and the traceback of a bug or of `--debug` pass through the one scrubber.
+    install_log_redaction()
+    sys.excepthook = redacting_excepthook
     from amft_lib.errors import UserError
 
     try:
@@ -79,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:  # a mistake the user can fix: one line, exit 2 (traceback with --debug)
         if args.debug:
             raise
-        from amft_lib.redact import redact_text
-
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"error: {redact_text(message)}", file=sys.stderr)
         return 2

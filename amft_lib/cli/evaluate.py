@@ -1,7 +1,7 @@
 """`amft evaluate`, `amft register`, `amft lineage`: the last stages of the pipeline on the command line.
 
 Each handler calls the same library function the KFP component calls (run_evaluate,
-register_model, verify_lineage). Exit codes: 0 done (an unblessed model is a result, not an
+register_model, audit_lineage). Exit codes: 0 done (an unblessed model is a result, not an
 error), 1 a check failed (`--fail-if-not-blessed`, `lineage --verify`), 2 a user error (bad input,
 unknown model, unreachable registry), reported by the CLI boundary as one `error: …` line.
 """
@@ -120,12 +120,14 @@ def _add_register(sub: argparse._SubParsersAction) -> None:
 
 def _register(args: argparse.Namespace) -> int:
     from amft_lib.registry import read_eval_metrics, register_model
+    from amft_lib.run.summary import record_registry_copy
 
     result = register_model(
         args.model, read_eval_metrics(args.eval), args.name, args.run_id, lineage_uri=args.lineage,
         tracking_uri=args.tracking_uri, artifact_root=args.artifact_root, experiment=args.experiment,
         alias=args.alias,
     )
+    record_registry_copy(args.lineage, result, args.tracking_uri)
     if not result.registered:
         print(result.reason)
         return 0
@@ -141,17 +143,22 @@ def _register(args: argparse.Namespace) -> int:
 def _add_lineage(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "lineage",
-        help="print a registered model's lineage back to the raw data; --verify re-checks input hashes",
+        help="print a registered model's lineage back to the raw data; --verify proves the model against it",
         description="MODEL is NAME (latest version), NAME:VERSION or NAME@ALIAS. Prints the chain model → "
-        "eval → training → warm start → base model → validation → data → code. With --verify, re-reads "
-        "every recorded input and exits 1 with one line per mismatch.",
+        "eval → training → warm start → base model → validation → data → code. With --verify, re-hashes every "
+        "recorded file (data, the model in the run root and in the registry, warm-start model, configs, "
+        "metrics; bounded, regular files only), compares the recorded metrics with the evaluation artifact, "
+        "checks the signature when $AMFT_LINEAGE_SECRET_KEY is set, and exits 1 with one line per mismatch "
+        "and a summary.",
     )
     p.add_argument("model", metavar="MODEL", help="NAME, NAME:VERSION or NAME@champion")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or embedded SQLite)")
     p.add_argument("--state-dir", type=Path,
                    help="a local run's state dir (`amft pipeline run-local --state-dir`): use its registry and, "
                    "unless an S3 endpoint is configured, start its embedded SeaweedFS for this command")
-    p.add_argument("--verify", action="store_true", help="re-read every input and check its sha256")
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash every recorded object (run root and registry copy), compare metrics, check the "
+                   "signature; exit 1 naming each mismatch")
     p.add_argument("--json", action="store_true", help="print the lineage record as JSON instead of the chain")
     p.set_defaults(handler=_lineage)
 
@@ -162,24 +169,43 @@ class LineageNotFoundError(UserError, LookupError):
 
 def _record_for(ref, tracking_uri: str | None) -> dict:
     """The lineage record of a model version: from its lineage-URI tag, else the copy logged in its run."""
-    import tempfile
-
     from amft_lib import lineage, registry
 
     uri = ref.tags.get(registry.LINEAGE_TAG)
     if uri:
         return lineage.read_lineage(uri)
-    if ref.run_id:
-        client = registry.get_client(tracking_uri)
-        with tempfile.TemporaryDirectory(prefix="amft-lineage-") as tmp:
-            try:
-                local = client.download_artifacts(ref.run_id, f"lineage/{lineage.LINEAGE_FILE}", dst_path=tmp)
-            except Exception:
-                local = None
-            if local:
-                return lineage.read_lineage(local)
+    logged = registry.logged_lineage(ref, tracking_uri)
+    if logged is not None:
+        return lineage.parse_lineage(logged, f"{ref.uri} lineage/{lineage.LINEAGE_FILE}")
     raise LineageNotFoundError(f"{ref.uri}: no lineage record (no {registry.LINEAGE_TAG} tag and none logged in its "
                                "run)")
+
+
+def _audit(ref, record: dict, tracking_uri: str | None):
+    """lineage.audit_lineage against the registry's view of `ref`: its artifacts (where the registry
+    keeps them), its tags, and the record copy logged in its run (must equal the one read)."""
+    from amft_lib import lineage, registry
+
+    key = lineage.signing_key()
+    try:
+        with registry.registered_artifacts(ref, tracking_uri) as (folder, _):
+            audit = lineage.audit_lineage(record, registry_copy=folder, registered=(ref.name, ref.version),
+                                          registry_tags=ref.tags, key=key)
+    except registry.ModelLookupError as exc:
+        audit = lineage.audit_lineage(record, registered=(ref.name, ref.version), registry_tags=ref.tags, key=key)
+        audit.mismatches.append(lineage.Mismatch(lineage.REGISTRY_OBJECT, ref.uri, f"unreadable: {exc}"))
+    logged = registry.logged_lineage(ref, tracking_uri)
+    if logged is not None and ref.tags.get(registry.LINEAGE_TAG):
+        audit.objects.add("lineage copy")
+        try:
+            same = lineage.parse_lineage(logged, "logged copy") == record
+        except ValueError:
+            same = False
+        if not same:
+            audit.mismatches.append(lineage.Mismatch(
+                "lineage copy", f"{ref.uri} lineage/{lineage.LINEAGE_FILE}",
+                f"differs from the record at {ref.tags[registry.LINEAGE_TAG]}"))
+    return audit
 
 
 @contextlib.contextmanager
@@ -226,11 +252,12 @@ def _print_lineage(args: argparse.Namespace) -> int:
         print(lineage.format_chain(record, model))
     if not args.verify:
         return 0
-    mismatches = lineage.verify_lineage(record)
-    checked = len(record.get("inputs") or [])
-    if not mismatches:
-        print(f"verify: ok ({checked} input file(s) match their recorded sha256)")
-        return 0
-    for m in mismatches:
+    audit = _audit(ref, record, args.tracking_uri)
+    for m in audit.mismatches:
         print(f"verify: FAILED {lineage.redact_text(str(m))}")
-    return 1
+    if audit.mismatches:
+        print(f"verify: FAILED {len(audit.mismatches)} mismatch(es); {audit.summary()}")
+        return 1
+    print(f"verify: ok ({audit.summary()}; the run root and the registry's copy of {ref.uri} match the record, "
+          "and so do its metrics)")
+    return 0

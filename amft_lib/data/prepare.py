@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -57,6 +58,7 @@ from amft_lib.data.schema import (
     dumps_json,
     one_line,
     open_parquet_writer,
+    row_control_character,
     rows_to_table,
     sha256_file,
     split_file_name,
@@ -64,6 +66,8 @@ from amft_lib.data.schema import (
 )
 from amft_lib.tasks import Task, get_task, known_tasks
 from amft_lib.tasks.math import normalize_question
+
+log = logging.getLogger(__name__)
 
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test_id": 0.1}
 GENERATED_TASKS = ("general_points", "countdown")  # tasks whose data `prepare` generates itself
@@ -526,6 +530,7 @@ def _prepare_ingested(cfg: PrepareConfig, task: Task) -> PrepareResult:
         rows_out = dict.fromkeys(SPLITS, 0)
         ngram_hit = np.zeros(n, dtype=bool)
         demos_removed = 0
+        control: list[str] = []  # rows whose input held a control character (reported in the card notes)
 
         def flush(name: str) -> None:
             if not buffers[name]:
@@ -562,6 +567,10 @@ def _prepare_ingested(cfg: PrepareConfig, task: Task) -> PrepareResult:
                     "meta": json.dumps({"source": f"{path.name}:{item.line}"}, sort_keys=True),
                 }
                 demos_removed += _check_demonstrations([row], task)
+                raw = dict(zip(("id", "prompt", "answer", "demonstration"), item.raw, strict=True))
+                found = row_control_character(row) or row_control_character(raw)
+                if found:  # normalisation removes them from questions and solutions; ids and answers keep them
+                    control.append(f"{path.name}:{item.line}: {found}")
                 buffers[name].append(row)
                 if len(buffers[name]) >= _WRITE_BATCH_ROWS:
                     flush(name)
@@ -576,6 +585,11 @@ def _prepare_ingested(cfg: PrepareConfig, task: Task) -> PrepareResult:
             raise DataError("no training rows left after dedup and decontamination; check the input and fractions")
         final = kept & ~ngram_hit
         notes["demonstrations_removed"] = demos_removed
+        if control:
+            notes["control_character_rows"] = len(control)
+            log.warning("%d input row(s) hold control characters (first %s): removed from questions and "
+                        "solutions; any left (ids, answers) fail `amft data validate` (check control_characters)",
+                        len(control), control[0])
         notes["distinct_keys"] = {
             name: int(np.unique(scan.key[final & (scan.split == code)]).size) for code, name in enumerate(SPLITS)
         }

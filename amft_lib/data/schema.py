@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,12 +24,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from amft_lib.errors import UserError
+from amft_lib.regular_file import read_regular_file
 
 COLUMNS: tuple[str, ...] = ("id", "task", "prompt", "answer", "demonstration", "split", "meta")
 SPLITS: tuple[str, ...] = ("train", "val", "test_id", "test_ood")
 EVAL_SPLITS: tuple[str, ...] = ("val", "test_id", "test_ood")
 NULLABLE_COLUMNS: frozenset[str] = frozenset({"demonstration"})
 CARD_NAME = "card.json"
+MAX_CARD_BYTES = 16 << 20  # a card lists a few splits and inputs: kilobytes
 CARD_VERSION = 1
 
 # Every column is a string; only `demonstration` may be null (rows without a worked solution
@@ -45,6 +48,29 @@ _PARQUET_OPTIONS: dict[str, Any] = {
     "use_dictionary": False,
     "store_schema": True,
 }
+
+
+# C0 controls except tab, newline and carriage return, DEL, and the C1 controls: NUL truncates strings in
+# C-based tools, ESC starts terminal escape sequences (a row that rewrites a reviewer's terminal), and
+# none of them belongs in a prompt, answer or demonstration.
+_CONTROL_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+TEXT_COLUMNS: tuple[str, ...] = ("id", "prompt", "answer", "demonstration", "meta")
+
+
+def find_control_character(text: str) -> str | None:
+    """"U+001B at 12" for the first control character in `text` (tab, newline, CR allowed), else None."""
+    match = _CONTROL_RE.search(text)
+    return None if match is None else f"U+{ord(match.group()):04X} at {match.start()}"
+
+
+def row_control_character(row: Mapping[str, Any]) -> str | None:
+    """"prompt: U+0000 at 3" for the first text column of a row holding a control character, else None."""
+    for name in TEXT_COLUMNS:
+        value = row.get(name)
+        found = find_control_character(value) if isinstance(value, str) else None
+        if found:
+            return f"{name}: {found}"
+    return None
 
 
 class DataError(UserError):
@@ -193,13 +219,14 @@ class DatasetCard:
 
 
 def read_card(dataset_dir: Path) -> DatasetCard:
-    """Read `card.json` from a prepared dataset directory."""
+    """Read `card.json` from a prepared dataset directory (a regular file of at most MAX_CARD_BYTES: a
+    FIFO or device named card.json must not hang the loader of every stage)."""
     path = dataset_dir / CARD_NAME
+    if not path.exists() and not path.is_symlink():
+        raise DataError(f"{path}: no dataset card (was `amft data prepare` run to completion?)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no dataset card (was `amft data prepare` run to completion?)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        data = json.loads(read_regular_file(path, "dataset card", MAX_CARD_BYTES, DataError).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"{path}: cannot read dataset card: {one_line(exc)}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: dataset card must be a JSON object")

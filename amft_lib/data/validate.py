@@ -34,12 +34,14 @@ from amft_lib.data.schema import (
     EVAL_SPLITS,
     NULLABLE_COLUMNS,
     SPLITS,
+    TEXT_COLUMNS,
     DataError,
     DatasetCard,
     DataWriteError,
     check_writable_dir,
     one_line,
     read_card,
+    row_control_character,
     sha256_file,
     write_text,
 )
@@ -249,7 +251,7 @@ def load_token_counter(tokenizer_dir: str) -> TokenCounter:
             return lambda text: len(fast.encode(text, add_special_tokens=False).ids)
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
         return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
     except Exception as exc:  # any loader failure is a bad --tokenizer, reported as one line
         raise DataError(f"{path}: cannot load tokenizer: {' '.join(str(exc).split())[:200]}") from None
@@ -286,7 +288,8 @@ def build_check_frame(
     n = len(frame)
     ids = column("id")
     prompts, answers, demos, splits = column("prompt"), column("answer"), column("demonstration"), column("split")
-    reasons: dict[str, dict[str, str]] = {"answer_parseable": {}, "demonstrations_verified": {}}
+    reasons: dict[str, dict[str, str]] = {"answer_parseable": {}, "demonstrations_verified": {},
+                                          "control_characters": {}}
     row_ids = [_short(ids[i]) if ids[i] is not None else f"row {i}" for i in range(n)]
     prompt_tokens: list[int | None] = [count_tokens(p) if isinstance(p, str) else None for p in prompts]
     demo_tokens: list[int | None] = [count_tokens(d) if isinstance(d, str) else None for d in demos]
@@ -313,6 +316,14 @@ def build_check_frame(
             if not demo_ok[i]:
                 reasons["demonstrations_verified"][row_ids[i]] = why
 
+    no_control: list[bool] = []
+    text = {name: column(name) for name in TEXT_COLUMNS}
+    for i in range(n):
+        found = row_control_character({name: values[i] for name, values in text.items()})
+        no_control.append(found is None)
+        if found:
+            reasons["control_characters"][row_ids[i]] = found
+
     train_keys = {k for k, s in zip(keys, splits, strict=True) if k is not None and s == "train"}
     eval_keys = {k for k, s in zip(keys, splits, strict=True) if k is not None and s in EVAL_SPLITS}
     shared = train_keys & eval_keys
@@ -324,6 +335,7 @@ def build_check_frame(
         "_chk_answer_ok": pd.array(answer_ok, dtype="boolean"),
         "_chk_demonstration_ok": pd.array(demo_ok, dtype="boolean"),
         "_chk_no_train_eval_overlap": pd.array(no_overlap, dtype="boolean"),
+        "_chk_no_control_characters": pd.array(no_control, dtype="boolean"),
     }
     for split in fraction_splits:
         derived[f"_chk_is_{split}"] = pd.array([int(s == split) for s in splits], dtype="int64")
@@ -417,6 +429,9 @@ def build_suite(columns: set[str], derived: list[str], task: Task, cfg: Validate
         gxe.ExpectColumnValuesToBeInSet, column="_chk_answer_ok", value_set=[True])
     add("demonstrations_verified", "the verifier gives every demonstration reward 1 (SFT must not learn errors)",
         gxe.ExpectColumnValuesToBeInSet, column="_chk_demonstration_ok", value_set=[True])
+    add("control_characters", "no NUL, ESC or other control character (tab, newline, CR allowed) in id, prompt, "
+        "answer, demonstration or meta: they truncate text in C tools and drive terminals",
+        gxe.ExpectColumnValuesToBeInSet, column="_chk_no_control_characters", value_set=[True])
     add("no_train_eval_overlap", "no canonical key is in train and in an eval split (leakage)",
         gxe.ExpectColumnValuesToBeInSet, column="_chk_no_train_eval_overlap", value_set=[True])
     return suite

@@ -68,7 +68,8 @@ def run_preflight(params: Mapping[str, Any], *, job_id: str = "") -> Preflight:
     run = attempt("run id", lambda: (RunRoot.resolve(values["p0_s3_root"], values["p0_run_id"], job_id),
                                      values["p0_run_id"] or job_id))
     config_values = {name: values[name] for name, s in SETTINGS.items() if s.keys}
-    configs = attempt("config", lambda: (build_configs(config_values), "warm-start and training configs are valid"))
+    configs = attempt("config", lambda: (check_stage_parameters(config_values),
+                                         "warm-start and training configs are valid"))
 
     def probe_s3() -> tuple[bool, str]:
         probe = run.path(f".preflight-{uuid.uuid4().hex[:8]}")
@@ -92,6 +93,7 @@ def run_preflight(params: Mapping[str, Any], *, job_id: str = "") -> Preflight:
         from amft_lib import registry
 
         uri = values["p6_registry_tracking_uri"] or registry.default_tracking_uri()
+        registry.check_reachable(uri)  # one line within seconds, not MLflow's retries
         registry.get_client(uri).search_registered_models(max_results=1)
         return True, f"reachable at {lineage.redact_text(uri)}"
 
@@ -153,6 +155,36 @@ def run_preflight(params: Mapping[str, Any], *, job_id: str = "") -> Preflight:
                                  "warm_start_config": config_to_dict(configs[0]),
                                  "train_config": config_to_dict(configs[1])})
     return result
+
+
+def check_stage_parameters(params: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The (warm-start, training) configs of the stage parameters in `params`, validated; else a
+    ConfigError that names the pipeline parameter at fault (e.g. ``p4_train_overrides: train config:
+    override 'foo=1': unknown key 'foo'``).
+
+    Why a function of its own: it needs nothing but the parameters, so `amft pipeline run-local`
+    and `submit|schedule` call it before any service starts or any request is sent (a bad override
+    used to fail only in the run, after S3 and MLflow had started), and preflight runs it again on
+    the cluster. The combination is what counts; only when it fails is each changed parameter tried
+    alone (others at their defaults) to name the one to fix, so a valid combination is never refused.
+    """
+    from amft_lib.config import ConfigError
+
+    values = {name: value for name, value in params.items() if name in SETTINGS and SETTINGS[name].keys}
+    try:
+        return build_configs(values)
+    except ConfigError as exc:
+        combined = exc
+    for name, value in values.items():
+        if value == SETTINGS[name].default:
+            continue
+        try:
+            build_configs({name: value})
+        except ConfigError as exc:
+            raise ConfigError(f"{name}: {' '.join(str(exc).split())}") from None
+    changed = [name for name, value in values.items() if value != SETTINGS[name].default]
+    raise ConfigError(f"pipeline parameters {', '.join(changed) or '(defaults)'}: "
+                      f"{' '.join(str(combined).split())}") from None
 
 
 def task_pods(values: Mapping[str, Any]) -> dict[str, scale_out.PodRequest]:

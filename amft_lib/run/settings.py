@@ -80,6 +80,9 @@ _TABLE: tuple[Setting, ...] = (
        "environment's."),
     _s("p0_s3_secret", str, "amft-s3", "Kubernetes secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."),
     _s("p0_registry_secret", str, "amft-registry", "Kubernetes secret with MLflow credentials (optional keys)."),
+    _s("p0_lineage_secret", str, "amft-lineage", "Kubernetes secret with AMFT_LINEAGE_SECRET_KEY (optional): the "
+       "register stage signs the lineage record with it (HMAC-SHA256); `amft lineage --verify` given the same key "
+       "checks the signature."),
     _s("p0_gpu_count", int, 1, "GPUs per GPU task (warm start, train)."),
     _s("p0_gpu_cpu_request", str, "8", "CPU request of a GPU task."),
     _s("p0_gpu_memory_request", str, "32Gi", "Memory request of a GPU task."),

@@ -433,7 +433,7 @@ def register_stage(run: RunRoot, model_dir: str, *, s3_root: str, registry_model
     what happened in `<run>/registry.json`. Returns the registry's RegisterResult."""
     from amft_lib import storage
     from amft_lib.registry import read_eval_metrics, register_model
-    from amft_lib.run.summary import write_run_lineage
+    from amft_lib.run.summary import record_registry_copy, write_run_lineage
 
     lineage_uri = write_run_lineage(run)
     with tempfile.TemporaryDirectory(prefix="amft-register-") as tmp:
@@ -441,6 +441,7 @@ def register_stage(run: RunRoot, model_dir: str, *, s3_root: str, registry_model
             open_model(model_dir, tmp), read_eval_metrics(run.eval), registry_model_name, run.run_id,
             lineage_uri=lineage_uri, tracking_uri=registry_tracking_uri or None,
             artifact_root=registry_artifact_root or storage.join(s3_root.rstrip("/"), "mlflow"), alias=registry_alias)
+    record_registry_copy(lineage_uri, result, registry_tracking_uri or None)  # hash what the registry serves
     put_json(run.registry, {
         "registered": result.registered, "name": result.name, "version": result.version, "created": result.created,
         "model_uri": result.model_uri, "alias_moved": result.alias_moved, "reason": result.reason,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +18,12 @@ from amft_lib.run.layout import RunError, RunRoot
 
 def write_run_lineage(run: RunRoot) -> str:
     """Build the lineage record of a run from what its stages left under the run root and write it
-    to `lineage.json` there (the registry then adds its name/version). Returns the URI."""
+    to `lineage.json` there (the registry then adds its name/version, and :func:`record_registry_copy`
+    the registered artifacts). Returns the URI.
+
+    Besides the data it hashes every file that makes the model (lineage.describe_inputs: sha256 and
+    size per file, symlinks out and devices refused): the trained model, the warm-start model it
+    started from, both stage configs and the evaluation metrics the blessing read."""
     import yaml
 
     from amft_lib import lineage, storage
@@ -29,6 +35,12 @@ def write_run_lineage(run: RunRoot) -> str:
         run.run_id,
         config={"warm_start": warm_cfg, "train": lineage.read_run_config(run.train)},
         inputs=lineage.describe_inputs("dataset", run.data),
+        objects=[*lineage.describe_inputs("model", run.model),
+                 *lineage.describe_inputs("warm_start_model", run.warm_start_model),
+                 *lineage.describe_inputs("train_config", storage.join(run.train, "config.yaml")),
+                 *lineage.describe_inputs("warm_start_config", run.warm_start_config),
+                 *lineage.describe_inputs("eval_metrics", run.eval_metrics)],
+        run_root=run.uri,
         validation={"passed": gate.get("passed"), "statistics": gate.get("statistics")},
         base_model={"id": warm_cfg["model"]["name"], "uri": run.base_model,
                     "source": _read_optional(run.base_model_source)},
@@ -38,6 +50,36 @@ def write_run_lineage(run: RunRoot) -> str:
         eval_metrics=load_metrics(run.eval),
     )
     return lineage.write_lineage(record, run.lineage)
+
+
+def record_registry_copy(lineage_uri: str | None, result: Any, tracking_uri: str | None) -> bool:
+    """After registration: hash the registered version's MLflow artifacts (what @champion serves)
+    into the lineage record as `registry_model`, re-sign and write it, and replace the copy logged in
+    the registry run with it. Returns whether the record changed.
+
+    Idempotent: a record that already holds the registry copy is left alone — re-hashing on a retry
+    would bless whatever the artifacts hold by then.
+    """
+    from amft_lib import lineage, registry, storage
+
+    if not lineage_uri or not getattr(result, "registered", False) or not result.version:
+        return False
+    file_uri = lineage_uri if lineage_uri.endswith(".json") else storage.join(lineage_uri, lineage.LINEAGE_FILE)
+    record = lineage.read_lineage(file_uri)
+    if any(e.get("name") == lineage.REGISTRY_OBJECT for e in record.get("objects") or []):
+        return False
+    ref = registry.resolve(f"{result.name}:{result.version}", tracking_uri)
+    with registry.registered_artifacts(ref, tracking_uri) as (folder, location):
+        entries = lineage.describe_inputs(lineage.REGISTRY_OBJECT, folder)
+    for entry in entries:  # a downloaded copy is recorded where the registry keeps it
+        entry.update(uri=storage.join(location, entry["path"]), group=location)
+    record["objects"] = [*(record.get("objects") or []), *entries]
+    lineage.write_lineage(record, file_uri)
+    with tempfile.TemporaryDirectory(prefix="amft-lineage-") as tmp:  # the registry run's copy, replaced
+        local = os.path.join(tmp, lineage.LINEAGE_FILE)
+        storage.get_file(file_uri, local)
+        registry.get_client(tracking_uri).log_artifact(ref.run_id, local, artifact_path="lineage")
+    return True
 
 
 def _read_optional(uri: str) -> Any:

@@ -50,7 +50,8 @@ left are printed bare. `+` and `*` write the larger operand first.
 
 Verifier (`verify_completion`). The final answer is the last line starting with "Answer:" (its
 content may be wrapped in `\\boxed{}`); failing that, the last `\\boxed{...}` anywhere. Everything
-from the first "=" on is dropped ("...=24" is fine). The rest is tokenised and parsed by our own
+before the first "=" is the expression; each "="-separated part after it is a claim ("...=24" is
+fine, "...=25" for target 24 is not). The expression is tokenised and parsed by our own
 recursive-descent parser over non-negative integers, + - * /, parentheses and spaces; nothing is ever
 evaluated by Python. Rejected (reward 0, never an exception) with these reasons:
 
@@ -62,10 +63,14 @@ evaluated by Python. Rejected (reward 0, never an exception) with these reasons:
   allowing it would let a model negate a card), "parse_error", "trailing_junk";
 - well-formed but wrong (format_ok=True): "wrong_numbers" (the multiset of numbers differs from the
   hand's values; this is what catches concatenated digits such as "12" from the cards 1 and 2),
-  "div_by_zero", "not_24" (the value differs from the target; the name keeps the game's target).
+  "div_by_zero", "not_24" (the value differs from the target; the name keeps the game's target),
+  "wrong_claim" (the expression is right but a claim after "=" evaluates to another value:
+  "Answer: 3*8 = 25"); a claim that is empty or not arithmetic ("3*8 =", "= 24 points") is the
+  format error "bad_claim".
 
 Numbers are checked *before* evaluation, so only expressions over the hand's four small numbers are
-ever computed.
+computed as the answer; claims are computed only after a correct expression, over at most
+MAX_ANSWER_CHARS characters with no powers (a few hundred digits at worst).
 
 The `answer` column is JSON: {"cards": ["A","7","Q","3"], "values": [1,7,10,3], "target": 24,
 "rule": "face10"}.
@@ -111,6 +116,7 @@ _FORMAT_ERRORS = frozenset(
         "unary_op",
         "parse_error",
         "trailing_junk",
+        "bad_claim",
     }
 )
 
@@ -650,6 +656,12 @@ def parse_expression(expr: str) -> _Node:
     return node
 
 
+def expression_value(expr: str) -> Fraction:
+    """The exact value of an arithmetic expression (the verifier's parser, any non-negative integers);
+    raises AnswerRejected with the reason. Bounded by MAX_DEPTH and, at the callers, MAX_ANSWER_CHARS."""
+    return _evaluate(parse_expression(expr))
+
+
 def _leaves(node: _Node) -> list[int]:
     """The numbers of an AST, iteratively (a 512-char chain "1+1+..." is 256 levels deep)."""
     out, stack = [], [node]
@@ -702,7 +714,7 @@ def verify_completion(hand: Puzzle, completion: str) -> Verdict:
         return Verdict(0.0, False, "no_answer")
     if len(raw) > MAX_ANSWER_CHARS:
         return Verdict(0.0, False, "too_long")
-    expr = raw.split("=", 1)[0]
+    expr, *claims = raw.split("=")
     try:
         node = parse_expression(expr)
         if sorted(_leaves(node)) != sorted(hand.values):
@@ -714,6 +726,26 @@ def verify_completion(hand: Puzzle, completion: str) -> Verdict:
         return Verdict(0.0, False, "too_deep")
     if value != hand.target:
         return Verdict(0.0, True, "not_24")
+    return check_claims(claims, value)
+
+
+def check_claims(claims: Sequence[str], value: Fraction) -> Verdict:
+    """Judge what an answer line claims after its expression ("= 24", "= 6*4 = 24") once the expression
+    is right: every claim must be an arithmetic expression (the same parser; any numbers) equal to
+    `value`. `Answer: 3*8 = 25` for target 24 claims a falsehood and earns nothing ("wrong_claim"); an
+    empty or unparseable claim ("3*8 =", "= 24 points") is a format error ("bad_claim"). The claims
+    share the answer's MAX_ANSWER_CHARS bound, so evaluating them is as cheap as the expression."""
+    for claim in claims:
+        try:
+            claimed = expression_value(claim)
+        except AnswerRejected as rejection:
+            if rejection.reason == "div_by_zero":
+                return Verdict(0.0, True, "wrong_claim")
+            return Verdict(0.0, False, "bad_claim")
+        except RecursionError:  # unreachable with MAX_DEPTH, kept so verify can never raise
+            return Verdict(0.0, False, "bad_claim")
+        if claimed != value:
+            return Verdict(0.0, True, "wrong_claim")
     return Verdict(1.0, True, "ok")
 
 

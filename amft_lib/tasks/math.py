@@ -18,6 +18,9 @@ references write a percentage as the bare number ("What percent...? #### 25"). S
 and mixed numbers ("3 1/2") are not read. Numbers longer than `MAX_NUMBER_CHARS` are refused, which
 also keeps Python's int-from-string limit out of reach.
 
+A deciding `####` line or box that claims two values ("#### 25 = 24", "\\boxed{18+5=24}") scores 0 as
+"wrong_claim" (`claims_agree`): the last number alone would have accepted it.
+
 Comparison is exact on `Fraction`s by default ("0.5" == "1/2" == "0.50"); `MathTask(rel_tol=...)`
 accepts |pred - ref| <= rel_tol * |ref| instead (so a zero reference still needs an exact zero).
 """
@@ -96,20 +99,48 @@ def _last_number(text: str) -> str | None:
     return sign + last.group("num") + (f"/{den}" if den else "")
 
 
+def answer_segment(completion: str) -> str | None:
+    """The text that decides the answer, LaTeX cleaned: the last `####` line after the marker, else the
+    last `\\boxed{}`'s content; None when the completion has neither (the last number anywhere counts)."""
+    marker = completion.rfind("####")
+    if marker >= 0:
+        line_end = completion.find("\n", marker)
+        return _clean_latex(completion[marker + 4 : line_end if line_end >= 0 else len(completion)])
+    boxed = extract_boxed(completion)
+    return None if boxed is None else _clean_latex(boxed)
+
+
 def extract_answer(completion: str) -> str | None:
     """The final-answer number text of a completion (`####` line, else `\\boxed{}`, else last number).
 
     Returns e.g. "1,234", "-3/4", "0.5"; None when the deciding source holds no number.
     """
-    marker = completion.rfind("####")
-    if marker >= 0:
-        line_end = completion.find("\n", marker)
-        segment = completion[marker + 4 : line_end if line_end >= 0 else len(completion)]
-        return _last_number(_clean_latex(segment))
-    boxed = extract_boxed(completion)
-    if boxed is not None:
-        return _last_number(_clean_latex(boxed))
-    return _last_number(completion)
+    segment = answer_segment(completion)
+    return _last_number(completion if segment is None else segment)
+
+
+def claims_agree(segment: str, value: Fraction) -> bool:
+    """False when the answer segment claims another value beside the answer: "#### 25 = 24" reads 24
+    (the last number) but also claims 25. Each "="-separated part that is one number, or integer
+    arithmetic the General Points parser accepts ("18+6"), must equal `value`; parts with words or
+    symbols ("x", "\\frac{a}{b} apples") are not judged, since math answers are not expressions here."""
+    from amft_lib.tasks.general_points import MAX_ANSWER_CHARS, AnswerRejected, expression_value
+
+    if "=" not in segment:
+        return True
+    for part in segment.split("="):
+        claimed = parse_number(part)
+        if claimed is None and part.strip() and len(part) <= MAX_ANSWER_CHARS:
+            try:
+                claimed = expression_value(part)
+            except AnswerRejected as rejection:
+                if rejection.reason == "div_by_zero":
+                    return False
+            except RecursionError:  # unreachable with the parser's depth bound
+                claimed = None
+        if claimed is not None and claimed != value:
+            return False
+    return True
 
 
 def _to_fraction(digits: str) -> Fraction | None:
@@ -203,9 +234,12 @@ class MathTask:
         pred = parse_number(pred_text)
         if pred is None:
             return Verdict(0.0, False, "parse_error")
-        if answers_match(pred, ref, self.rel_tol):
-            return Verdict(1.0, True, "ok")
-        return Verdict(0.0, True, "wrong_answer")
+        if not answers_match(pred, ref, self.rel_tol):
+            return Verdict(0.0, True, "wrong_answer")
+        segment = answer_segment(completion)
+        if segment is not None and not claims_agree(segment, pred):
+            return Verdict(0.0, True, "wrong_claim")
+        return Verdict(1.0, True, "ok")
 
     def canonical_key(self, answer: str, prompt: str) -> str:
         """The normalised question text (the answer plays no part: one question, one split)."""

@@ -120,3 +120,27 @@ def test_a_changed_object_is_a_new_cache_entry(byo, s3_prefix, tmp_path):
     changed = resolve_model(uri, cache_dir=tmp_path)
     assert changed.local_dir != first.local_dir
     assert json.loads(Path(changed.local_dir, "config.json").read_text())["note"] == "edited"
+
+
+def test_an_s3_model_with_custom_code_or_only_pickles_is_refused_before_staging(byo, s3_prefix, tmp_path):
+    """Preflight's S3 probe reads the config files (not the weights): `auto_map` is refused naming the
+    object and key; a folder with only pickle weights is refused from the listing; staging (what the
+    warm-start stage does before publishing the base model) refuses the same folder."""
+    from amft_lib.model_files import ModelFilesError
+
+    evil = storage.join(s3_prefix, "evil")
+    for path in sorted(byo["model"].iterdir()):
+        storage.put_file(str(path), storage.join(evil, path.name))
+    cfg = json.loads((byo["model"] / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel"}
+    storage.put_bytes(storage.join(evil, "config.json"), json.dumps(cfg).encode())
+    for call in (lambda: probe_model_source(evil), lambda: read_model_config(evil),
+                 lambda: resolve_model(evil, cache_dir=tmp_path)):
+        with pytest.raises(ModelFilesError, match=r"evil/config\.json: key 'auto_map' names custom code"):
+            call()
+
+    pickled = storage.join(s3_prefix, "pickled")
+    storage.put_file(str(byo["model"] / "config.json"), storage.join(pickled, "config.json"))
+    storage.put_bytes(storage.join(pickled, "pytorch_model.bin"), b"\x80\x04")
+    with pytest.raises(ModelFilesError, match=r"pickle-format weights only \(pytorch_model\.bin\)"):
+        probe_model_source(pickled)

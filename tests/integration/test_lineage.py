@@ -83,12 +83,17 @@ def test_verify_passes_on_intact_data_and_catches_tampering(s3, s3_prefix, model
 
     parser = _parser()
     args = parser.parse_args(["lineage", "gp-s3@champion", "--tracking-uri", tracking, "--verify"])
-    assert args.handler(args) == 0
+    # the data match, but a record naming only data does not prove the model: each missing object named
+    assert args.handler(args) == 1
     out = capsys.readouterr().out
-    assert "gp-s3 version 1 @champion" in out
-    assert f"{data}/train.parquet" in out and "verify: ok (3 input file(s)" in out
+    assert "gp-s3 version 1 @champion" in out and f"{data}/train.parquet" in out
     assert "↑ validation  passed" in out and "step-0000010" in out
     assert "↑ raw data    generated general_points; generator rule_id=face10, seed=1234" in out
+    failed = [ln for ln in out.splitlines() if ln.startswith("verify: FAILED")]
+    assert failed[:-1] == [f"verify: FAILED {n} -: not recorded" for n in (*lineage.REQUIRED_OBJECTS,
+                                                                            lineage.REGISTRY_OBJECT)]
+    assert failed[-1].startswith("verify: FAILED 5 mismatch(es); ") and "3 file(s)" in failed[-1]
+    assert "signature unsigned" in failed[-1]  # written without AMFT_LINEAGE_SECRET_KEY
 
     # tamper with one object, delete another, drop a new file into the dataset folder
     storage.put_bytes(storage.join(data, "train.parquet"), b"PAR1 poisoned rows PAR1")
@@ -96,10 +101,11 @@ def test_verify_passes_on_intact_data_and_catches_tampering(s3, s3_prefix, model
     storage.put_bytes(storage.join(data, "extra.parquet"), b"PAR1 injected PAR1")
     args = parser.parse_args(["lineage", "gp-s3:1", "--tracking-uri", tracking, "--verify"])
     assert args.handler(args) == 1
-    failed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("verify: FAILED")]
+    failed = [ln for ln in capsys.readouterr().out.splitlines()
+              if ln.startswith("verify: FAILED") and not ln.endswith("not recorded")][:-1]
     assert len(failed) == 3
     by_file = {ln.split(": ", 2)[1].rsplit("/", 1)[-1]: ln for ln in failed}
-    assert "sha256 mismatch" in by_file["train.parquet"]
+    assert "size mismatch: 23 bytes, more than the recorded 20" in by_file["train.parquet"]  # not downloaded
     assert "missing" in by_file["card.json"]
     assert "unexpected file" in by_file["extra.parquet"]
 

@@ -41,6 +41,8 @@ def store(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("registry")
     model, tok = load_policy(ModelConfig(name="tiny", tiny_hidden=32, tiny_layers=1, tiny_heads=2), seed=0)
     model_dir = save_policy(model, tok, root / "model")
+    model, tok = load_policy(ModelConfig(name="tiny", tiny_hidden=32, tiny_layers=1, tiny_heads=2), seed=1)
+    other_model = save_policy(model, tok, root / "other_model")
     data = root / "data"
     data.mkdir()
     pq.write_table(pa.Table.from_pylist(generate_rows(4, "face10", seed=0, split="train")), data / "train.parquet")
@@ -49,6 +51,7 @@ def store(tmp_path_factory) -> dict:
         "uri": f"sqlite:///{root / 'mlflow.db'}",
         "artifacts": str(root / "mlartifacts"),
         "model": model_dir,
+        "other_model": other_model,
         "data": data,
     }
 
@@ -110,8 +113,9 @@ def test_register_tags_alias_and_idempotent_retry(store, tmp_path):
     # the lineage record now names the registered version
     assert lineage.read_lineage(lin1)["registry"]["version"] == "1"
 
-    # a newer blessed run: version 2, the alias moves
-    second = register(store, name, "run-2", blessed_metrics(0.7))
+    # a newer blessed run with another model: version 2, the alias moves
+    second = registry.register_model(store["other_model"], blessed_metrics(0.7), name, "run-2",
+                                     tracking_uri=store["uri"], artifact_root=store["artifacts"])
     assert second.version == "2" and second.created and second.alias_moved
     assert registry.resolve(f"{name}@champion", store["uri"]).version == "2"
     assert registry.resolve(name, store["uri"]).version == "2"  # NAME alone: latest
@@ -212,12 +216,18 @@ def test_cli_register_and_lineage_verify_local(store, tmp_path, capsys):
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.parquet").write_bytes((store["data"] / "train.parquet").read_bytes())
-    record = lineage.build_lineage("run-cli", inputs=lineage.describe_inputs("dataset", str(data)),
-                                   base_model={"id": "tiny"})
-    lin = lineage.write_lineage(record, str(tmp_path / "lineage.json"))
     eval_dir = tmp_path / "eval"
     eval_dir.mkdir()
     (eval_dir / "metrics.json").write_text(json.dumps(blessed_metrics()))
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    # a complete record: what makes the model besides the data (`--verify` refuses less)
+    objects = [*lineage.describe_inputs("model", str(store["model"])),
+               *lineage.describe_inputs("warm_start_model", str(store["model"])),
+               *lineage.describe_inputs("train_config", str(tmp_path / "config.yaml")),
+               *lineage.describe_inputs("eval_metrics", str(eval_dir / "metrics.json"))]
+    record = lineage.build_lineage("run-cli", inputs=lineage.describe_inputs("dataset", str(data)), objects=objects,
+                                   base_model={"id": "tiny"}, eval_metrics=blessed_metrics())
+    lin = lineage.write_lineage(record, str(tmp_path / "lineage.json"))
 
     argv = ["register", "--model", str(store["model"]), "--eval", str(eval_dir), "--name", "gp-cli",
             "--run-id", "run-cli", "--lineage", lin, "--tracking-uri", store["uri"],
@@ -235,7 +245,8 @@ def test_cli_register_and_lineage_verify_local(store, tmp_path, capsys):
     args = parser.parse_args(["lineage", "gp-cli", "--tracking-uri", store["uri"], "--verify"])
     assert args.handler(args) == 1
     failed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("verify: FAILED")]
-    assert len(failed) == 1 and "sha256 mismatch" in failed[0]
+    assert len(failed) == 2 and "train.parquet: sha256 mismatch" in failed[0]  # one per mismatch, then a summary
+    assert failed[1].startswith("verify: FAILED 1 mismatch(es); ")
 
     from amft_lib import cli  # the boundary that turns a user error into one line and exit 2
 
@@ -261,3 +272,48 @@ def test_the_champion_is_servable_and_downloads_as_a_plain_hf_directory(store, t
     assert (local / "config.json").is_file() and (local / "tokenizer.json").is_file()
     model, tok = load_policy(ModelConfig(name=str(local)))
     assert tok.decode(tok.encode("Cards: 1 2")) == "Cards: 1 2"
+
+
+def _flip_one_weight_byte(folder: Path) -> None:
+    """Change one byte inside the tensor data (past the header), so the file stays valid safetensors."""
+    weights = folder / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    header = int.from_bytes(blob[:8], "little")
+    blob[8 + header + 3] ^= 0x01
+    weights.write_bytes(bytes(blob))
+
+
+def test_an_identical_model_never_becomes_a_new_version(store, tmp_path):
+    """Issue 21 item 5: the same weights again — here a staged copy carrying the model-source cache
+    file `.amft-source.json` and a README, exactly what a same-seed rerun produced — are not a new
+    version and @champion stays; one changed weight byte is a different model and is registered.
+    The registry's own copy (MLflow transformers model, re-saved by save_pretrained) hashes the same
+    as the folder it came from, so the evaluator's comparison against a downloaded champion holds."""
+    from amft_lib import model_files
+
+    name = "gp-identity"
+    first = register(store, name, "run-a")
+    assert first.created and first.version == "1"
+
+    copy = tmp_path / "staged-copy"
+    import shutil
+
+    shutil.copytree(store["model"], copy)
+    (copy / ".amft-source.json").write_text(json.dumps({"source": "s3://bucket/runs/run-b/model", "files": []}))
+    (copy / "README.md").write_text("same model, other folder\n")
+    again = registry.register_model(copy, blessed_metrics(0.9), name, "run-b", tracking_uri=store["uri"],
+                                    artifact_root=store["artifacts"])
+    assert not again.registered and not again.created and again.version == "1"
+    assert "equals gp-identity version 1" in again.reason
+    assert n_versions(store, name) == 1
+    assert registry.resolve(f"{name}@champion", store["uri"]).version == "1"
+
+    downloaded = registry.download_model(f"{name}@champion", tmp_path / "champion", store["uri"])
+    assert model_files.content_digest(downloaded) == model_files.content_digest(store["model"])
+    assert model_files.content_digest(copy) == model_files.content_digest(store["model"])
+
+    _flip_one_weight_byte(copy)
+    changed = registry.register_model(copy, blessed_metrics(0.9), name, "run-c", tracking_uri=store["uri"],
+                                      artifact_root=store["artifacts"])
+    assert changed.registered and changed.created and changed.version == "2" and changed.alias_moved
+    assert registry.resolve(f"{name}@champion", store["uri"]).version == "2"

@@ -74,6 +74,13 @@ def test_the_registered_version_is_the_final_checkpoints_logged_model(store, tmp
     assert client.list_artifacts(result.mlflow_run_id, registry.MODEL_ARTIFACT_PATH) == []  # one copy, not two
     assert client.list_logged_model_artifacts(models[2]) == []  # the other checkpoints stay external
     assert lineage.read_lineage(str(record))["registry"]["logged_model_id"] == models[4]
+    # the lineage record hashes what the registry serves: the LoggedModel's files, where MLflow keeps them
+    from amft_lib.run.summary import record_registry_copy
+
+    assert record_registry_copy(str(record), result, store["uri"]) is True
+    served_files = [e for e in lineage.read_lineage(str(record))["objects"] if e["name"] == lineage.REGISTRY_OBJECT]
+    assert served_files and all(e["uri"].startswith(final.artifact_location) for e in served_files)
+    assert any(e["path"].endswith(".safetensors") for e in served_files)
     # registered as the candidate: @champion is left to the approval
     assert result.alias == "candidate" and result.alias_moved
     with pytest.raises(Exception, match="champion"):

@@ -159,11 +159,13 @@ def test_run_evaluate_writes_contract_metrics_and_self_contained_report(tiny_set
 
 
 def test_champion_regression_blocks_blessing_and_first_run_is_explained(tiny_setup, tmp_path):
-    # A champion that scores exactly like the candidate (same weights, one extra file so the content
-    # differs): Δ = 0, so δ=0 blesses...
+    # A champion that scores exactly like the candidate (the lowest mantissa bit of one float32 weight
+    # flipped: another model, by 1 part in 2^23 of one weight): Δ = 0, so δ=0 blesses...
     twin = tmp_path / "twin"
     shutil.copytree(tiny_setup["candidate"], twin)
-    (twin / "NOTES.md").write_text("same weights, another folder\n")
+    blob = bytearray((twin / "model.safetensors").read_bytes())
+    blob[8 + int.from_bytes(blob[:8], "little")] ^= 0x01  # little-endian: the first byte holds the lowest bits
+    (twin / "model.safetensors").write_bytes(bytes(blob))
     same = run_evaluate(_cfg(tiny_setup, tmp_path / "a", champion_model=str(twin), n_samples=0, splits=["test_id"]))
     assert same.blessed, same.reason
     assert same.metrics["test_id"]["pass_at_k"] is None  # n_samples=0 skips pass@k
@@ -220,6 +222,31 @@ def test_a_candidate_identical_to_the_champion_is_not_blessed(tiny_setup, tmp_pa
     result = run_evaluate(_cfg(tiny_setup, tmp_path / "a", champion_model=str(tiny_setup["candidate"]),
                                n_samples=0, splits=["test_id"]))
     assert not result.blessed and "identical to the champion" in result.reason
+
+
+def test_identity_is_model_content_not_a_folder_listing(tiny_setup, tmp_path):
+    """Issue 21 item 5: a copy of the candidate with a cache file (`.amft-source.json`, what staging
+    writes) and a README is still identical (not blessed, so never a new champion version); one
+    changed weight byte is a different model."""
+    from amft_lib.evaluate import _same_content
+
+    copy = tmp_path / "champion-copy"
+    shutil.copytree(tiny_setup["candidate"], copy)
+    (copy / ".amft-source.json").write_text(json.dumps({"source": "s3://b/runs/r/model", "files": []}))
+    (copy / "README.md").write_text("cached copy\n")
+    result = run_evaluate(_cfg(tiny_setup, tmp_path / "a", champion_model=str(copy), n_samples=0,
+                               splits=["test_id"], threshold=0.0, max_regression=1.0))
+    assert not result.blessed and "identical to the champion" in result.reason
+    assert _same_content(str(tiny_setup["candidate"]), str(copy))
+
+    weights = copy / "model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[8 + int.from_bytes(blob[:8], "little") + 5] ^= 0x10  # a byte of tensor data, past the header
+    weights.write_bytes(bytes(blob))
+    assert not _same_content(str(tiny_setup["candidate"]), str(copy))
+    result = run_evaluate(_cfg(tiny_setup, tmp_path / "b", champion_model=str(copy), n_samples=0,
+                               splits=["test_id"], threshold=0.0, max_regression=1.0))
+    assert result.blessed, result.reason  # equal scores pass with δ = 1: only identity blocked the first one
 
 
 def test_decoding_length_follows_the_model_when_not_given(tmp_path):

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 
 import pytest
 
@@ -56,7 +57,9 @@ def test_local_folder_records_every_file_sha256(tmp_path):
     assert [(f.path, f.size) for f in r.files] == [("config.json", 23), ("sub/w.bin", 3)]
     assert r.files[1].sha256 == hashlib.sha256(b"abc").hexdigest()
     assert r.lineage()["files"][1]["sha256"] == r.files[1].sha256
-    assert probe_model_source(str(tmp_path)) == f"local model directory {tmp_path}"
+    # preflight's probe checks the directory as a model (model_files): a .bin and no safetensors is refused
+    with pytest.raises(UserError, match=r"sub/w\.bin: pickle-format weights only"):
+        probe_model_source(str(tmp_path))
 
 
 def test_cli_refuses_a_hub_id_in_one_line_exit_2(tmp_path, capsys):
@@ -65,3 +68,21 @@ def test_cli_refuses_a_hub_id_in_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ")
     assert "p3_model_allow_download" in err[0]
+
+
+def test_a_local_source_with_a_link_out_is_refused_before_anything_reads_it(tmp_path):
+    """resolve_model is what the warm-start stage calls before copying the base model to the run root
+    (and S3): a link to a host file or /dev/zero is refused before hashing or copying."""
+    from amft_lib.model_files import ModelFilesError
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    os.symlink("/dev/zero", model / "weights.bin")
+    with pytest.raises(ModelFilesError, match=r"weights\.bin: symlink to /dev/zero, outside the model directory"):
+        resolve_model(str(model))
+    os.unlink(model / "weights.bin")
+    (tmp_path / "host.txt").write_text("not part of the model")
+    os.symlink(tmp_path / "host.txt", model / "notes.txt")
+    with pytest.raises(ModelFilesError, match="outside the model directory"):
+        resolve_model(str(model))

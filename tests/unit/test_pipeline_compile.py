@@ -297,3 +297,16 @@ def test_a_bad_queue_name_is_refused_at_compile_time(tmp_path, capsys):
     assert err == ["error: --kueue-queue='Team A': not a Kubernetes label value (at most 63 characters: letters, "
                    "digits, '-', '_', '.', starting and ending with a letter or digit)"]
     assert not out.exists()
+def test_lineage_signing_key_reaches_only_the_register_stage(compiled):
+    """The optional signing secret (p0_lineage_secret) is mounted as AMFT_LINEAGE_SECRET_KEY on the one
+    task that writes the lineage record; only the secret's name is in the IR, never a key."""
+    from amft_lib.lineage import SIGNING_KEY_ENV
+
+    _, executors = compiled
+    for name, ex in executors.items():
+        mounts = [m for m in ex.get("secretAsEnv", []) if "p0_lineage_secret" in str(m["secretNameParameter"])]
+        if name != "exec-register":
+            assert not mounts, name
+            continue
+        assert len(mounts) == 1 and mounts[0]["optional"] is True  # absent: the record is written unsigned
+        assert [k["envVar"] for k in mounts[0]["keyToEnv"]] == [SIGNING_KEY_ENV]

@@ -200,13 +200,15 @@ def test_each_checkpoint_becomes_a_logged_model_pointing_at_it(store, tmp_path, 
     logs.mkdir()
     with tracking.track_stage(store, "run-lm", "train", {}, logs, interval_s=0.05, checkpoint_root=str(root),
                               system_metrics_s=None) as child:
-        for step in (2, 4, 6):  # eval at k = step - 1 measures checkpoint `step`
+        for n, step in enumerate((2, 4, 6), 1):  # eval at k = step - 1 measures checkpoint `step`
             _write_eval(logs / "metrics.jsonl", step - 1, acc=step / 10)
             _save(root, step, step / 20)
-        deadline = time.time() + 10
-        while len(client.get_run(child).outputs.model_outputs) < 3 and time.time() < deadline:
-            time.sleep(0.05)
-        assert len(client.get_run(child).outputs.model_outputs) == 3  # recorded while training runs
+            # training takes a while between checkpoints; here: until the tail has seen this one (a
+            # checkpoint that retention deletes within one poll interval is never recorded)
+            deadline = time.time() + 10
+            while len(client.get_run(child).outputs.model_outputs) < n and time.time() < deadline:
+                time.sleep(0.05)
+            assert len(client.get_run(child).outputs.model_outputs) == n  # recorded while training runs
         _save(root, 7, None)  # the final checkpoint, then the final evaluation of those weights
         _write_eval(logs / "metrics.jsonl", 7, acc=0.9, final=True)
     exp = client.get_run(child).info.experiment_id
