@@ -163,7 +163,7 @@ def mlflow_server(tmp_path_factory) -> str:
         except requests.RequestException:  # not listening yet, or still starting up
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # the server and its uvicorn workers
             pytest.fail(f"mlflow server did not come up:\n{(data / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
     yield url
