@@ -36,10 +36,10 @@ from typing import Any
 from amft_lib import lineage, storage
 from amft_lib.config import ConfigError, check_fields
 from amft_lib.data.schema import DataError
+from amft_lib.reports import EVAL_SPLITS
 
 log = logging.getLogger(__name__)
 
-EVAL_SPLITS = ("test_id", "test_ood")
 # Metrics the blessing may gate on: both "higher is better", so a regression is a decrease.
 GATE_FIELDS = ("accuracy", "pass_at_k")
 METRICS_FILE = "metrics.json"
