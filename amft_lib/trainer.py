@@ -28,8 +28,7 @@ import torch
 
 from amft_lib import checkpoint as ckpt
 from amft_lib import controller as ctl
-from amft_lib import distributed, sharded_checkpoint, storage
-from amft_lib.checkpoint import CheckpointPayload, capture_rng_state, restore_rng_state, save_checkpoint
+from amft_lib import distributed, storage
 from amft_lib.config import TrainConfig, check_target_entropy_temperature, config_hash, save_config
 from amft_lib.data.schema import DataError
 from amft_lib.dataset import check_task, load_splits
@@ -45,7 +44,6 @@ from amft_lib.training import (
     autocast,
     check_device,
     check_out_dir,
-    find_resume_point,
     lr_factor,
     resolve_device,
     save_final_policy,
@@ -215,7 +213,7 @@ def train(
 
     init_model: start from this HF directory (e.g. the warm-start model) instead of cfg.model.name.
     checkpoint_root: local path or s3:// run root; checkpoints go to <root>/checkpoints/step-NNNNNNN
-        every `cfg.checkpoint_every` steps and at the end (see checkpoint.py).
+        every `cfg.checkpoint_every` steps and at the end (see amft_lib/checkpoint/).
     resume: "never", "auto" (newest checkpoint under checkpoint_root whose manifest verifies) or
         the URI of one checkpoint. A different config hash is refused unless force_resume.
     force_restart: with resume="auto", start from step 0 even when every checkpoint under the root is
@@ -253,18 +251,18 @@ def train(
     eval_rows = val_rows[: cfg.eval_prompts]
     _check_world(cfg, len(eval_rows))
     if resume != "never" and resume != "auto" and not checkpoint_root:
-        checkpoint_root = _root_of(resume)
+        checkpoint_root = ckpt.root_of(resume)
     cfg_hash = config_hash(cfg)
     if checkpoint_root and not storage.is_s3(checkpoint_root):
         check_out_dir(Path(checkpoint_root), "checkpoint root")
     if resume == "never" and checkpoint_root and cfg.checkpoint_every:
         ckpt.list_checkpoints(checkpoint_root)  # reachable (credentials, endpoint) before training starts
-    restored = (find_resume_point(checkpoint_root, resume, cfg_hash, force_resume, force_restart)
+    restored = (ckpt.find_resume_point(checkpoint_root, resume, cfg_hash, force_resume, force_restart)
                 if resume != "never" else None)
     seed_everything(cfg.seed)
     dist, device = distributed.init(cfg.distributed, resolve_device(cfg.device))
     if restored is not None:
-        change = sharded_checkpoint.check_world(restored[0], restored[2].trainer_state, dist, elastic=True)
+        change = ckpt.check_world(restored[0], restored[2].trainer_state, dist, elastic=True)
         if change:
             log.info("%s: %s", restored[0], change)
     try:
@@ -323,18 +321,11 @@ def _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, e
     meta_cursor = Cursor(len(val_rows), cfg.seed + 2)
 
     B, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
-    named = [(n, p) for n, p in policy.generate.named_parameters() if p.requires_grad]
     nan_eval = {"val_reward": float("nan"), "val_accuracy": float("nan")}
     start_step, val_initial, val_last = 0, None, nan_eval
     if restored is not None:
         uri, start_step, payload = restored
-        if payload.sharded_dir is not None:
-            sharded_checkpoint.load(payload, forward, optimizer)
-        else:
-            with torch.no_grad():
-                for name, p in named:
-                    p.copy_(payload.model_state[name].to(p.device, p.dtype))
-            optimizer.load_state_dict(payload.optimizer_state)
+        ckpt.restore_training_state(payload, policy, optimizer)  # weights, optimizer, this rank's RNG
         scheduler.load_state_dict(payload.scheduler_state)
         state = ctl.ControllerState.from_dict(payload.controller_state)
         ts = payload.trainer_state
@@ -344,10 +335,6 @@ def _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, e
         val_initial, val_last = ts["val_initial"], ts["val_last"]
         if checkpoint_root and main:
             _restore_logs(checkpoint_root, out, start_step)
-        rng = payload.rng_state  # last: nothing draws until the loop
-        per_rank = rng.get("per_rank", [rng])
-        if dist.rank < len(per_rank):  # a rank the saving run did not have keeps its seeded stream
-            restore_rng_state(per_rank[dist.rank])
         log.info("resumed from %s at step %d (μ=%.4f)", uri, start_step, state.mu)
     logs = _Logs(out, append=restored is not None) if main else None
 
@@ -364,22 +351,10 @@ def _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, e
             logs.flush()
             for name in LOG_FILES:  # logs travel with the run root so a resume on a fresh node keeps them
                 storage.put_file(str(out / name), storage.join(checkpoint_root, "logs", name))
-        if dist.world_size > 1:
-            sharded_checkpoint.save(checkpoint_root, step_done, dist, forward, optimizer,
-                                    scheduler_state=scheduler.state_dict(), controller_state=state.to_dict(),
-                                    trainer_state=trainer_state, config_hash=cfg_hash,
-                                    keep_last=cfg.checkpoint_keep_last, metric=metric)
-            return
-        payload = CheckpointPayload(
-            model_state={n: p.detach().cpu() for n, p in named},
-            optimizer_state=optimizer.state_dict(),
-            scheduler_state=scheduler.state_dict(),
-            controller_state=state.to_dict(),
-            rng_state=capture_rng_state(),
-            trainer_state=trainer_state,
-        )
-        save_checkpoint(checkpoint_root, step_done, payload, cfg_hash, keep_last=cfg.checkpoint_keep_last,
-                        metric=metric)
+        ckpt.save_training_state(checkpoint_root, step_done, policy, optimizer, trainer_state=trainer_state,
+                                 config_hash=cfg_hash, keep_last=cfg.checkpoint_keep_last,
+                                 scheduler_state=scheduler.state_dict(), controller_state=state.to_dict(),
+                                 metric=metric)
 
     def run_eval(step: int) -> dict[str, float]:
         """Greedy accuracy and sampled reward on the validation prompts (each rank its block). Sampling
@@ -628,12 +603,6 @@ def _progress(total: int, enabled: bool, initial: int = 0):
 
 
 LOG_FILES = ("metrics.jsonl", "controller.jsonl", "samples.jsonl")
-
-
-def _root_of(checkpoint_uri: str) -> str | None:
-    """The run root of `<root>/checkpoints/step-NNNNNNN` (None if the URI does not have that shape)."""
-    parts = checkpoint_uri.rstrip("/").rsplit("/", 2)
-    return parts[0] if len(parts) == 3 and parts[1] == ckpt.CHECKPOINTS else None
 
 
 def _restore_logs(root: str, out: Path, step: int) -> None:

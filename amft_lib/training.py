@@ -1,6 +1,6 @@
 """What the warm start and the trainer share: the policy as training and sampling see it (also under
 torchrun), seeding, the device, the learning-rate schedule, the chunked SFT gradient, the checks run
-before a byte is written, where a run resumes from, and saving the final model.
+before a byte is written, and saving the final model.
 
 Why a module of its own: both loops need these, and importing them from each other (the warm start
 used to build a throw-away TrainConfig just to call the trainer's SFT gradient) tied the two loops
@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from amft_lib import checkpoint as ckpt
 from amft_lib import distributed
 from amft_lib.config import ConfigError
 from amft_lib.distributed import SINGLE, Dist
@@ -153,25 +152,3 @@ def sft_gradient(model, params: list[torch.nn.Parameter], batch: TokenBatch, *, 
         total += loss.detach().item() * w
     (total,) = dist.sum([total])
     return take_grads(params), total
-
-
-def find_resume_point(root: str | None, resume: str, cfg_hash: str, force: bool, force_restart: bool = False):
-    """(uri, step, payload) of the checkpoint to resume from, or None to start fresh.
-
-    `resume` is "auto" (the newest verified checkpoint under `root`; corrupt-only refused unless
-    `force_restart`) or one checkpoint URI. A config-hash mismatch is refused unless `force` — then
-    this run's config wins, and the log says so (torchtune's rule)."""
-    if resume == "auto":
-        if not root:
-            raise ConfigError("resume='auto' needs a checkpoint root (--checkpoint-root)")
-        return ckpt.resume(root, cfg_hash, force=force, force_restart=force_restart)
-    step, payload = ckpt.load_checkpoint(resume)
-    saved = payload.trainer_state.get("config_hash")
-    if saved != cfg_hash:
-        if not force:
-            raise ckpt.ConfigMismatchError(
-                f"{resume} was written with config hash {str(saved)[:12]}…, this run has {cfg_hash[:12]}…; "
-                "pass force_resume (--force-resume) to continue with this run's config"
-            )
-        log.warning("config hash differs from %s; this run's config wins", resume)
-    return resume, step, payload

@@ -13,7 +13,7 @@ prompts where every sample fails).
 
 Checkpoints (issue 12): with a checkpoint root and `checkpoint_every` > 0 the warm start saves its
 state every N steps and at the end of each phase to `<root>/warm_start/checkpoints/step-NNNNNNN`
-(checkpoint.py's layout: MANIFEST.json last, LATEST after it), and `resume="auto"` continues from
+(amft_lib/checkpoint's layout: MANIFEST.json last, LATEST after it), and `resume="auto"` continues from
 the newest verified one bit-exactly on CPU; see :class:`WarmStartCheckpoints`.
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from amft_lib import checkpoint as ckpt
-from amft_lib import distributed, sharded_checkpoint, storage
+from amft_lib import distributed, storage
 from amft_lib.config import WarmStartConfig, config_hash, save_config
 from amft_lib.data.schema import DataError
 from amft_lib.dataset import check_task, load_splits
@@ -45,7 +45,6 @@ from amft_lib.training import (
     Policy,
     check_device,
     check_out_dir,
-    find_resume_point,
     lr_factor,
     resolve_device,
     save_final_policy,
@@ -80,7 +79,7 @@ def rs_chunk_size(k: int) -> int:
 
 
 class WarmStartCheckpoints:
-    """Save and restore the warm start's state through checkpoint.py (same files, MANIFEST.json
+    """Save and restore the warm start's state through amft_lib/checkpoint (same files, MANIFEST.json
     last, LATEST after it, retention, config-hash refusal), under `<root>/warm_start/`.
 
     One step counter runs through the three phases so the step folders sort in run order:
@@ -109,8 +108,7 @@ class WarmStartCheckpoints:
         self.every = cfg.checkpoint_every if root else 0
         self.keep_last = cfg.checkpoint_keep_last
         self.config_hash = config_hash(cfg)
-        self.policy = policy  # under torchrun: DCP sharded checkpoints (sharded_checkpoint.py), same rules
-        self.named = [(n, p) for n, p in policy.generate.named_parameters() if p.requires_grad]
+        self.policy = policy  # under torchrun: DCP sharded checkpoints (checkpoint/sharded.py), same rules
         # each phase's first global step; the final SFT's is known once rejection sampling has its chunk count
         self.offsets = {"warmup": 0, "rejection_sampling": cfg.warmup_steps}
         # run-level results saved with every checkpoint: live references owned by run_warm_start
@@ -124,11 +122,11 @@ class WarmStartCheckpoints:
         by :meth:`start` inside the phase the checkpoint was taken in."""
         if resume == "never":
             return {}
-        found = find_resume_point(self.root, resume, self.config_hash, force)  # the trainer's rule
+        found = ckpt.find_resume_point(self.root, resume, self.config_hash, force)  # the trainer's rule
         if found is None:
             return {}
         self.uri, step, payload = found
-        sharded_checkpoint.check_world(self.uri, payload.trainer_state, self.policy.dist)
+        ckpt.check_world(self.uri, payload.trainer_state, self.policy.dist)
         state = payload.trainer_state
         if state.get("phase") not in PHASES:
             raise ckpt.CheckpointError(f"{self.uri} is not a warm-start checkpoint (no phase in trainer_state.json)")
@@ -152,18 +150,9 @@ class WarmStartCheckpoints:
         if state["phase"] != phase:
             return 0, {}
         self._pending = None
-        if payload.sharded_dir is not None:
-            sharded_checkpoint.load(payload, self.policy.forward, optimizer)
-        else:
-            with torch.no_grad():
-                for name, p in self.named:
-                    p.copy_(payload.model_state[name].to(p.device, p.dtype))
-            if optimizer is not None:
-                optimizer.load_state_dict(payload.optimizer_state)
+        ckpt.restore_training_state(payload, self.policy, optimizer)  # weights, optimizer, this rank's RNG
         if cursor is not None:
             cursor.load_state_dict(state["cursor"])
-        rng = payload.rng_state  # last: nothing between here and the next step draws
-        ckpt.restore_rng_state(rng["per_rank"][self.policy.dist.rank] if "per_rank" in rng else rng)
         return state["phase_step"], state.get("rs", {})
 
     def step_done(self, phase: str, done: int, total: int, *, optimizer=None, cursor: Cursor | None = None,
@@ -182,18 +171,8 @@ class WarmStartCheckpoints:
             "world_size": dist.world_size, "strategy": dist.strategy,
             **progress, **({"rs": rs} if rs is not None else {}),
         }
-        if dist.world_size > 1:
-            sharded_checkpoint.save(self.root, step, dist, self.policy.forward, optimizer, scheduler_state={},
-                                    controller_state={}, trainer_state=trainer_state, config_hash=self.config_hash,
-                                    keep_last=self.keep_last, metric=None)
-            return
-        payload = ckpt.CheckpointPayload(
-            model_state={n: p.detach().cpu() for n, p in self.named},
-            optimizer_state=optimizer.state_dict() if optimizer is not None else {},
-            scheduler_state={}, controller_state={}, rng_state=ckpt.capture_rng_state(),
-            trainer_state=trainer_state,
-        )
-        ckpt.save_checkpoint(self.root, step, payload, self.config_hash, keep_last=self.keep_last)
+        ckpt.save_training_state(self.root, step, self.policy, optimizer, trainer_state=trainer_state,
+                                 config_hash=self.config_hash, keep_last=self.keep_last)
 
     def check_applied(self) -> None:
         if self._pending is not None:
