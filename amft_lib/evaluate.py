@@ -29,12 +29,13 @@ import math
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from amft_lib import lineage, storage
 from amft_lib.config import ConfigError, check_fields
+from amft_lib.config import help_field as _help
 from amft_lib.data.schema import DataError
 from amft_lib.reports import EVAL_SPLITS
 
@@ -45,12 +46,6 @@ GATE_FIELDS = ("accuracy", "pass_at_k")
 METRICS_FILE = "metrics.json"
 SCHEMA_VERSION = 1
 _EPS = 1e-9  # float slack so "exactly δ worse" or "exactly at threshold" is not decided by rounding
-
-
-def _help(text: str, default: Any = dataclasses.MISSING) -> Any:
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
-    return field(default=default, metadata={"help": text})
 
 
 @dataclass
