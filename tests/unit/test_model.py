@@ -39,7 +39,8 @@ def test_tiny_model_is_seeded_and_ties_its_embeddings():
 
 def test_lora_leaves_only_the_adapters_trainable():
     full, _ = load_policy(TINY, seed=0)
-    lora, _ = load_policy(ModelConfig(name="tiny", tiny_hidden=32, tiny_layers=1, tiny_heads=2, lora=True, lora_r=4), seed=0)
+    lora_cfg = ModelConfig(name="tiny", tiny_hidden=32, tiny_layers=1, tiny_heads=2, lora=True, lora_r=4)
+    lora, _ = load_policy(lora_cfg, seed=0)
     n_full = sum(p.numel() for p in trainable_parameters(full))
     n_lora = sum(p.numel() for p in trainable_parameters(lora))
     assert n_full == sum(p.numel() for p in full.parameters())
