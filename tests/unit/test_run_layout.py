@@ -7,18 +7,8 @@ import json
 
 import pytest
 
-from amft_lib.run.layout import (
-    POINTER_FILE,
-    RunError,
-    RunRoot,
-    json_bytes,
-    model_uri,
-    open_model,
-    publish,
-    put_json,
-    stage_model,
-    write_pointer,
-)
+from amft_lib.run import layout
+from amft_lib.run.layout import RunError, RunRoot
 
 
 def test_resolve_prefers_the_explicit_run_id_and_checks_it():
@@ -46,10 +36,10 @@ def test_every_contract_path_is_under_the_run_root():
 
 def test_stage_records_are_sorted_and_redacted(tmp_path):
     record = {"b": 1, "a": {"endpoint": "https://user:hunter2hunter2@s3.example.com/bucket"}}
-    put_json(str(tmp_path / "rec.json"), record)
+    layout.put_json(str(tmp_path / "rec.json"), record)
     text = (tmp_path / "rec.json").read_text()
     assert "hunter2hunter2" not in text and text.index('"a"') < text.index('"b"')
-    assert json.loads(json_bytes({"x": 1})) == {"x": 1}
+    assert json.loads(layout.json_bytes({"x": 1})) == {"x": 1}
 
 
 def test_publish_copies_a_folder_and_pointers_lead_back_to_it(tmp_path):
@@ -58,12 +48,12 @@ def test_publish_copies_a_folder_and_pointers_lead_back_to_it(tmp_path):
     (src / "config.json").write_text("{}")
     (src / "sub" / "w.bin").write_bytes(b"\x00\x01")
     root = tmp_path / "root" / "model"
-    written = publish(src, str(root))
+    written = layout.publish(src, str(root))
     assert written == [str(root / "config.json"), str(root / "sub" / "w.bin")]
     assert (root / "sub" / "w.bin").read_bytes() == b"\x00\x01"
     artifact = tmp_path / "artifact"
-    write_pointer(artifact, str(root), step=3)
-    assert json.loads((artifact / POINTER_FILE).read_text()) == {"uri": str(root), "step": 3}
-    assert model_uri(artifact) == str(root) and open_model(artifact, tmp_path / "stage") == str(root)
-    assert model_uri(src) == str(src)  # an artifact holding the files is its own location
-    assert stage_model(str(src), tmp_path / "unused") == str(src)
+    layout.write_pointer(artifact, str(root), step=3)
+    assert json.loads((artifact / layout.POINTER_FILE).read_text()) == {"uri": str(root), "step": 3}
+    assert layout.model_uri(artifact) == str(root) and layout.open_model(artifact, tmp_path / "stage") == str(root)
+    assert layout.model_uri(src) == str(src)  # an artifact holding the files is its own location
+    assert layout.stage_model(str(src), tmp_path / "unused") == str(src)
