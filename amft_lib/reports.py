@@ -20,6 +20,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+# The held-out splits evaluate scores (its config's default) and every report tabulates, in report order.
+# Defined here, below evaluate, so evaluate → reports is the only direction between the two modules.
+EVAL_SPLITS = ("test_id", "test_ood")
+
 # ── the document model ──────────────────────────────────────────────────────────────────────────
 
 
@@ -349,8 +353,6 @@ def comparison_rows(metrics: Mapping[str, Any], split: str) -> list[dict[str, An
 
 
 def _eval_splits(metrics: Mapping[str, Any]) -> list[str]:
-    from amft_lib.evaluate import EVAL_SPLITS
-
     return [s for s in EVAL_SPLITS if s in metrics]
 
 

@@ -10,49 +10,51 @@ Why the two gradients are computed separately rather than backpropagating the mi
 the meta-gradient needs both, and since L_RL and L_SFT are evaluated on different sequences
 (rollouts vs demonstrations) two backward passes cost the same as one pass over both.
 The baselines differ only in their controller (see controller.py), so an equal budget
-(steps, rollouts, SFT tokens) holds by construction.
+(steps, rollouts, SFT tokens) holds by construction; μ is only ever set there (`begin_step`: HPT's
+share of all-wrong prompts; `end_step`: H* from the first step when none was measured, then Eq. 6).
+
+The shape is torchtune's recipe: `train()` reads check → setup → restore → `train_step` × N (with
+`save_checkpoint` and `evaluate` when due) → teardown. `Recipe` holds what setup builds, `TrainState`
+what a step changes and a checkpoint saves; the warm start (warm_start.py) has the same phases.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from amft_lib import checkpoint as ckpt
 from amft_lib import controller as ctl
-from amft_lib import distributed, sharded_checkpoint, storage
-from amft_lib.checkpoint import CheckpointPayload, capture_rng_state, restore_rng_state, save_checkpoint
+from amft_lib import distributed, storage
 from amft_lib.config import TrainConfig, check_target_entropy_temperature, config_hash, save_config
 from amft_lib.data.schema import DataError
-from amft_lib.dataset import check_prompts_fit, check_task, load_splits
+from amft_lib.dataset import check_prompts_fit
+from amft_lib.loop_checks import (
+    LoopInputs,
+    check_loop_inputs,
+    check_loop_world,
+    check_out_dir,
+    resolve_device,
+    seed_everything,
+)
 from amft_lib.losses import group_advantages, ppo_clip_loss
-from amft_lib.model import check_model_source, load_policy, trainable_parameters
-from amft_lib.optim import build_optimizer
+from amft_lib.model import load_policy, trainable_parameters
+from amft_lib.optim import build_optimizer, lr_factor
+from amft_lib.policy import Policy, autocast, save_final_policy, sft_gradient, take_grads
 from amft_lib.rollout import TokenBatch, completion_logprobs, demonstration_batch, row_seeds, sample_completions
 from amft_lib.sampler import Cursor
 from amft_lib.scoring import greedy_eval, score_completions
 from amft_lib.tasks import get_task
-from amft_lib.training import (
-    Policy,
-    autocast,
-    check_device,
-    check_out_dir,
-    find_resume_point,
-    lr_factor,
-    resolve_device,
-    save_final_policy,
-    seed_everything,
-    sft_gradient,
-    take_grads,
-)
 
 log = logging.getLogger(__name__)
 
@@ -145,33 +147,36 @@ def utility_gradient(
     samples its share of each half and the backward hooks sum the shares.
     """
     G = cfg.controller.meta_val_group
-    dist = policy.dist
-    mb = cfg.loss.micro_batch_size
-    device = params[0].device
-
-    def half(lo: int, hi: int) -> list[torch.Tensor]:
-        part = rows[lo:hi]
-        mine = dist.shard(part, "controller.meta_val_prompts half")
-        first = (lo + dist.offset(len(part))) * G
-        batch, rewards, _ = sample_and_score(policy, task, mine, G, cfg,
-                                             row_seeds(cfg.seed, "meta", step, first, len(mine) * G))
-        weights = group_advantages(rewards, G, scale=False)  # R_i − b_g: [N]
-        n_rows = (hi - lo) * G  # the whole half, over all ranks
-        for p in params:
-            p.grad = None
-        for s in range(0, len(batch), mb):
-            chunk = batch.slice(s, s + mb)
-            with autocast(cfg.precision):
-                logprobs, _ = completion_logprobs(policy.forward, chunk, cfg.rollout.temperature)
-            seq_logprob = (logprobs * chunk.completion_mask.to(device)).sum(-1)  # [mb]
-            surrogate = (weights[s : s + len(chunk)].to(device) * seq_logprob).sum() / n_rows
-            (surrogate * dist.world_size).backward()
-        return take_grads(params)
-
     if len(rows) < 2:
-        return half(0, len(rows))
+        return _utility_half(policy, params, task, rows, 0, len(rows), cfg, step)
     cut = len(rows) // 2
-    return ctl.UtilityGrad(half(0, cut), half(cut, len(rows)), cut * G, (len(rows) - cut) * G)
+    return ctl.UtilityGrad(_utility_half(policy, params, task, rows, 0, cut, cfg, step),
+                           _utility_half(policy, params, task, rows, cut, len(rows), cfg, step),
+                           cut * G, (len(rows) - cut) * G)
+
+
+def _utility_half(policy: Policy, params, task, rows: Sequence[dict], lo: int, hi: int, cfg: TrainConfig,
+                  step: int) -> list[torch.Tensor]:
+    """The policy-gradient estimate of ∇_θU over prompts rows[lo:hi] (G rollouts each, global batch)."""
+    G, dist = cfg.controller.meta_val_group, policy.dist
+    mb, device = cfg.loss.micro_batch_size, params[0].device
+    part = rows[lo:hi]
+    mine = dist.shard(part, "controller.meta_val_prompts half")
+    first = (lo + dist.offset(len(part))) * G
+    batch, rewards, _ = sample_and_score(policy, task, mine, G, cfg,
+                                         row_seeds(cfg.seed, "meta", step, first, len(mine) * G))
+    weights = group_advantages(rewards, G, scale=False)  # R_i − b_g: [N]
+    n_rows = (hi - lo) * G  # the whole half, over all ranks
+    for p in params:
+        p.grad = None
+    for s in range(0, len(batch), mb):
+        chunk = batch.slice(s, s + mb)
+        with autocast(cfg.precision):
+            logprobs, _ = completion_logprobs(policy.forward, chunk, cfg.rollout.temperature)
+        seq_logprob = (logprobs * chunk.completion_mask.to(device)).sum(-1)  # [mb]
+        surrogate = (weights[s : s + len(chunk)].to(device) * seq_logprob).sum() / n_rows
+        (surrogate * dist.world_size).backward()
+    return take_grads(params)
 
 
 def sample_and_score(policy: Policy, task, rows: Sequence[dict], group_size: int, cfg: TrainConfig,
@@ -195,7 +200,50 @@ def sample_and_score(policy: Policy, task, rows: Sequence[dict], group_size: int
     return batch, rewards, format_ok
 
 
-# ── the loop ────────────────────────────────────────────────────────────────────────────────────────
+# ── the recipe: checks → setup → restore → train_step × N (save_checkpoint, evaluate) → teardown ──────
+
+
+@dataclass
+class Recipe:
+    """What `setup` builds once and every phase reads: the run's parts, never changed by a step."""
+
+    cfg: TrainConfig
+    inputs: LoopInputs
+    dist: distributed.Dist
+    device: torch.device
+    policy: Policy
+    params: list[torch.nn.Parameter]  # trainable; after wrapping (FSDP2 swaps in sharded ones)
+    task: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ref_model: torch.nn.Module | None  # π_ref for the KL penalty (loss.kl_beta > 0)
+    checkpoint_root: str | None
+    cfg_hash: str
+    logs: _Logs | None  # rank 0 only
+    t_start: float
+
+
+@dataclass
+class TrainState:
+    """What changes from step to step, and all a checkpoint needs to continue bit-exactly."""
+
+    step: int  # optimizer steps done
+    controller: ctl.ControllerState  # μ, H*, the meta-gradient count, the μ history
+    prompt_cursor: Cursor  # training prompts (rollouts)
+    demo_cursor: Cursor  # demonstrations (the SFT batch)
+    meta_cursor: Cursor  # validation prompts (the meta-gradient's utility)
+    val_initial: dict | None  # evaluation before training (None until measured)
+    val_last: dict  # the latest evaluation
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """What `check` hands to setup: the loop's inputs and the checkpoint to resume (uri, step, payload)."""
+
+    inputs: LoopInputs
+    checkpoint_root: str | None
+    cfg_hash: str
+    restored: tuple | None
 
 
 def train(
@@ -215,7 +263,7 @@ def train(
 
     init_model: start from this HF directory (e.g. the warm-start model) instead of cfg.model.name.
     checkpoint_root: local path or s3:// run root; checkpoints go to <root>/checkpoints/step-NNNNNNN
-        every `cfg.checkpoint_every` steps and at the end (see checkpoint.py).
+        every `cfg.checkpoint_every` steps and at the end (see amft_lib/checkpoint/).
     resume: "never", "auto" (newest checkpoint under checkpoint_root whose manifest verifies) or
         the URI of one checkpoint. A different config hash is refused unless force_resume.
     force_restart: with resume="auto", start from step 0 even when every checkpoint under the root is
@@ -230,354 +278,395 @@ def train(
     no trace. Errors are UserErrors (ConfigError, DataError, ModelError, CheckpointError).
     """
     t_start = time.perf_counter()
+    checked = check(cfg, out_dir, init_model, splits, checkpoint_root, resume, force_resume, force_restart)
+    seed_everything(cfg.seed)
+    dist, device = distributed.init(cfg.distributed, resolve_device(cfg.device))
+    _check_resume_world(checked, dist)
+    try:
+        run, state = setup(cfg, checked, dist, device, t_start)
+        if checked.restored is not None:
+            restore(run, state, checked.restored)
+        start_step = state.step
+        if state.val_initial is None:
+            state.val_initial = state.val_last = evaluate(run, 0)
+        bar = _start(run, state, progress)
+        while state.step < cfg.max_steps:
+            record = train_step(run, state)
+            if run.logs is not None:
+                run.logs.metrics(record)
+            if run.checkpoint_root and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                save_checkpoint(run, state)
+            if bar is not None:
+                bar.set_postfix(reward=f"{record['reward_mean']:.2f}", mu=f"{record['mu']:.3f}",
+                                H=f"{record['entropy']:.2f}", val=f"{state.val_last['val_reward']:.3f}")
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        return teardown(run, state, start_step, resumed_from=checked.restored[0] if checked.restored else None)
+    finally:
+        distributed.shutdown(dist)
+
+
+def _check_resume_world(checked: _Checked, dist: distributed.Dist) -> None:
+    """Refuse a checkpoint this world cannot continue (before setup writes anything); log a change."""
+    if checked.restored is not None:
+        change = ckpt.check_world(checked.restored[0], checked.restored[2].trainer_state, dist, elastic=True)
+        if change:
+            log.info("%s: %s", checked.restored[0], change)
+
+
+def _start(run: Recipe, state: TrainState, progress: bool):
+    """Say what is about to train; the progress bar (rank 0, when asked), else None."""
+    cfg, dist = run.cfg, run.dist
+    log.info("training %s for %d steps on %s (%s); initial val accuracy %.3f", cfg.controller.method,
+             cfg.max_steps, run.device, f"{dist.strategy} × {dist.world_size}" if dist.world_size > 1 else "1 process",
+             state.val_initial["val_accuracy"])
+    return _progress(cfg.max_steps, progress and dist.is_main, initial=state.step)
+
+
+def check(cfg: TrainConfig, out_dir: str | Path, init_model: str | None, splits: dict[str, list[dict]] | None,
+          checkpoint_root: str | None, resume: str, force_resume: bool, force_restart: bool) -> _Checked:
+    """Every input, before anything is written (see `train`); finds the checkpoint to resume."""
     check_target_entropy_temperature(cfg)  # again: the pipeline's train component sets H* after loading
     if cfg.controller.target_entropy is not None and cfg.controller.target_entropy_temperature is None:
         log.warning("controller.target_entropy=%s has no target_entropy_temperature: cannot check it was measured "
                     "at rollout.temperature=%s", cfg.controller.target_entropy, cfg.rollout.temperature)
-    out = Path(out_dir)
-    model_cfg = cfg.model if init_model is None else replace(cfg.model, name=str(init_model))
-    # ── preflight: every input is checked (and the model loaded) before a byte goes into out_dir ──
-    check_out_dir(out)
-    check_model_source(model_cfg)
-    check_device(cfg.device)
-    splits = splits if splits is not None else load_splits(cfg.data)
-    check_task(splits, cfg.data.task, cfg.data.path)
-    train_rows = splits.get("train", [])
-    demo_rows = [r for r in train_rows if r.get("demonstration")]
-    val_rows = splits.get("val", [])
-    if not train_rows:
-        raise DataError(f"{cfg.data.path or 'generated data'}: the train split is empty")
-    if not demo_rows and cfg.controller.method != "grpo":
-        raise DataError(f"{cfg.data.path or 'generated data'}: controller.method={cfg.controller.method!r} "
+    inputs = check_loop_inputs(out_dir, cfg.model, init_model, cfg.device, cfg.data, splits, cfg.eval_prompts)
+    where = cfg.data.path or "generated data"
+    if not inputs.train_rows:
+        raise DataError(f"{where}: the train split is empty")
+    if not inputs.demo_rows and cfg.controller.method != "grpo":
+        raise DataError(f"{where}: controller.method={cfg.controller.method!r} "
                         "needs demonstrations and the train split has none (use method grpo)")
-    eval_rows = val_rows[: cfg.eval_prompts]
-    _check_world(cfg, len(eval_rows))
+    half = cfg.controller.meta_val_prompts // 2
+    check_loop_world(cfg.distributed, **{
+        "rollout.prompts_per_step": cfg.rollout.prompts_per_step, "loss.sft_batch_size": cfg.loss.sft_batch_size,
+        "controller.meta_val_prompts // 2": half,
+        "controller.meta_val_prompts - meta_val_prompts // 2": cfg.controller.meta_val_prompts - half,
+        "validation prompts evaluated (min(eval_prompts, val rows))": len(inputs.eval_rows)})
     if resume != "never" and resume != "auto" and not checkpoint_root:
-        checkpoint_root = _root_of(resume)
+        checkpoint_root = ckpt.root_of(resume)
     cfg_hash = config_hash(cfg)
     if checkpoint_root and not storage.is_s3(checkpoint_root):
         check_out_dir(Path(checkpoint_root), "checkpoint root")
     if resume == "never" and checkpoint_root and cfg.checkpoint_every:
         ckpt.list_checkpoints(checkpoint_root)  # reachable (credentials, endpoint) before training starts
-    restored = (find_resume_point(checkpoint_root, resume, cfg_hash, force_resume, force_restart)
+    restored = (ckpt.find_resume_point(checkpoint_root, resume, cfg_hash, force_resume, force_restart)
                 if resume != "never" else None)
-    seed_everything(cfg.seed)
-    dist, device = distributed.init(cfg.distributed, resolve_device(cfg.device))
-    if restored is not None:
-        change = sharded_checkpoint.check_world(restored[0], restored[2].trainer_state, dist, elastic=True)
-        if change:
-            log.info("%s: %s", restored[0], change)
-    try:
-        return _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, eval_rows, progress,
-                      checkpoint_root, restored, cfg_hash, t_start)
-    finally:
-        distributed.shutdown(dist)
+    return _Checked(inputs, checkpoint_root, cfg_hash, restored)
 
 
-def _check_world(cfg: TrainConfig, n_eval: int) -> None:
-    """Under torchrun: a valid strategy, and global batches the world size divides (before any work)."""
-    _, world, _ = distributed.world_from_env()
-    distributed.resolve_strategy(cfg.distributed, world)
-    if world > 1:
-        half = cfg.controller.meta_val_prompts // 2
-        distributed.check_divisible(
-            world, **{"rollout.prompts_per_step": cfg.rollout.prompts_per_step,
-                      "loss.sft_batch_size": cfg.loss.sft_batch_size,
-                      "controller.meta_val_prompts // 2": half,
-                      "controller.meta_val_prompts - meta_val_prompts // 2": cfg.controller.meta_val_prompts - half,
-                      "validation prompts evaluated (min(eval_prompts, val rows))": n_eval})
-
-
-def _train(cfg, out, model_cfg, dist, device, train_rows, demo_rows, val_rows, eval_rows, progress,
-           checkpoint_root, restored, cfg_hash, t_start) -> TrainResult:
-    """The loop (`train` has checked every input and joined the process group)."""
-    main = dist.is_main
-    model, tokenizer = load_policy(model_cfg, device=device, seed=cfg.seed)
-    check_prompts_fit([*train_rows, *val_rows], tokenizer, model, cfg.rollout.max_new_tokens, model_cfg.chat_template,
-                      cfg.data.path)  # refused before anything is written (dataset.py)
+def setup(cfg: TrainConfig, checked: _Checked, dist: distributed.Dist, device: torch.device,
+          t_start: float) -> tuple[Recipe, TrainState]:
+    """Build every part of the run (the process group is joined) and the state of step 0."""
+    inputs = checked.inputs
+    model, tokenizer = load_policy(inputs.model_cfg, device=device, seed=cfg.seed)
+    check_prompts_fit([*inputs.train_rows, *inputs.val_rows], tokenizer, model, cfg.rollout.max_new_tokens,
+                      inputs.model_cfg.chat_template, cfg.data.path)  # refused before anything is written (dataset.py)
     model.train()
     policy = Policy.of(model, tokenizer, dist, device)
-    forward = policy.forward
     params = trainable_parameters(policy.generate)  # after wrapping: FSDP2 swaps in sharded parameters
     task = get_task(cfg.data.task)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-
+    if dist.is_main:
+        inputs.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, inputs.out / "config.yaml")
     optimizer = build_optimizer(  # AdamW; fp32 master weights + moments for bf16 weights (model.master_weights)
         params, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay,
         master_weights=cfg.model.master_weights,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(s, cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio),
-    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # a lambda, not a partial: its state_dict stays the same
+        optimizer, lambda s: lr_factor(s, cfg.optim.warmup_steps, cfg.max_steps, cfg.optim.min_lr_ratio))
     ref_model = None
     if cfg.loss.kl_beta > 0:
-        ref_model, _ = load_policy(model_cfg, device=device, seed=cfg.seed)
+        ref_model, _ = load_policy(inputs.model_cfg, device=device, seed=cfg.seed)
         ref_model.eval().requires_grad_(False)
         if dist.sharded:
             ref_model = distributed.wrap(ref_model, dist, device)
+    state = TrainState(
+        step=0, controller=ctl.initial_state(cfg.controller),
+        prompt_cursor=Cursor(len(inputs.train_rows), cfg.seed), demo_cursor=Cursor(len(inputs.demo_rows), cfg.seed + 1),
+        meta_cursor=Cursor(len(inputs.val_rows), cfg.seed + 2), val_initial=None, val_last=dict(_NAN_EVAL))
+    if checked.restored is not None and checked.checkpoint_root and dist.is_main:
+        _restore_logs(checked.checkpoint_root, inputs.out, checked.restored[1])  # cut at its step, then appended to
+    logs = _Logs(inputs.out, append=checked.restored is not None) if dist.is_main else None
+    run = Recipe(cfg, inputs, dist, device, policy, params, task, optimizer, scheduler, ref_model,
+                 checked.checkpoint_root, checked.cfg_hash, logs, t_start)
+    return run, state
 
-    state = ctl.initial_state(cfg.controller)
-    prompt_cursor = Cursor(len(train_rows), cfg.seed)
-    demo_cursor = Cursor(len(demo_rows), cfg.seed + 1)
-    meta_cursor = Cursor(len(val_rows), cfg.seed + 2)
 
+def restore(run: Recipe, state: TrainState, restored: tuple) -> None:
+    """Continue from a checkpoint: weights, optimizer and RNG (checkpoint.restore_training_state), then
+    the scheduler, μ controller, data cursors and evaluations (setup has cut the run's logs at its step)."""
+    uri, step, payload = restored
+    ckpt.restore_training_state(payload, run.policy, run.optimizer)
+    run.scheduler.load_state_dict(payload.scheduler_state)
+    ts = payload.trainer_state
+    state.step = step
+    state.controller = ctl.ControllerState.from_dict(payload.controller_state)
+    state.prompt_cursor.load_state_dict(ts["prompt_cursor"])
+    state.demo_cursor.load_state_dict(ts["demo_cursor"])
+    state.meta_cursor.load_state_dict(ts["meta_cursor"])
+    state.val_initial, state.val_last = ts["val_initial"], ts["val_last"]
+    log.info("resumed from %s at step %d (μ=%.4f)", uri, step, state.controller.mu)
+
+
+class _Rollouts(NamedTuple):
+    """One step's rollouts on this rank: token batch, rewards [N] and format flags, advantages [N];
+    `all_rewards` [B*G] is the global batch's (every rank)."""
+
+    batch: TokenBatch
+    rewards: torch.Tensor
+    format_ok: list
+    advantages: torch.Tensor
+    all_rewards: torch.Tensor
+
+
+class _Update(NamedTuple):
+    """What the update of one step measured (losses NaN where not computed this step)."""
+
+    entropy: float  # H_t of this step's rollouts, at θ before the update
+    rl_loss: float
+    sft_loss: float
+    rl_stats: dict
+    meta: ctl.MetaGradStats | None
+    grad_norm: float
+    t_meta: float
+
+
+def train_step(run: Recipe, state: TrainState) -> dict:
+    """One step (AMFT.md §4): sample → score → μ_t → gradients (+ meta-gradient) → mixed update →
+    μ_{t+1} → maybe evaluate. Advances `state` and returns the step's metrics record."""
+    cfg, step = run.cfg, state.step
+    t0 = time.perf_counter()
+    # ── 1. sample and score: G completions for each of B training prompts (this rank: its block of them) ──
+    ro = _sample_rollouts(run, state, step)
+    # ── 2. μ_t: the controller's (HPT: the share of all-wrong prompts in this batch, controller.py) ──
+    state.controller = ctl.begin_step(state.controller, ro.all_rewards, cfg.rollout.group_size, cfg.controller)
+    mu = state.controller.mu
+    do_meta = ctl.needs_meta_gradient(cfg.controller, step) and bool(run.inputs.val_rows)
+    # With one update per batch the RL forward doubles as the π_old / entropy forward (see rl_gradient).
+    on_policy = cfg.loss.ppo_epochs == 1 and (mu < 1.0 or do_meta)
+    old_logprobs, ref_logprobs, entropy = _reference_logprobs(run, ro.batch, on_policy)
+    t_rollout = time.perf_counter() - t0
+    # ── 3. the two gradients, the meta-gradient, and the mixed update θ ← AdamW((1 − μ)·g_RL + μ·g_SFT) ──
+    t1 = time.perf_counter()
+    sft_batch = _sft_batch(run, state)
+    up = _update(run, state, step, mu, do_meta, on_policy, ro, old_logprobs, ref_logprobs, sft_batch, entropy)
+    lr = run.scheduler.get_last_lr()[0]
+    with warnings.catch_warnings():
+        if not up.grad_norm > 0.0:  # no optimizer step (see _apply_mixed_gradient): torch's order warning is not news
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+        run.scheduler.step()
+    t_update = time.perf_counter() - t1 - up.t_meta
+    # ── 4. controller: μ_{t+1} = clip(μ_t + η_μ·m_t + η_H·(H* − H_t)) (H* = H_0 when not measured before) ──
+    meta_grad = up.meta.meta_grad if up.meta is not None else None
+    state.controller = ctl.end_step(state.controller, up.entropy, meta_grad, cfg.controller)
+    state.step = step + 1
+    if up.meta is not None and run.logs is not None:
+        run.logs.controller({"step": step, "mu": mu, "mu_next": state.controller.mu, "entropy": up.entropy,
+                             "target_entropy": state.controller.target_entropy, **up.meta._asdict()})
+    # ── 5. evaluate when due; the record (global numbers; rank 0 writes it) ──
+    val_now: dict = {"val_reward": None, "val_accuracy": None}
+    if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps and run.inputs.eval_rows:
+        state.val_last = val_now = evaluate(run, state.step)
+    return _record(run, state, step, mu, ro, sft_batch, up, val_now, lr,
+                   {"t0": t0, "time_rollout_s": t_rollout, "time_update_s": t_update})
+
+
+def _sample_rollouts(run: Recipe, state: TrainState, step: int) -> _Rollouts:
+    cfg, dist = run.cfg, run.dist
     B, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
-    named = [(n, p) for n, p in policy.generate.named_parameters() if p.requires_grad]
-    nan_eval = {"val_reward": float("nan"), "val_accuracy": float("nan")}
-    start_step, val_initial, val_last = 0, None, nan_eval
-    if restored is not None:
-        uri, start_step, payload = restored
-        if payload.sharded_dir is not None:
-            sharded_checkpoint.load(payload, forward, optimizer)
-        else:
-            with torch.no_grad():
-                for name, p in named:
-                    p.copy_(payload.model_state[name].to(p.device, p.dtype))
-            optimizer.load_state_dict(payload.optimizer_state)
-        scheduler.load_state_dict(payload.scheduler_state)
-        state = ctl.ControllerState.from_dict(payload.controller_state)
-        ts = payload.trainer_state
-        prompt_cursor.load_state_dict(ts["prompt_cursor"])
-        demo_cursor.load_state_dict(ts["demo_cursor"])
-        meta_cursor.load_state_dict(ts["meta_cursor"])
-        val_initial, val_last = ts["val_initial"], ts["val_last"]
-        if checkpoint_root and main:
-            _restore_logs(checkpoint_root, out, start_step)
-        rng = payload.rng_state  # last: nothing draws until the loop
-        per_rank = rng.get("per_rank", [rng])
-        if dist.rank < len(per_rank):  # a rank the saving run did not have keeps its seeded stream
-            restore_rng_state(per_rank[dist.rank])
-        log.info("resumed from %s at step %d (μ=%.4f)", uri, start_step, state.mu)
-    logs = _Logs(out, append=restored is not None) if main else None
+    rows = dist.shard([run.inputs.train_rows[i] for i in state.prompt_cursor.take(B)], "rollout.prompts_per_step")
+    batch, rewards, format_ok = sample_and_score(
+        run.policy, run.task, rows, G, cfg, row_seeds(cfg.seed, "rollout", step, dist.offset(B) * G, len(rows) * G))
+    advantages = group_advantages(rewards, G, scale=cfg.loss.scale_rewards)  # groups never straddle ranks
+    return _Rollouts(batch, rewards, format_ok, advantages, dist.gather(rewards))
 
-    def save(step_done: int) -> None:
-        """Checkpoint after `step_done` steps: everything a resumed run needs to continue bit-exactly."""
-        trainer_state = {
-            "step": step_done, "config_hash": cfg_hash, "method": cfg.controller.method,
-            "prompt_cursor": prompt_cursor.state_dict(), "demo_cursor": demo_cursor.state_dict(),
-            "meta_cursor": meta_cursor.state_dict(), "val_initial": val_initial, "val_last": val_last,
-            "world_size": dist.world_size, "strategy": dist.strategy,
-        }
-        metric = None if val_last["val_reward"] != val_last["val_reward"] else val_last["val_reward"]
-        if logs is not None:
-            logs.flush()
-            for name in LOG_FILES:  # logs travel with the run root so a resume on a fresh node keeps them
-                storage.put_file(str(out / name), storage.join(checkpoint_root, "logs", name))
-        if dist.world_size > 1:
-            sharded_checkpoint.save(checkpoint_root, step_done, dist, forward, optimizer,
-                                    scheduler_state=scheduler.state_dict(), controller_state=state.to_dict(),
-                                    trainer_state=trainer_state, config_hash=cfg_hash,
-                                    keep_last=cfg.checkpoint_keep_last, metric=metric)
-            return
-        payload = CheckpointPayload(
-            model_state={n: p.detach().cpu() for n, p in named},
-            optimizer_state=optimizer.state_dict(),
-            scheduler_state=scheduler.state_dict(),
-            controller_state=state.to_dict(),
-            rng_state=capture_rng_state(),
-            trainer_state=trainer_state,
-        )
-        save_checkpoint(checkpoint_root, step_done, payload, cfg_hash, keep_last=cfg.checkpoint_keep_last,
-                        metric=metric)
 
-    def run_eval(step: int) -> dict[str, float]:
-        """Greedy accuracy and sampled reward on the validation prompts (each rank its block). Sampling
-        is seeded per row and step, so evaluating (or not) never changes the training trajectory."""
-        mine = dist.shard(eval_rows, "validation prompts")
-        with policy.sampling():
-            ev = greedy_eval(policy.generate, tokenizer, task, mine, cfg.rollout.max_new_tokens,
-                             cfg.model.chat_template, cfg.log_samples, synced=dist.sharded)
-        if logs is not None:
-            logs.samples(step, ev.samples)
-        seeds = row_seeds(cfg.seed, "eval", step, dist.offset(len(eval_rows)) * cfg.eval_samples,
-                          len(mine) * cfg.eval_samples)
-        _, rewards, _ = sample_and_score(policy, task, mine, cfg.eval_samples, cfg, seeds)
-        correct, reward_sum = dist.sum([ev.accuracy * len(mine), float(rewards.sum())])
-        return {"val_reward": reward_sum / (len(eval_rows) * cfg.eval_samples),
-                "val_accuracy": correct / len(eval_rows)}
+@torch.no_grad()
+def _reference_logprobs(run: Recipe, batch: TokenBatch, on_policy: bool):
+    """(log π_old [N, L] or None when on policy, log π_ref [N, L] or None, H_t or NaN when on policy)."""
+    cfg, dist = run.cfg, run.dist
+    old_logprobs = ref_logprobs = None
+    entropy = float("nan")
+    with autocast(cfg.precision):
+        if not on_policy:
+            old_logprobs, entropy_tok = completion_logprobs(run.policy.forward, batch, cfg.rollout.temperature,
+                                                            with_entropy=True)
+            mask = batch.completion_mask.to(old_logprobs.device)
+            ent_sum, n_tok = dist.sum([float((entropy_tok * mask).sum()), float(mask.sum())])
+            entropy = ent_sum / max(1.0, n_tok)  # H_t over the global batch
+        if run.ref_model is not None:
+            ref_logprobs, _ = completion_logprobs(run.ref_model, batch, cfg.rollout.temperature)
+    return old_logprobs, ref_logprobs, entropy
 
-    if val_initial is None:
-        val_initial = run_eval(0) if eval_rows else nan_eval
-        val_last = val_initial
-    bar = _progress(cfg.max_steps, progress and main, initial=start_step)
-    log.info("training %s for %d steps on %s (%s); initial val accuracy %.3f", cfg.controller.method,
-             cfg.max_steps, device, f"{dist.strategy} × {dist.world_size}" if dist.world_size > 1 else "1 process",
-             val_initial["val_accuracy"])
 
-    for step in range(start_step, cfg.max_steps):
-        t0 = time.perf_counter()
-        mu = state.mu
-        # ── 1. sample: G completions for each of B training prompts (this rank: its block of them) ──
-        rows = dist.shard([train_rows[i] for i in prompt_cursor.take(B)], "rollout.prompts_per_step")
-        # ── 2. score: verifier rewards, group-relative advantages, π_old log-probs and entropy ──
-        rollouts, rewards, format_ok = sample_and_score(
-            policy, task, rows, G, cfg, row_seeds(cfg.seed, "rollout", step, dist.offset(B) * G, len(rows) * G))
-        advantages = group_advantages(rewards, G, scale=cfg.loss.scale_rewards)  # groups never straddle ranks
-        all_rewards = dist.gather(rewards)
-        if cfg.controller.method == "hpt":  # HPT: all-wrong prompts go to SFT; μ is their share (controller.py)
-            mu = ctl.hpt_mu(all_rewards, G)
-            state = replace(state, mu=mu)
-        do_meta = ctl.needs_meta_gradient(cfg.controller, step) and bool(val_rows)
-        # With one update per batch the RL forward doubles as the π_old / entropy forward (see rl_gradient).
-        on_policy = cfg.loss.ppo_epochs == 1 and (mu < 1.0 or do_meta)
-        old_logprobs = ref_logprobs = None
-        entropy = float("nan")
-        with torch.no_grad(), autocast(cfg.precision):
-            if not on_policy:
-                old_logprobs, entropy_tok = completion_logprobs(forward, rollouts, cfg.rollout.temperature,
-                                                                with_entropy=True)
-                mask = rollouts.completion_mask.to(old_logprobs.device)
-                ent_sum, n_tok = dist.sum([float((entropy_tok * mask).sum()), float(mask.sum())])
-                entropy = ent_sum / max(1.0, n_tok)  # H_t over the global batch
-            if ref_model is not None:
-                ref_logprobs, _ = completion_logprobs(ref_model, rollouts, cfg.rollout.temperature)
-        t_rollout = time.perf_counter() - t0
+def _sft_batch(run: Recipe, state: TrainState) -> TokenBatch | None:
+    """This step's demonstrations (this rank's block of loss.sft_batch_size), or None without any."""
+    cfg, demo_rows = run.cfg, run.inputs.demo_rows
+    if not demo_rows:
+        return None
+    rows = run.dist.shard([demo_rows[i] for i in state.demo_cursor.take(cfg.loss.sft_batch_size)],
+                          "loss.sft_batch_size")
+    if not rows:
+        return None
+    return demonstration_batch(run.policy.tokenizer, [r["prompt"] for r in rows], [r["demonstration"] for r in rows],
+                               cfg.rollout.max_new_tokens, cfg.model.chat_template)
 
-        # ── 3. the two gradients, the meta-gradient, and the mixed update ──
-        t1 = time.perf_counter()
-        sft_rows = (dist.shard([demo_rows[i] for i in demo_cursor.take(cfg.loss.sft_batch_size)], "loss.sft_batch_size")
-                    if demo_rows else [])
-        sft_batch = (
-            demonstration_batch(
-                tokenizer,
-                [r["prompt"] for r in sft_rows],
-                [r["demonstration"] for r in sft_rows],
-                cfg.rollout.max_new_tokens,
-                cfg.model.chat_template,
+
+def _update(run: Recipe, state: TrainState, step: int, mu: float, do_meta: bool, on_policy: bool, ro: _Rollouts,
+            old_logprobs, ref_logprobs, sft_batch: TokenBatch | None, entropy: float) -> _Update:
+    """g_RL and g_SFT (each only when its weight or the meta-gradient needs it), m_t on meta steps (first
+    epoch), and one optimizer step on their mix per PPO epoch."""
+    cfg, policy, params = run.cfg, run.policy, run.params
+    meta_stats, t_meta = None, 0.0
+    rl_loss, sft_loss, rl_stats, grad_norm = float("nan"), float("nan"), {}, 0.0
+    for epoch in range(cfg.loss.ppo_epochs):
+        meta_now = do_meta and epoch == 0
+        g_rl = g_sft = None
+        if mu < 1.0 or meta_now:
+            g_rl, rl_loss, rl_stats = rl_gradient(policy, params, ro.batch, old_logprobs, ro.advantages, cfg,
+                                                  ref_logprobs)
+            if on_policy:
+                entropy = rl_stats.pop("entropy")  # H_t at θ before this step's update
+        if sft_batch is not None and (mu > 0.0 or meta_now):
+            g_sft, sft_loss = sft_gradient(policy.forward, params, sft_batch,
+                                           micro_batch_size=cfg.loss.micro_batch_size, precision=cfg.precision,
+                                           dist=policy.dist)
+        if meta_now and g_rl is not None and g_sft is not None:
+            tm = time.perf_counter()
+            val_batch = [run.inputs.val_rows[i] for i in state.meta_cursor.take(cfg.controller.meta_val_prompts)]
+            meta_stats = ctl.compute_meta_gradient(
+                params, g_rl, g_sft, mu, alpha=run.scheduler.get_last_lr()[0],
+                utility_grad=functools.partial(utility_gradient, policy, params, run.task, val_batch, cfg, step),
+                eval_at=cfg.controller.meta_eval_at, normalize=cfg.controller.meta_normalize,
+                precond=ctl.adam_preconditioner(run.optimizer, params) if cfg.controller.meta_lookahead == "adam"
+                else None,
+                reduction=policy.dist.reduction(),
             )
-            if sft_rows
-            else None
-        )
-        meta_stats, t_meta = None, 0.0
-        rl_loss_v, sft_loss_v, rl_stats = float("nan"), float("nan"), {}
-        grad_norm, stepped = 0.0, False
-        for epoch in range(cfg.loss.ppo_epochs):
-            need_rl = mu < 1.0 or (do_meta and epoch == 0)
-            need_sft = sft_batch is not None and (mu > 0.0 or (do_meta and epoch == 0))
-            g_rl = g_sft = None
-            if need_rl:
-                g_rl, rl_loss_v, rl_stats = rl_gradient(policy, params, rollouts, old_logprobs, advantages, cfg,
-                                                        ref_logprobs)
-                if on_policy:
-                    entropy = rl_stats.pop("entropy")  # H_t at θ before this step's update
-            if need_sft:
-                g_sft, sft_loss_v = sft_gradient(forward, params, sft_batch, micro_batch_size=cfg.loss.micro_batch_size,
-                                                 precision=cfg.precision, dist=dist)
-            if do_meta and epoch == 0 and g_rl is not None and g_sft is not None:
-                tm = time.perf_counter()
-                val_batch = [val_rows[i] for i in meta_cursor.take(cfg.controller.meta_val_prompts)]
-                meta_stats = ctl.compute_meta_gradient(
-                    params,
-                    g_rl,
-                    g_sft,
-                    mu,
-                    alpha=scheduler.get_last_lr()[0],
-                    utility_grad=lambda vb=val_batch, st=step: utility_gradient(policy, params, task, vb, cfg, st),
-                    eval_at=cfg.controller.meta_eval_at,
-                    normalize=cfg.controller.meta_normalize,
-                    precond=ctl.adam_preconditioner(optimizer, params)
-                    if cfg.controller.meta_lookahead == "adam" else None,
-                    reduction=dist.reduction(),
-                )
-                t_meta = time.perf_counter() - tm
-            # θ ← AdamW step on (1 − μ)·g_RL + μ·g_SFT   (AMFT Eq. 3)
-            for i, p in enumerate(params):
-                g = torch.zeros_like(p)
-                if g_rl is not None and mu < 1.0:
-                    g.add_(g_rl[i], alpha=1.0 - mu)
-                if g_sft is not None and mu > 0.0:
-                    g.add_(g_sft[i], alpha=mu)
-                p.grad = g
-            grad_norm = _full(
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-            )
-            # A batch with no signal (every group's rewards equal, μ = 0) has an exactly zero gradient. Adam
-            # would still move θ along its stale momentum, drifting a converged policy with no evidence;
-            # skip the step instead (the LR schedule still advances).
-            stepped = grad_norm > 0.0
-            if stepped:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        with warnings.catch_warnings():
-            if not stepped:  # deliberate (above): torch's "scheduler before optimizer" warning is not news
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
-            scheduler.step()
-        t_update = time.perf_counter() - t1 - t_meta
+            t_meta = time.perf_counter() - tm
+        grad_norm = _apply_mixed_gradient(run, g_rl, g_sft, mu)
+    return _Update(entropy, rl_loss, sft_loss, rl_stats, meta_stats, grad_norm, t_meta)
 
-        if state.target_entropy is None:
-            # H*: entropy of the starting (warm-start) policy's own rollouts, like-for-like with H_t
-            state = replace(state, target_entropy=entropy)
-        # ── 4. controller: μ_{t+1} = clip(μ_t + η_μ·m_t + η_H·(H* − H_t)) ──
-        meta_grad = meta_stats.meta_grad if meta_stats is not None else None
-        state = ctl.controller_step(state, entropy, meta_grad, cfg.controller)
-        if meta_stats is not None and logs is not None:
-            logs.controller({"step": step, "mu": mu, "mu_next": state.mu, "entropy": entropy,
-                             "target_entropy": state.target_entropy, **meta_stats._asdict()})
 
-        # ── 5. log (global numbers; rank 0 writes) ──
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps and eval_rows:
-            val_last = run_eval(step + 1)
-            val_now: dict = val_last
-        else:
-            val_now = {"val_reward": None, "val_accuracy": None}
-        n_tokens, n_format_ok, n_rollouts, completion_tokens = dist.sum([
-            rollouts.n_tokens + (sft_batch.n_tokens if sft_batch is not None else 0), sum(format_ok),
-            len(format_ok), float(rollouts.completion_mask.sum())])
-        mu_spread = dist.spread(state.mu)  # μ must be the same number on every rank
-        dt = time.perf_counter() - t0
-        record = {
-            "step": step, "mu": mu, "mu_next": state.mu, "entropy": entropy,
-            "target_entropy": state.target_entropy, "sft_loss": _num(sft_loss_v), "rl_loss": _num(rl_loss_v),
-            "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
-            "format_error_rate": 1.0 - n_format_ok / n_rollouts,
-            "frac_reward_zero_std": float((all_rewards.view(-1, G).std(dim=1) == 0).float().mean()),
-            "meta_grad": meta_grad, "lr": lr, "grad_norm": grad_norm,
-            "clip_frac": rl_stats.get("clip_frac"), "approx_kl": rl_stats.get("approx_kl"),
-            "kl_ref": rl_stats.get("kl_ref"),
-            "completion_len": completion_tokens / n_rollouts,
-            **val_now, "tokens_per_s": n_tokens / dt,
-            "time_rollout_s": t_rollout, "time_update_s": t_update, "time_meta_s": t_meta,
-            "elapsed_s": time.perf_counter() - t_start,
-        }
-        if dist.world_size > 1:
-            record.update(world_size=dist.world_size, mu_rank_spread=mu_spread)
-        if logs is not None:
-            logs.metrics(record)
-        if checkpoint_root and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            save(step + 1)
-        if bar is not None:
-            bar.set_postfix(reward=f"{record['reward_mean']:.2f}", mu=f"{mu:.3f}", H=f"{entropy:.2f}",
-                            val=f"{val_last['val_reward']:.3f}")
-            bar.update(1)
+def _apply_mixed_gradient(run: Recipe, g_rl, g_sft, mu: float) -> float:
+    """θ ← AdamW step on (1 − μ)·g_RL + μ·g_SFT (AMFT Eq. 3), clipped; returns the norm before clipping."""
+    params = run.params
+    for i, p in enumerate(params):
+        g = torch.zeros_like(p)
+        if g_rl is not None and mu < 1.0:
+            g.add_(g_rl[i], alpha=1.0 - mu)
+        if g_sft is not None and mu > 0.0:
+            g.add_(g_sft[i], alpha=mu)
+        p.grad = g
+    clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else math.inf
+    grad_norm = _full(torch.nn.utils.clip_grad_norm_(params, clip))
+    # A batch with no signal (every group's rewards equal, μ = 0) has an exactly zero gradient. Adam
+    # would still move θ along its stale momentum, drifting a converged policy with no evidence;
+    # skip the step instead (the LR schedule still advances).
+    if grad_norm > 0.0:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
-    if bar is not None:
-        bar.close()
-    if restored is not None and start_step >= cfg.max_steps:
-        log.warning("checkpoint %s is already at max_steps=%d: nothing left to train", restored[0], cfg.max_steps)
-    if checkpoint_root and cfg.checkpoint_every and cfg.max_steps % cfg.checkpoint_every and start_step < cfg.max_steps:
-        save(cfg.max_steps)  # the final state is always checkpointed
-    val_final = run_eval(cfg.max_steps) if eval_rows else nan_eval
+
+def _record(run: Recipe, state: TrainState, step: int, mu: float, ro: _Rollouts, sft_batch: TokenBatch | None,
+            up: _Update, val_now: dict, lr: float, times: dict) -> dict:
+    """The step's metrics.jsonl record (DESIGN.md's metric contract), global over the ranks."""
+    dist, G, all_rewards = run.dist, run.cfg.rollout.group_size, ro.all_rewards
+    n_tokens, n_format_ok, n_rollouts, completion_tokens = dist.sum([
+        ro.batch.n_tokens + (sft_batch.n_tokens if sft_batch is not None else 0), sum(ro.format_ok),
+        len(ro.format_ok), float(ro.batch.completion_mask.sum())])
+    mu_spread = dist.spread(state.controller.mu)  # μ must be the same number on every rank
+    dt = time.perf_counter() - times["t0"]
+    record = {
+        "step": step, "mu": mu, "mu_next": state.controller.mu, "entropy": up.entropy,
+        "target_entropy": state.controller.target_entropy, "sft_loss": _num(up.sft_loss),
+        "rl_loss": _num(up.rl_loss), "reward_mean": float(all_rewards.mean()), "reward_std": float(all_rewards.std()),
+        "format_error_rate": 1.0 - n_format_ok / n_rollouts,
+        "frac_reward_zero_std": float((all_rewards.view(-1, G).std(dim=1) == 0).float().mean()),
+        "meta_grad": up.meta.meta_grad if up.meta is not None else None, "lr": lr, "grad_norm": up.grad_norm,
+        "clip_frac": up.rl_stats.get("clip_frac"), "approx_kl": up.rl_stats.get("approx_kl"),
+        "kl_ref": up.rl_stats.get("kl_ref"),
+        "completion_len": completion_tokens / n_rollouts,
+        **val_now, "tokens_per_s": n_tokens / dt,
+        "time_rollout_s": times["time_rollout_s"], "time_update_s": times["time_update_s"],
+        "time_meta_s": up.t_meta, "elapsed_s": time.perf_counter() - run.t_start,
+    }
+    if dist.world_size > 1:
+        record.update(world_size=dist.world_size, mu_rank_spread=mu_spread)
+    return record
+
+
+def save_checkpoint(run: Recipe, state: TrainState) -> str:
+    """Checkpoint after `state.step` steps: everything a resumed run needs to continue bit-exactly, with
+    the run's logs (so a resume on a fresh node keeps them). Collective under torchrun."""
+    cfg, dist = run.cfg, run.dist
+    trainer_state = {
+        "step": state.step, "config_hash": run.cfg_hash, "method": cfg.controller.method,
+        "prompt_cursor": state.prompt_cursor.state_dict(), "demo_cursor": state.demo_cursor.state_dict(),
+        "meta_cursor": state.meta_cursor.state_dict(), "val_initial": state.val_initial, "val_last": state.val_last,
+        "world_size": dist.world_size, "strategy": dist.strategy,
+    }
+    metric = None if state.val_last["val_reward"] != state.val_last["val_reward"] else state.val_last["val_reward"]
+    if run.logs is not None:
+        run.logs.flush()
+        for name in LOG_FILES:
+            storage.put_file(str(run.inputs.out / name), storage.join(run.checkpoint_root, "logs", name))
+    return ckpt.save_training_state(run.checkpoint_root, state.step, run.policy, run.optimizer,
+                                    trainer_state=trainer_state, config_hash=run.cfg_hash,
+                                    keep_last=cfg.checkpoint_keep_last, scheduler_state=run.scheduler.state_dict(),
+                                    controller_state=state.controller.to_dict(), metric=metric)
+
+
+def evaluate(run: Recipe, step: int) -> dict[str, float]:
+    """Greedy accuracy and sampled reward on the validation prompts (each rank its block); NaN without
+    any. Sampling is seeded per row and step, so evaluating (or not) never changes the trajectory."""
+    cfg, dist, eval_rows = run.cfg, run.dist, run.inputs.eval_rows
+    if not eval_rows:
+        return dict(_NAN_EVAL)
+    mine = dist.shard(eval_rows, "validation prompts")
+    with run.policy.sampling():
+        ev = greedy_eval(run.policy.generate, run.policy.tokenizer, run.task, mine, cfg.rollout.max_new_tokens,
+                         cfg.model.chat_template, cfg.log_samples, synced=dist.sharded)
+    if run.logs is not None:
+        run.logs.samples(step, ev.samples)
+    seeds = row_seeds(cfg.seed, "eval", step, dist.offset(len(eval_rows)) * cfg.eval_samples,
+                      len(mine) * cfg.eval_samples)
+    _, rewards, _ = sample_and_score(run.policy, run.task, mine, cfg.eval_samples, cfg, seeds)
+    correct, reward_sum = dist.sum([ev.accuracy * len(mine), float(rewards.sum())])
+    return {"val_reward": reward_sum / (len(eval_rows) * cfg.eval_samples), "val_accuracy": correct / len(eval_rows)}
+
+
+def teardown(run: Recipe, state: TrainState, start_step: int, resumed_from: str | None) -> TrainResult:
+    """The final checkpoint (when the last step was not one), the final evaluation, the final model."""
+    cfg, out = run.cfg, run.inputs.out
+    if resumed_from is not None and start_step >= cfg.max_steps:
+        log.warning("checkpoint %s is already at max_steps=%d: nothing left to train", resumed_from, cfg.max_steps)
+    if run.checkpoint_root and cfg.checkpoint_every and cfg.max_steps % cfg.checkpoint_every and \
+            start_step < cfg.max_steps:
+        save_checkpoint(run, state)  # the final state is always checkpointed
+    val_final = evaluate(run, cfg.max_steps)
     model_dir = out / "model"
-    if logs is not None:
-        logs.metrics({"step": cfg.max_steps, **{k: _num(v) for k, v in val_final.items()}, "final": True,
-                      "mu": state.mu, "config_hash": config_hash(cfg)})
-        logs.close()
-    save_final_policy(policy, model_cfg, model_dir)
+    if run.logs is not None:
+        run.logs.metrics({"step": cfg.max_steps, **{k: _num(v) for k, v in val_final.items()}, "final": True,
+                          "mu": state.controller.mu, "config_hash": config_hash(cfg)})
+        run.logs.close()
+    save_final_policy(run.policy, run.inputs.model_cfg, model_dir)
+    val_initial = state.val_initial
     result = TrainResult(
-        out_dir=out, model_dir=model_dir, steps=cfg.max_steps, mu_final=state.mu,
-        target_entropy=state.target_entropy, val_reward_initial=val_initial["val_reward"],
+        out_dir=out, model_dir=model_dir, steps=cfg.max_steps, mu_final=state.controller.mu,
+        target_entropy=state.controller.target_entropy, val_reward_initial=val_initial["val_reward"],
         val_reward_final=val_final["val_reward"], val_accuracy_initial=val_initial["val_accuracy"],
-        val_accuracy_final=val_final["val_accuracy"],
-        elapsed_s=time.perf_counter() - t_start,
+        val_accuracy_final=val_final["val_accuracy"], elapsed_s=time.perf_counter() - run.t_start,
     )
     log.info("done: val reward %.3f → %.3f, val accuracy %.3f → %.3f, μ %.3f, %.1f s", result.val_reward_initial,
-             result.val_reward_final, result.val_accuracy_initial, result.val_accuracy_final, state.mu,
+             result.val_reward_final, result.val_accuracy_initial, result.val_accuracy_final, state.controller.mu,
              result.elapsed_s)
     return result
+
+
+_NAN_EVAL = {"val_reward": float("nan"), "val_accuracy": float("nan")}
 
 
 def _full(x: torch.Tensor) -> float:
@@ -630,12 +719,6 @@ def _progress(total: int, enabled: bool, initial: int = 0):
 
 
 LOG_FILES = ("metrics.jsonl", "controller.jsonl", "samples.jsonl")
-
-
-def _root_of(checkpoint_uri: str) -> str | None:
-    """The run root of `<root>/checkpoints/step-NNNNNNN` (None if the URI does not have that shape)."""
-    parts = checkpoint_uri.rstrip("/").rsplit("/", 2)
-    return parts[0] if len(parts) == 3 and parts[1] == ckpt.CHECKPOINTS else None
 
 
 def _restore_logs(root: str, out: Path, step: int) -> None:

@@ -13,7 +13,7 @@ prompts where every sample fails).
 
 Checkpoints (issue 12): with a checkpoint root and `checkpoint_every` > 0 the warm start saves its
 state every N steps and at the end of each phase to `<root>/warm_start/checkpoints/step-NNNNNNN`
-(checkpoint.py's layout: MANIFEST.json last, LATEST after it), and `resume="auto"` continues from
+(amft_lib/checkpoint's layout: MANIFEST.json last, LATEST after it), and `resume="auto"` continues from
 the newest verified one bit-exactly on CPU; see :class:`WarmStartCheckpoints`.
 """
 
@@ -25,33 +25,24 @@ import math
 import random
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from amft_lib import checkpoint as ckpt
-from amft_lib import distributed, sharded_checkpoint, storage
+from amft_lib import distributed, storage
 from amft_lib.config import WarmStartConfig, config_hash, save_config
 from amft_lib.data.schema import DataError
-from amft_lib.dataset import check_prompts_fit, check_task, load_splits
-from amft_lib.model import check_model_source, load_policy, trainable_parameters
-from amft_lib.optim import build_optimizer
+from amft_lib.dataset import check_prompts_fit
+from amft_lib.loop_checks import LoopInputs, check_loop_inputs, check_loop_world, resolve_device, seed_everything
+from amft_lib.model import load_policy, trainable_parameters
+from amft_lib.optim import build_optimizer, lr_factor
+from amft_lib.policy import Policy, save_final_policy, sft_gradient
 from amft_lib.rollout import completion_logprobs, demonstration_batch, row_seeds, sample_completions
 from amft_lib.sampler import Cursor
 from amft_lib.scoring import greedy_eval, score_completions
 from amft_lib.tasks import get_task
-from amft_lib.training import (
-    Policy,
-    check_device,
-    check_out_dir,
-    find_resume_point,
-    lr_factor,
-    resolve_device,
-    save_final_policy,
-    seed_everything,
-    sft_gradient,
-)
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +71,7 @@ def rs_chunk_size(k: int) -> int:
 
 
 class WarmStartCheckpoints:
-    """Save and restore the warm start's state through checkpoint.py (same files, MANIFEST.json
+    """Save and restore the warm start's state through amft_lib/checkpoint (same files, MANIFEST.json
     last, LATEST after it, retention, config-hash refusal), under `<root>/warm_start/`.
 
     One step counter runs through the three phases so the step folders sort in run order:
@@ -109,8 +100,7 @@ class WarmStartCheckpoints:
         self.every = cfg.checkpoint_every if root else 0
         self.keep_last = cfg.checkpoint_keep_last
         self.config_hash = config_hash(cfg)
-        self.policy = policy  # under torchrun: DCP sharded checkpoints (sharded_checkpoint.py), same rules
-        self.named = [(n, p) for n, p in policy.generate.named_parameters() if p.requires_grad]
+        self.policy = policy  # under torchrun: DCP sharded checkpoints (checkpoint/sharded.py), same rules
         # each phase's first global step; the final SFT's is known once rejection sampling has its chunk count
         self.offsets = {"warmup": 0, "rejection_sampling": cfg.warmup_steps}
         # run-level results saved with every checkpoint: live references owned by run_warm_start
@@ -124,11 +114,11 @@ class WarmStartCheckpoints:
         by :meth:`start` inside the phase the checkpoint was taken in."""
         if resume == "never":
             return {}
-        found = find_resume_point(self.root, resume, self.config_hash, force)  # the trainer's rule
+        found = ckpt.find_resume_point(self.root, resume, self.config_hash, force)  # the trainer's rule
         if found is None:
             return {}
         self.uri, step, payload = found
-        sharded_checkpoint.check_world(self.uri, payload.trainer_state, self.policy.dist)
+        ckpt.check_world(self.uri, payload.trainer_state, self.policy.dist)
         state = payload.trainer_state
         if state.get("phase") not in PHASES:
             raise ckpt.CheckpointError(f"{self.uri} is not a warm-start checkpoint (no phase in trainer_state.json)")
@@ -152,18 +142,9 @@ class WarmStartCheckpoints:
         if state["phase"] != phase:
             return 0, {}
         self._pending = None
-        if payload.sharded_dir is not None:
-            sharded_checkpoint.load(payload, self.policy.forward, optimizer)
-        else:
-            with torch.no_grad():
-                for name, p in self.named:
-                    p.copy_(payload.model_state[name].to(p.device, p.dtype))
-            if optimizer is not None:
-                optimizer.load_state_dict(payload.optimizer_state)
+        ckpt.restore_training_state(payload, self.policy, optimizer)  # weights, optimizer, this rank's RNG
         if cursor is not None:
             cursor.load_state_dict(state["cursor"])
-        rng = payload.rng_state  # last: nothing between here and the next step draws
-        ckpt.restore_rng_state(rng["per_rank"][self.policy.dist.rank] if "per_rank" in rng else rng)
         return state["phase_step"], state.get("rs", {})
 
     def step_done(self, phase: str, done: int, total: int, *, optimizer=None, cursor: Cursor | None = None,
@@ -182,18 +163,8 @@ class WarmStartCheckpoints:
             "world_size": dist.world_size, "strategy": dist.strategy,
             **progress, **({"rs": rs} if rs is not None else {}),
         }
-        if dist.world_size > 1:
-            sharded_checkpoint.save(self.root, step, dist, self.policy.forward, optimizer, scheduler_state={},
-                                    controller_state={}, trainer_state=trainer_state, config_hash=self.config_hash,
-                                    keep_last=self.keep_last, metric=None)
-            return
-        payload = ckpt.CheckpointPayload(
-            model_state={n: p.detach().cpu() for n, p in self.named},
-            optimizer_state=optimizer.state_dict() if optimizer is not None else {},
-            scheduler_state={}, controller_state={}, rng_state=ckpt.capture_rng_state(),
-            trainer_state=trainer_state,
-        )
-        ckpt.save_checkpoint(self.root, step, payload, self.config_hash, keep_last=self.keep_last)
+        ckpt.save_training_state(self.root, step, self.policy, optimizer, trainer_state=trainer_state,
+                                 config_hash=self.config_hash, keep_last=self.keep_last)
 
     def check_applied(self) -> None:
         if self._pending is not None:
@@ -370,6 +341,33 @@ def measure_target_entropy(model, tokenizer, rows: list[dict], cfg: WarmStartCon
     return total / max(1.0, count)
 
 
+# ── the recipe: checks → setup → restore → warm-up → rejection sampling → final SFT → H* → teardown ──
+
+
+@dataclass
+class WarmStart:
+    """What `setup` builds once and every phase reads."""
+
+    cfg: WarmStartConfig
+    inputs: LoopInputs
+    policy: Policy
+    task: object
+    checkpoints: WarmStartCheckpoints
+    t_start: float
+
+
+@dataclass
+class WarmStartState:
+    """The run's results so far; `accuracy` and `history` are the live objects every checkpoint saves."""
+
+    accuracy: dict[str, float]  # greedy validation accuracy: initial, after_warmup, warm_start
+    history: list[dict]  # one record per SFT step, both SFT phases
+    restored: dict  # the resumed checkpoint's trainer_state ({} on a fresh start)
+    accepted: list[dict] = field(default_factory=list)
+    rs_stats: dict = field(default_factory=dict)
+    target_entropy: float = float("nan")
+
+
 def run_warm_start(cfg: WarmStartConfig, out_dir: str | Path, splits: dict[str, list[dict]] | None = None,
                    init_model: str | None = None, *, checkpoint_root: str | None = None, resume: str = "never",
                    force_resume: bool = False) -> WarmStartResult:
@@ -380,109 +378,148 @@ def run_warm_start(cfg: WarmStartConfig, out_dir: str | Path, splits: dict[str, 
     resume: "never", "auto" (newest verified checkpoint under the root, if any) or the URI of one
         checkpoint. A different config hash is refused unless force_resume (this run's config wins).
     """
-    out = Path(out_dir)
-    model_cfg = cfg.model if init_model is None else replace(cfg.model, name=str(init_model))
-    # ── preflight: inputs checked and the model loaded before anything goes into out_dir ──
-    check_out_dir(out)
-    check_model_source(model_cfg)
-    check_device(cfg.device)
-    splits = splits if splits is not None else load_splits(cfg.data)
-    check_task(splits, cfg.data.task, cfg.data.path)
-    train_rows = splits.get("train", [])
-    demos = [r for r in train_rows if r.get("demonstration")]
-    if not demos:
-        raise DataError(f"{cfg.data.path or 'generated data'}: warm start needs demonstrations in the train split; "
-                        "none found")
-    eval_rows = splits.get("val", [])[: cfg.eval_prompts]
-    _, world, _ = distributed.world_from_env()
-    distributed.resolve_strategy(cfg.distributed, world)
-    if world > 1:
-        distributed.check_divisible(world, batch_size=cfg.batch_size, entropy_prompts=cfg.entropy_prompts,
-                                    **{"validation prompts evaluated (min(eval_prompts, val rows))": len(eval_rows)})
+    inputs = check(cfg, out_dir, init_model, splits)
     seed_everything(cfg.seed)
     dist, device = distributed.init(cfg.distributed, resolve_device(cfg.device))
     try:
-        return _run(cfg, out, model_cfg, dist, device, splits, train_rows, demos, eval_rows, checkpoint_root, resume,
-                    force_resume)
+        ws = setup(cfg, inputs, dist, device, checkpoint_root)
+        state = restore(ws, resume, force_resume)
+        warm_up(ws, state)
+        sample_accepted(ws, state)
+        final_sft(ws, state)
+        state.target_entropy = measure_h_star(ws)
+        return teardown(ws, state)
     finally:
         distributed.shutdown(dist)
 
 
-def _run(cfg, out, model_cfg, dist, device, splits, train_rows, demos, eval_rows, checkpoint_root, resume,
-         force_resume) -> WarmStartResult:
-    """The three phases (`run_warm_start` has checked every input and joined the process group)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def check(cfg: WarmStartConfig, out_dir: str | Path, init_model: str | None,
+          splits: dict[str, list[dict]] | None) -> LoopInputs:
+    """Every input before anything goes into out_dir (loop_checks), then the warm start's own rule."""
+    inputs = check_loop_inputs(out_dir, cfg.model, init_model, cfg.device, cfg.data, splits, cfg.eval_prompts)
+    if not inputs.demo_rows:
+        raise DataError(f"{cfg.data.path or 'generated data'}: warm start needs demonstrations in the train split; "
+                        "none found")
+    check_loop_world(cfg.distributed, batch_size=cfg.batch_size, entropy_prompts=cfg.entropy_prompts,
+                     **{"validation prompts evaluated (min(eval_prompts, val rows))": len(inputs.eval_rows)})
+    return inputs
 
-    model, tokenizer = load_policy(model_cfg, device=device, seed=cfg.seed)
-    check_prompts_fit([*train_rows, *eval_rows], tokenizer, model, cfg.max_new_tokens, model_cfg.chat_template,
-                      cfg.data.path)  # refused before anything is written (dataset.py)
+
+def setup(cfg: WarmStartConfig, inputs: LoopInputs, dist: distributed.Dist, device: torch.device,
+          checkpoint_root: str | None) -> WarmStart:
+    """Load and wrap the policy, write config.yaml (the process group is joined)."""
+    model, tokenizer = load_policy(inputs.model_cfg, device=device, seed=cfg.seed)
+    check_prompts_fit([*inputs.train_rows, *inputs.eval_rows], tokenizer, model, cfg.max_new_tokens,
+                      inputs.model_cfg.chat_template, cfg.data.path)  # refused before anything is written (dataset.py)
     policy = Policy.of(model, tokenizer, dist, device)
     task = get_task(cfg.data.task)
     if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    t0 = time.perf_counter()
+        inputs.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, inputs.out / "config.yaml")
+    t_start = time.perf_counter()
+    return WarmStart(cfg, inputs, policy, task, WarmStartCheckpoints(checkpoint_root, cfg, policy), t_start)
 
-    def val_acc() -> float:
-        mine = dist.shard(eval_rows, "validation prompts")
-        with policy.sampling():
-            acc = greedy_eval(policy.generate, tokenizer, task, mine, cfg.max_new_tokens, cfg.model.chat_template,
-                              synced=dist.sharded).accuracy
-        (correct,) = dist.sum([acc * len(mine)])
-        return correct / len(eval_rows) if eval_rows else 0.0
 
-    checkpoints = WarmStartCheckpoints(checkpoint_root, cfg, policy)
-    restored = checkpoints.load(resume, force_resume)  # {} on a fresh start
-    accuracy = restored.get("val_accuracy") or {"initial": val_acc()}
-    history: list[dict] = restored.get("history", [])
-    checkpoints.progress.update(val_accuracy=accuracy, history=history)  # live: saved with each checkpoint
-    history += sft_steps(policy, tokenizer, demos, cfg.warmup_steps, cfg, cfg.seed, "warmup", checkpoints=checkpoints)
-    if "after_warmup" not in accuracy:  # checkpoints taken after the warm-up carry it
-        accuracy["after_warmup"] = val_acc()
-    rs_rows = train_rows
-    if cfg.rs_max_prompts and len(rs_rows) > cfg.rs_max_prompts:
-        rs_rows = random.Random(cfg.seed).sample(rs_rows, cfg.rs_max_prompts)
-    if "rs_stats" in restored:  # resumed in the final SFT: rejection sampling is done
-        accepted, rs_stats = restored["accepted"], restored["rs_stats"]
+def restore(ws: WarmStart, resume: str, force_resume: bool) -> WarmStartState:
+    """The results of the phases a resumed checkpoint is past (weights and RNG are restored inside the
+    phase it was taken in, see WarmStartCheckpoints.start); a fresh start measures the initial accuracy."""
+    restored = ws.checkpoints.load(resume, force_resume)  # {} on a fresh start
+    state = WarmStartState(accuracy=restored.get("val_accuracy") or {"initial": evaluate(ws)},
+                           history=restored.get("history", []), restored=restored)
+    ws.checkpoints.progress.update(val_accuracy=state.accuracy, history=state.history)  # saved with each checkpoint
+    return state
+
+
+def warm_up(ws: WarmStart, state: WarmStartState) -> None:
+    """Phase 1: `warmup_steps` of SFT on the demonstrations, then the validation accuracy."""
+    cfg = ws.cfg
+    state.history += sft_steps(ws.policy, ws.policy.tokenizer, ws.inputs.demo_rows, cfg.warmup_steps, cfg, cfg.seed,
+                               "warmup", checkpoints=ws.checkpoints)
+    if "after_warmup" not in state.accuracy:  # checkpoints taken after the warm-up carry it
+        state.accuracy["after_warmup"] = evaluate(ws)
+
+
+def sample_accepted(ws: WarmStart, state: WarmStartState) -> None:
+    """Phase 2: rejection sampling on (at most rs_max_prompts of) the training prompts."""
+    cfg, rows = ws.cfg, ws.inputs.train_rows
+    if cfg.rs_max_prompts and len(rows) > cfg.rs_max_prompts:
+        rows = random.Random(cfg.seed).sample(rows, cfg.rs_max_prompts)
+    if "rs_stats" in state.restored:  # resumed in the final SFT: rejection sampling is done
+        state.accepted, state.rs_stats = state.restored["accepted"], state.restored["rs_stats"]
     else:
-        accepted, rs_stats = rejection_sample(policy, tokenizer, task, rs_rows, cfg, checkpoints=checkpoints)
-    checkpoints.progress.update(accepted=accepted, rs_stats=rs_stats)
-    history += sft_steps(policy, tokenizer, demos + accepted, cfg.final_sft_steps, cfg, cfg.seed + 1, "final_sft",
-                         lr=cfg.lr * cfg.final_sft_lr_ratio, checkpoints=checkpoints)
-    checkpoints.check_applied()
-    accuracy["warm_start"] = val_acc()
-    h_rows = [train_rows[i] for i in Cursor(len(train_rows), cfg.seed + 2).take(cfg.entropy_prompts)]
-    target_entropy = measure_target_entropy(policy, tokenizer, h_rows, cfg)
+        state.accepted, state.rs_stats = rejection_sample(ws.policy, ws.policy.tokenizer, ws.task, rows, cfg,
+                                                          checkpoints=ws.checkpoints)
+    ws.checkpoints.progress.update(accepted=state.accepted, rs_stats=state.rs_stats)
 
+
+def final_sft(ws: WarmStart, state: WarmStartState) -> None:
+    """Phase 3: SFT on demonstrations ∪ accepted samples at final_sft_lr_ratio × lr, then the accuracy."""
+    cfg = ws.cfg
+    state.history += sft_steps(ws.policy, ws.policy.tokenizer, ws.inputs.demo_rows + state.accepted,
+                               cfg.final_sft_steps, cfg, cfg.seed + 1, "final_sft", lr=cfg.lr * cfg.final_sft_lr_ratio,
+                               checkpoints=ws.checkpoints)
+    ws.checkpoints.check_applied()
+    state.accuracy["warm_start"] = evaluate(ws)
+
+
+def measure_h_star(ws: WarmStart) -> float:
+    """H* of the warm-start model on `entropy_prompts` training prompts (see measure_target_entropy)."""
+    cfg, train_rows = ws.cfg, ws.inputs.train_rows
+    h_rows = [train_rows[i] for i in Cursor(len(train_rows), cfg.seed + 2).take(cfg.entropy_prompts)]
+    return measure_target_entropy(ws.policy, ws.policy.tokenizer, h_rows, cfg)
+
+
+def evaluate(ws: WarmStart) -> float:
+    """Greedy accuracy on the first eval_prompts validation prompts (each rank its block; 0 without any)."""
+    dist, eval_rows = ws.policy.dist, ws.inputs.eval_rows
+    mine = dist.shard(eval_rows, "validation prompts")
+    with ws.policy.sampling():
+        acc = greedy_eval(ws.policy.generate, ws.policy.tokenizer, ws.task, mine, ws.cfg.max_new_tokens,
+                          ws.cfg.model.chat_template, synced=dist.sharded).accuracy
+    (correct,) = dist.sum([acc * len(mine)])
+    return correct / len(eval_rows) if eval_rows else 0.0
+
+
+def teardown(ws: WarmStart, state: WarmStartState) -> WarmStartResult:
+    """The final model (every rank takes part under FSDP2), then rank 0 writes accepted.parquet,
+    sft_history.jsonl and stats.json — last: its presence means the warm start is complete."""
+    cfg, out, rs_stats = ws.cfg, ws.inputs.out, state.rs_stats
     model_dir, accepted_path, stats_path = out / "model", out / "accepted.parquet", out / "stats.json"
-    save_final_policy(policy, model_cfg, model_dir)
-    result = WarmStartResult(model_dir, accepted_path, stats_path, target_entropy, rs_stats["acceptance_rate"],
-                             rs_stats["pass_at_k"], accuracy, resumed_from=checkpoints.uri)
-    if not dist.is_main:
+    save_final_policy(ws.policy, ws.inputs.model_cfg, model_dir)
+    result = WarmStartResult(model_dir, accepted_path, stats_path, state.target_entropy, rs_stats["acceptance_rate"],
+                             rs_stats["pass_at_k"], state.accuracy, resumed_from=ws.checkpoints.uri)
+    if not ws.policy.dist.is_main:
         return result
-    tmp = accepted_path.with_suffix(".parquet.tmp")
-    columns = ["id", "task", "prompt", "answer", "demonstration", "split", "meta"]
-    table = pa.table({c: [r.get(c) for r in accepted] for c in columns},
-                     schema=pa.schema([(c, pa.string()) for c in columns]))
-    pq.write_table(table, tmp)
-    tmp.replace(accepted_path)
+    _write_accepted(state.accepted, accepted_path)
     with (out / "sft_history.jsonl").open("w") as f:
-        f.writelines(json.dumps(h, sort_keys=True) + "\n" for h in history)  # sorted: a resumed run's are equal
+        f.writelines(json.dumps(h, sort_keys=True) + "\n" for h in state.history)  # sorted: a resumed run's are equal
     stats = {
         "rejection_sampling": rs_stats,
-        "target_entropy": target_entropy,
+        "target_entropy": state.target_entropy,
         "target_entropy_temperature": cfg.entropy_temperature,
-        "val_accuracy": accuracy,
-        "demonstrations": len(demos),
-        "sft_rows_final": len(demos) + len(accepted),
+        "val_accuracy": state.accuracy,
+        "demonstrations": len(ws.inputs.demo_rows),
+        "sft_rows_final": len(ws.inputs.demo_rows) + len(state.accepted),
         "warmup_steps": cfg.warmup_steps,
         "final_sft_steps": cfg.final_sft_steps,
-        "elapsed_s": time.perf_counter() - t0,
+        "elapsed_s": time.perf_counter() - ws.t_start,
     }
     stats_tmp = stats_path.with_suffix(".json.tmp")
     stats_tmp.write_text(json.dumps(stats, indent=2, sort_keys=True))  # sorted: restored dicts come back sorted
     stats_tmp.replace(stats_path)  # written last: its presence means the warm start is complete
     log.info("warm start done: acceptance %.3f, pass@%d %.3f, val accuracy %s, H* %.3f",
-             rs_stats["acceptance_rate"], cfg.rs_samples, rs_stats["pass_at_k"], accuracy, target_entropy)
+             rs_stats["acceptance_rate"], cfg.rs_samples, rs_stats["pass_at_k"], state.accuracy, state.target_entropy)
     return result
+
+
+def _write_accepted(accepted: list[dict], path: Path) -> None:
+    """accepted.parquet (all string columns), through a temp name so a crash never leaves half a file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tmp = path.with_suffix(".parquet.tmp")
+    columns = ["id", "task", "prompt", "answer", "demonstration", "split", "meta"]
+    table = pa.table({c: [r.get(c) for r in accepted] for c in columns},
+                     schema=pa.schema([(c, pa.string()) for c in columns]))
+    pq.write_table(table, tmp)
+    tmp.replace(path)

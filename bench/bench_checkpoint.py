@@ -109,7 +109,7 @@ def bench_size(label: str, state: dict[str, torch.Tensor], base: str, config: st
     with tempfile.TemporaryDirectory(prefix="amft-bench-") as scratch:
         staged = Path(scratch, "staged")
         staged.mkdir()
-        checkpoint._stage(payload, str(staged), 0)  # the exact files a save uploads, for the baseline
+        checkpoint.files._stage(payload, str(staged), 0)  # the exact files a save uploads, for the baseline
         files = sorted(staged.iterdir())
         down = Path(scratch, "down")
         down.mkdir()

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from amft_lib.config import METHODS
+from amft_lib.config import BASELINES, METHODS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a policy with AMFT or one of its baselines",
-        description="Train with AMFT (or sft, grpo, sft_grpo, fixed, entropy, meta) from a YAML config. "
+        description=f"Train with AMFT (or {', '.join(BASELINES)}) from a YAML config. "
         "Writes metrics.jsonl, controller.jsonl, samples.jsonl, config.yaml and model/ under --out.",
     )
     p.add_argument("--config", help="YAML config (see configs/); defaults are used when omitted")

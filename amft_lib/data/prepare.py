@@ -37,7 +37,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ import pyarrow as pa
 
 import amft_lib
 from amft_lib.config import ConfigError
+from amft_lib.config import help_field as _help
 from amft_lib.data.ingest import DEFAULT_MAX_ROW_BYTES, FieldMap, iter_records, to_math_item
 from amft_lib.data.schema import (
     CARD_NAME,
@@ -72,12 +73,6 @@ log = logging.getLogger(__name__)
 DEFAULT_FRACTIONS = {"train": 0.8, "val": 0.1, "test_id": 0.1}
 GENERATED_TASKS = ("general_points", "countdown")  # tasks whose data `prepare` generates itself
 _MAX_GENERATION_ROUNDS = 40  # each round draws ~the missing rows again; ~566 ID puzzles bound the space
-
-
-def _help(text: str, default: Any) -> Any:
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata={"help": text})
-    return field(default=default, metadata={"help": text})
 
 
 @dataclass

@@ -20,13 +20,14 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from amft_lib.config import ConfigError
+from amft_lib.config import help_field as _help
 from amft_lib.data.ingest import read_parquet_table
 from amft_lib.data.schema import (
     CARD_NAME,
@@ -50,13 +51,6 @@ from amft_lib.tasks import Task, get_task, known_tasks
 TokenCounter = Callable[[str], int]
 CHECK_PREFIX = "_chk_"
 JSON_NAME, MARKDOWN_NAME, HTML_NAME = "validation.json", "report.md", "report.html"
-
-
-def _help(text: str, default: Any) -> Any:
-    if isinstance(default, dict):
-        return field(default_factory=lambda: {k: (list(v) if isinstance(v, list) else v) for k, v in default.items()},
-                     metadata={"help": text})
-    return field(default=default, metadata={"help": text})
 
 
 @dataclass

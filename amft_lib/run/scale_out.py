@@ -41,6 +41,7 @@ from typing import Any
 
 from amft_lib.errors import UserError
 from amft_lib.run.layout import RunRoot
+from amft_lib.run.trainjob_logs import last_error_line
 
 log = logging.getLogger(__name__)
 
@@ -167,18 +168,6 @@ def run_torchrun(run: RunRoot, nproc_per_node: int, *, stage: str = TRAIN,
         code = proc.wait()
     if code != 0:
         raise ScaleOutError(f"torchrun workers exited with {code}: {last_error_line(tail)}")
-
-
-def last_error_line(lines: Sequence[str]) -> str:
-    """The most telling line of a failed run's output: the last `error: …` line the CLI printed, else
-    the last exception line of a traceback (`XError: …`), else the last non-empty line."""
-    stripped = [ln.strip() for ln in lines if ln.strip()]
-    for prefix_match in (lambda s: s.lower().startswith("error:") or "] error:" in s.lower(),
-                         lambda s: "Error:" in s or "Exception:" in s):
-        found = [s for s in stripped if prefix_match(s)]
-        if found:
-            return found[-1]
-    return stripped[-1] if stripped else "no output"
 
 
 def trainjob_for(run: RunRoot, scale: ScaleOut, job: ClusterJob, namespace: str, launch_hash: str = "",

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from amft_lib.config import (
+    BASELINES,
     ConfigError,
     TrainConfig,
     WarmStartConfig,
@@ -142,7 +143,7 @@ _TABLE: tuple[Setting, ...] = (
     _s("p3_warm_start_overrides", list, [], "KEY=VALUE for any other warm-start config key.",
        warm_start=OVERRIDES),
     # ── p4: AMFT training ──
-    _s("p4_train_method", str, FROM_CONFIG, "amft, or a baseline: sft, grpo, sft_grpo, fixed, entropy, meta.",
+    _s("p4_train_method", str, FROM_CONFIG, f"amft, or a baseline: {', '.join(BASELINES)}.",
        train="controller.method"),
     _s("p4_train_max_steps", int, 200, "Training steps (one rollout batch + one SFT batch each).", train="max_steps"),
     _s("p4_train_lr", float, FROM_CONFIG, "Peak AdamW learning rate.", train="optim.lr"),

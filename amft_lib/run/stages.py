@@ -403,17 +403,18 @@ def evaluate_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model: s
     """Score the candidate against base, warm start and champion into `<run>/eval/`; `value` is the
     blessing. Decoding follows the training config (max_new_tokens, chat template, seed, device)."""
     from amft_lib import storage
+    from amft_lib.config import TrainConfig, config_from_dict
     from amft_lib.evaluate import EvalConfig, run_evaluate
 
-    cfg = json.loads(config_json)
+    cfg = config_from_dict(json.loads(config_json), TrainConfig)  # typed and validated, as the train stage reads it
     # the models by their run-root URIs (what the report and metrics.json name); evaluate stages them
     result = run_evaluate(EvalConfig(
         model=model_uri(model), data=dataset_dir, out_dir=run.eval, base_model=model_uri(base_model),
         warm_start_model=model_uri(warm_start_model), champion_model=f"models:/{registry_model_name}@champion",
         run_dir=train_run, tracking_uri=registry_tracking_uri or None, metric=metric, threshold=threshold,
         max_regression=max_regression, pass_k=pass_k, n_samples=n_samples, max_examples=max_examples,
-        max_new_tokens=cfg["rollout"]["max_new_tokens"], chat_template=cfg["model"]["chat_template"],
-        seed=cfg["seed"], device=cfg["device"], score_cache=run.score_cache))
+        max_new_tokens=cfg.rollout.max_new_tokens, chat_template=cfg.model.chat_template, seed=cfg.seed,
+        device=cfg.device, score_cache=run.score_cache))
     storage.get_file(run.path("eval", "report.html"), html_path)
     storage.get_file(run.path("eval", "report.md"), markdown_path)
     out = StageOutcome(value=result.blessed, metadata={"report": {"reason": result.reason}})

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,18 @@ NODE_JOB, CONTAINER = "node", "node"
 FIRST_READ_LINES = 200  # re-attaching to a long-running job shows its recent output, not all of it
 FAILED_POD_LINES = 30
 MARGIN_S = 5
+
+
+def last_error_line(lines: Sequence[str]) -> str:
+    """The most telling line of a failed run's output: the last `error: …` line the CLI printed, else
+    the last exception line of a traceback (`XError: …`), else the last non-empty line."""
+    stripped = [ln.strip() for ln in lines if ln.strip()]
+    for prefix_match in (lambda s: s.lower().startswith("error:") or "] error:" in s.lower(),
+                         lambda s: "Error:" in s or "Exception:" in s):
+        found = [s for s in stripped if prefix_match(s)]
+        if found:
+            return found[-1]
+    return stripped[-1] if stripped else "no output"
 
 
 class PodLogTail:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from amft_lib.run.trainjob import GROUP, PLURAL, VERSION, TrainJobError
-from amft_lib.run.trainjob_logs import PodLogTail
+from amft_lib.run.trainjob_logs import PodLogTail, last_error_line
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,6 @@ def failed_pods_report(logs: PodLogTail | None) -> str:
     """Print each failed pod's last lines; return "; <pod>: <its last error line>" for the first one."""
     if logs is None:
         return ""
-    from amft_lib.run.scale_out import last_error_line
-
     failed = logs.failed_pods()
     for pod, lines in failed:
         logs.emit(f"── last {len(lines)} lines of failed pod {pod} ──")

@@ -65,3 +65,107 @@ def test_test_modules_have_unique_basenames():
         seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
     clashes = {name: paths for name, paths in seen.items() if len(paths) > 1}
     assert not clashes, f"test modules share a basename (rename one): {clashes}"
+
+
+# ── no import circles inside amft_lib ───────────────────────────────────────────────────────────────
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def library_import_graph(root: Path, package: str = "amft_lib") -> dict[str, set[str]]:
+    """module → the modules of `package` it imports, at module level or inside any function (a lazy
+    import still runs, and still ties the two modules together). `from pkg import name` counts as an
+    import of the submodule `pkg.name` when that is a module, else of `pkg` itself."""
+    files = {_module_name(p, root): p for p in sorted((root / package).rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        is_pkg = path.name == "__init__.py"
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the package holding this module
+                    anchor = module.split(".") if is_pkg else module.split(".")[:-1]
+                    anchor = anchor[: len(anchor) - (node.level - 1)]
+                    base = ".".join([*anchor, base] if base else anchor)
+                names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else base for alias in node.names]
+            else:
+                continue
+            for name in names:
+                while name and name not in files:  # `import amft_lib.x.attr` → the module part
+                    name = name.rpartition(".")[0]
+                if name and name.split(".")[0] == package and name != module:
+                    targets.add(name)
+        graph[module] = targets
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every group of modules that import each other, directly or round a loop (Tarjan's strongly
+    connected components with more than one member), each sorted; the groups sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(groups)
+
+
+def test_amft_lib_has_no_import_circles():
+    """A circle (a imports b, b imports a, at any depth) makes every change to one of them a change to
+    both and breaks at import time once either import moves to module level. Issue 22 broke the last
+    three (reports ↔ evaluate, model_source ↔ model, scale_out ↔ trainjob_watch)."""
+    graph = library_import_graph(ROOT)
+    assert len(graph) > 30 and graph["amft_lib.trainer"], "the walker found the library's modules and imports"
+    assert not import_cycles(graph), f"import circles inside amft_lib: {import_cycles(graph)}"
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    # a lazy (function-level) import closes the circle
+    ({"a.py": "from amft_lib import b\n", "b.py": "def f():\n    from amft_lib.a import x\n"},
+     [["amft_lib.a", "amft_lib.b"]]),
+    # three modules round a loop, one through `import amft_lib.x.y` and one relative import
+    ({"a.py": "import amft_lib.sub.c\n", "sub/__init__.py": "", "sub/c.py": "from .. import b\n",
+      "b.py": "def g():\n    import amft_lib.a\n"},
+     [["amft_lib.a", "amft_lib.b", "amft_lib.sub.c"]]),
+    # one direction only: no circle
+    ({"a.py": "from amft_lib import b\n", "b.py": "import json\n"}, []),
+])
+def test_the_circle_check_sees_a_planted_circle(tmp_path, files, expected):
+    """The walker and the cycle search find a circle planted in a throw-away copy of the package layout,
+    so the test above can fail."""
+    for name, source in {"__init__.py": "", **files}.items():
+        path = tmp_path / "amft_lib" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(source)
+    assert import_cycles(library_import_graph(tmp_path)) == expected

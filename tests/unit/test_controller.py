@@ -184,3 +184,33 @@ def test_half_sample_gradient_full_and_cosine():
     assert torch.allclose(u.full[0], torch.tensor([0.25, 1.5]))
     assert cosine_similarity(u.half_a, u.half_b) == 0.0  # orthogonal halves: no agreement at all
     assert cosine_similarity([torch.tensor([1.0, 1.0])], [torch.tensor([2.0, 2.0])]) == pytest.approx(1.0)
+
+
+# ── μ is set only here: the per-batch HPT share and the first-step H* are controller inputs ──
+
+
+def test_begin_step_sets_the_hpt_share_and_leaves_every_other_method_alone():
+    import torch
+
+    from amft_lib.controller import begin_step
+
+    # G=2: groups [0,0] [1,0] [0,0] [1,1] → 2 of 4 prompts all wrong → μ = 0.5
+    rewards = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    s = ControllerState(mu=0.9, target_entropy=1.0)
+    assert begin_step(s, rewards, 2, cfg(method="hpt")).mu == 0.5
+    for method in ("amft", "fixed", "chord", "sft_grpo"):
+        assert begin_step(s, rewards, 2, cfg(method=method)) is s
+
+
+def test_end_step_measures_a_missing_target_entropy_at_the_first_step_then_steps():
+    from amft_lib.controller import end_step
+
+    c = cfg(method="entropy")
+    s = end_step(ControllerState(mu=0.5), 1.5, None, c)
+    # H* := H_0 = 1.5, so the entropy term η_H·(H* − H_0) is 0 at the first step: μ stays 0.5
+    assert s.target_entropy == 1.5 and s.mu == pytest.approx(0.5) and s.step == 1
+    # later steps keep that H*: H_1 = 1.0 → μ += 0.2·(1.5 − 1.0) = 0.1
+    s = end_step(s, 1.0, None, c)
+    assert s.target_entropy == 1.5 and s.mu == pytest.approx(0.6)
+    # a measured H* (the warm start's) is never replaced
+    assert end_step(ControllerState(mu=0.5, target_entropy=2.0), 1.0, None, c).target_entropy == 2.0

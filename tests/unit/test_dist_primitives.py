@@ -117,8 +117,7 @@ def test_strategy_none_under_torchrun_is_refused_before_anything_is_written(tmp_
 ])
 def test_which_checkpoints_a_launch_can_continue(saved, now, elastic, refused):
     """The trainer resumes elastically; the warm start (and any strict caller) only on the same layout."""
-    from amft_lib.checkpoint import CheckpointError
-    from amft_lib.sharded_checkpoint import check_world
+    from amft_lib.checkpoint import CheckpointError, check_world
 
     state = {"world_size": saved[0], "strategy": saved[1]}
     dist = Dist(world_size=now[0], strategy=now[1])

@@ -11,10 +11,10 @@ from amft_lib.config import ModelConfig, TrainConfig, apply_overrides
 from amft_lib.controller import compute_meta_gradient
 from amft_lib.model import load_policy, trainable_parameters
 from amft_lib.optim import MasterWeightAdamW, build_optimizer
+from amft_lib.policy import sft_gradient
 from amft_lib.rollout import demonstration_batch
 from amft_lib.tasks.general_points import generate_rows
 from amft_lib.trainer import train
-from amft_lib.training import sft_gradient
 
 SMALL = {"tiny_hidden": 32, "tiny_layers": 2, "tiny_heads": 2}
 

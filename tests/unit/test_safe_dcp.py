@@ -1,4 +1,4 @@
-"""amft_lib.safe_dcp: DCP checkpoints load through an allowlisting metadata unpickler and a weights-only
+"""amft_lib.checkpoint.safe_dcp: DCP checkpoints load through an allowlisting metadata unpickler and a weights-only
 check of non-tensor items, so a crafted `.metadata` or optimizer item cannot run code on resume. Real
 `torch.distributed.checkpoint` files (one process, no process group), real crafted pickles."""
 
@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from amft_lib.checkpoint import CorruptCheckpointError
-from amft_lib.safe_dcp import SafeLoadPlanner, SafeReader
+from amft_lib.checkpoint.safe_dcp import SafeLoadPlanner, SafeReader
 
 
 def trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -68,7 +68,7 @@ def test_crafted_metadata_is_refused_before_anything_runs(tmp_path):
     marker = tmp_path / "pwned"
     (path / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     with pytest.raises(CorruptCheckpointError, match=r"\.metadata: refused: posix\.system is not part of a DCP"):
-        SafeReader(path).read_metadata()  # what sharded_checkpoint.load checks first (a one-line error)
+        SafeReader(path).read_metadata()  # what checkpoint.sharded.load checks first (a one-line error)
     with pytest.raises(CheckpointException, match=r"posix\.system is not part of a DCP"):
         load(path)  # and inside dcp.load, which wraps the reader's error in its own (a BaseException)
     assert not marker.exists()

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from amft_lib.config import METHODS, TrainConfig, apply_overrides, load_config
+from amft_lib.optim import lr_factor
 from amft_lib.tasks.general_points import generate_rows
 from amft_lib.trainer import train
-from amft_lib.training import lr_factor
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT = {"step", "mu", "entropy", "target_entropy", "sft_loss", "rl_loss", "reward_mean", "reward_std",

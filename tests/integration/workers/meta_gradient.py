@@ -17,8 +17,8 @@ from amft_lib.config import DistributedConfig, ModelConfig
 from amft_lib.controller import UtilityGrad, compute_meta_gradient, utility_grad_in_place
 from amft_lib.distributed import init, shutdown, wrap
 from amft_lib.model import load_policy, trainable_parameters
+from amft_lib.policy import sft_gradient, take_grads
 from amft_lib.rollout import TokenBatch, completion_logprobs
-from amft_lib.training import sft_gradient, take_grads
 
 
 def _rmsnorm_keep_dtype(self, hidden_states):  # as in test_meta_gradient.py: float64 all the way

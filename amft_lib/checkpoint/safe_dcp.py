@@ -4,7 +4,7 @@ Stock DCP reads `.metadata` with `pickle.load` and non-tensor items (the optimiz
 `torch.load(weights_only=False)`. A run root is shared storage (S3), and DESIGN.md's rule is that nothing
 read from it is unpickled freely: one crafted file would run code in every pod that resumes. The reader
 and planner here keep DCP's formats and code paths and only narrow what may be deserialised. Kept apart
-from sharded_checkpoint.py so `import amft_lib.trainer` does not pay for importing DCP.
+from sharded.py so `import amft_lib.trainer` does not pay for importing DCP.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from amft_lib.checkpoint import CorruptCheckpointError
+from amft_lib.checkpoint.files import CorruptCheckpointError
 
 # Every global a DCP `.metadata` pickle may name (torch 2.13: Metadata and its parts); plus torch dtypes.
 METADATA_GLOBALS = {

@@ -1,29 +1,23 @@
-"""What the warm start and the trainer share: the policy as training and sampling see it (also under
-torchrun), seeding, the device, the learning-rate schedule, the chunked SFT gradient, the checks run
-before a byte is written, where a run resumes from, and saving the final model.
+"""The policy as both training loops (trainer, warm start) see it: wrapped for torchrun, sampled,
+differentiated (the chunked SFT gradient, bf16 autocast) and saved at the end.
 
 Why a module of its own: both loops need these, and importing them from each other (the warm start
 used to build a throw-away TrainConfig just to call the trainer's SFT gradient) tied the two loops
-together through their configs.
+together through their configs. (It was `training.py`, a name easy to confuse with `trainer.py`;
+the checks both loops run first are in `loop_checks.py`, the LR schedule is in `optim.py`.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import os
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from amft_lib import checkpoint as ckpt
 from amft_lib import distributed
-from amft_lib.config import ConfigError
 from amft_lib.distributed import SINGLE, Dist
 from amft_lib.losses import sft_loss
 from amft_lib.model import load_policy, save_policy
@@ -75,44 +69,6 @@ def save_final_policy(policy: Policy, model_cfg, model_dir: Path) -> None:
     dist.barrier()  # the model directory exists on return, whichever rank returns first
 
 
-def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
-    """Linear warm-up to 1, then cosine decay to `min_ratio` at `max_steps`."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def check_device(name: str) -> None:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda': no CUDA device is visible here; use device=auto or cpu")
-
-
-def check_out_dir(out: Path, what: str = "output") -> None:
-    """ConfigError unless `out` is (or can be created as) a writable directory; creates nothing."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{what} {out}: exists and is not a directory; give a directory (it is created if missing)")
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"{what} {out}: {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {out}: permission denied (cannot write in {probe})")
-
-
 def autocast(precision: str):
     """bf16 autocast for `bf16-mixed` on a GPU; a no-op otherwise (CPU autocast would change the numbers)."""
     if precision == "bf16-mixed" and torch.cuda.is_available():
@@ -153,25 +109,3 @@ def sft_gradient(model, params: list[torch.nn.Parameter], batch: TokenBatch, *, 
         total += loss.detach().item() * w
     (total,) = dist.sum([total])
     return take_grads(params), total
-
-
-def find_resume_point(root: str | None, resume: str, cfg_hash: str, force: bool, force_restart: bool = False):
-    """(uri, step, payload) of the checkpoint to resume from, or None to start fresh.
-
-    `resume` is "auto" (the newest verified checkpoint under `root`; corrupt-only refused unless
-    `force_restart`) or one checkpoint URI. A config-hash mismatch is refused unless `force` — then
-    this run's config wins, and the log says so (torchtune's rule)."""
-    if resume == "auto":
-        if not root:
-            raise ConfigError("resume='auto' needs a checkpoint root (--checkpoint-root)")
-        return ckpt.resume(root, cfg_hash, force=force, force_restart=force_restart)
-    step, payload = ckpt.load_checkpoint(resume)
-    saved = payload.trainer_state.get("config_hash")
-    if saved != cfg_hash:
-        if not force:
-            raise ckpt.ConfigMismatchError(
-                f"{resume} was written with config hash {str(saved)[:12]}…, this run has {cfg_hash[:12]}…; "
-                "pass force_resume (--force-resume) to continue with this run's config"
-            )
-        log.warning("config hash differs from %s; this run's config wins", resume)
-    return resume, step, payload

@@ -1,5 +1,5 @@
 """Checkpoints of a `torchrun` run: model and optimizer as `torch.distributed.checkpoint` (DCP) shards,
-one RNG state per rank, and the same small states and manifest rules as `checkpoint.py`.
+one RNG state per rank, and the same small states and manifest rules as `files.py`.
 
 Layout (manifest ``"layout": "dcp"``, ``"world_size"``, ``"strategy"``)::
 
@@ -20,7 +20,7 @@ Nothing from the run root is unpickled freely (DESIGN.md): stock DCP reads `.met
 so a crafted checkpoint would run code in every training pod. `load` goes through `safe_dcp`: the
 metadata through an unpickler that admits only DCP's own metadata classes, a non-tensor item only if
 `torch.load(weights_only=True)` accepts it; tensors are read with weights_only already, and the RNG
-files go through `torch.load(weights_only=True)` (checkpoint.py).
+files go through `torch.load(weights_only=True)` (files.py).
 
 Training resumes under another world size or strategy (`check_world(elastic=True)`): DCP reshards
 model and optimizer onto whatever sharding loads them (FSDP2 on M ranks, DDP, or one plain process), the
@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from amft_lib import checkpoint as ckpt
+from amft_lib.checkpoint import files as ckpt
 from amft_lib.distributed import Dist
 
 
@@ -76,7 +76,7 @@ def load(payload: ckpt.CheckpointPayload, model: torch.nn.Module, optimizer: tor
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-    from amft_lib.safe_dcp import SafeLoadPlanner, SafeReader
+    from amft_lib.checkpoint.safe_dcp import SafeLoadPlanner, SafeReader
 
     SafeReader(payload.sharded_dir).read_metadata()  # refused metadata: one line here, not DCP's wrapped error
     state = _state(model, optimizer)  # the target sharding (get_state_dict initialises the optimizer state)
@@ -96,24 +96,3 @@ def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> d
         return {"model": get_model_state_dict(model)}
     model_state, optim_state = get_state_dict(model, optimizer)
     return {"model": model_state, "optim": optim_state}
-
-
-def check_world(uri: str, trainer_state: dict[str, Any], dist: Dist, *, elastic: bool = False) -> str:
-    """Refuse a checkpoint this launch cannot continue: any change of world size or strategy when not
-    `elastic`; with `elastic`, only a 1-process checkpoint under FSDP2 (no sharded state to reshard).
-    Returns "" for the same layout, else one line saying what changed (for the resume log)."""
-    saved_world = int(trainer_state.get("world_size", 1))
-    saved_strategy = trainer_state.get("strategy", "none")
-    if saved_world == dist.world_size and (saved_world == 1 or saved_strategy == dist.strategy):
-        return ""
-    if not elastic:
-        raise ckpt.CheckpointError(
-            f"{uri} was written by {saved_world} process(es) with distributed.strategy={saved_strategy}; this run "
-            f"has {dist.world_size} with {dist.strategy}: relaunch with the same nnodes × nproc-per-node and "
-            "strategy (the warm start does not change world size on resume), or start a new run root")
-    if saved_world == 1 and dist.strategy == "fsdp":
-        raise ckpt.CheckpointError(
-            f"{uri} was written by 1 process (whole tensors, no DCP shards): resume it under ddp or in one "
-            "process, then continue under fsdp from that run's next checkpoint")
-    return (f"written by {saved_world} process(es) ({saved_strategy}), continuing on {dist.world_size} "
-            f"({dist.strategy})")

@@ -1,0 +1,39 @@
+"""amft_lib.run.summary (mirror test): the summary of a run read back from its stage records, never raising
+for missing ones, and its Markdown. A local run root with hand-written records."""
+
+from __future__ import annotations
+
+from amft_lib.run.layout import RunRoot, put_json
+from amft_lib.run.summary import accuracy_table, summarize_run, summary_markdown
+
+
+def test_a_run_with_no_records_summarizes_to_its_state_and_no_stages(tmp_path):
+    summary = summarize_run(str(tmp_path), "r-1", "", "FAILED", error="boom")
+    assert summary["state"] == "FAILED" and summary["stages"] == {} and summary["run_id"] == "r-1"
+    assert "Error: boom" in summary_markdown(summary)
+
+
+def test_a_bad_run_id_is_a_problem_not_an_exception(tmp_path):
+    summary = summarize_run(str(tmp_path), "../x", "", "FAILED")
+    assert summary["problems"] and "run id" in summary["problems"][0]
+
+
+def test_an_unreadable_record_is_listed_and_the_rest_is_read(tmp_path):
+    run = RunRoot.resolve(str(tmp_path), "r-1")
+    put_json(run.data_card, {"splits": {"train": {"rows": 10}, "val": {"rows": 2}}})
+    from pathlib import Path
+
+    Path(run.gate).parent.mkdir(parents=True, exist_ok=True)
+    Path(run.gate).write_text("{not json")
+    summary = summarize_run(str(tmp_path), "r-1", "", "RUNNING")
+    assert summary["stages"]["data"]["rows"] == {"train": 10, "val": 2}
+    assert any(p.startswith("validation/gate.json") for p in summary["problems"])
+    text = summary_markdown(summary)
+    assert "- data: train 10, val 2" in text and "Problems reading the run root:" in text
+
+
+def test_accuracy_table_has_one_row_per_role_present_in_role_order():
+    rows = accuracy_table({"final": {"test_id": {"accuracy": 0.5, "pass_at_k": 0.75}},
+                           "base": {"test_ood": {"accuracy": 0.125}}})
+    assert rows[2].startswith("| base |") and rows[3].startswith("| final |") and len(rows) == 4
+    assert "0.5" in rows[3] and "0.75" in rows[3] and "0.125" in rows[2]
