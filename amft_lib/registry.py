@@ -50,6 +50,7 @@ from typing import Any
 
 from amft_lib import lineage, model_files, storage
 from amft_lib.errors import UserError
+from amft_lib.mlflow_names import CHECKPOINT_MODEL_TYPE, CHECKPOINT_STEP_TAG, EXTERNAL_TAG, STAGE_TAG
 
 log = logging.getLogger(__name__)
 
@@ -632,8 +633,6 @@ def _lm_experiments(client: Any) -> list[str]:
 def final_logged_model(client: Any, run_id: str) -> Any | None:
     """The LoggedModel of pipeline run `run_id`'s final training checkpoint (the highest step the
     training stage recorded; its weights are the trained model's), or None when it recorded none."""
-    from amft_lib.tracking import CHECKPOINT_MODEL_TYPE, CHECKPOINT_STEP_TAG, STAGE_TAG
-
     experiments = _lm_experiments(client)
     if not experiments:
         return None
@@ -647,8 +646,6 @@ def attach_servable(client: Any, model_id: str, servable_dir: str | Path, mlflow
     """Log the servable model (servable_model's folder) into LoggedModel `model_id`, as MLflow's
     `log_model(model_id=…)` completes an external model: its files, then the external tag goes. The
     checkpoint it points at stays where it is (tag amft.checkpoint_uri)."""
-    from amft_lib.tracking import EXTERNAL_TAG
-
     client.log_model_artifacts(model_id, str(servable_dir))
     with contextlib.suppress(_mlflow_error()):  # already gone on a retried registration
         client.delete_logged_model_tag(model_id, EXTERNAL_TAG)

@@ -39,22 +39,25 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from amft_lib.mlflow_names import (
+    CHECKPOINT_MODEL_TYPE,
+    CHECKPOINT_STATE_TAG,
+    CHECKPOINT_STEP_TAG,
+    CHECKPOINT_URI_TAG,
+    EXTERNAL_TAG,
+    STAGE_TAG,
+)
+
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "amft"
 RUN_ID_TAG = "amft.run_id"  # the pipeline run id, on the parent MLflow run and its stage runs
-STAGE_TAG = "amft.stage"
 _MAX_PARAM = 500  # MLflow's limit on a param value's length
 # metrics.jsonl fields that are bookkeeping, not curves
 _NOT_METRICS = {"step", "final", "elapsed_s"}
 _FINAL_METRICS = {"val_reward", "val_accuracy"}  # what the final record adds (as the training curves read it)
 # What KFP 2.17's MLflow plugin injects into a task container (KEP-12862).
 PLUGIN_ENV = ("MLFLOW_RUN_ID", "MLFLOW_TRACKING_URI", "MLFLOW_WORKSPACE")
-CHECKPOINT_MODEL_TYPE = "amft-checkpoint"
-CHECKPOINT_STEP_TAG = "amft.checkpoint_step"
-CHECKPOINT_URI_TAG = "amft.checkpoint_uri"
-CHECKPOINT_STATE_TAG = "amft.checkpoint_state"  # "complete", or "deleted" once retention removed it
-EXTERNAL_TAG = "mlflow.model.isExternal"  # mlflow.utils.mlflow_tags.MLFLOW_MODEL_IS_EXTERNAL
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -47,3 +47,25 @@ class Task(Protocol):
     def check_answer(self, answer: str) -> str | None:
         """None if `answer` is well-formed for this task, else a one-line reason (used by the data gate)."""
         ...
+
+
+def extract_boxed(text: str) -> str | None:
+    """Return the contents of the last `\\boxed{...}` in `text`, matching nested braces.
+
+    None when there is no `\\boxed{` or its braces never close (a truncated completion). Linear in
+    the text length, so a huge completion cannot stall the reward loop.
+    """
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i = start + len("\\boxed{")
+    depth = 1
+    for j in range(i, len(text)):
+        ch = text[j]
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j]
+    return None

@@ -86,8 +86,7 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Protocol
 
-from amft_lib.tasks.base import Verdict
-from amft_lib.tasks.math import extract_boxed
+from amft_lib.tasks.base import Verdict, extract_boxed
 
 # ── The game ────────────────────────────────────────────────────────────────────────────────────
 RANKS = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K")

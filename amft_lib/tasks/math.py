@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from amft_lib.confusables import skeleton
-from amft_lib.tasks.base import Verdict
+from amft_lib.tasks.base import Verdict, extract_boxed
 
 # Longest number text we will convert; anything longer is model babble, not an answer.
 MAX_NUMBER_CHARS = 64
@@ -55,28 +55,6 @@ _NUMBER_RE = re.compile(
 _STRICT_NUMBER_RE = re.compile(rf"(?P<num>{_DIGITS})(?:\s*/\s*(?P<den>{_DIGITS}))?", re.ASCII)
 _FRAC_RE = re.compile(r"\\[dt]?frac\s*\{\s*(-?[\d.,]+)\s*\}\s*\{\s*([\d.,]+)\s*\}")
 _TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\s*\{([^{}]*)\}")
-
-
-def extract_boxed(text: str) -> str | None:
-    """Return the contents of the last `\\boxed{...}` in `text`, matching nested braces.
-
-    None when there is no `\\boxed{` or its braces never close (a truncated completion). Linear in
-    the text length, so a huge completion cannot stall the reward loop.
-    """
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i = start + len("\\boxed{")
-    depth = 1
-    for j in range(i, len(text)):
-        ch = text[j]
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j]
-    return None
 
 
 def _clean_latex(segment: str) -> str:

@@ -11,7 +11,8 @@ import torch
 
 from amft_lib import model_cache
 from amft_lib.config import ModelConfig
-from amft_lib.model import ModelError, build_char_tokenizer, load_policy, save_policy, trainable_parameters
+from amft_lib.model import build_char_tokenizer, load_policy, save_policy, trainable_parameters
+from amft_lib.model_files import ModelFilesError
 
 TINY = ModelConfig(name="tiny", tiny_hidden=32, tiny_layers=1, tiny_heads=2)
 
@@ -58,9 +59,9 @@ def test_saved_policy_loads_back_equal_with_its_generation_length(tmp_path):
     assert json.loads((out / "generation_config.json").read_text())["max_new_tokens"] == 37
 
 
-def test_a_folder_without_weights_is_one_model_error(tmp_path):
+def test_a_folder_without_weights_is_refused_before_transformers_sees_it(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ModelError, match="cannot load the model"):
+    with pytest.raises(ModelFilesError, match=r"no \.safetensors weights found"):
         load_policy(ModelConfig(name=str(tmp_path)))
 
 

@@ -13,7 +13,7 @@ from amft_lib.config import ConfigError, DataConfig, DistributedConfig, ModelCon
 from amft_lib.data.schema import DataError
 from amft_lib.loop_checks import check_loop_inputs, check_loop_world, check_out_dir, resolve_device
 from amft_lib.losses import sft_loss
-from amft_lib.model import load_policy, trainable_parameters
+from amft_lib.model import load_policy, save_policy, trainable_parameters
 from amft_lib.optim import lr_factor
 from amft_lib.policy import Policy, save_final_policy, sft_gradient, take_grads
 from amft_lib.rollout import completion_logprobs, demonstration_batch
@@ -77,8 +77,7 @@ def test_check_loop_inputs_splits_rows_and_takes_the_first_eval_prompts(tmp_path
     assert [r["id"] for r in inputs.demo_rows] == ["r"] and len(inputs.train_rows) == 2
     assert [r["id"] for r in inputs.eval_rows] == ["v0", "v1", "v2"] and len(inputs.val_rows) == 5
     assert inputs.model_cfg is TINY and not (tmp_path / "out").exists()  # checked, nothing created
-    (tmp_path / "warm").mkdir()
-    (tmp_path / "warm" / "config.json").write_text("{}")  # what the model check looks for (no weights read)
+    save_policy(*load_policy(TINY), tmp_path / "warm")  # init_model is checked as a real model folder
     moved = check_loop_inputs(tmp_path / "out", TINY, str(tmp_path / "warm"), "cpu", data, _rows(), eval_prompts=3)
     assert moved.model_cfg.name == str(tmp_path / "warm")  # init_model replaces the config's model
 
