@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from amft_lib.config import DataConfig
-from amft_lib.data.schema import CARD_NAME, DataError, one_line, read_card
+from amft_lib.data.schema import CARD_NAME, MAX_CARD_BYTES, DataError, one_line, read_card
 from amft_lib.regular_file import read_regular_file
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,15 @@ def read_rows(path: str | Path) -> dict[str, list[dict]]:
             first_seen[row["id"]] = f"{f.name} row {i + 1}"
             splits[row["split"]].append(row)
     return dict(splits)
+
+
+def card_digest(path: str | Path) -> str:
+    """sha256 of a dataset folder's card.json bytes: what the data gate records, so a later stage can
+    tell that the card (and through it every file) is the one the gate validated."""
+    card = Path(path) / CARD_NAME
+    if not card.exists():
+        raise DataError(f"{card}: no dataset card (was `amft data prepare` run to completion?)")
+    return hashlib.sha256(read_regular_file(card, "dataset card", MAX_CARD_BYTES, DataError)).hexdigest()
 
 
 def dataset_files(path: Path) -> list[tuple[Path, str | None]]:

@@ -5,6 +5,7 @@ or written — and preflight sizes each GPU stage's pod from its world size and 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +51,58 @@ def test_checks_markdown_says_failed_and_keeps_the_table_intact():
     assert text.startswith("# Preflight: FAILED")
     assert "| model | **failed** | a/b missing |" in text  # a `|` in a detail would break the table
     assert checks_markdown([Check("s3", True, "ok")]).startswith("# Preflight: passed")
+
+
+@pytest.fixture
+def gated(tmp_path):
+    """A prepared dataset and a run root whose gate record passed it (as validate_stage writes it)."""
+    from amft_lib.data.prepare import PrepareConfig, run_prepare
+    from amft_lib.dataset import card_digest
+    from amft_lib.run.layout import put_json
+
+    data = tmp_path / "data"
+    run_prepare(PrepareConfig(out_dir=str(data), train_size=20, val_size=4, test_id_size=4, test_ood_size=4))
+    run = RunRoot.resolve(str(tmp_path / "s3"), "r-1")
+    put_json(run.gate, {"passed": True, "failed_checks": [], "card_sha256": card_digest(data)})
+    return run, data
+
+
+def test_a_gpu_stage_reads_only_the_dataset_the_gate_passed(gated):
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from amft_lib.data.schema import DataError
+    from amft_lib.dataset import card_digest, read_rows
+    from amft_lib.run.stages import check_gated
+
+    run, data = gated
+    check_gated(run, data)  # untouched: allowed
+    # Rewrite a split file AND its card together: read_rows alone has no other reference and accepts it ...
+    card = json.loads((data / "card.json").read_text())
+    train = data / card["splits"]["train"]["file"]
+    table = pq.read_table(train)
+    pq.write_table(table.slice(1), train)
+    card["splits"]["train"]["sha256"] = hashlib.sha256(train.read_bytes()).hexdigest()
+    (data / "card.json").write_text(json.dumps(card))
+    assert len(read_rows(data)["train"]) == table.num_rows - 1
+    # ... the gate record does not
+    with pytest.raises(DataError, match=r"card\.json: sha256 .* is not the card the data gate validated"):
+        check_gated(run, data)
+    assert card_digest(data) != json.loads(Path(run.gate).read_text())["card_sha256"]
+
+
+def test_a_failed_or_missing_gate_record(gated, caplog):
+    from amft_lib.data.schema import DataError
+    from amft_lib.run.layout import put_json
+    from amft_lib.run.stages import check_gated
+
+    run, data = gated
+    put_json(run.gate, {"passed": False, "failed_checks": ["unique_ids"], "card_sha256": "x"})
+    with pytest.raises(DataError, match=r"did not pass.*unique_ids"):
+        check_gated(run, data)
+    import os
+
+    os.remove(run.gate)
+    check_gated(run, data)  # outside the pipeline (no gate ran): allowed, and said
+    assert "no data-gate record" in caplog.text
