@@ -13,7 +13,7 @@ The baselines differ only in their controller (see controller.py), so an equal b
 (steps, rollouts, SFT tokens) holds by construction; μ is only ever set there (`begin_step`: HPT's
 share of all-wrong prompts; `end_step`: H* from the first step when none was measured, then Eq. 6).
 
-The shape is torchtune's recipe: `train()` reads check → setup → restore → `train_step` × N (with
+The shape is torchtune's recipe: `run_train()` reads check → setup → restore → `train_step` × N (with
 `save_checkpoint` and `evaluate` when due) → teardown. `Recipe` holds what setup builds, `TrainState`
 what a step changes and a checkpoint saves; the warm start (warm_start.py) has the same phases.
 """
@@ -246,7 +246,7 @@ class _Checked:
     restored: tuple | None
 
 
-def train(
+def run_train(
     cfg: TrainConfig,
     out_dir: str | Path,
     *,

@@ -78,7 +78,7 @@ def one_run(job: dict) -> dict:
 
 def _one_run(job: dict) -> dict:
     from amft_lib.config import apply_overrides, load_config
-    from amft_lib.trainer import train
+    from amft_lib.trainer import run_train
 
     method = job["method"]
     if method == "warm_start":  # the common starting point, scored on the same rows (greedy: seed-free)
@@ -98,7 +98,7 @@ def _one_run(job: dict) -> dict:
                                     f"controller.target_entropy_temperature={job['target_entropy_temperature']}"])
     init = None if method == "amft_no_warm_start" else job["warm_model"]
     t0 = time.perf_counter()
-    res = train(cfg, job["run_dir"], init_model=init, progress=False)
+    res = run_train(cfg, job["run_dir"], init_model=init, progress=False)
     train_s = time.perf_counter() - t0
     if job.get("per_instance"):
         scores = instance_scores(str(res.model_dir), cfg, job)

@@ -4,7 +4,7 @@
     python bench/bench_speed.py --model tiny --repeats 5
 
 What is measured (same policy, prompts, B prompts × G completions, max_new_tokens, verifier):
-1. one GRPO step of ours (`amft_lib.trainer.train`, method grpo, time_rollout_s + time_update_s from
+1. one GRPO step of ours (`amft_lib.trainer.run_train`, method grpo, time_rollout_s + time_update_s from
    metrics.jsonl) vs one step of TRL's GRPOTrainer (callback time from on_step_begin to on_step_end:
    generation, reward, forward/backward, clip, AdamW step). beta=0 on both sides, no reference model,
    fp32, no gradient checkpointing, token-mean loss (TRL `dapo`), group-std scaled advantages.
@@ -148,7 +148,7 @@ def _run_ours(a, work: Path, method: str, steps: int, splits: dict) -> dict:
 
     out = Path(tempfile.mkdtemp(dir=work, prefix=f"{method}-"))
     policy = str(work / "policy")
-    trainer_mod.train(_train_cfg(a, method, steps, policy), out, init_model=policy, splits=splits, progress=False)
+    trainer_mod.run_train(_train_cfg(a, method, steps, policy), out, init_model=policy, splits=splits, progress=False)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if not r.get("final")]
     meta_steps = [r["step"] for r in records if r["meta_grad"] is not None]

@@ -24,7 +24,7 @@ import torch
 
 from amft_lib.config import TrainConfig, apply_overrides
 from amft_lib.tasks.general_points import generate_rows
-from amft_lib.trainer import train
+from amft_lib.trainer import run_train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SMOLLM2_ARCH = {  # SmolLM2-135M's published architecture (config.json of HuggingFaceTB/SmolLM2-135M-Instruct)
@@ -80,7 +80,7 @@ def main() -> None:
         ])
         splits = {"train": generate_rows(256, "face10", 1, "train"), "val": generate_rows(64, "face10", 2, "val")}
         t0 = time.perf_counter()
-        train(cfg, Path(tmp) / "run", splits=splits, progress=False)
+        run_train(cfg, Path(tmp) / "run", splits=splits, progress=False)
         wall = time.perf_counter() - t0
         rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if not r.get("final")][1:]  # drop step 0: warm-up (allocations, compilation)

@@ -123,7 +123,7 @@ def _train(args: argparse.Namespace) -> int:
         print("error: --out is required", file=sys.stderr)
         return 2
     cfg = _load(args, TrainConfig)
-    from amft_lib.trainer import train
+    from amft_lib.trainer import run_train
 
     if args.resume != "never" and args.resume != "auto" and not args.resume.strip():
         print("error: --resume takes never, auto or a checkpoint URI", file=sys.stderr)
@@ -131,7 +131,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume == "auto" and not args.checkpoint_root:
         print("error: --resume auto needs --checkpoint-root", file=sys.stderr)
         return 2
-    result = train(cfg, args.out, init_model=args.init_model, progress=not args.no_progress,
+    result = run_train(cfg, args.out, init_model=args.init_model, progress=not args.no_progress,
                    checkpoint_root=args.checkpoint_root, resume=args.resume, force_resume=args.force_resume,
                    force_restart=args.force_restart)
     if not _is_rank0():

@@ -464,13 +464,12 @@ def _item_at(cfg: PrepareConfig, fields: FieldMap, index: int) -> Any:
     raise AssertionError(index)  # pragma: no cover - the scan saw this record
 
 
-def _prepare_ingested(cfg: PrepareConfig, task: Task) -> PrepareResult:
-    """Read, map, normalise, dedup, split and decontaminate user rows, streaming (see above)."""
+def _sieve(cfg: PrepareConfig, fields: FieldMap, scan: Any) -> tuple[Any, dict[str, int]]:
+    """Which scanned rows survive dedup (a bool mask over the input rows) and how many each rule dropped;
+    an id given twice is a DataError naming both places. Vectorised over the scan, but with the answer of
+    a row-at-a-time loop (see the comment inside)."""
     import numpy as np
 
-    path = Path(cfg.input or "")
-    fields = FieldMap(cfg.question_field, cfg.answer_field, cfg.solution_field, cfg.id_field)
-    scan = _scan_input(cfg, task, fields)
     n = len(scan.raw)
     dropped: dict[str, int] = {}
 
@@ -502,6 +501,18 @@ def _prepare_ingested(cfg: PrepareConfig, task: Task) -> PrepareResult:
     count("bad_answer", (distinct & scan.bad).sum())
     kept = _first_of(scan.key, parsed)
     count("duplicate_key", parsed.sum() - kept.sum())
+    return kept, dropped
+
+
+def _prepare_ingested(cfg: PrepareConfig, task: Task) -> PrepareResult:
+    """Read, map, normalise, dedup, split and decontaminate user rows, streaming (see above)."""
+    import numpy as np
+
+    path = Path(cfg.input or "")
+    fields = FieldMap(cfg.question_field, cfg.answer_field, cfg.solution_field, cfg.id_field)
+    scan = _scan_input(cfg, task, fields)
+    n = len(scan.raw)
+    kept, dropped = _sieve(cfg, fields, scan)
 
     # contamination: train rows sharing a key (or, below in pass 2, an n-gram) with a kept eval row
     eval_codes = [SPLITS.index(name) for name in EVAL_SPLITS]

@@ -223,7 +223,7 @@ def train_stage(run: RunRoot, dataset_dir: str, config_json: str, *, target_entr
     from amft_lib.config import config_to_dict
     from amft_lib.dataset import read_rows
     from amft_lib.tracking import track_stage
-    from amft_lib.trainer import train
+    from amft_lib.trainer import run_train
 
     cfg = _train_config(run, config_json, target_entropy)
     scale = check_scale_out(num_nodes, nproc_per_node, cfg.distributed.strategy, launcher,
@@ -238,7 +238,7 @@ def train_stage(run: RunRoot, dataset_dir: str, config_json: str, *, target_entr
     with tempfile.TemporaryDirectory(prefix="amft-init-model-") as staging, \
             track_stage(tracking_uri or None, run.run_id, "train", config_to_dict(cfg), run_dir,
                         artifact_root=run.mlflow_artifacts, checkpoint_root=run.uri):
-        result = train(cfg, run_dir, init_model=open_model(init_model, staging), splits=read_rows(dataset_dir),
+        result = run_train(cfg, run_dir, init_model=open_model(init_model, staging), splits=read_rows(dataset_dir),
                        progress=False, checkpoint_root=run.uri, resume="auto")
     summary = _publish_training(run, cfg, result, run_dir, resumed_from_step=max(done, default=0))
     return _train_outcome(run, summary, run_dir=run_dir, model_dir=model_dir, curves_path=curves_path)
@@ -344,11 +344,11 @@ def _worker_inputs(run: RunRoot, stage: str) -> Iterator[tuple[dict[str, Any], i
 
 def train_worker_stage(run: RunRoot) -> None:
     """One rank of a launched train stage (`amft stage train-worker`, under torchrun): read the launch
-    spec, the data and the init model from the run root, call `train()` like every other rank (it sets
+    spec, the data and the init model from the run root, call `run_train()` like every other rank (it sets
     up and tears down the process group), and on rank 0 publish what the in-pod path publishes."""
     from amft_lib.config import TrainConfig, config_from_dict
     from amft_lib.tracking import track_stage
-    from amft_lib.trainer import train
+    from amft_lib.trainer import run_train
 
     with _worker_inputs(run, TRAIN) as (spec, rank, splits, init_model, tmp):
         cfg = config_from_dict(spec["config"], TrainConfig)
@@ -357,7 +357,7 @@ def train_worker_stage(run: RunRoot) -> None:
                                 artifact_root=run.mlflow_artifacts, checkpoint_root=run.uri,
                                 plugin=spec.get("mlflow_plugin")) if rank == 0 else contextlib.nullcontext())
         with tracking:
-            result = train(cfg, run_dir, init_model=init_model, splits=splits, progress=False,
+            result = run_train(cfg, run_dir, init_model=init_model, splits=splits, progress=False,
                            checkpoint_root=run.uri, resume="auto")
         if rank == 0:  # only rank 0 wrote run_dir (metrics, model); every rank got the same result
             _publish_training(run, cfg, result, run_dir, resumed_from_step=int(spec.get("resumed_from_step", 0)))

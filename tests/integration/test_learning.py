@@ -14,7 +14,7 @@ import pytest
 from amft_lib.config import TrainConfig, WarmStartConfig, apply_overrides
 from amft_lib.model import load_policy, save_policy
 from amft_lib.tasks.general_points import generate_rows
-from amft_lib.trainer import train
+from amft_lib.trainer import run_train
 from amft_lib.warm_start import sft_steps
 
 pytestmark = pytest.mark.slow
@@ -52,7 +52,7 @@ def test_amft_raises_validation_reward_after_warm_start(tmp_path):
         "controller.meta_interval=5", "controller.meta_val_prompts=8", "controller.meta_val_group=4",
         "optim.lr=5e-4", "optim.warmup_steps=2",
     ])
-    res = train(cfg, tmp_path / "amft", init_model=str(warm), splits=splits, progress=False)
+    res = run_train(cfg, tmp_path / "amft", init_model=str(warm), splits=splits, progress=False)
     print(f"val reward {res.val_reward_initial:.3f} -> {res.val_reward_final:.3f}; "
           f"val accuracy {res.val_accuracy_initial:.3f} -> {res.val_accuracy_final:.3f}; mu -> {res.mu_final:.3f}")
     assert res.val_accuracy_initial > 0.0, "the warm start must already solve some validation prompts"

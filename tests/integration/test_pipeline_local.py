@@ -1,8 +1,10 @@
 """The whole DAG under kfp.local (SubprocessRunner) against a real SeaweedFS and an MLflow SQLite
 registry, with a tiny model (hidden 32, one layer) and a handful of steps per stage.
 
-Three runs, each shared by the tests that read it:
+Four runs, each shared by the tests that read it:
 - happy path: every stage succeeds, the model is registered as champion and its lineage verifies;
+- the happy path again, same seed, same state dir and registry: the byte-identical model is not blessed,
+  no version 2 is added and @champion stays (identity is model content, not a folder listing);
 - bad data (through the `amft pipeline run-local` CLI, which starts and stops its own SeaweedFS):
   the validation gate stops the run and no GPU stage runs;
 - an impossible blessing threshold plus a warm-start and a training task that each SIGKILL
@@ -141,6 +143,21 @@ def test_no_credentials_in_task_outputs_or_summaries(happy, s3):
     text = pc.local_report(happy, happy.pipeline_root.parent.parent)
     assert secret not in text and secret not in json.dumps(happy.summary)
     assert secret.encode() not in storage.get_bytes(storage.join(happy.summary["run_root"], "lineage.json"))
+
+
+def test_a_same_seed_rerun_adds_no_version_and_keeps_the_champion(happy, s3_server):
+    """The rerun trains byte-identical weights; its evaluation stages the candidate from S3 (the staged copy
+    carries `.amft-source.json`) and downloads the champion from MLflow (re-saved by save_pretrained), so the
+    folders' listings differ while the models do not (issue 21: this used to add version 2)."""
+    name = happy.summary["stages"]["register"]["name"]
+    again = run_pipeline(happy.pipeline_root.parent.parent, s3_server, None, p6_registry_model_name=name)
+    assert again.state == "SUCCEEDED", again.error
+    stages = again.summary["stages"]
+    assert stages["eval"]["blessed"] is False and "identical to the champion" in stages["eval"]["reason"], stages
+    assert not (stages.get("register") or {}).get("registered"), stages  # the register step is skipped
+    versions = registry.get_client(happy.tracking_uri).search_model_versions(f"name = '{name}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    assert registry.resolve(f"{name}@champion", happy.tracking_uri).version == "1"
 
 
 # ── bad data: the gate stops the run before any GPU stage ─────────────────────────────────────────

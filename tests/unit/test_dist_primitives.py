@@ -91,17 +91,17 @@ def test_gumbel_sampling_draws_from_the_softmax():
 
 
 def test_strategy_none_under_torchrun_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-    from amft_lib.trainer import train
+    from amft_lib.trainer import run_train
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = apply_overrides(TrainConfig(), ["model.tiny_hidden=32", "model.tiny_layers=1", "model.tiny_heads=2",
                                           "data.train_size=20", "data.val_size=4"])
     with pytest.raises(ConfigError, match=r"distributed\.strategy=none"):
-        train(cfg, tmp_path / "out", progress=False)
+        run_train(cfg, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     cfg = apply_overrides(cfg, ["distributed.strategy=ddp", "rollout.prompts_per_step=3"])
     with pytest.raises(ConfigError, match=r"rollout\.prompts_per_step=3 does not split over 2 ranks"):
-        train(cfg, tmp_path / "out", progress=False)
+        run_train(cfg, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 

@@ -61,7 +61,7 @@ def test_stale_prepare_temp_dirs_are_removed(tmp_path: Path) -> None:
 
 
 def test_metrics_jsonl_is_strict_json_without_a_val_split(tmp_path: Path) -> None:
-    from amft_lib.trainer import train
+    from amft_lib.trainer import run_train
 
     data = tmp_path / "data"
     run_prepare(PrepareConfig(out_dir=str(data), **SMALL))
@@ -72,7 +72,7 @@ def test_metrics_jsonl_is_strict_json_without_a_val_split(tmp_path: Path) -> Non
         "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=8", "loss.sft_batch_size=2",
         "device=cpu",
     ])
-    train(cfg, tmp_path / "run", progress=False)
+    run_train(cfg, tmp_path / "run", progress=False)
 
     def strict(token: str) -> float:
         raise ValueError(f"bare {token} in metrics.jsonl")

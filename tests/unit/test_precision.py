@@ -14,7 +14,7 @@ from amft_lib.optim import MasterWeightAdamW, build_optimizer
 from amft_lib.policy import sft_gradient
 from amft_lib.rollout import demonstration_batch
 from amft_lib.tasks.general_points import generate_rows
-from amft_lib.trainer import train
+from amft_lib.trainer import run_train
 
 SMALL = {"tiny_hidden": 32, "tiny_layers": 2, "tiny_heads": 2}
 
@@ -28,7 +28,7 @@ def test_bf16_training_step_on_cpu(tmp_path):
         "controller.meta_interval=1", "controller.meta_val_prompts=2", "controller.meta_val_group=2",
         "optim.lr=1e-3", "device=cpu",
     ])
-    train(cfg, tmp_path, splits=splits, progress=False)
+    run_train(cfg, tmp_path, splits=splits, progress=False)
     steps = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()][:-1]
     assert len(steps) == 2
     for r in steps:
@@ -119,11 +119,11 @@ def test_bf16_resume_restores_fp32_master_weights_bitwise(tmp_path):
             "controller.meta_val_prompts=2", "controller.meta_val_group=2", "optim.lr=1e-4", "device=cpu",
             "checkpoint_every=1"]
     full = apply_overrides(TrainConfig(), over)
-    train(full, tmp_path / "a", splits=splits, progress=False, checkpoint_root=str(tmp_path / "root_a"))
+    run_train(full, tmp_path / "a", splits=splits, progress=False, checkpoint_root=str(tmp_path / "root_a"))
     # the first 3 steps sit in the LR warm-up (optim.warmup_steps=5), so max_steps does not change their LR
     short = apply_overrides(full, ["max_steps=2"])
-    train(short, tmp_path / "b", splits=splits, progress=False, checkpoint_root=str(tmp_path / "root_b"))
-    train(full, tmp_path / "b", splits=splits, progress=False, checkpoint_root=str(tmp_path / "root_b"),
+    run_train(short, tmp_path / "b", splits=splits, progress=False, checkpoint_root=str(tmp_path / "root_b"))
+    run_train(full, tmp_path / "b", splits=splits, progress=False, checkpoint_root=str(tmp_path / "root_b"),
           resume=str(tmp_path / "root_b" / "checkpoints" / "step-0000002"), force_resume=True)
     a = load_file(tmp_path / "a" / "model" / "model.safetensors")
     b = load_file(tmp_path / "b" / "model" / "model.safetensors")

@@ -109,7 +109,7 @@ def test_launched_train_stage_fills_its_outputs_from_the_run_root(run, tmp_path,
                                      "val_accuracy_final": 0.25})
 
     monkeypatch.setattr(stages, "run_torchrun", publish_like_rank_0)
-    monkeypatch.setattr("amft_lib.trainer.train", lambda *a, **k: pytest.fail("the launcher must not train itself"))
+    monkeypatch.setattr("amft_lib.trainer.run_train", lambda *a, **k: pytest.fail("the launcher must not train itself"))
     init = tmp_path / "warm_model_artifact"
     init.mkdir()
     (init / POINTER_FILE).write_text(json.dumps({"uri": "s3://amft/pipelines/runs/r1/warm_start/model"}))

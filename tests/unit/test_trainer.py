@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from amft_lib.config import METHODS, TrainConfig, apply_overrides, load_config
 from amft_lib.optim import lr_factor
 from amft_lib.tasks.general_points import generate_rows
-from amft_lib.trainer import train
+from amft_lib.trainer import run_train
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTRACT = {"step", "mu", "entropy", "target_entropy", "sft_loss", "rl_loss", "reward_mean", "reward_std",
@@ -42,7 +42,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_runs_and_writes_the_contract(method, splits, tmp_path):
-    res = train(small_cfg(method), tmp_path, splits=splits, progress=False)
+    res = run_train(small_cfg(method), tmp_path, splits=splits, progress=False)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     steps = [r for r in rows if not r.get("final")]
     assert len(steps) == 3 and all(set(r) >= CONTRACT for r in steps)
@@ -78,7 +78,7 @@ def test_amft_moves_mu_and_changes_parameters(splits, tmp_path):
 
     cfg = small_cfg("amft", steps=4)
     init, _ = load_policy(ModelConfig(**{**cfg.model.__dict__}), seed=cfg.seed)
-    res = train(cfg, tmp_path, splits=splits, progress=False)
+    res = run_train(cfg, tmp_path, splits=splits, progress=False)
     steps = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if not r.get("final")]
     assert steps[-1]["mu_next"] != pytest.approx(cfg.controller.mu_init, abs=1e-6)
     trained = load_file(res.model_dir / "model.safetensors")
@@ -89,14 +89,14 @@ def test_amft_moves_mu_and_changes_parameters(splits, tmp_path):
 
 def test_same_seed_same_metrics(splits, tmp_path):
     def run(d):
-        train(small_cfg("amft"), d, splits=splits, progress=False)
+        run_train(small_cfg("amft"), d, splits=splits, progress=False)
         return [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(d / "metrics.jsonl")]
 
     assert run(tmp_path / "a") == run(tmp_path / "b")
 
 
 def test_lora_training_only_moves_adapters(splits, tmp_path):
-    res = train(small_cfg("amft", steps=2, **{"model.lora": "true", "model.lora_r": 2}), tmp_path, splits=splits,
+    res = run_train(small_cfg("amft", steps=2, **{"model.lora": "true", "model.lora_r": 2}), tmp_path, splits=splits,
                 progress=False)
     assert res.steps == 2
     assert "lora" not in " ".join(load_file(res.model_dir / "model.safetensors"))  # saved merged
@@ -155,7 +155,7 @@ def test_periodic_evaluation_does_not_change_training(splits, tmp_path):
     skip = TIMING | {"val_reward", "val_accuracy", "config_hash"}  # the hash covers eval_every itself
 
     def run(d, every):
-        train(small_cfg("amft", steps=4, eval_every=every), d, splits=splits, progress=False)
+        run_train(small_cfg("amft", steps=4, eval_every=every), d, splits=splits, progress=False)
         rows = read_jsonl(d / "metrics.jsonl")
         return [{k: v for k, v in r.items() if k not in skip} for r in rows], rows
 
@@ -167,7 +167,8 @@ def test_periodic_evaluation_does_not_change_training(splits, tmp_path):
 
 def test_adam_lookahead_runs_and_logs_half_sample_agreement(splits, tmp_path):
     """meta_lookahead=adam: SGD at step 0 (no second moment yet), Adam afterwards; ∇U halves logged."""
-    train(small_cfg("amft", steps=3, **{"controller.meta_lookahead": "adam"}), tmp_path, splits=splits, progress=False)
+    run_train(small_cfg("amft", steps=3, **{"controller.meta_lookahead": "adam"}), tmp_path, splits=splits,
+              progress=False)
     rows = read_jsonl(tmp_path / "controller.jsonl")
     assert [r["lookahead"] for r in rows] == ["sgd", "adam", "adam"]
     assert all(-1.0 <= r["half_cosine"] <= 1.0 for r in rows)  # meta_val_prompts=2: one prompt per half
@@ -186,5 +187,5 @@ def test_a_deliberately_skipped_first_step_does_not_warn_about_the_scheduler(tmp
                                           "eval_prompts=0"])
     rows = generate_rows(6, "face10", 0, "train")
     warnings.simplefilter("always")
-    train(cfg, tmp_path / "run", splits={"train": rows}, progress=False)
+    run_train(cfg, tmp_path / "run", splits={"train": rows}, progress=False)
     assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]

@@ -140,12 +140,12 @@ def test_target_entropy_temperature_mismatch_is_refused():
 
 def test_trainer_refuses_a_mismatched_target_entropy(tmp_path):
     from amft_lib.config import TrainConfig
-    from amft_lib.trainer import train
+    from amft_lib.trainer import run_train
 
     cfg = apply_overrides(TrainConfig(), ["rollout.temperature=2.0"])
     cfg.controller.target_entropy, cfg.controller.target_entropy_temperature = 0.7, 1.0
     with pytest.raises(ConfigError, match=r"rollout\.temperature=2\.0"):
-        train(cfg, tmp_path / "run", splits={"train": []}, progress=False)
+        run_train(cfg, tmp_path / "run", splits={"train": []}, progress=False)
 
 
 def test_default_and_shipped_temperatures_agree():
