@@ -10,7 +10,6 @@ resume) it checks itself, right after `check_loop_inputs`.
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 
 from amft_lib import distributed
 from amft_lib.config import ConfigError, DataConfig, DistributedConfig, ModelConfig
+from amft_lib.data.schema import unwritable_ancestor
 from amft_lib.dataset import check_task, load_splits
 from amft_lib.model import check_model_source
 
@@ -83,10 +83,8 @@ def check_out_dir(out: Path, what: str = "output") -> None:
     """ConfigError unless `out` is (or can be created as) a writable directory; creates nothing."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{what} {out}: exists and is not a directory; give a directory (it is created if missing)")
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ConfigError(f"{what} {out}: {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {out}: permission denied (cannot write in {probe})")
+    found = unwritable_ancestor(out)
+    if found is not None:
+        probe, is_dir = found
+        why = f"permission denied (cannot write in {probe})" if is_dir else f"{probe} is not a directory"
+        raise ConfigError(f"{what} {out}: {why}")

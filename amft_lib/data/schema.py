@@ -85,16 +85,26 @@ class DataWriteError(DataError, OSError):
     """The dataset or a report cannot be written (permission denied, disk full); names the path."""
 
 
-def check_writable_dir(out_dir: Path, what: str) -> None:
-    """DataWriteError ("<out_dir>: <what>: <why>") unless `out_dir` is, or can be created as, a
-    writable directory. Creates nothing: a run checks this before its expensive part."""
+def unwritable_ancestor(out_dir: Path) -> tuple[Path, bool] | None:
+    """Why `out_dir` cannot be created as a writable directory: (its nearest existing ancestor, whether
+    that is a directory at all — else it is one without write permission), or None when it can. Creates
+    nothing, so a run can check this before its expensive part (data preparation and both loops do)."""
     probe = Path(out_dir)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise DataWriteError(f"{out_dir}: {what}: {probe} is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise DataWriteError(f"{out_dir}: {what}: permission denied on {probe}")
+        return probe, False
+    return None if os.access(probe, os.W_OK | os.X_OK) else (probe, True)
+
+
+def check_writable_dir(out_dir: Path, what: str) -> None:
+    """DataWriteError ("<out_dir>: <what>: <why>") unless `out_dir` is, or can be created as, a
+    writable directory."""
+    found = unwritable_ancestor(out_dir)
+    if found is not None:
+        probe, is_dir = found
+        why = f"permission denied on {probe}" if is_dir else f"{probe} is not a directory"
+        raise DataWriteError(f"{out_dir}: {what}: {why}")
 
 
 def split_file_name(split: str) -> str:

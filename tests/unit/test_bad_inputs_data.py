@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_bad_inputs import Case, _snapshot  # the main table's row type and "unchanged" check, shared
+from test_bad_inputs import Case, run_row  # the main table's row type and row runner, shared
 
 from amft_lib.cli import main
 from amft_lib.data.schema import sha256_file
@@ -212,29 +212,9 @@ CASES = [
 ]
 
 
-def _fill(text: str, world: dict[str, str], out: str) -> str:
-    return text.format(out=out, **world)
-
-
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_bad_input(case: Case, world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    out = str(tmp_path / "out")
-    argv = [_fill(token, world, out) for token in case.argv.split()]  # filled after the split: values hold spaces
-    watched = Path(_fill(case.out, world, out)) if case.out else None
-    before = _snapshot(watched) if watched else None
-    rc = main(argv)
-    captured = capsys.readouterr()
-    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
-    assert rc == case.rc, (rc, captured.err[-3000:])
-    assert "Traceback" not in captured.err + captured.out
-    if case.rc == 1:  # a gate verdict: the named expectation failed, reported as a result, not an error
-        assert not errors, errors
-        assert f"failed {case.fragment}" in captured.out, captured.out[-3000:]
-        return
-    assert len(errors) == 1, captured.err[-3000:]
-    assert case.fragment in errors[0], errors[0]
-    if watched is not None:
-        assert _snapshot(watched) == before, f"{watched} changed"
+    run_row(case, world, str(tmp_path / "out"), capsys)
 
 
 def test_table_is_large_enough() -> None:

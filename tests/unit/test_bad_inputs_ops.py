@@ -19,30 +19,12 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from amft_lib.cli import main
+from test_bad_inputs import Case, _fill, run_row  # the main table's row type and row runner, shared
 
 PASSWORD = "Corr3ct-Horse-ops21"
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    argv: str  # a command line; {name} fields come from the `world` fixture, {out} is a fresh state dir
-    fragment: str  # must appear in the single `error:` line
-    out: str | None = "{out}"  # the location that must be left exactly as it was
-    rc: int = 2
-
-
-def _snapshot(path: Path) -> object:
-    """Absent, or every file under a folder with its bytes."""
-    if not path.exists():
-        return None
-    return sorted((str(p.relative_to(path)), p.read_bytes() if p.is_file() else b"<dir>") for p in path.rglob("*"))
 
 
 def _weeds_on(path: Path) -> list[str]:
@@ -133,10 +115,6 @@ CASES = [
 ]
 
 
-def _fill(text: str, world: dict[str, str], out: str) -> str:
-    return text.format(out=out, **world)
-
-
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_bad_input(case: Case, world: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture,
                    monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,19 +122,10 @@ def test_bad_input(case: Case, world: dict[str, str], tmp_path: Path, capsys: py
         monkeypatch.delenv(name)  # `amft lineage --state-dir` would use a configured S3 instead
     out = str(tmp_path / "state")
     argv = [arg.replace("_", " ") if arg.startswith("0_") else arg for arg in _fill(case.argv, world, out).split()]
-    watched = Path(_fill(case.out, world, out)) if case.out else None
-    before = _snapshot(watched) if watched else None
-    rc = main(argv)
-    captured = capsys.readouterr()
-    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
-    assert rc == case.rc, (rc, captured.err[-3000:])
-    assert len(errors) == 1, captured.err[-3000:]
-    assert _fill(case.fragment, world, out) in errors[0], errors[0]
-    assert "Traceback" not in captured.err + captured.out
+    captured = run_row(case, world, out, capsys, argv=argv, fragment=_fill(case.fragment, world, out))
     assert PASSWORD not in captured.err + captured.out
-    if watched is not None:
-        assert _snapshot(watched) == before, f"{watched} changed"
-        assert not _weeds_on(watched)  # no SeaweedFS was started on it
+    if case.out is not None:
+        assert not _weeds_on(Path(_fill(case.out, world, out)))  # no SeaweedFS was started on it
 
 
 def test_table_is_large_enough() -> None:
