@@ -169,3 +169,37 @@ def test_the_circle_check_sees_a_planted_circle(tmp_path, files, expected):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(source)
     assert import_cycles(library_import_graph(tmp_path)) == expected
+
+
+# ── the recipe shape stays readable (issue 22) ───────────────────────────────────────────────────
+
+
+def function_lengths(package: Path) -> dict[str, int]:
+    """'path:qualname' → lines, for every function and method under `package`."""
+    lengths: dict[str, int] = {}
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+
+        def visit(node: ast.AST, prefix: str, rel: str = str(path.relative_to(package.parent))) -> None:
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                    name = f"{prefix}{child.name}"
+                    if not isinstance(child, ast.ClassDef):
+                        lengths[f"{rel}:{name}"] = child.end_lineno - child.lineno + 1
+                    visit(child, name + ".")
+
+        visit(tree, "")
+    return lengths
+
+
+def test_no_library_function_is_longer_than_120_lines_and_the_loop_fits_a_screen():
+    lengths = function_lengths(ROOT / "amft_lib")
+    assert len(lengths) > 300, "the walker found the library's functions"
+    assert {name: n for name, n in lengths.items() if n > 120} == {}
+    assert lengths["amft_lib/trainer.py:run_train"] <= 60  # check → setup → restore → step loop → teardown
+
+
+def test_function_lengths_counts_nested_and_methods(tmp_path):
+    (tmp_path / "m.py").write_text("class A:\n    def f(self):\n        def g():\n            return 1\n"
+                                   "        return g\n")
+    assert {k.split(":")[1]: v for k, v in function_lengths(tmp_path).items()} == {"A.f": 4, "A.f.g": 2}
