@@ -107,6 +107,7 @@ def sample_completions(
     batch_size: int = 256,
     seeds: Sequence[int] | None = None,
     synced: bool = False,
+    kv_cache: str = "preallocated",
 ) -> TokenBatch:
     """G completions per prompt, groups contiguous: rows [i*G, (i+1)*G) belong to prompts[i].
 
@@ -118,8 +119,12 @@ def sample_completions(
     each forward is a collective.
     top_k is forced off: HF's default top_k=50 would silently truncate the distribution the
     log-probs assume.
+    kv_cache: `preallocated` (decode.PreallocatedCache: the same tokens without DynamicCache's per-token
+    concatenation) or `dynamic`; `engine.kv_cache` of the stage. FSDP2's synced generation keeps `dynamic`.
     """
     from transformers import GenerationConfig
+
+    from amft_lib.decode import PreallocatedCache, supports_preallocated_cache  # lazy: imports transformers
 
     device = next(model.parameters()).device
     expanded = [p for p in prompts for _ in range(group_size)]
@@ -136,9 +141,13 @@ def sample_completions(
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    def extra(start: int) -> dict:
+    preallocate = kv_cache == "preallocated" and not synced and supports_preallocated_cache(model)
+
+    def extra(start: int, prompt_width: int) -> dict:
         """generate() arguments only where they apply (any HF-compatible `generate` takes the rest)."""
         kwargs: dict = {"synced_gpus": True} if synced else {}
+        if preallocate:
+            kwargs["past_key_values"] = PreallocatedCache(prompt_width + max_new_tokens)
         if per_row:
             kwargs["logits_processor"] = _seeded_sampling(seeds[start : start + batch_size], temperature, top_p)
         return kwargs
@@ -153,7 +162,7 @@ def sample_completions(
                 input_ids=prompt_ids.to(device),
                 attention_mask=prompt_mask.to(device),
                 generation_config=gen_cfg,
-                **extra(start),
+                **extra(start, prompt_ids.shape[1]),
             )
             new = out[:, prompt_ids.shape[1] :].cpu()
             for row in new.tolist():
