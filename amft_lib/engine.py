@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -108,7 +109,10 @@ class BucketedForward(torch.nn.Module):
         self.compile_s = 0.0  # wall time of the calls that met a new shape (compilation dominates them)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                use_cache: bool = False) -> _Logits:
+                use_cache: bool = False) -> Any:
+        if not torch.is_grad_enabled():  # rare no-grad forwards (H*, π_old with ppo_epochs > 1): no graph of their own
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=False)
         n, t = input_ids.shape
         rows, width = round_up(n, ROW_BUCKET), round_up(t, self.length_bucket)
         if (rows, width) != (n, t):
@@ -229,6 +233,12 @@ class Engine:
         an fp32 policy samples (the decode identity tests) and the tiny model's decode gains nothing."""
         return autocast(self.precision, "cuda") if self.device_type == "cuda" else contextlib.nullcontext()
 
+    def use_threads(self) -> None:
+        """Set the process's intra-op thread count (0: leave it). A stage runs in its own process (pod,
+        torchrun rank or CLI), so this is the stage's setting, not a test's or library caller's surprise."""
+        if self.threads > 0:
+            torch.set_num_threads(self.threads)
+
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module training forwards go through: compiled (and shape-bucketed) if planned. Attention stays
         fp32 under CPU bf16 through `attention.sdpa_amft`, which load_policy switches every SDPA model to."""
@@ -255,19 +265,19 @@ def plan(cfg: EngineConfig, device: torch.device | str, *, steps: int, world_siz
     if device_type == "cpu":
         threads, why = choose_threads(cfg.threads, measure)
         log.info("engine: %d CPU thread(s) (%s)", threads, why)
-    return Engine(precision=precision, device_type=device_type, compile=compiled,
-                  length_bucket=cfg.length_bucket, kv_cache=cfg.kv_cache, threads=threads)
+    planned = Engine(precision=precision, device_type=device_type, compile=compiled,
+                     length_bucket=cfg.length_bucket, kv_cache=cfg.kv_cache, threads=threads)
+    log.info("engine: precision %s, compile %s (%d steps, compile_min_steps %d), KV cache %s", precision,
+             "on" if compiled else "off", steps, cfg.compile_min_steps, cfg.kv_cache)
+    return planned
 
 
 @contextlib.contextmanager
-def threads(n: int) -> Iterator[None]:
-    """Run a block with `n` intra-op threads (0: unchanged), restoring the previous count after it."""
-    if n <= 0:
+def decoding(cfg: EngineConfig, device: torch.device | str) -> Iterator[None]:
+    """For stages that only decode (evaluation): the engine's threads and KV cache for the block. Nothing
+    is compiled and CPU decoding stays fp32, so greedy scores are those of the eager fp32 model."""
+    from amft_lib.rollout import kv_cache_mode
+
+    plan(cfg, device, steps=0).use_threads()
+    with kv_cache_mode(cfg.kv_cache):
         yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
