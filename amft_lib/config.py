@@ -629,9 +629,19 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
                 raise ConfigError(f"override {item!r}: {part!r} is not a config section")
             node = node[part]
         if parts[-1] not in node:
-            raise ConfigError(f"override {item!r}: unknown key {key!r}")
+            moved = f" (now {MOVED_KEYS[key.strip()]})" if key.strip() in MOVED_KEYS and "engine" in data else ""
+            raise ConfigError(f"override {item!r}: unknown key {key!r}{moved}")
         node[parts[-1]] = parse_value(raw, f"override {item if len(item) <= 80 else item[:77] + '...'!r}")
     return config_from_dict(data, type(cfg))
+
+
+def engine_overrides(items: list[str]) -> EngineConfig:
+    """An EngineConfig from KEY=VALUE items (`amft evaluate --engine kv_cache=dynamic`), validated; errors
+    name `--engine` and the key."""
+    try:
+        return apply_overrides(EngineConfig(), items)
+    except ConfigError as exc:
+        raise ConfigError(f"--engine: {exc}") from None
 
 
 def config_to_dict(cfg: Any) -> dict:

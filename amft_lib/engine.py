@@ -100,10 +100,12 @@ class BucketedForward(torch.nn.Module):
     all with attention mask 1 so no row is fully masked (NaN-free); their logits are sliced away, so they
     get no gradient and change no real logit beyond float reassociation."""
 
-    def __init__(self, model: torch.nn.Module, length_bucket: int, compile_kwargs: dict | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, length_bucket: int, compile_kwargs: dict | None = None,
+                 dynamic_length: bool = True) -> None:
         super().__init__()
         self.model = model
         self.length_bucket = length_bucket
+        self.dynamic_length = dynamic_length
         self.compiled = torch.compile(model, **(compile_kwargs or {}))
         self.shapes: set[tuple[int, int]] = set()  # the padded shapes seen (one graph each, at most)
         self.compile_s = 0.0  # wall time of the calls that met a new shape (compilation dominates them)
@@ -121,6 +123,9 @@ class BucketedForward(torch.nn.Module):
             last = position_ids[:, -1:]
             tail = last + torch.arange(1, width - t + 1, device=position_ids.device)
             position_ids = _pad2d(torch.cat([position_ids, tail], dim=1), rows, width, 0)
+        if self.dynamic_length:  # one graph for every length bucket (mark_dynamic: no static-then-dynamic recompile)
+            for x in (input_ids, attention_mask, position_ids):
+                torch._dynamo.mark_dynamic(x, 1)
         new = (rows, width) not in self.shapes
         t0 = time.perf_counter()
         out = self.compiled(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

@@ -150,7 +150,7 @@ def sample_completions(
         """generate() arguments only where they apply (any HF-compatible `generate` takes the rest)."""
         kwargs: dict = {"synced_gpus": True} if synced else {}
         if preallocate:
-            kwargs["past_key_values"] = PreallocatedCache(prompt_width + max_new_tokens)
+            kwargs["cache"] = PreallocatedCache(prompt_width + max_new_tokens)
         if per_row:
             kwargs["logits_processor"] = _seeded_sampling(seeds[start : start + batch_size], temperature, top_p)
         return kwargs
