@@ -635,11 +635,18 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     return config_from_dict(data, type(cfg))
 
 
+@dataclass
+class _EngineOnly:
+    """A config holding only `engine`, so --engine items are parsed and named as `engine.<key>` everywhere."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
 def engine_overrides(items: list[str]) -> EngineConfig:
     """An EngineConfig from KEY=VALUE items (`amft evaluate --engine kv_cache=dynamic`), validated; errors
     name `--engine` and the key."""
     try:
-        return apply_overrides(EngineConfig(), items)
+        return apply_overrides(_EngineOnly(), [f"engine.{item}" for item in items]).engine
     except ConfigError as exc:
         raise ConfigError(f"--engine: {exc}") from None
 
