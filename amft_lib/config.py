@@ -368,10 +368,10 @@ class EngineConfig:
         "decoding always runs fp32, so rollouts are the tokens an fp32 policy samples.",
         "auto",
     )
-    compile: Literal["auto", "on", "off"] = help_field(
+    compile: Literal["auto", "always", "never"] = help_field(
         "torch.compile the training forward/backward. `auto`: only in a one-process stage of at least "
-        "`engine.compile_min_steps` steps (compiling costs tens of seconds per shape on 2 cores); `on`: "
-        "always in one process; `off`: eager.",
+        "`engine.compile_min_steps` steps (compiling costs tens of seconds to minutes on 2 cores); `always`: in "
+        "any one-process stage; `never`: eager. (Not on/off: YAML reads those as booleans.)",
         "auto",
     )
     compile_min_steps: int = help_field(

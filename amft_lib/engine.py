@@ -263,7 +263,7 @@ def plan(cfg: EngineConfig, device: torch.device | str, *, steps: int, world_siz
     Compile only when the stage is long enough to repay it (`compile_min_steps`) and runs in one process
     (DDP/FSDP2 wrappers are left eager: compiled distributed training is not measured here)."""
     device_type = torch.device(device).type
-    compiled = cfg.compile == "on" or (cfg.compile == "auto" and steps >= cfg.compile_min_steps)
+    compiled = cfg.compile == "always" or (cfg.compile == "auto" and steps >= cfg.compile_min_steps)
     compiled = compiled and world_size == 1
     precision = resolve_precision(cfg.precision, device_type, compiled, device_type == "cpu" and cpu_has_bf16())
     threads = 0

@@ -101,8 +101,8 @@ def test_plan_compiles_only_long_one_process_stages(monkeypatch) -> None:
     assert not engine.plan(cfg, "cpu", steps=99).compile
     assert engine.plan(cfg, "cpu", steps=100).compile
     assert not engine.plan(cfg, "cpu", steps=1000, world_size=2).compile  # DDP/FSDP2 stay eager
-    assert engine.plan(dataclasses.replace(cfg, compile="on"), "cpu", steps=1).compile
-    assert not engine.plan(dataclasses.replace(cfg, compile="off"), "cpu", steps=10**6).compile
+    assert engine.plan(dataclasses.replace(cfg, compile="always"), "cpu", steps=1).compile
+    assert not engine.plan(dataclasses.replace(cfg, compile="never"), "cpu", steps=10**6).compile
     planned = engine.plan(dataclasses.replace(cfg, kv_cache="dynamic"), "cpu", steps=1)
     assert (planned.kv_cache, planned.threads, planned.precision) == ("dynamic", 1, "fp32")
 
