@@ -24,6 +24,7 @@ Writes bench/results/speed.json and bench/results/speed.md and prints the Markdo
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -258,8 +259,8 @@ def _sft_timed(a, work: Path, engine_name: str) -> dict:
     cpu.append(time.process_time())
     w = a.warmup
     return {
-        "step_s": [b - x for x, b in zip(starts, starts[1:], strict=False)][w:],
-        "step_cpu_s": [b - x for x, b in zip(cpu, cpu[1:], strict=False)][w:],
+        "step_s": [b - x for x, b in itertools.pairwise(starts)][w:],
+        "step_cpu_s": [b - x for x, b in itertools.pairwise(cpu)][w:],
         "first_step_s": starts[1] - starts[0],
         "loss": [h["sft_loss"] for h in history],
         "compile_s": sum(b.compile_s for b in built),
@@ -500,8 +501,8 @@ def worker_flops(a, work: Path) -> dict:
     from amft_lib.config import ModelConfig
     from amft_lib.losses import group_advantages
     from amft_lib.model import load_policy, trainable_parameters
-    from amft_lib.rollout import completion_logprobs, sample_completions
     from amft_lib.policy import Policy
+    from amft_lib.rollout import completion_logprobs, sample_completions
     from amft_lib.trainer import rl_gradient
 
     cfg = _train_cfg(a, "grpo", 1, str(work / "policy"))
@@ -595,6 +596,9 @@ def _run_worker(a, name: str, work: Path, python: str, repeat: int) -> dict:
         TRANSFORMERS_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         TRANSFORMERS_VERBOSITY="error",
+        # one inductor cache per bench run: the first compiling run starts cold (a fresh pod), later ones
+        # reuse its graphs (a pod with a persistent cache); compile_s of each run shows both
+        TORCHINDUCTOR_CACHE_DIR=str(work / "inductor-cache"),
         PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     )
     t0 = time.perf_counter()
@@ -747,7 +751,7 @@ def engine_markdown(r: dict) -> list[str]:
         f"(per repeat: {per}); {'met' if rl['new_over_trl'] <= rl['goal_new_over_trl_at_most'] else 'not met'}.",
         f"- Compile time (first steps, dropped from the medians): SFT {_join(sf['compile_s'])} s, "
         f"RL {_join(rl['compile_s'])} s per run; it pays off after "
-        f"{'%.0f' % be if be else 'never'} SFT steps (compile time / time saved per step), hence "
+        f"{f'{be:.0f}' if be else 'never'} SFT steps (compile time / time saved per step), hence "
         "`engine.compile=auto` compiles only stages of at least `engine.compile_min_steps` steps.",
         f"- Same loss curve: SFT loss per step, new vs today's engine from the same init on the same batches, "
         f"max |Δ| = {sf['loss_curve_max_abs_diff']:.4f} over {len(sf['loss_today'])} steps (tolerance "
