@@ -106,7 +106,8 @@ class BucketedForward(torch.nn.Module):
         self.model = model
         self.length_bucket = length_bucket
         self.dynamic_length = dynamic_length
-        self.compiled = torch.compile(model, **(compile_kwargs or {}))
+        self.compile_kwargs = compile_kwargs or {}
+        self.compiled: Callable | None = None  # built at the first forward: a stage that fails early skips inductor
         self.shapes: set[tuple[int, int]] = set()  # the padded shapes seen (one graph each, at most)
         self.compile_s = 0.0  # wall time of the calls that met a new shape (compilation dominates them)
 
@@ -128,6 +129,8 @@ class BucketedForward(torch.nn.Module):
                 torch._dynamo.mark_dynamic(x, 1)
         new = (rows, width) not in self.shapes
         t0 = time.perf_counter()
+        if self.compiled is None:
+            self.compiled = torch.compile(self.model, **self.compile_kwargs)
         out = self.compiled(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=False)
         if new:
