@@ -281,7 +281,7 @@ def worker_sft_trl(a, work: Path) -> dict:
     """TRL's SFTTrainer on the same policy and demonstrations: prompt-completion rows, loss on completion
     tokens only (our SFT loss), --sft-batch rows per step, AdamW as the warm start configures it, fp32."""
     from datasets import Dataset
-    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from transformers import PreTrainedTokenizerFast
     from trl import SFTConfig, SFTTrainer
 
     policy = str(work / "policy")
@@ -289,9 +289,35 @@ def worker_sft_trl(a, work: Path) -> dict:
     rows = _rows(work)["train"]
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["demonstration"]} for r in rows])
 
+    args = SFTConfig(
+        output_dir=str(Path(tempfile.mkdtemp(dir=work, prefix="trl-sft-"))), per_device_train_batch_size=a.sft_batch,
+        gradient_accumulation_steps=1, max_steps=a.sft_steps, learning_rate=3e-3, adam_beta1=0.9, adam_beta2=0.99,
+        weight_decay=0.01, max_grad_norm=1.0, bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False,
+        packing=False, completion_only_loss=True, max_length=1024, report_to=[], logging_steps=1,
+        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=a.seed,
+    )
+    timer = _trl_step_timer("loss")
+    trainer = SFTTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tok, callbacks=[timer])
+    trainer.train()
+    w = a.warmup
+    return {"step_s": timer.wall[w:], "step_cpu_s": timer.cpu[w:],
+            "loss": [timer.logs[s]["loss"] for s in sorted(timer.logs)]}
+
+
+def worker_amft(a, work: Path) -> dict:
+    """Method amft (RL and SFT gradients every step, meta-gradient every T_meta steps)."""
+    rows = _rows(work)
+    return _run_ours(a, work, "amft", a.meta_steps, {"train": rows["train"], "val": rows["val"]})
+
+
+def _trl_step_timer(log_key: str):
+    """A TrainerCallback timing every step from on_step_begin to on_step_end (generation, reward,
+    forward/backward, clip, AdamW and scheduler step) and keeping, by step, the logs that carry `log_key`."""
+    from transformers import TrainerCallback
+
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.t0, self.wall, self.cpu, self.loss = (0.0, 0.0), [], [], []
+            self.t0, self.wall, self.cpu, self.logs = (0.0, 0.0), [], [], {}
 
         def on_step_begin(self, args, state, control, **kw):
             self.t0 = _clock()
@@ -302,27 +328,10 @@ def worker_sft_trl(a, work: Path) -> dict:
             self.cpu.append(dc)
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                self.loss.append(logs["loss"])
+            if logs and log_key in logs:
+                self.logs[state.global_step] = logs
 
-    args = SFTConfig(
-        output_dir=str(Path(tempfile.mkdtemp(dir=work, prefix="trl-sft-"))), per_device_train_batch_size=a.sft_batch,
-        gradient_accumulation_steps=1, max_steps=a.sft_steps, learning_rate=3e-3, adam_beta1=0.9, adam_beta2=0.99,
-        weight_decay=0.01, max_grad_norm=1.0, bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False,
-        packing=False, completion_only_loss=True, max_length=1024, report_to=[], logging_steps=1,
-        save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=a.seed,
-    )
-    timer = StepTimer()
-    trainer = SFTTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tok, callbacks=[timer])
-    trainer.train()
-    w = a.warmup
-    return {"step_s": timer.wall[w:], "step_cpu_s": timer.cpu[w:], "loss": timer.loss}
-
-
-def worker_amft(a, work: Path) -> dict:
-    """Method amft (RL and SFT gradients every step, meta-gradient every T_meta steps)."""
-    rows = _rows(work)
-    return _run_ours(a, work, "amft", a.meta_steps, {"train": rows["train"], "val": rows["val"]})
+    return StepTimer()
 
 
 def worker_trl(a, work: Path) -> dict:
@@ -330,7 +339,7 @@ def worker_trl(a, work: Path) -> dict:
     import torch
     import trl
     from datasets import Dataset
-    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from transformers import PreTrainedTokenizerFast
     from trl import GRPOConfig, GRPOTrainer
 
     from amft_lib.tasks import get_task
@@ -344,24 +353,6 @@ def worker_trl(a, work: Path) -> dict:
 
     def general_points_reward(prompts, completions, answer, **_):
         return [task.verify(ans, text).reward for ans, text in zip(answer, completions, strict=True)]
-
-    class StepTimer(TrainerCallback):
-        """on_step_begin → on_step_end: generation, reward, forward/backward, clip, AdamW and scheduler step."""
-
-        def __init__(self):
-            self.t0, self.wall, self.cpu, self.logs = (0.0, 0.0), [], [], {}
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = _clock()
-
-        def on_step_end(self, args, state, control, **kw):
-            dw, dc = _since(self.t0)
-            self.wall.append(dw)
-            self.cpu.append(dc)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "completions/mean_length" in logs:
-                self.logs[state.global_step] = logs
 
     n = a.prompts * a.group
     args = GRPOConfig(
@@ -397,7 +388,7 @@ def worker_trl(a, work: Path) -> dict:
         dataloader_num_workers=0,
         seed=a.seed,
     )
-    timer = StepTimer()
+    timer = _trl_step_timer("completions/mean_length")
     trainer = GRPOTrainer(
         model=policy,
         reward_funcs=general_points_reward,
