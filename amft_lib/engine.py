@@ -183,7 +183,7 @@ def busy_cpus_from(before: tuple[int, int], after: tuple[int, int], n_cpus: int)
     return 0.0 if total <= 0 else n_cpus * busy / total
 
 
-def measure_busy_cpus(window_s: float = 0.25, stat_path: str = "/proc/stat") -> float | None:
+def measure_busy_cpus(window_s: float = 0.1, stat_path: str = "/proc/stat") -> float | None:
     """How many CPUs other processes keep busy, sampled over `window_s` while this one sleeps (so its own
     use is not counted). None where /proc/stat cannot be read (then one thread is the safe choice)."""
     try:
@@ -203,7 +203,7 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def choose_threads(setting: int, measure: Callable[[], float | None] = measure_busy_cpus) -> tuple[int, str]:
+def choose_threads(setting: int, measure: Callable[[], float | None] | None = None) -> tuple[int, str]:
     """(threads, why). `setting` > 0 forces it; 0 (auto) respects an explicit OMP_NUM_THREADS (the
     operator's or the test harness's choice) and otherwise decides from measured load."""
     if setting > 0:
@@ -211,11 +211,28 @@ def choose_threads(setting: int, measure: Callable[[], float | None] = measure_b
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env), "OMP_NUM_THREADS"
-    busy = measure()
+    busy = (measure or measure_busy_cpus)()
     if busy is None:
         return 1, "load unknown"
     cpus = usable_cpus()
     return decide_threads(cpus, busy), f"{busy:.2f} of {cpus} CPUs busy"
+
+
+_DECIDED: dict[str, tuple[int, str]] = {}  # this process's measured decision, made once
+
+
+def process_threads(setting: int) -> tuple[int, str]:
+    """choose_threads, with the measured (auto) decision made once per process and reused.
+
+    Why once: the thread count changes how float sums are split, so two stages run in one process (a test
+    comparing a run with its resume, a notebook) must not get different counts because the load moved
+    between them. Pipeline stages are processes of their own and each decides afresh."""
+    if setting > 0 or os.environ.get("OMP_NUM_THREADS", "").strip():
+        return choose_threads(setting)
+    if "auto" not in _DECIDED:
+        _DECIDED["auto"] = choose_threads(0)
+    threads, why = _DECIDED["auto"]
+    return threads, f"{why}, decided at this process's first stage"
 
 
 # ── the resolved engine of one stage ─────────────────────────────────────────────────────────────
@@ -259,8 +276,7 @@ class Engine:
 EAGER = Engine()  # what a loop without an engine config runs: today's behaviour
 
 
-def plan(cfg: EngineConfig, device: torch.device | str, *, steps: int, world_size: int = 1,
-         measure: Callable[[], float | None] = measure_busy_cpus) -> Engine:
+def plan(cfg: EngineConfig, device: torch.device | str, *, steps: int, world_size: int = 1) -> Engine:
     """Resolve `cfg` for a stage that will run `steps` training steps on `device`.
 
     Compile only when the stage is long enough to repay it (`compile_min_steps`) and runs in one process
@@ -271,7 +287,7 @@ def plan(cfg: EngineConfig, device: torch.device | str, *, steps: int, world_siz
     precision = resolve_precision(cfg.precision, device_type, compiled, device_type == "cpu" and cpu_has_bf16())
     threads = 0
     if device_type == "cpu":
-        threads, why = choose_threads(cfg.threads, measure)
+        threads, why = process_threads(cfg.threads)
         log.info("engine: %d CPU thread(s) (%s)", threads, why)
     planned = Engine(precision=precision, device_type=device_type, compile=compiled,
                      length_bucket=cfg.length_bucket, kv_cache=cfg.kv_cache, threads=threads)

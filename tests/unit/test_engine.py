@@ -74,6 +74,18 @@ def test_choose_threads_forced_env_and_measured(monkeypatch) -> None:
     assert engine.choose_threads(0, lambda: 0.0) == (1, "OMP_NUM_THREADS")
 
 
+def test_auto_threads_are_decided_once_per_process(monkeypatch) -> None:
+    """Two stages in one process get the same count even if the load moved in between (float sums would differ)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(engine, "_DECIDED", {})
+    monkeypatch.setattr(engine, "usable_cpus", lambda: 2)
+    loads = iter([0.0, 1.5])
+    monkeypatch.setattr(engine, "measure_busy_cpus", lambda: next(loads))
+    first, second = engine.process_threads(0), engine.process_threads(0)
+    assert first[0] == second[0] == 2
+    assert engine.process_threads(1) == (1, "engine.threads")  # a forced count is never cached
+
+
 # ── precision and compile planning ────────────────────────────────────────────────────────────────
 
 
