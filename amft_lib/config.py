@@ -533,7 +533,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _from_dict(tp, value, where)
     if origin is Literal:
         if value not in get_args(tp):
-            raise ConfigError(f"{where}={value!r}: choose one of {', '.join(map(str, get_args(tp)))}")
+            hint = " (YAML reads on/off/yes/no as true/false)" if isinstance(value, bool) else ""
+            raise ConfigError(f"{where}={value!r}: choose one of {', '.join(map(str, get_args(tp)))}{hint}")
         return value
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)

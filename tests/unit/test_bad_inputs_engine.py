@@ -47,6 +47,7 @@ CASES = [
     Case("train-engine-precision-bf16", TRAIN + " --set engine.precision=bf16", "engine.precision='bf16'"),
     Case("train-engine-precision-fp16", TRAIN + " --set engine.precision=fp16", "engine.precision='fp16'"),
     Case("train-engine-compile-maybe", TRAIN + " --set engine.compile=maybe", "engine.compile='maybe'"),
+    Case("train-engine-compile-off", TRAIN + " --set engine.compile=off", "reads on/off/yes/no as true/false"),
     Case("train-engine-compile-yes", TRAIN + " --set engine.compile=yes", "engine.compile=True"),  # YAML 1.1 bool
     Case("train-engine-compile-min-steps-0", TRAIN + " --set engine.compile_min_steps=0",
          "engine.compile_min_steps=0"),
@@ -69,7 +70,7 @@ CASES = [
     Case("train-engine-bucket-in-config", TRAIN + " --config {engine_bucket_yaml}", "engine.length_bucket=0"),
     # amft warm-start --set engine.*
     Case("warm-engine-precision", WARM + " --set engine.precision=half", "engine.precision='half'"),
-    Case("warm-engine-compile", WARM + " --set engine.compile=always", "engine.compile='always'"),
+    Case("warm-engine-compile-on", WARM + " --set engine.compile=on", "engine.compile=True"),  # YAML: true
     Case("warm-engine-threads", WARM + " --set engine.threads=-4", "engine.threads=-4"),
     Case("warm-engine-kv-cache", WARM + " --set engine.kv_cache=paged", "engine.kv_cache='paged'"),
     Case("warm-old-precision", WARM + " --set precision=fp32", "now engine.precision"),
