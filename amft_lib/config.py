@@ -375,9 +375,10 @@ class EngineConfig:
         "auto",
     )
     compile_min_steps: int = help_field(
-        "`compile=auto` compiles when the stage runs at least this many training steps (the break-even "
-        "measured in bench/results/speed.md: compile time / time saved per step).",
-        150, ge=1,
+        "`compile=auto` compiles when the stage runs at least this many training steps: the break-even measured in "
+        "bench/results/speed.md (tiny model, 2 shared cores: a cold compile repaid after ~230 SFT steps, a warm "
+        "inductor cache after ~50).",
+        250, ge=1,
     )
     length_bucket: int = help_field(
         "Compiled forwards pad sequence lengths up to a multiple of this (and rows to a multiple of 8), so "
