@@ -85,7 +85,7 @@ def test_meta_gradient_matches_finite_difference(setup, mu):
     model, params, g_rl, g_sft, surrogate_u, grad_u = setup
     alpha, eps = 0.5, 1e-4
     before = [p.detach().clone() for p in params]
-    stats = compute_meta_gradient(params, g_rl, g_sft, mu, alpha, grad_u, eval_at="lookahead", normalize="none")
+    stats = compute_meta_gradient(params, g_rl, g_sft, mu, alpha, grad_u, eval_at="lookahead", update="raw")
     # θ must be restored bitwise after the temporary lookahead
     assert all(torch.equal(a, b) for a, b in zip(before, params))
     u_plus = u_at(params, surrogate_u, lookahead_params(params, g_rl, g_sft, mu + eps, alpha))
@@ -107,8 +107,8 @@ def test_meta_gradient_matches_finite_difference(setup, mu):
 
 def test_cosine_normalisation_keeps_the_sign(setup):
     model, params, g_rl, g_sft, surrogate_u, grad_u = setup
-    raw = compute_meta_gradient(params, g_rl, g_sft, 0.5, 0.5, grad_u, normalize="none")
-    cos = compute_meta_gradient(params, g_rl, g_sft, 0.5, 0.5, grad_u, normalize="cosine")
+    raw = compute_meta_gradient(params, g_rl, g_sft, 0.5, 0.5, grad_u, update="raw")
+    cos = compute_meta_gradient(params, g_rl, g_sft, 0.5, 0.5, grad_u, update="cosine")
     assert cos.meta_grad == pytest.approx(cos.cosine)
     assert -1.0 <= cos.meta_grad <= 1.0
     assert (cos.meta_grad > 0) == (raw.raw_meta_grad > 0)
@@ -150,7 +150,7 @@ def test_adam_lookahead_meta_gradient_matches_finite_difference(setup, mu):
     precond = adam_precond(params, g_rl, g_sft)
     # Adam moves every weight by ~α whatever |g|: α = 1e-3 keeps θ' in the region where U is smooth
     alpha, eps = 1e-3, 1e-5
-    stats = compute_meta_gradient(params, g_rl, g_sft, mu, alpha, grad_u, normalize="none", precond=precond)
+    stats = compute_meta_gradient(params, g_rl, g_sft, mu, alpha, grad_u, update="raw", precond=precond)
     assert stats.lookahead == "adam"
     u_plus = u_at(params, surrogate_u, lookahead_params(params, g_rl, g_sft, mu + eps, alpha, precond))
     u_minus = u_at(params, surrogate_u, lookahead_params(params, g_rl, g_sft, mu - eps, alpha, precond))
@@ -160,7 +160,7 @@ def test_adam_lookahead_meta_gradient_matches_finite_difference(setup, mu):
     print(f"adam mu={mu} m={stats.raw_meta_grad:.12e} fd={fd:.12e} rel_err={rel:.2e}")
     assert rel <= 1e-6, (stats.raw_meta_grad, fd, rel)
     # the preconditioned step is the one that matters: it differs from the SGD derivative
-    sgd = compute_meta_gradient(params, g_rl, g_sft, mu, alpha, grad_u, normalize="none")
+    sgd = compute_meta_gradient(params, g_rl, g_sft, mu, alpha, grad_u, update="raw")
     assert sgd.raw_meta_grad != pytest.approx(stats.raw_meta_grad, rel=1e-3)
 
 
