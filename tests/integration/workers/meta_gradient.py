@@ -90,7 +90,7 @@ def main(out_path: str) -> None:
 
     mu, alpha, eps = 0.3, 0.5, 1e-4
     stats = compute_meta_gradient(params, g_rl, g_sft, mu, alpha, utility_grad, eval_at="lookahead",
-                                  normalize="none", reduction=dist.reduction())
+                                  update="raw", reduction=dist.reduction())
     u_plus = utility_grad_in_place(params, g_rl, g_sft, mu + eps, alpha, u_value)
     u_minus = utility_grad_in_place(params, g_rl, g_sft, mu - eps, alpha, u_value)
     fd = (u_plus - u_minus) / (2 * eps)
