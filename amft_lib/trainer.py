@@ -124,9 +124,12 @@ def rl_gradient(
         )
         (loss * (w * dist.world_size)).backward()
         total += loss.detach().item() * w
-        clip_frac += stats.clip_frac * w
-        approx_kl += stats.approx_kl * w
-        kl_ref += stats.kl_ref * w
+        # the stats are token means within the chunk: weighed by its token share whatever the loss's aggregation
+        # (by w they moved with loss.micro_batch_size under seq_mean / dr_grpo: tests/unit/test_grad_accum.py)
+        w_tok = chunk.n_tokens / n_tok
+        clip_frac += stats.clip_frac * w_tok
+        approx_kl += stats.approx_kl * w_tok
+        kl_ref += stats.kl_ref * w_tok
     total, clip_frac, approx_kl, kl_ref, entropy_sum = dist.sum([total, clip_frac, approx_kl, kl_ref, entropy_sum])
     stats = {"clip_frac": clip_frac, "approx_kl": approx_kl, "kl_ref": kl_ref}
     if old_logprobs is None:
@@ -226,7 +229,7 @@ def gradient_halves(grad_fn, n: int, sizes, dist: distributed.Dist):
     the halves' difference is what gac measures the gradient's noise from (gac.half_variance).
 
     sizes(lo, hi) → (weight units, tokens) of rows lo..hi: the loss's aggregation unit (tokens for token_mean,
-    sequences otherwise) and the token count (entropy is always a token mean)."""
+    sequences otherwise) and the token count (the stats, entropy included, are token means)."""
     cut = n // 2
     (wa, ta), (w, t) = sizes(0, cut), sizes(0, n)
     wa, w, ta, t = dist.sum([wa, w, ta, t])
@@ -234,8 +237,7 @@ def gradient_halves(grad_fn, n: int, sizes, dist: distributed.Dist):
     ga, la, stats_a = grad_fn(0, cut)
     gb, lb, stats_b = grad_fn(cut, n)
     grads = [sa * a + (1.0 - sa) * b for a, b in zip(ga, gb, strict=True)]
-    stats = {k: (sta if k == "entropy" else sa) * stats_a[k] + (1.0 - (sta if k == "entropy" else sa)) * stats_b[k]
-             for k in stats_a}
+    stats = {k: sta * stats_a[k] + (1.0 - sta) * stats_b[k] for k in stats_a}  # token means (see rl_gradient)
     return grads, sa * la + (1.0 - sa) * lb, stats, [a - b for a, b in zip(ga, gb, strict=True)], sa
 
 
