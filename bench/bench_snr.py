@@ -42,8 +42,9 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "fixed": ("fixed μ: no meta step (the step-time baseline)", ["controller.method=fixed"]),
     "backward": ("the old backward ∇U meta step (timing only)", ["controller.meta_estimator=backward",
                                                                   "controller.meta_update=raw"]),
+    "central_difference": ("D_i by central difference (timing only)", ["controller.meta_estimator=central_difference"]),
 }
-TIMING_ONLY = {"fixed", "backward"}
+TIMING_ONLY = {"fixed", "backward", "central_difference"}
 T_MIN = 2.0
 
 
@@ -139,11 +140,14 @@ def table(results: dict, interval: int, command: str) -> str:
         amortised = extra if "k=" in name else extra / interval
         lines.append(f"| {name} ({what}) | {s['n_meta']} | {s['frac_above']:.0%} | {s['median_abs_t']:.2f} | "
                      f"{s['mean_t']:+.2f} | {s['frac_positive']:.0%} | {extra:+.0%} | {amortised:+.0%} |")
-    if "backward" in results and "default" in results:
-        lines += ["", f"Meta-step time, per-rollout JVP vs the old backward ∇U: "
-                  f"{results['default']['meta_s_mean']:.2f} s vs {results['backward']['meta_s_mean']:.2f} s "
-                  f"(ratio {results['default']['meta_s_mean'] / results['backward']['meta_s_mean']:.2f}; same box, "
-                  "shared, settings run one after another)."]
+    if "backward" in results:
+        old = results["backward"]["meta_s_mean"]
+        for name, label in (("default", "per-rollout JVP"), ("central_difference", "per-rollout central difference")):
+            if name in results:
+                new = results[name]["meta_s_mean"]
+                lines += ["", f"Meta-step time, {label} vs the old backward ∇U: {new:.2f} s vs {old:.2f} s (ratio "
+                          f"{new / old:.2f}; 256 validation rollouts each, sampling included; same box, shared, "
+                          "settings run one after another)."]
     if fixed:
         lines += [f"Mean step time of `fixed`: {fixed:.2f} s."]
     return "\n".join(lines) + "\n"
