@@ -122,8 +122,9 @@ def table(results: dict, interval: int, command: str) -> str:
              f"`{command}` — tiny model from the warm start of `{WARM_CONFIG}`, `{CONFIG}` with a meta step every "
              f"step; a meta step is *above noise* when |t| = |m / SE(m)| ≥ {T_MIN:g} (SE over prompt groups). "
              "Goal: ≥ 50 % above noise at ≤ 25 % extra step time over `fixed`.", "",
-             "| setting | meta steps | share with abs(t) ≥ 2 | median abs(t) | mean t | t > 0 | extra step time, meta every "
-             f"step | extra at meta_interval {interval} |", "|---|---|---|---|---|---|---|---|"]
+             "| setting | meta steps | share with abs(t) ≥ 2 | median abs(t) | mean t | t > 0 | "
+             f"extra step time, meta every step | extra at meta_interval {interval} |",
+             "|---|---|---|---|---|---|---|---|"]
     rows = []
     for name, res in results.items():
         if name in TIMING_ONLY:
