@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 
@@ -37,6 +37,7 @@ from amft_lib.config import ControllerConfig
 from amft_lib.distributed import Reduction
 from amft_lib.gac import GradNoise, gac_step
 
+T = TypeVar("T")
 USES_META = frozenset({"meta", "amft"})
 USES_ENTROPY = frozenset({"entropy", "amft"})
 USES_NOISE = frozenset({"gac"})  # μ from the measured noise of g_RL and g_SFT (gac.py)
@@ -388,10 +389,10 @@ def utility_grad_in_place(
     g_sft: Sequence[torch.Tensor],
     mu: float,
     alpha: float,
-    utility_grad: Callable[[], list[torch.Tensor] | UtilityGrad],
+    utility_grad: Callable[[], T],
     exact: bool = True,
     precond: Sequence[torch.Tensor] | None = None,
-) -> list[torch.Tensor] | UtilityGrad:
+) -> T:
     """`utility_grad()` at θ'(μ) without materialising θ' as new tensors: the step is applied in place
     (`precond` P: the Adam lookahead θ − α·P⊙[…]).
 
@@ -414,6 +415,19 @@ def utility_grad_in_place(
             else:
                 for p, gr, gs, pc in zip(params, g_rl, g_sft, pcs, strict=True):
                     p.add_(_lookahead_step(gr, gs, mu, alpha, pc))
+
+
+def at_eval_point(params: Sequence[torch.nn.Parameter], g_rl: Sequence[torch.Tensor], g_sft: Sequence[torch.Tensor],
+                  mu: float, alpha: float, fn: Callable[[], T], eval_at: str,
+                  precond: Sequence[torch.Tensor] | None = None) -> T:
+    """`fn()` where `controller.meta_eval_at` says: at θ'(μ) applied in place ("lookahead": θ restored bitwise;
+    "lookahead_undo": the step added back) or at θ ("current")."""
+    if eval_at in ("lookahead", "lookahead_undo"):
+        return utility_grad_in_place(params, g_rl, g_sft, mu, alpha, fn, exact=eval_at == "lookahead",
+                                     precond=precond)
+    if eval_at == "current":
+        return fn()
+    raise ValueError(f"unknown meta_eval_at {eval_at!r}; choose lookahead, lookahead_undo or current")
 
 
 def compute_meta_gradient(
@@ -440,13 +454,7 @@ def compute_meta_gradient(
     reduction: how to sum dot products over FSDP2 shards (`Dist.reduction()`); None in one process.
     The lookahead itself is element-wise, so it runs on sharded parameters unchanged.
     """
-    if eval_at in ("lookahead", "lookahead_undo"):
-        result = utility_grad_in_place(params, g_rl, g_sft, mu, alpha, utility_grad, exact=eval_at == "lookahead",
-                                       precond=precond)
-    elif eval_at == "current":
-        result = utility_grad()
-    else:
-        raise ValueError(f"unknown meta_eval_at {eval_at!r}; choose lookahead, lookahead_undo or current")
+    result = at_eval_point(params, g_rl, g_sft, mu, alpha, utility_grad, eval_at, precond)
     halves = result if isinstance(result, UtilityGrad) else None
     grad_u = result.full if halves is not None else result
     stats = meta_gradient(grad_u, g_rl, g_sft, alpha, update, precond, reduction, halves)
@@ -476,13 +484,7 @@ def compute_meta_evidence(
     from amft_lib import meta_grad
 
     direction = meta_grad.lookahead_direction(g_rl, g_sft, alpha, precond)
-    if eval_at in ("lookahead", "lookahead_undo"):
-        terms = utility_grad_in_place(params, g_rl, g_sft, mu, alpha, lambda: group_terms(direction),
-                                      exact=eval_at == "lookahead", precond=precond)
-    elif eval_at == "current":
-        terms = group_terms(direction)
-    else:
-        raise ValueError(f"unknown meta_eval_at {eval_at!r}; choose lookahead, lookahead_undo or current")
+    terms = at_eval_point(params, g_rl, g_sft, mu, alpha, lambda: group_terms(direction), eval_at, precond)
     ev = meta_grad.evidence(terms)
     red = reduction or Reduction()
     rl, sft = red.to_local(g_rl), red.to_local(g_sft)

@@ -10,13 +10,12 @@ import math
 
 import pytest
 import torch
-from test_meta_gradient import _rmsnorm_keep_dtype, adam_precond, random_batch
+from test_meta_gradient import adam_precond, float64_tiny, random_batch
 
 from amft_lib import meta_grad
-from amft_lib.config import ControllerConfig, ModelConfig
+from amft_lib.config import ControllerConfig
 from amft_lib.controller import compute_meta_evidence, compute_meta_gradient, entropy_term, meta_term
 from amft_lib.losses import group_advantages, ppo_clip_loss, sft_loss
-from amft_lib.model import load_policy, trainable_parameters
 from amft_lib.rollout import completion_logprobs
 
 G = 3  # rollouts per validation prompt
@@ -25,19 +24,7 @@ G = 3  # rollouts per validation prompt
 @pytest.fixture(params=[False, True], ids=["full", "lora"])
 def problem(request, monkeypatch):
     """Tiny float64 Llama, real g_RL (PPO-clip) and g_SFT, 4 validation prompt groups of G = 3 with rewards."""
-    from transformers.models.llama import modeling_llama
-
-    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _rmsnorm_keep_dtype)
-    torch.manual_seed(0)
-    cfg = ModelConfig(name="tiny", dtype="float64", lora=request.param, lora_r=4, lora_dropout=0.0,
-                      tiny_hidden=32, tiny_layers=2, tiny_heads=2)
-    model, tok = load_policy(cfg, seed=0)
-    model.eval()
-    params = trainable_parameters(model)
-    if request.param:
-        with torch.no_grad():
-            for p in params:
-                p.add_(0.05 * torch.randn_like(p))
+    model, tok, params = float64_tiny(request.param, monkeypatch)
     gen = torch.Generator().manual_seed(1)
     rl, sft, val = (random_batch(gen, 6, 5, 7, len(tok)), random_batch(gen, 4, 5, 9, len(tok)),
                     random_batch(gen, 4 * G, 5, 6, len(tok)))

@@ -29,23 +29,29 @@ def _rmsnorm_keep_dtype(self, hidden_states):
     return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
 
 
-@pytest.fixture(params=[False, True], ids=["full", "lora"])
-def setup(request, monkeypatch):
+def float64_tiny(lora: bool, monkeypatch):
+    """(model, tokenizer, trainable params) of a float64 tiny Llama in eval mode, full or LoRA."""
     # transformers' LlamaRMSNorm upcasts to float32 and back (right for bf16, wrong for a float64
     # gradient check: it would make U only float32-precise). Same maths, input dtype kept.
     from transformers.models.llama import modeling_llama
 
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _rmsnorm_keep_dtype)
     torch.manual_seed(0)
-    cfg = ModelConfig(name="tiny", dtype="float64", lora=request.param, lora_r=4, lora_dropout=0.0,
+    cfg = ModelConfig(name="tiny", dtype="float64", lora=lora, lora_r=4, lora_dropout=0.0,
                       tiny_hidden=32, tiny_layers=2, tiny_heads=2)
     model, tok = load_policy(cfg, seed=0)
     model.eval()  # no dropout: U must be a deterministic function of θ
     params = trainable_parameters(model)
-    if request.param:
+    if lora:
         with torch.no_grad():  # LoRA B starts at 0; move off it so every adapter weight matters
             for p in params:
                 p.add_(0.05 * torch.randn_like(p))
+    return model, tok, params
+
+
+@pytest.fixture(params=[False, True], ids=["full", "lora"])
+def setup(request, monkeypatch):
+    model, tok, params = float64_tiny(request.param, monkeypatch)
     gen = torch.Generator().manual_seed(1)
     vocab = len(tok)
     rl = random_batch(gen, 6, 5, 7, vocab)
