@@ -371,9 +371,9 @@ def utility_grad_at(
 LOOKAHEAD_COPIES = {"lookahead": 1, "lookahead_undo": 0, "current": 0}
 # θ-sized buffers the meta step's estimator holds besides those copies, per `meta_estimator` (memory.py): backward
 # keeps the two half-sample ∇U estimates and builds their weighted mean (3); jvp only the tangent
-# v = α·P⊙(g_RL − g_SFT) (1; forward-mode keeps no graph); the central difference v and the copy of θ' its shift
-# restores (2).
-META_BUFFERS = {"backward": 3, "jvp": 1, "central_difference": 2}
+# v = α·P⊙(g_RL − g_SFT) (1; forward-mode keeps no graph); the central difference v (1), and with
+# meta_eval_at=current one copy of θ its shift restores (inside the lookahead, θ's own restore covers it).
+META_BUFFERS = {"backward": 3, "jvp": 1, "central_difference": 1}
 
 
 def _lookahead_step(g_rl: torch.Tensor, g_sft: torch.Tensor, mu: float, alpha: float,

@@ -13,9 +13,9 @@ trainable dtype's bytes (4 for fp32 and for peft's LoRA adapters, 2 for bf16 ful
                  sft_gradient and the update loop keep all three alive at once)
     AdamW        2·s·trainable (exp_avg, exp_avg_sq), s = 4 with master weights, else t
     meta step    (buffers + copies)·t·trainable on meta steps: the estimator's θ-sized buffers
-                 (`controller.META_BUFFERS`: backward ∇U 3 — two half-sample estimates and their mean —, jvp 1 —
-                 the tangent ∂θ'/∂μ —, central difference 2) plus the lookahead's full copies of θ
-                 (`controller.LOOKAHEAD_COPIES`). At 7B full fine-tune in bf16 the per-rollout jvp meta step saves
+                 (`controller.META_BUFFERS`: backward ∇U 3 — two half-sample estimates and their mean —, jvp and
+                 central difference 1 — the direction ∂θ'/∂μ) plus the lookahead's full copies of θ
+                 (`controller.LOOKAHEAD_COPIES`). At 7B full fine-tune in bf16 the per-rollout meta step saves
                  2·2 = 4 bytes/param over the backward one: 28 GB per GPU (e.g. lookahead_undo: 6 → 2 bytes/param).
     activations  per micro-batch, see `activation_bytes`
     overhead     CUDA context, cuBLAS workspaces, allocator fragmentation (a flat 2 GiB)
@@ -228,6 +228,8 @@ def estimate_for_train_config(cfg, hf_config, *, prompt_tokens: int = 256, world
     meta = controller is not None and controller.method in ctl.USES_META
     copies = ctl.LOOKAHEAD_COPIES.get(controller.meta_eval_at, 0) if meta else 0
     buffers = ctl.META_BUFFERS[controller.meta_estimator] if meta else 0
+    if meta and controller.meta_estimator == "central_difference" and controller.meta_eval_at == "current":
+        buffers += 1  # its shift restores θ from a copy when no lookahead restore surrounds it
     loss = getattr(cfg, "loss", None)
     micro = loss.micro_batch_size if loss is not None else cfg.micro_batch_size
     new_tokens = cfg.rollout.max_new_tokens if hasattr(cfg, "rollout") else cfg.max_new_tokens

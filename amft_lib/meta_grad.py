@@ -128,9 +128,12 @@ def fd_scale(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
 
 
 @contextlib.contextmanager
-def shifted(params: Sequence[torch.nn.Parameter], direction: Sequence[torch.Tensor], scale: float) -> Iterator[None]:
-    """θ ← θ + scale·v in place for the block, then θ back from one saved copy (bitwise)."""
-    saved = [p.detach().clone() for p in params]
+def shifted(params: Sequence[torch.nn.Parameter], direction: Sequence[torch.Tensor], scale: float,
+            exact: bool = True) -> Iterator[None]:
+    """θ ← θ + scale·v in place for the block, then θ back: from one saved copy (exact, bitwise), or by
+    subtracting the same shift (no copy; θ may move by a rounding unit — for callers that restore θ themselves,
+    e.g. inside the lookahead's own exact restore)."""
+    saved = [p.detach().clone() for p in params] if exact else None
     try:
         with torch.no_grad():
             for p, v in zip(params, direction, strict=True):
@@ -138,8 +141,11 @@ def shifted(params: Sequence[torch.nn.Parameter], direction: Sequence[torch.Tens
         yield
     finally:
         with torch.no_grad():
-            for p, s in zip(params, saved, strict=True):
-                p.copy_(s)
+            for i, (p, v) in enumerate(zip(params, direction, strict=True)):
+                if saved is not None:
+                    p.copy_(saved[i])
+                else:
+                    p.sub_(v.to(p.dtype), alpha=scale)
 
 
 def central_difference_derivatives(
@@ -148,19 +154,21 @@ def central_difference_derivatives(
     seq_logprobs_now: Callable[[], torch.Tensor],
     reduction: Reduction | None = None,
     step: float = FD_STEP,
+    exact: bool = True,
 ) -> torch.Tensor:
     """D_i ≈ [log π_{θ+s·v}(τ_i) − log π_{θ−s·v}(τ_i)] / 2s: two no-grad forwards (`seq_logprobs_now()` → [N]
     at the current parameters), θ restored bitwise. Works on FSDP2 shards unchanged (the shift is element-wise;
     only s's norms are summed). Because θ'(μ) is linear in μ, this is the central difference in μ at step s.
     step: the relative size of the shift (`fd_scale`); its O(step²) truncation error is ~4e-4 relative at the
-    default on the tiny model, far below the rollout noise SE(m) measures (float64 tests use 1e-6)."""
+    default on the tiny model, far below the rollout noise SE(m) measures (float64 tests use 1e-6).
+    exact: restore θ from a saved copy (one θ-sized buffer); False subtracts the shift back (no copy)."""
     s = fd_scale(params, direction, reduction, step)
     if s == 0.0:
         with torch.no_grad():
             return torch.zeros_like(seq_logprobs_now(), dtype=torch.float64)
     with torch.no_grad():
-        with shifted(params, direction, s):
+        with shifted(params, direction, s, exact):
             up = seq_logprobs_now().double()
-        with shifted(params, direction, -s):
+        with shifted(params, direction, -s, exact):
             down = seq_logprobs_now().double()
     return (up - down) / (2.0 * s)

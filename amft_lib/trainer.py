@@ -198,7 +198,7 @@ def meta_group_terms(policy: Policy, params, task, rows: Sequence[dict], cfg: Tr
 
 
 def meta_estimator(cfg: TrainConfig, dist: distributed.Dist) -> str:
-    """The estimator the meta step runs: `jvp` needs whole parameters, so FSDP2 shards use the central difference."""
+    """The estimator the meta step runs: `jvp` needs whole parameters, so FSDP2 shards take the central difference."""
     est = cfg.controller.meta_estimator
     return "central_difference" if est == "jvp" and dist.sharded else est
 
@@ -218,9 +218,10 @@ def rollout_derivatives(policy: Policy, params, batch: TokenBatch, direction: li
     if meta_estimator(cfg, policy.dist) == "jvp":
         return torch.cat([meta_grad.jvp_logprob_derivatives(policy.generate, params, direction,
                                                             functools.partial(seq_logprob, chunk=c)) for c in chunks])
+    # inside the lookahead θ is restored afterwards anyway (from its copy, or by undoing the step): no copy here
     return meta_grad.central_difference_derivatives(
         params, direction, lambda: torch.cat([seq_logprob(policy.forward, c) for c in chunks]),
-        policy.dist.reduction())
+        policy.dist.reduction(), exact=cfg.controller.meta_eval_at == "current")
 
 
 def gradient_halves(grad_fn, n: int, sizes, dist: distributed.Dist):

@@ -88,12 +88,17 @@ def test_central_difference_agrees_with_the_jvp(problem, lookahead):
     assert b.meta_grad == pytest.approx(a.meta_grad, rel=1e-6) and b.estimator == "central_difference"
 
 
-def test_central_difference_restores_theta_bitwise(problem):
+def test_central_difference_restores_theta_bitwise_or_to_a_rounding_unit(problem):
     model, params, g_rl, g_sft, *_ = problem
     before = [p.detach().clone() for p in params]
     v = meta_grad.lookahead_direction(g_rl, g_sft, 0.5)
     meta_grad.central_difference_derivatives(params, v, lambda: sum(p.sum() for p in params).reshape(1))
     assert all(torch.equal(a, b) for a, b in zip(before, params))
+    # without a copy: θ + s·v − s·v − s·v + s·v, equal up to rounding
+    d = meta_grad.central_difference_derivatives(params, v, lambda: sum(p.sum() for p in params).reshape(1),
+                                                 exact=False)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-15) for a, b in zip(before, params))
+    assert float(d[0]) == pytest.approx(sum(float(x.sum()) for x in v), rel=1e-6)  # d/ds Σθ along v = Σv
 
 
 # ── the pure parts, by hand ────────────────────────────────────────────────────────────────────────

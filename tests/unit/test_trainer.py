@@ -68,7 +68,7 @@ def test_every_method_runs_and_writes_the_contract(method, splits, tmp_path):
                       {"entropy_delta"} if method == "meta" else set())
         assert all(logged <= set(r) for r in ctl_rows)
         assert all(math.isfinite(r["meta_grad_se"]) and math.isfinite(r["meta_grad_t"]) for r in ctl_rows)
-        assert all(r["n_groups"] == 2 and r["estimator"] == "jvp" and r["reason"] for r in ctl_rows)
+        assert all(r["n_groups"] == 2 and r["estimator"] == "central_difference" and r["reason"] for r in ctl_rows)
         assert all(r["meta_grad"] is not None for r in steps)
     elif method == "gac":  # μ from the measured noise of both gradients, every step
         ctl_rows = read_jsonl(tmp_path / "controller.jsonl")
