@@ -251,7 +251,7 @@ class ControllerConfig:
     meta_estimator: Literal["central_difference", "jvp", "backward"] = help_field(
         "How m is computed. Per rollout (AMFT.md §6): m = mean_i w_i·D_i, D_i = d/dμ log π_θ'(τ_i), with SE(m) over "
         "prompt groups, no backward over the validation batch and no ∇U buffer. `central_difference`: D_i from two "
-        "no-grad forwards at θ' ± s·∂θ'/∂μ (the fastest: 0.75× the backward's time on Countdown, within ~1e-3 of the "
+        "no-grad forwards at θ' ± s·∂θ'/∂μ (the fastest: 0.75× the backward's time on Countdown, within ~2e-3 of the "
         "exact value, below SE(m) by orders; every strategy incl. FSDP2). `jvp`: exact, forward-mode AD (1.5× the "
         "backward's time on CPU: attention falls back to the math kernel; not on FSDP2 shards, which take the "
         "central difference). `backward`: the old ∇U by backpropagation (no SE; needed by meta_update=cosine).",

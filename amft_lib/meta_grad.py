@@ -28,12 +28,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from amft_lib.distributed import Reduction
 
-# Central difference: the shift s·v is sized so the weight it moves most moves by FD_STEP·RMS(θ). Measured on the
-# Countdown warm start (float32, 128 rollouts, vs the exact JVP): m within 1.3e-3 for a concentrated SGD-like
-# direction and 7e-4 for a spread one. Sized by RMS(s·v) instead, no single step suited both: 1e-3 was off by
-# 2.5 % on the SGD-like direction (a few weights moved far: curvature), 1e-4 by 4e-3 on the spread one (rounding).
+# Central difference: the shift s·v is sized so its largest moves are FD_STEP·RMS(θ): s = FD_STEP·RMS(θ)/‖v‖_8,
+# where ‖v‖_8 = (Σ v_j⁸)^(1/8) is ≈ max|v_j| for a direction concentrated on a few weights and ~2× it for a spread
+# one, and, being a sum, is the same number on FSDP2 shards as in one process (a max over shards would need its own
+# collective). Measured on the Countdown warm start (float32, 128 rollouts, vs the exact JVP): m within 1.8e-4 for
+# a concentrated SGD-like direction (α·g_SFT) and 1.9e-3 for a spread (random) one. Sized by RMS(s·v) instead,
+# no single step suited both: 1e-3 was off by 2.5 % on the SGD-like direction (a few weights moved far:
+# curvature), 1e-4 by 4e-3 on the spread one (rounding).
 FD_STEP = 3e-3
-_MAX_P = 8  # under FSDP2 max|v| over shards is (Σ_ranks max_r^8)^(1/8): exact in one process, ≤ 9 % high on 2 ranks
+_NORM_P = 8
 
 
 class Evidence(NamedTuple):
@@ -120,16 +123,14 @@ class _Functional(torch.nn.Module):
 
 def fd_scale(params: Sequence[torch.Tensor], direction: Sequence[torch.Tensor],
              reduction: Reduction | None = None, step: float = FD_STEP) -> float:
-    """s with max_j |s·v_j| = step·RMS(θ) (sums over FSDP2 shards; the max as a p-norm of the ranks' maxima,
-    identical on every rank). 0 when v = 0."""
+    """s = step·RMS(θ)/‖v‖_8 (sums over FSDP2 shards, so the same s on every rank and world size). 0 when v = 0."""
     red = reduction or Reduction()
     p, v = red.to_local(params), red.to_local(direction)
-    local_max = max((float(x.abs().max()) for x in v if x.numel()), default=0.0)
     sums = red.total(torch.tensor([
         float(sum(x.detach().double().pow(2).sum() for x in p)), float(sum(x.numel() for x in p)),
-        local_max ** _MAX_P], dtype=torch.float64)).tolist()
-    v_max = sums[2] ** (1.0 / _MAX_P)
-    return step * math.sqrt(sums[0] / max(sums[1], 1.0)) / v_max if v_max > 0 else 0.0
+        float(sum(x.double().pow(_NORM_P).sum() for x in v))], dtype=torch.float64)).tolist()
+    v_norm = sums[2] ** (1.0 / _NORM_P)
+    return step * math.sqrt(sums[0] / max(sums[1], 1.0)) / v_norm if v_norm > 0 else 0.0
 
 
 @contextlib.contextmanager
