@@ -34,7 +34,7 @@ CONFIG = "configs/tiny_countdown.yaml"
 WARM_CONFIG = "configs/tiny_countdown_warm_start.yaml"
 BASE = ["controller.meta_interval=1", "eval_every=0", "eval_prompts=8", "eval_samples=1", "log_samples=0"]
 SETTINGS: dict[str, tuple[str, list[str]]] = {
-    "default": ("256 val rollouts (64 × 4), Adam lookahead, jvp", []),
+    "default": ("the shipped settings: 256 val rollouts (64 × 4), Adam lookahead", []),
     "val1024": ("1024 val rollouts (256 × 4)", ["controller.meta_val_prompts=256"]),
     "sgd": ("SGD lookahead", ["controller.meta_lookahead=sgd"]),
     "group8": ("group size 8 (32 × 8 = 256 rollouts)", ["controller.meta_val_prompts=32",
