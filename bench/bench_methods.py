@@ -206,7 +206,7 @@ def main() -> None:
                     "(general_points), bench/out/study_countdown")
     ap.add_argument("--config", default=None, help="training config; default per --task (configs/tiny_*.yaml)")
     ap.add_argument("--warm-config", default=None, help="warm-start config; default per --task")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (countdown smollm2: 0)")
     ap.add_argument("--steps", type=int, default=None, help="RL steps per run (default 60; countdown 200)")
     ap.add_argument("--methods", nargs="+", default=None, help="default: every method of the task")
     ap.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each")
@@ -221,6 +221,12 @@ def main() -> None:
     cd.add_argument("--switch-grid", type=int, nargs="+", default=[50, 100, 150],
                     help="sft_grpo: RL-start steps tuned on val")
     cd.add_argument("--mu-grid", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="fixed: μ values tuned on val")
+    cd.add_argument("--tuned", nargs="+", default=None, metavar="METHOD=VALUE",
+                    help="skip the val sweeps and use these values (sft_grpo=SWITCH_STEP fixed=MU), recorded as "
+                    "given, not tuned: for a study too expensive to tune (the SmolLM2 one)")
+    cd.add_argument("--model", choices=["tiny", "smollm2"], default="tiny",
+                    help="smollm2: SmolLM2-135M + LoRA (configs/smollm2_countdown_*.yaml), its own study folder "
+                    "bench/results/study_countdown_smollm2 and report")
     cd.add_argument("--study", default=None, help="the study's record folder (default bench/results/study_countdown)")
     cd.add_argument("--commit", action="store_true", help="git-commit each finished run's record as it lands")
     cd.add_argument("--report-only", action="store_true", help="rebuild the report from the records; train nothing")
@@ -239,11 +245,11 @@ def main() -> None:
                     "prompt: val and test_id are held-out *prompts* (card orders) of training hands, test_ood "
                     "stays unseen OOD hands — measures what a small model can transfer, not generalisation")
     args = ap.parse_args()
-    args.config = args.config or TASK_DEFAULTS[args.task][0]
-    args.warm_config = args.warm_config or TASK_DEFAULTS[args.task][1]
     if args.task == "countdown":
         import study_countdown
 
+        study_countdown.apply_model_preset(args)
+        args.seeds = args.seeds or [0, 1, 2]
         args.steps = args.steps or 200
         args.methods = args.methods or list(study_countdown.METHODS)
         args.out = args.out or "bench/out/study_countdown"
@@ -253,7 +259,10 @@ def main() -> None:
 
 
 def general_points(args) -> None:
+    args.config = args.config or TASK_DEFAULTS[args.task][0]
+    args.warm_config = args.warm_config or TASK_DEFAULTS[args.task][1]
     args.steps = args.steps or 60
+    args.seeds = args.seeds or [0, 1, 2]
     args.methods = args.methods or list(METHODS)
     args.out = args.out or "bench/out/methods"
     out = Path(args.out).resolve()

@@ -71,6 +71,7 @@ class Spec:
     switch_grid: tuple[int, ...] = (50, 100, 150)  # sft_grpo: RL starts at this step (tuned on val)
     mu_grid: tuple[float, ...] = (0.25, 0.5, 0.75)  # fixed: μ (tuned on val)
     checkpoint_every: int = 50  # an interrupted run resumes from its newest checkpoint
+    given: tuple[tuple[str, float], ...] = ()  # (method, value) used instead of tuning (--tuned), recorded as such
     methods: tuple[str, ...] = field(default=METHODS, compare=False)
 
     def fingerprint(self) -> dict:
@@ -375,8 +376,9 @@ def plan(spec: Spec, study: Path, out: Path, common: dict) -> list[dict]:
     then the runs seed by seed (all methods of seed 0 first, so an unfinished study still compares every
     method on a seed). Runs of tuned methods carry needs_tuning and wait for the sweeps."""
     jobs = [{**common, "kind": "warm_start", "record": str(study / "warm_start_scores.json")}]
-    jobs += [{**common, **t, "kind": "tune", "seed": spec.tune_seed, "run_dir": str(out / "tune" / t["name"]),
-              "record": str(study / "tuning" / f"{t['name']}.json")} for t in tuning_jobs(spec)]
+    if not spec.given:
+        jobs += [{**common, **t, "kind": "tune", "seed": spec.tune_seed, "run_dir": str(out / "tune" / t["name"]),
+                  "record": str(study / "tuning" / f"{t['name']}.json")} for t in tuning_jobs(spec)]
     jobs += [{**common, "kind": "run", "method": m, "seed": s, "needs_tuning": m in ("sft_grpo", "fixed",
                                                                                      "fixed_budget"),
               "run_dir": str(out / "runs" / f"{m}-s{s}"), "record": str(run_path(study, m, s))}
@@ -392,6 +394,8 @@ def _finish(job: dict, spec: Spec, study: Path, common: dict, tuned: dict) -> No
 
 
 def load_tuned(spec: Spec, study: Path) -> dict[str, float] | None:
+    if spec.given:
+        return dict(spec.given)
     records = [read_json(study / "tuning" / f"{t['name']}.json") for t in tuning_jobs(spec)]
     return pick_tuned(records) if all(r is not None for r in records) else None
 
@@ -451,9 +455,39 @@ def _brief(record: dict) -> str:
     return ", ".join(f"{k} {acc[k]:.3f}" for k in TEST_SPLITS if k in acc)
 
 
+SMOLLM2 = {"config": "configs/smollm2_countdown_lora.yaml", "warm_config": "configs/smollm2_countdown_warm_start.yaml",
+           "study": "study_countdown_smollm2", "methods": ["amft", "sft_grpo", "fixed"], "seeds": [0]}
+
+
+def apply_model_preset(args) -> None:
+    """--model smollm2: the second model family's study (its own configs, folder and report), unless the
+    user named those explicitly; --model tiny: the tiny configs."""
+    if args.model == "smollm2":
+        args.config = args.config or SMOLLM2["config"]
+        args.warm_config = args.warm_config or SMOLLM2["warm_config"]
+        args.study = args.study or str(RESULTS / SMOLLM2["study"])
+        args.methods = args.methods or SMOLLM2["methods"]
+        args.seeds = args.seeds or SMOLLM2["seeds"]
+        args.out = args.out or "bench/out/study_countdown_smollm2"
+    args.config = args.config or Spec.config
+    args.warm_config = args.warm_config or Spec.warm_config
+
+
+def _given(items: Sequence[str] | None) -> tuple[tuple[str, float], ...]:
+    out = []
+    for item in items or ():
+        method, _, value = item.partition("=")
+        if method not in TUNED or not value:
+            raise SystemExit(f"error: --tuned {item!r}: expected sft_grpo=STEP or fixed=MU")
+        out.append((method, float(value)))
+    if out and {m for m, _ in out} != set(TUNED):
+        raise SystemExit(f"error: --tuned: give a value for each of {', '.join(TUNED)} (or none, to tune on val)")
+    return tuple(sorted(out))
+
+
 def spec_from_args(args) -> Spec:
-    return Spec(steps=args.steps, seeds=tuple(args.seeds), config=args.config, warm_config=args.warm_config,
-                overrides=tuple(args.set), eval_rows=args.eval_rows, pass_k=args.pass_k, pass_k_rows=args.pass_k_rows,
+    return Spec(given=_given(args.tuned), steps=args.steps, seeds=tuple(args.seeds), config=args.config,
+                warm_config=args.warm_config, overrides=tuple(args.set), eval_rows=args.eval_rows, pass_k=args.pass_k, pass_k_rows=args.pass_k_rows,
                 switch_grid=tuple(args.switch_grid), mu_grid=tuple(args.mu_grid), methods=tuple(args.methods))
 
 
