@@ -487,7 +487,8 @@ def _given(items: Sequence[str] | None) -> tuple[tuple[str, float], ...]:
 
 def spec_from_args(args) -> Spec:
     return Spec(given=_given(args.tuned), steps=args.steps, seeds=tuple(args.seeds), config=args.config,
-                warm_config=args.warm_config, overrides=tuple(args.set), eval_rows=args.eval_rows, pass_k=args.pass_k, pass_k_rows=args.pass_k_rows,
+                warm_config=args.warm_config, overrides=tuple(args.set), eval_rows=args.eval_rows,
+                pass_k=args.pass_k, pass_k_rows=args.pass_k_rows,
                 switch_grid=tuple(args.switch_grid), mu_grid=tuple(args.mu_grid), methods=tuple(args.methods))
 
 
