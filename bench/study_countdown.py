@@ -168,7 +168,13 @@ def check_fingerprint(study: Path, spec: Spec, facts: dict) -> None:
     have = read_json(study / "study.json")
     if have is None:
         return
-    for key in sorted(set(want) | set(have["fingerprint"])):
+    old_cfg, new_cfg = have["fingerprint"].get("train_config", {}), want.pop("train_config", {})
+    for key in sorted(set(old_cfg) & set(new_cfg)):  # a setting added since keeps its old meaning at its default
+        if old_cfg[key] != new_cfg[key]:
+            raise SystemExit(f"error: {study / 'study.json'}: setting {key!r} was {old_cfg[key]!r} when the study "
+                             f"started and resolves to {new_cfg[key]!r} now: runs trained under both would not "
+                             "answer one question; pin it with --set or start a new study with --study DIR")
+    for key in sorted((set(want) | set(have["fingerprint"])) - {"train_config"}):
         if have["fingerprint"].get(key) != want.get(key):
             raise SystemExit(f"error: {study / 'study.json'}: field {key!r} is {have['fingerprint'].get(key)!r}, "
                              f"this invocation asks {want.get(key)!r}: a study's budget and inputs are its question; "
@@ -355,9 +361,26 @@ def prepare(spec: Spec, study: Path, out: Path, do_commit: bool) -> dict:
             commit([warm], f"study (countdown): the shared warm start, {spec.warm_config}")
     wstats = json.loads((warm / "stats.json").read_text())
     h_star = h_star_at(warm, wstats, temperature, spec.warm_config, data)
-    facts = {"data_card_sha256": card_digest(data), "warm_start_digest": content_digest(warm / "model")}
+    facts = {"data_card_sha256": card_digest(data), "warm_start_digest": content_digest(warm / "model"),
+             "train_config": flat_config(spec)}
     return {"data": str(data), "warm_model": str(warm / "model"), "warm_stats": wstats, "target_entropy": h_star,
             "temperature": temperature, "facts": facts}
+
+
+def flat_config(spec: Spec) -> dict:
+    """The base training config every row shares, flattened (`rollout.group_size`: 8): resolved from the
+    config file, the study's overrides and today's defaults, so a changed default is caught on resume."""
+    from amft_lib.config import apply_overrides, config_to_dict, load_config
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    cfg = apply_overrides(load_config(spec.config), base_overrides(spec))
+    skip = ("seed", "data.path", "controller.method")  # set per run
+    return {k: v for k, v in flat(config_to_dict(cfg)).items() if k not in skip}
 
 
 def _common(spec: Spec, prep: dict) -> dict:

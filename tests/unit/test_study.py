@@ -106,3 +106,16 @@ def test_the_verdict_follows_the_paired_cis(tmp_path: Path, amft_ood: float, exp
     assert (tmp_path / "methods_countdown_curves.png").stat().st_size > 10_000
     sc.run_path(tmp_path, "fixed", 1).unlink()  # an unfinished study never claims an answer
     assert "**Not answered yet**: 5 of 6 runs" in sr.report(tmp_path, meta, n_boot=300, out_dir=tmp_path)
+
+
+def test_a_changed_default_is_caught_but_a_new_setting_is_not(tmp_path: Path):
+    spec = sc.Spec(steps=200)
+    cfg = sc.flat_config(spec)
+    assert cfg["max_steps"] == 200 and cfg["rollout.group_size"] == 8 and "seed" not in cfg
+    facts = {"train_config": cfg}
+    sc.write_json(tmp_path / "study.json", {"fingerprint": {**spec.fingerprint(), "train_config": cfg}})
+    sc.check_fingerprint(tmp_path, spec, {"train_config": {**cfg, "engine.new_switch": True}})
+    with pytest.raises(SystemExit, match=r"setting .rollout\.group_size. was 8 when the study started and "
+                                         r"resolves to 4"):
+        sc.check_fingerprint(tmp_path, spec, {"train_config": {**cfg, "rollout.group_size": 4}})
+    assert facts["train_config"] is cfg  # the caller's facts are not consumed by the check
