@@ -294,6 +294,7 @@ def general_points(args) -> None:
     if args.tune:
         axes = dict(item.split("=", 1) for item in args.grid) if args.grid else {
             "controller.eta_mu": "0.05,0.5", "controller.eta_h": "0.05,0.5", "controller.meta_update": "cosine",
+            "controller.meta_estimator": "backward",
             "controller.mu_init": "0.5,0.7"}
         grid = [[f"{k}={v}" for k, v in zip(axes, values, strict=True)]
                 for values in itertools.product(*(v.split(",") for v in axes.values()))]
