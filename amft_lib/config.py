@@ -38,10 +38,12 @@ METHOD_HELP: dict[str, str] = {
     "amft": "full Eq. 6",
     "chord": "baseline: a CHORD-style decaying schedule of μ, see chord_*",
     "hpt": "baseline: HPT-style gate, μ = the share of this step's prompts whose G rollouts are all wrong",
+    "gac": "baseline: GAC-style noise-aware μ* = σ²_RL/(σ²_RL + σ²_SFT + Δ²), EMA-smoothed, capped, see gac_*",
 }
 METHODS = tuple(METHOD_HELP)
 BASELINES = tuple(m for m in METHODS if m != "amft")  # what AMFT is compared against
-Method = Literal["sft", "grpo", "sft_grpo", "fixed", "entropy", "meta", "amft", "chord", "hpt"]  # == METHODS (tested)
+# == METHODS (tested)
+Method = Literal["sft", "grpo", "sft_grpo", "fixed", "entropy", "meta", "amft", "chord", "hpt", "gac"]
 
 
 def methods_help() -> str:
@@ -239,11 +241,35 @@ class ControllerConfig:
     eta_mu: float = help_field("Step size η_μ of the meta-gradient term.", 0.05, ge=0)
     eta_h: float = help_field("Step size η_H of the entropy term η_H·(H* − H_t); H in nats/token.", 0.05, ge=0)
     meta_interval: int = help_field("T_meta: compute the meta-gradient every this many steps (reference 20).", 10, ge=1)
-    meta_normalize: Literal["none", "cosine"] = help_field(
-        "`none`: m = α⟨∇U, g_RL − g_SFT⟩ (the exact derivative; tiny in magnitude). `cosine`: m = "
-        "cos(∇U, g_RL − g_SFT) ∈ [−1, 1], the same sign with a scale-free size so η_μ means something.",
-        "cosine",
+    meta_update: Literal["raw", "cosine", "evidence"] = help_field(
+        "How the meta term moves μ. `raw`: Δμ = η_μ·m, m = α⟨∇U, P⊙(g_RL − g_SFT)⟩ (the exact derivative; tiny). "
+        "`cosine`: η_μ·cos(∇U, P⊙(g_RL − g_SFT)) (needs meta_estimator=backward: the cosine needs ‖∇U‖). "
+        "`evidence`: μ moves only when |t| = |m/SE(m)| ≥ meta_t_min, by η_μ·clip(t/meta_t_ref, −1, 1) (AMFT.md §6; "
+        "bench/results/snr_countdown.md).",
+        "evidence",
     )
+    meta_estimator: Literal["central_difference", "jvp", "backward"] = help_field(
+        "How m is computed. Per rollout (AMFT.md §6): m = mean_i w_i·D_i, D_i = d/dμ log π_θ'(τ_i), with SE(m) over "
+        "prompt groups, no backward over the validation batch and no ∇U buffer. `central_difference`: D_i from two "
+        "no-grad forwards at θ' ± s·∂θ'/∂μ (the fastest: 0.75× the backward's time on Countdown, within ~2e-3 of the "
+        "exact value, below SE(m) by orders; every strategy incl. FSDP2). `jvp`: exact, forward-mode AD (1.5× the "
+        "backward's time on CPU: attention falls back to the math kernel; not on FSDP2 shards, which take the "
+        "central difference). `backward`: the old ∇U by backpropagation (no SE; needed by meta_update=cosine).",
+        "central_difference",
+    )
+    meta_t_min: float = help_field("meta_update=evidence: μ holds while |t| < this (2 ≈ 95 % two-sided).", 2.0, ge=0)
+    meta_t_ref: float = help_field("meta_update=evidence: |t| at which the meta step reaches the full η_μ.", 4.0,
+                                   gt=0)
+    entropy_tolerance: float = help_field(
+        "h_tol (nats): the entropy term is η_H·clip((H* − H_t)/h_tol, −1, 1), so a drift of h_tol moves μ by the full "
+        "η_H a step (H_t stays within ~0.05 nats of H* on Countdown, where the raw η_H·(H* − H_t) was ≤ 0.0025). "
+        "0: the raw Eq. 6 term.",
+        0.05, ge=0,
+    )
+    gac_beta: float = help_field("gac only: EMA factor of the noise-aware target μ* (gac.py).", 0.9, ge=0, lt=1)
+    gac_cap: float = help_field("gac only: the most μ moves in one step.", 0.05, gt=0, le=1)
+    gac_prior_weight: float = help_field("gac only: weight λ of the prior mu_init in the target (1−λ)·μ* + λ·mu_init.",
+                                         0.2, ge=0, le=1)
     meta_eval_at: Literal["lookahead", "lookahead_undo", "current"] = help_field(
         "Where ∇U is evaluated: at the lookahead θ' (the paper) or at θ (first order, cheaper). `lookahead` "
         "applies the step in place and restores θ from one saved copy (bitwise); `lookahead_undo` keeps no "
@@ -294,6 +320,12 @@ class ControllerConfig:
             )
         if self.meta_interval < 1:
             raise ConfigError(f"controller.meta_interval={self.meta_interval}: must be >= 1")
+        if self.meta_update == "cosine" and self.meta_estimator != "backward":
+            raise ConfigError("controller.meta_update=cosine needs ‖∇U‖, which only meta_estimator=backward builds; "
+                              "set controller.meta_estimator=backward or choose meta_update raw or evidence")
+        if self.meta_update == "evidence" and self.meta_estimator == "backward":
+            raise ConfigError("controller.meta_update=evidence needs SE(m) from per-rollout terms: set "
+                              "controller.meta_estimator=jvp or central_difference")
         if self.meta_val_group < 2:
             raise ConfigError(f"controller.meta_val_group={self.meta_val_group}: the group baseline needs >= 2")
         if not (0.0 <= self.chord_mu_end <= 1.0 and 0.0 <= self.chord_mu_start <= 1.0) or self.chord_decay_steps < 1:

@@ -29,15 +29,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 
 from amft_lib.config import ControllerConfig
 from amft_lib.distributed import Reduction
+from amft_lib.gac import GradNoise, gac_step
 
+T = TypeVar("T")
 USES_META = frozenset({"meta", "amft"})
 USES_ENTROPY = frozenset({"entropy", "amft"})
+USES_NOISE = frozenset({"gac"})  # μ from the measured noise of g_RL and g_SFT (gac.py)
 SCHEDULED = frozenset({"sft", "grpo", "sft_grpo", "fixed", "chord", "hpt"})  # μ set without feedback from H or m
 
 
@@ -49,6 +52,7 @@ class ControllerState:
     last_meta_grad: float | None = None  # m of the most recent meta-gradient computation
     n_meta: int = 0  # how many meta-gradients have been computed
     history: tuple[tuple[int, float], ...] = ()  # (step, μ) after every update: the audited trajectory
+    gac_ema: float | None = None  # gac only: the EMA of its noise-aware target μ*
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -91,18 +95,48 @@ def hpt_mu(rewards: torch.Tensor, group_size: int) -> float:
     return float((~solved).float().mean())
 
 
-def entropy_term(entropy: float, target_entropy: float, eta_h: float) -> float:
-    """η_H·(H* − H_t): positive when entropy collapses below the warm-start level (⇒ μ rises)."""
+def entropy_term(entropy: float, target_entropy: float, eta_h: float, tolerance: float = 0.0) -> float:
+    """η_H·(H* − H_t): positive when entropy collapses below the warm-start level (⇒ μ rises).
+
+    tolerance h_tol > 0 gives the term a scale that can act: η_H·clip((H* − H_t)/h_tol, −1, 1), so a drift of
+    h_tol nats moves μ by the full η_H a step. Why: H_t measured like H* (the policy's own rollouts at the
+    rollout temperature) stays within ~0.05 nats of it on Countdown, so the raw η_H·(H* − H_t) was ≤ 0.0025 a
+    step and the `entropy` method scored exactly like `fixed`. tolerance 0 is the raw Eq. 6 term.
+    E.g. H* = 1.0, H_t = 0.98, η_H = 0.05, h_tol = 0.04 → 0.05·0.5 = 0.025.
+    """
+    if tolerance > 0:
+        return eta_h * max(-1.0, min(1.0, (target_entropy - entropy) / tolerance))
     return eta_h * (target_entropy - entropy)
 
 
+def meta_term(meta_grad: float, meta_t: float | None, cfg: ControllerConfig) -> tuple[float, str]:
+    """Δμ of the meta term and why, per `controller.meta_update`.
+
+    raw / cosine: η_μ·m (m is α⟨∇U, d⟩ or its cosine). evidence: μ moves only on evidence, by the evidence:
+    Δμ = η_μ·clip(t/t_ref, −1, 1) when |t| ≥ t_min, else 0 ("held"). A |t| below t_min is a sign the meta step
+    cannot tell from noise; scaling by t (not m) makes η_μ a step in μ per unit of evidence, independent of α
+    and of the gradients' size. E.g. η_μ 0.05, t_min 2, t_ref 4: t = 3 → +0.0375; t = −6 → −0.05; t = 0.4 → 0.
+    """
+    if cfg.meta_update != "evidence":
+        return cfg.eta_mu * meta_grad, f"{cfg.meta_update}: η_μ·m = {cfg.eta_mu * meta_grad:+.4g}"
+    if meta_t is None or math.isnan(meta_t):
+        return 0.0, "no t (fewer than 2 prompt groups): held"
+    if abs(meta_t) < cfg.meta_t_min:
+        return 0.0, f"|t| = {abs(meta_t):.2f} < {cfg.meta_t_min:g}: held"
+    delta = cfg.eta_mu * max(-1.0, min(1.0, meta_t / cfg.meta_t_ref))
+    return delta, f"|t| = {abs(meta_t):.2f} >= {cfg.meta_t_min:g}: Δμ = η_μ·clip(t/{cfg.meta_t_ref:g}) = {delta:+.4f}"
+
+
 def controller_step(
-    state: ControllerState, entropy: float, meta_grad: float | None, cfg: ControllerConfig
+    state: ControllerState, entropy: float, meta_grad: float | None, cfg: ControllerConfig,
+    meta_t: float | None = None, noise: GradNoise | None = None,
 ) -> ControllerState:
     """One update of μ after training step `state.step` (Eq. 6). Pure: returns a new state.
 
     entropy: H_t, mean token entropy of this step's rollouts (nats/token).
     meta_grad: m_t when it was computed this step, else None (the meta term is 0 in between).
+    meta_t: t = m/SE(m) of that m (the evidence rule moves on it, `meta_term`).
+    noise: gac only, this step's measured gradient noise (`gac_step`; None: μ held).
     """
     step = state.step + 1
     method = cfg.method
@@ -118,14 +152,17 @@ def controller_step(
         mu = chord_mu(step, cfg)
     elif method == "hpt":
         mu = state.mu  # set per step from the rollouts (hpt_mu) before the update, not by feedback
+    elif method == "gac":
+        mu, ema = (state.mu, state.gac_ema) if noise is None else gac_step(state.mu, state.gac_ema, noise, step, cfg)
+        state = replace(state, gac_ema=ema)
     else:
         delta = 0.0
         if method in USES_META and meta_grad is not None:
-            delta += cfg.eta_mu * meta_grad
+            delta += meta_term(meta_grad, meta_t, cfg)[0]
         if method in USES_ENTROPY:
             if state.target_entropy is None:
                 raise ValueError("controller: H* (target_entropy) must be measured before the first update")
-            delta += entropy_term(entropy, state.target_entropy, cfg.eta_h)
+            delta += entropy_term(entropy, state.target_entropy, cfg.eta_h, cfg.entropy_tolerance)
         mu = min(cfg.mu_max, max(cfg.mu_min, state.mu + delta))
     return replace(
         state,
@@ -146,13 +183,14 @@ def begin_step(state: ControllerState, rewards: torch.Tensor, group_size: int,
     return state
 
 
-def end_step(state: ControllerState, entropy: float, meta_grad: float | None, cfg: ControllerConfig) -> ControllerState:
+def end_step(state: ControllerState, entropy: float, meta_grad: float | None, cfg: ControllerConfig,
+             meta_t: float | None = None, noise: GradNoise | None = None) -> ControllerState:
     """μ_{t+1} after the update. Without a measured H* (no warm-start value in the config) the first
     step's entropy becomes H*: the starting policy's own rollouts, like-for-like with H_t. Then Eq. 6
     (`controller_step`)."""
     if state.target_entropy is None:
         state = replace(state, target_entropy=entropy)
-    return controller_step(state, entropy, meta_grad, cfg)
+    return controller_step(state, entropy, meta_grad, cfg, meta_t, noise)
 
 
 # ── the meta-gradient ────────────────────────────────────────────────────────────────────────────
@@ -161,7 +199,7 @@ def end_step(state: ControllerState, entropy: float, meta_grad: float | None, cf
 class MetaGradStats(NamedTuple):
     """Everything logged each time m is computed (controller.jsonl)."""
 
-    meta_grad: float  # m used by the controller (after `meta_normalize`)
+    meta_grad: float  # m used by the controller (after `meta_update`: cosine replaces it by the cosine)
     raw_meta_grad: float  # α⟨∇U, g_RL − g_SFT⟩, the exact derivative ∂U(θ'(μ))/∂μ
     grad_u_norm: float  # ‖∇_θU‖
     grad_rl_norm: float  # ‖g_RL‖
@@ -169,6 +207,10 @@ class MetaGradStats(NamedTuple):
     cosine: float  # cos(∇U, P⊙(g_RL − g_SFT)); P = 1 for the SGD lookahead
     half_cosine: float = math.nan  # cos(∇U on half A, ∇U on half B) of the validation prompts: ~0 = noise
     lookahead: str = "sgd"  # the lookahead actually used (adam falls back to sgd before Adam's first step)
+    meta_grad_se: float = math.nan  # SE(m) over prompt groups (per-rollout estimators, meta_grad.evidence)
+    meta_grad_t: float = math.nan  # t = m / SE(m)
+    n_groups: int = 0  # prompt groups the SE rests on
+    estimator: str = "backward"  # how m was computed (controller.meta_estimator)
 
 
 class UtilityGrad(NamedTuple):
@@ -234,7 +276,7 @@ def meta_gradient(
     g_rl: Sequence[torch.Tensor],
     g_sft: Sequence[torch.Tensor],
     alpha: float,
-    normalize: str = "none",
+    update: str = "raw",
     precond: Sequence[torch.Tensor] | None = None,
     reduction: Reduction | None = None,
     halves: UtilityGrad | None = None,
@@ -243,8 +285,8 @@ def meta_gradient(
 
     precond: P of the Adam lookahead θ' = θ − α·P⊙[(1−μ)g_RL + μ g_SFT], whose ∂θ'/∂μ = −α·P⊙(g_SFT − g_RL);
     None is the SGD lookahead (P = 1).
-    normalize="cosine" returns cos(∇U, P⊙(g_RL − g_SFT)) instead: same sign, scale-free magnitude in
-    [−1, 1]. α > 0 is dropped there because it only rescales and would tie η_μ to the LR schedule.
+    update="cosine" (controller.meta_update) returns cos(∇U, P⊙(g_RL − g_SFT)) instead: same sign, scale-free
+    magnitude in [−1, 1]. α > 0 is dropped there because it only rescales and would tie η_μ to the LR schedule.
     Under data parallelism every gradient here must already be global (DDP's all-reduce). Under FSDP2
     each rank holds a shard of each: `reduction` takes the local shards and sums the partial dot
     products (these five, and the half-sample cosine's three) with one all-reduce.
@@ -263,12 +305,12 @@ def meta_gradient(
     dot, norm_u, norm_d = dots[0], math.sqrt(dots[1]), math.sqrt(dots[2])
     cosine = dot / (norm_u * norm_d) if norm_u > 0 and norm_d > 0 else 0.0
     raw = alpha * dot
-    if normalize == "none":
+    if update in ("raw", "evidence"):
         m = raw
-    elif normalize == "cosine":
+    elif update == "cosine":
         m = cosine
     else:
-        raise ValueError(f"unknown meta_normalize {normalize!r}; choose none or cosine")
+        raise ValueError(f"unknown meta_update {update!r}; choose raw, cosine or evidence")
     half_cosine = math.nan
     if halves is not None:
         na, nb = math.sqrt(dots[6]), math.sqrt(dots[7])
@@ -327,6 +369,11 @@ def utility_grad_at(
 # (0 copies; θ may move by one rounding unit where θ−d+d ≠ θ, which the fp32 master weights of bf16 runs
 # then overwrite at the optimizer step); "current" evaluates ∇U at θ (0 copies).
 LOOKAHEAD_COPIES = {"lookahead": 1, "lookahead_undo": 0, "current": 0}
+# θ-sized buffers the meta step's estimator holds besides those copies, per `meta_estimator` (memory.py): backward
+# keeps the two half-sample ∇U estimates and builds their weighted mean (3); jvp only the tangent
+# v = α·P⊙(g_RL − g_SFT) (1; forward-mode keeps no graph); the central difference v (1), and with
+# meta_eval_at=current one copy of θ its shift restores (inside the lookahead, θ's own restore covers it).
+META_BUFFERS = {"backward": 3, "jvp": 1, "central_difference": 1}
 
 
 def _lookahead_step(g_rl: torch.Tensor, g_sft: torch.Tensor, mu: float, alpha: float,
@@ -342,10 +389,10 @@ def utility_grad_in_place(
     g_sft: Sequence[torch.Tensor],
     mu: float,
     alpha: float,
-    utility_grad: Callable[[], list[torch.Tensor] | UtilityGrad],
+    utility_grad: Callable[[], T],
     exact: bool = True,
     precond: Sequence[torch.Tensor] | None = None,
-) -> list[torch.Tensor] | UtilityGrad:
+) -> T:
     """`utility_grad()` at θ'(μ) without materialising θ' as new tensors: the step is applied in place
     (`precond` P: the Adam lookahead θ − α·P⊙[…]).
 
@@ -370,6 +417,19 @@ def utility_grad_in_place(
                     p.add_(_lookahead_step(gr, gs, mu, alpha, pc))
 
 
+def at_eval_point(params: Sequence[torch.nn.Parameter], g_rl: Sequence[torch.Tensor], g_sft: Sequence[torch.Tensor],
+                  mu: float, alpha: float, fn: Callable[[], T], eval_at: str,
+                  precond: Sequence[torch.Tensor] | None = None) -> T:
+    """`fn()` where `controller.meta_eval_at` says: at θ'(μ) applied in place ("lookahead": θ restored bitwise;
+    "lookahead_undo": the step added back) or at θ ("current")."""
+    if eval_at in ("lookahead", "lookahead_undo"):
+        return utility_grad_in_place(params, g_rl, g_sft, mu, alpha, fn, exact=eval_at == "lookahead",
+                                     precond=precond)
+    if eval_at == "current":
+        return fn()
+    raise ValueError(f"unknown meta_eval_at {eval_at!r}; choose lookahead, lookahead_undo or current")
+
+
 def compute_meta_gradient(
     params: Sequence[torch.nn.Parameter],
     g_rl: Sequence[torch.Tensor],
@@ -378,7 +438,7 @@ def compute_meta_gradient(
     alpha: float,
     utility_grad: Callable[[], list[torch.Tensor] | UtilityGrad],
     eval_at: str = "lookahead",
-    normalize: str = "none",
+    update: str = "raw",
     precond: Sequence[torch.Tensor] | None = None,
     reduction: Reduction | None = None,
 ) -> MetaGradStats:
@@ -394,14 +454,43 @@ def compute_meta_gradient(
     reduction: how to sum dot products over FSDP2 shards (`Dist.reduction()`); None in one process.
     The lookahead itself is element-wise, so it runs on sharded parameters unchanged.
     """
-    if eval_at in ("lookahead", "lookahead_undo"):
-        result = utility_grad_in_place(params, g_rl, g_sft, mu, alpha, utility_grad, exact=eval_at == "lookahead",
-                                       precond=precond)
-    elif eval_at == "current":
-        result = utility_grad()
-    else:
-        raise ValueError(f"unknown meta_eval_at {eval_at!r}; choose lookahead, lookahead_undo or current")
+    result = at_eval_point(params, g_rl, g_sft, mu, alpha, utility_grad, eval_at, precond)
     halves = result if isinstance(result, UtilityGrad) else None
     grad_u = result.full if halves is not None else result
-    stats = meta_gradient(grad_u, g_rl, g_sft, alpha, normalize, precond, reduction, halves)
+    stats = meta_gradient(grad_u, g_rl, g_sft, alpha, update, precond, reduction, halves)
     return stats._replace(lookahead="sgd" if precond is None else "adam")
+
+
+def compute_meta_evidence(
+    params: Sequence[torch.nn.Parameter],
+    g_rl: Sequence[torch.Tensor],
+    g_sft: Sequence[torch.Tensor],
+    mu: float,
+    alpha: float,
+    group_terms: Callable[[list[torch.Tensor]], torch.Tensor],
+    eval_at: str = "lookahead",
+    precond: Sequence[torch.Tensor] | None = None,
+    reduction: Reduction | None = None,
+    estimator: str = "jvp",
+) -> MetaGradStats:
+    """The per-rollout meta step (AMFT.md §6): m, SE(m) and t without any backward over validation rollouts.
+
+    group_terms(v) → c_g = (1/G)·Σ_{i∈g} w_i·D_i for every prompt group of the *global* validation batch
+    (gathered over ranks), sampled and differentiated at the current parameters along v = ∂θ'/∂μ
+    (meta_grad.lookahead_direction). It runs at θ'(μ) (eval_at lookahead / lookahead_undo, as
+    `compute_meta_gradient`) or at θ (current). mean_g c_g equals `compute_meta_gradient`'s α⟨∇U, P⊙d⟩ on the
+    same rollouts (tests/unit/test_meta_evidence.py). No ∇U vector exists, so its norm and cosines are NaN.
+    """
+    from amft_lib import meta_grad
+
+    direction = meta_grad.lookahead_direction(g_rl, g_sft, alpha, precond)
+    terms = at_eval_point(params, g_rl, g_sft, mu, alpha, lambda: group_terms(direction), eval_at, precond)
+    ev = meta_grad.evidence(terms)
+    red = reduction or Reduction()
+    rl, sft = red.to_local(g_rl), red.to_local(g_sft)
+    norms = red.total(_partial_dots([(rl, rl), (sft, sft)])).tolist()
+    return MetaGradStats(
+        meta_grad=ev.meta_grad, raw_meta_grad=ev.meta_grad, grad_u_norm=math.nan, grad_rl_norm=math.sqrt(norms[0]),
+        grad_sft_norm=math.sqrt(norms[1]), cosine=math.nan, lookahead="sgd" if precond is None else "adam",
+        meta_grad_se=ev.se, meta_grad_t=ev.t, n_groups=ev.n_groups, estimator=estimator,
+    )

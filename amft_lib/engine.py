@@ -65,7 +65,7 @@ def autocast(precision: str, device_type: str = "cuda"):
     """bf16 autocast for `bf16-mixed` (attention stays fp32 on CPU, see `sdpa_fp32`); fp32 otherwise.
 
     On CUDA this is what `bf16-mixed` always did. On CPU it is new in issue 25 and only used by the
-    training forwards (attention.sdpa_amft keeps attention fp32): decoding stays fp32 (Engine.decode_autocast)."""
+    training forwards (attention.sdpa_amft keeps attention fp32): decoding stays fp32 (Engine.gpu_only_autocast)."""
     if precision != "bf16-mixed":
         return contextlib.nullcontext()
     if device_type == "cuda" and torch.cuda.is_available():
@@ -253,9 +253,10 @@ class Engine:
         """Context for training forwards (the ones that backpropagate or feed a loss)."""
         return autocast(self.precision, self.device_type)
 
-    def decode_autocast(self):
-        """Context for generation: bf16 on CUDA as before; fp32 on CPU, where rollouts must be the tokens
-        an fp32 policy samples (the decode identity tests) and the tiny model's decode gains nothing."""
+    def gpu_only_autocast(self):
+        """Context for generation (and the meta step's forward-mode derivatives): bf16 on CUDA as before; fp32
+        on CPU, where rollouts must be the tokens an fp32 policy samples (the decode identity tests) and the
+        tiny model's decode gains nothing."""
         return autocast(self.precision, "cuda") if self.device_type == "cuda" else contextlib.nullcontext()
 
     def use_threads(self) -> None:

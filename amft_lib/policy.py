@@ -59,7 +59,7 @@ class Policy:
         weights gathered once for the whole block (distributed.gathered) unless
         distributed.fsdp_gather_for_sampling is off."""
         gather = self.dist.sharded and self.dist.gather_for_sampling
-        with self.engine.decode_autocast(), kv_cache_mode(self.engine.kv_cache), (
+        with self.engine.gpu_only_autocast(), kv_cache_mode(self.engine.kv_cache), (
                 distributed.gathered(self.forward) if gather else contextlib.nullcontext()):
             yield
 

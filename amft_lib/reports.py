@@ -191,8 +191,9 @@ CURVE_NAMES = ("mu", "reward_mean", "entropy", "target_entropy", "sft_loss", "rl
 def read_training_curves(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     """Per-step series from `metrics.jsonl` ([(step, value)] per metric; nulls dropped). The final
     record (``"final": true``) only contributes its `val_reward` and `val_accuracy`. Also, when the
-    run folder has them: `meta_step` (μ at each step a meta-gradient was taken, controller.jsonl)
-    and `mu_min` / `mu_max` (the bounds from config.yaml, over the run's steps)."""
+    run folder has them: `meta_step` (μ at each step a meta-gradient was taken, controller.jsonl),
+    `meta_t` (t = m/SE(m) of each meta step) with `t_min_hi` / `t_min_lo` (±controller.meta_t_min: inside the
+    band the evidence rule holds μ) and `mu_min` / `mu_max` (the bounds from config.yaml, over the run's steps)."""
     import yaml
 
     from amft_lib import storage
@@ -203,10 +204,17 @@ def read_training_curves(run_dir: str) -> dict[str, list[tuple[int, float]]]:
         controller = storage.get_bytes(storage.join(run_dir, "controller.jsonl")).decode("utf-8")
         records = [json.loads(line) for line in controller.splitlines() if line.strip()]
         curves["meta_step"] = [(int(r["step"]), float(r["mu"])) for r in records if r.get("meta_grad") is not None]
+        curves["meta_t"] = [(int(r["step"]), float(r["meta_grad_t"])) for r in records
+                            if isinstance(r.get("meta_grad_t"), int | float) and math.isfinite(r["meta_grad_t"])]
         bounds = (yaml.safe_load(storage.get_bytes(storage.join(run_dir, "config.yaml"))) or {}).get("controller", {})
         for key in ("mu_min", "mu_max"):
             if steps and isinstance(bounds.get(key), int | float):
                 curves[key] = [(steps[0], float(bounds[key])), (steps[-1], float(bounds[key]))]
+        t_min = bounds.get("meta_t_min")
+        if curves["meta_t"] and isinstance(t_min, int | float):
+            first, last = curves["meta_t"][0][0], curves["meta_t"][-1][0]
+            curves["t_min_hi"] = [(first, float(t_min)), (last, float(t_min))]
+            curves["t_min_lo"] = [(first, -float(t_min)), (last, -float(t_min))]
     except storage.ObjectNotFoundError:
         pass  # an older or partial run folder: the curves alone
     return curves
@@ -234,6 +242,8 @@ PLOTS = (
     ("mu", "μ (weight of the SFT loss), its bounds and meta-gradient steps", "μ",
      [("mu", "μ", "-"), ("mu_min", "μ bounds", "k:"), ("mu_max", "", "k:"), ("meta_step", "meta-gradient step", "x")],
      (0.0, 1.0)),
+    ("meta_t", "meta-gradient evidence t = m / SE(m) per meta step", "t",
+     [("meta_t", "t", "o"), ("t_min_hi", "±meta_t_min (μ held inside)", "k--"), ("t_min_lo", "", "k--")], None),
     ("reward", "rollout reward (sampled, on training prompts)", "mean reward", [("reward_mean", "reward_mean", "-")],
      None),
     ("entropy", "policy entropy vs target H*", "nats/token",
@@ -244,11 +254,12 @@ PLOTS = (
 )
 
 
-_MARKS = ("mu_min", "mu_max", "meta_step")  # drawn on a plot that has data, never a plot of their own
+# drawn on a plot that has data, never a plot of their own
+_MARKS = ("mu_min", "mu_max", "meta_step", "t_min_hi", "t_min_lo")
 
 
 def plot_training_curves(curves: Mapping[str, Sequence[tuple[int, float]]]) -> dict[str, bytes]:
-    """PNG bytes per plot (mu, reward, entropy, losses, val_reward); plots with no data are left out.
+    """PNG bytes per plot (mu, meta_t, reward, entropy, losses, val_reward); plots with no data are left out.
 
     Uses matplotlib's object API with the Agg canvas: no pyplot global state, no display needed.
     """

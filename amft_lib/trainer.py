@@ -35,7 +35,7 @@ import torch
 
 from amft_lib import checkpoint as ckpt
 from amft_lib import controller as ctl
-from amft_lib import distributed, engine, storage
+from amft_lib import distributed, engine, gac, meta_grad, storage
 from amft_lib.config import TrainConfig, check_target_entropy_temperature, config_hash, save_config
 from amft_lib.data.schema import DataError
 from amft_lib.dataset import check_prompts_fit
@@ -124,9 +124,12 @@ def rl_gradient(
         )
         (loss * (w * dist.world_size)).backward()
         total += loss.detach().item() * w
-        clip_frac += stats.clip_frac * w
-        approx_kl += stats.approx_kl * w
-        kl_ref += stats.kl_ref * w
+        # the stats are token means within the chunk: weighed by its token share whatever the loss's aggregation
+        # (by w they moved with loss.micro_batch_size under seq_mean / dr_grpo: tests/unit/test_grad_accum.py)
+        w_tok = chunk.n_tokens / n_tok
+        clip_frac += stats.clip_frac * w_tok
+        approx_kl += stats.approx_kl * w_tok
+        kl_ref += stats.kl_ref * w_tok
     total, clip_frac, approx_kl, kl_ref, entropy_sum = dist.sum([total, clip_frac, approx_kl, kl_ref, entropy_sum])
     stats = {"clip_frac": clip_frac, "approx_kl": approx_kl, "kl_ref": kl_ref}
     if old_logprobs is None:
@@ -177,6 +180,66 @@ def _utility_half(policy: Policy, params, task, rows: Sequence[dict], lo: int, h
         surrogate = (weights[s : s + len(chunk)].to(device) * seq_logprob).sum() / n_rows
         (surrogate * dist.world_size).backward()
     return take_grads(params)
+
+
+def meta_group_terms(policy: Policy, params, task, rows: Sequence[dict], cfg: TrainConfig, step: int,
+                     direction: list[torch.Tensor]) -> torch.Tensor:
+    """c_g = (1/G)·Σ_{i∈g} (R_i − b_g)·D_i for every prompt group of the global validation batch `rows`, sampled
+    at the current parameters (G = meta_val_group rollouts each, the same seeds as `utility_gradient`'s), with
+    D_i = ⟨∇ log π(τ_i), v⟩ along `direction` v = ∂θ'/∂μ (`rollout_derivatives`). Each rank samples its block
+    of prompts; the terms are gathered, so every rank returns the same [n_groups] and computes the same μ."""
+    G, dist = cfg.controller.meta_val_group, policy.dist
+    mine = dist.shard(rows, "controller.meta_val_prompts")
+    batch, rewards, _ = sample_and_score(policy, task, mine, G, cfg,
+                                         row_seeds(cfg.seed, "meta", step, dist.offset(len(rows)) * G, len(mine) * G))
+    weights = group_advantages(rewards, G, scale=False)  # R_i − b_g: [N]
+    derivs = rollout_derivatives(policy, params, batch, direction, cfg)
+    return dist.gather(meta_grad.group_terms(weights, derivs.to(weights.device), G))
+
+
+def meta_estimator(cfg: TrainConfig, dist: distributed.Dist) -> str:
+    """The estimator the meta step runs: `jvp` needs whole parameters, so FSDP2 shards take the central difference."""
+    est = cfg.controller.meta_estimator
+    return "central_difference" if est == "jvp" and dist.sharded else est
+
+
+def rollout_derivatives(policy: Policy, params, batch: TokenBatch, direction: list[torch.Tensor],
+                        cfg: TrainConfig) -> torch.Tensor:
+    """D_i = d/dμ log π_θ'(τ_i) for every rollout of `batch` (this rank's), micro-batched: forward-mode AD
+    (`meta_grad.jvp_logprob_derivatives`) or the central difference, per `meta_estimator`. [N]"""
+    mb, temperature, device = cfg.loss.micro_batch_size, cfg.rollout.temperature, params[0].device
+    chunks = [batch.slice(s, s + mb) for s in range(0, len(batch), mb)]
+
+    def seq_logprob(model, chunk: TokenBatch) -> torch.Tensor:
+        with policy.engine.gpu_only_autocast():  # bf16 on GPUs as before; CPU fp32 (forward-mode AD untested in bf16)
+            logprobs, _ = completion_logprobs(model, chunk, temperature)
+        return meta_grad.sequence_logprobs(logprobs, chunk.completion_mask.to(device))
+
+    if meta_estimator(cfg, policy.dist) == "jvp":
+        return torch.cat([meta_grad.jvp_logprob_derivatives(policy.generate, params, direction,
+                                                            functools.partial(seq_logprob, chunk=c)) for c in chunks])
+    # inside the lookahead θ is restored afterwards anyway (from its copy, or by undoing the step): no copy here
+    return meta_grad.central_difference_derivatives(
+        params, direction, lambda: torch.cat([seq_logprob(policy.forward, c) for c in chunks]),
+        policy.dist.reduction(), exact=cfg.controller.meta_eval_at == "current")
+
+
+def gradient_halves(grad_fn, n: int, sizes, dist: distributed.Dist):
+    """The gradient of a batch of n sequences as two half-batch gradients `grad_fn(lo, hi)` → (grads, loss, stats),
+    recombined exactly by their global shares: (grads, loss, stats, ĝ_a − ĝ_b, s_a). Same compute as one pass;
+    the halves' difference is what gac measures the gradient's noise from (gac.half_variance).
+
+    sizes(lo, hi) → (weight units, tokens) of rows lo..hi: the loss's aggregation unit (tokens for token_mean,
+    sequences otherwise) and the token count (the stats, entropy included, are token means)."""
+    cut = n // 2
+    (wa, ta), (w, t) = sizes(0, cut), sizes(0, n)
+    wa, w, ta, t = dist.sum([wa, w, ta, t])
+    sa, sta = wa / max(w, 1e-12), ta / max(t, 1e-12)
+    ga, la, stats_a = grad_fn(0, cut)
+    gb, lb, stats_b = grad_fn(cut, n)
+    grads = [sa * a + (1.0 - sa) * b for a, b in zip(ga, gb, strict=True)]
+    stats = {k: sta * stats_a[k] + (1.0 - sta) * stats_b[k] for k in stats_a}  # token means (see rl_gradient)
+    return grads, sa * la + (1.0 - sa) * lb, stats, [a - b for a, b in zip(ga, gb, strict=True)], sa
 
 
 def sample_and_score(policy: Policy, task, rows: Sequence[dict], group_size: int, cfg: TrainConfig,
@@ -432,6 +495,7 @@ class _Update(NamedTuple):
     meta: ctl.MetaGradStats | None
     grad_norm: float
     t_meta: float
+    noise: gac.GradNoise | None = None  # gac's measured gradient noise (method gac only)
 
 
 def train_step(run: Recipe, state: TrainState) -> dict:
@@ -460,12 +524,11 @@ def train_step(run: Recipe, state: TrainState) -> dict:
         run.scheduler.step()
     t_update = time.perf_counter() - t1 - up.t_meta
     # ── 4. controller: μ_{t+1} = clip(μ_t + η_μ·m_t + η_H·(H* − H_t)) (H* = H_0 when not measured before) ──
-    meta_grad = up.meta.meta_grad if up.meta is not None else None
-    state.controller = ctl.end_step(state.controller, up.entropy, meta_grad, cfg.controller)
+    meta_grad, meta_t = (up.meta.meta_grad, up.meta.meta_grad_t) if up.meta is not None else (None, None)
+    state.controller = ctl.end_step(state.controller, up.entropy, meta_grad, cfg.controller, meta_t, up.noise)
     state.step = step + 1
-    if up.meta is not None and run.logs is not None:
-        run.logs.controller({"step": step, "mu": mu, "mu_next": state.controller.mu, "entropy": up.entropy,
-                             "target_entropy": state.controller.target_entropy, **up.meta._asdict()})
+    if run.logs is not None and (up.meta is not None or up.noise is not None):
+        run.logs.controller(controller_record(step, mu, state.controller, up.entropy, up.meta, up.noise, cfg))
     # ── 5. evaluate when due; the record (global numbers; rank 0 writes it) ──
     val_now: dict = {"val_reward": None, "val_accuracy": None}
     if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps and run.inputs.eval_rows:
@@ -517,37 +580,99 @@ def _sft_batch(run: Recipe, state: TrainState) -> TokenBatch | None:
 
 def _update(run: Recipe, state: TrainState, step: int, mu: float, do_meta: bool, on_policy: bool, ro: _Rollouts,
             old_logprobs, ref_logprobs, sft_batch: TokenBatch | None, entropy: float) -> _Update:
-    """g_RL and g_SFT (each only when its weight or the meta-gradient needs it), m_t on meta steps (first
-    epoch), and one optimizer step on their mix per PPO epoch."""
-    cfg, policy, params = run.cfg, run.policy, run.params
-    meta_stats, t_meta = None, 0.0
+    """g_RL and g_SFT (each only when its weight or the meta-gradient needs it; both, as half-batch pairs, for
+    gac's noise), m_t on meta steps (first epoch), and one optimizer step on their mix per PPO epoch."""
+    cfg = run.cfg
+    meta_stats, noise, t_meta = None, None, 0.0
     rl_loss, sft_loss, rl_stats, grad_norm = float("nan"), float("nan"), {}, 0.0
+    noisy = cfg.controller.method in ctl.USES_NOISE
     for epoch in range(cfg.loss.ppo_epochs):
         meta_now = do_meta and epoch == 0
-        g_rl = g_sft = None
-        if mu < 1.0 or meta_now:
-            g_rl, rl_loss, rl_stats = rl_gradient(policy, params, ro.batch, old_logprobs, ro.advantages, cfg,
-                                                  ref_logprobs)
+        g_rl = g_sft = rl_half = sft_half = None
+        if mu < 1.0 or meta_now or noisy:
+            g_rl, rl_loss, rl_stats, rl_half = _rl_gradient(run, ro, old_logprobs, ref_logprobs, halves=noisy)
             if on_policy:
                 entropy = rl_stats.pop("entropy")  # H_t at θ before this step's update
-        if sft_batch is not None and (mu > 0.0 or meta_now):
-            g_sft, sft_loss = sft_gradient(policy.forward, params, sft_batch,
-                                           micro_batch_size=cfg.loss.micro_batch_size, engine=policy.engine,
-                                           dist=policy.dist)
+        if sft_batch is not None and (mu > 0.0 or meta_now or noisy):
+            g_sft, sft_loss, sft_half = _sft_gradient(run, sft_batch, halves=noisy)
         if meta_now and g_rl is not None and g_sft is not None:
             tm = time.perf_counter()
-            val_batch = [run.inputs.val_rows[i] for i in state.meta_cursor.take(cfg.controller.meta_val_prompts)]
-            meta_stats = ctl.compute_meta_gradient(
-                params, g_rl, g_sft, mu, alpha=run.scheduler.get_last_lr()[0],
-                utility_grad=functools.partial(utility_gradient, policy, params, run.task, val_batch, cfg, step),
-                eval_at=cfg.controller.meta_eval_at, normalize=cfg.controller.meta_normalize,
-                precond=ctl.adam_preconditioner(run.optimizer, params) if cfg.controller.meta_lookahead == "adam"
-                else None,
-                reduction=policy.dist.reduction(),
-            )
+            meta_stats = _meta_gradient(run, state, step, mu, g_rl, g_sft)
             t_meta = time.perf_counter() - tm
+        if epoch == 0 and rl_half is not None and sft_half is not None:
+            noise = _gradient_noise(run, g_rl, g_sft, rl_half, sft_half)
         grad_norm = _apply_mixed_gradient(run, g_rl, g_sft, mu)
-    return _Update(entropy, rl_loss, sft_loss, rl_stats, meta_stats, grad_norm, t_meta)
+    return _Update(entropy, rl_loss, sft_loss, rl_stats, meta_stats, grad_norm, t_meta, noise)
+
+
+def _rl_gradient(run: Recipe, ro: _Rollouts, old_logprobs, ref_logprobs, halves: bool):
+    """`rl_gradient` over the step's rollouts: (g, loss, stats, None), or with halves (g, loss, stats, (ĝ_a − ĝ_b, s_a))
+    from two half-batch passes (`gradient_halves`; needs ≥ 2 rollouts on this rank)."""
+    cfg, batch = run.cfg, ro.batch
+
+    def grad_fn(lo: int, hi: int):
+        return rl_gradient(run.policy, run.params, batch.slice(lo, hi),
+                           None if old_logprobs is None else old_logprobs[lo:hi], ro.advantages[lo:hi], cfg,
+                           None if ref_logprobs is None else ref_logprobs[lo:hi])
+
+    if not halves or len(batch) < 2:
+        return (*grad_fn(0, len(batch)), None)
+    by_tokens = cfg.loss.loss_agg == "token_mean"
+
+    def sizes(lo: int, hi: int) -> tuple[float, float]:
+        part = batch.slice(lo, hi)
+        return (part.n_tokens if by_tokens else len(part)), part.n_tokens
+
+    g, loss, stats, diff, share = gradient_halves(grad_fn, len(batch), sizes, run.dist)
+    return g, loss, stats, (diff, share)
+
+
+def _sft_gradient(run: Recipe, batch: TokenBatch, halves: bool):
+    """`sft_gradient` over the demonstrations: (g, loss, None), or (g, loss, (ĝ_a − ĝ_b, s_a)) with halves."""
+    cfg = run.cfg
+
+    def grad_fn(lo: int, hi: int):
+        g, loss = sft_gradient(run.policy.forward, run.params, batch.slice(lo, hi),
+                               micro_batch_size=cfg.loss.micro_batch_size, engine=run.policy.engine,
+                               dist=run.policy.dist)
+        return g, loss, {}
+
+    if not halves or len(batch) < 2:
+        g, loss, _ = grad_fn(0, len(batch))
+        return g, loss, None
+
+    def sizes(lo: int, hi: int) -> tuple[float, float]:
+        n = batch.slice(lo, hi).n_tokens
+        return n, n
+
+    g, loss, _, diff, share = gradient_halves(grad_fn, len(batch), sizes, run.dist)
+    return g, loss, (diff, share)
+
+
+def _gradient_noise(run: Recipe, g_rl, g_sft, rl_half, sft_half) -> gac.GradNoise:
+    """gac's measurement: σ²_RL, σ²_SFT from the half-batch differences and the de-noised disagreement."""
+    red = run.policy.dist.reduction()
+    rl_diff, sft_diff = red.to_local(rl_half[0]), red.to_local(sft_half[0])
+    gap = [a - b for a, b in zip(red.to_local(g_rl), red.to_local(g_sft), strict=True)]
+    dots = red.total(ctl._partial_dots([(rl_diff, rl_diff), (sft_diff, sft_diff), (gap, gap)])).tolist()
+    return gac.noise_from_halves(dots[0], rl_half[1], dots[1], sft_half[1], dots[2])
+
+
+def _meta_gradient(run: Recipe, state: TrainState, step: int, mu: float, g_rl, g_sft) -> ctl.MetaGradStats:
+    """m_t on fresh validation rollouts at θ'(μ): per rollout with its SE (jvp, central_difference), or the
+    old backward ∇U (`meta_estimator=backward`, for meta_update=cosine)."""
+    cfg, policy, params, c = run.cfg, run.policy, run.params, run.cfg.controller
+    val_batch = [run.inputs.val_rows[i] for i in state.meta_cursor.take(c.meta_val_prompts)]
+    common = {"eval_at": c.meta_eval_at, "reduction": policy.dist.reduction(),
+              "precond": ctl.adam_preconditioner(run.optimizer, params) if c.meta_lookahead == "adam" else None}
+    alpha = run.scheduler.get_last_lr()[0]
+    if c.meta_estimator == "backward":
+        return ctl.compute_meta_gradient(
+            params, g_rl, g_sft, mu, alpha, update=c.meta_update,
+            utility_grad=functools.partial(utility_gradient, policy, params, run.task, val_batch, cfg, step), **common)
+    return ctl.compute_meta_evidence(
+        params, g_rl, g_sft, mu, alpha, estimator=meta_estimator(cfg, policy.dist),
+        group_terms=functools.partial(meta_group_terms, policy, params, run.task, val_batch, cfg, step), **common)
 
 
 def _apply_mixed_gradient(run: Recipe, g_rl, g_sft, mu: float) -> float:
@@ -597,6 +722,30 @@ def _record(run: Recipe, state: TrainState, step: int, mu: float, ro: _Rollouts,
     if dist.world_size > 1:
         record.update(world_size=dist.world_size, mu_rank_spread=mu_spread)
     return record
+
+
+def controller_record(step: int, mu: float, after: ctl.ControllerState, entropy: float,
+                      meta: ctl.MetaGradStats | None, noise: gac.GradNoise | None, cfg: TrainConfig) -> dict:
+    """One controller.jsonl line: μ before and after, the entropy term's Δμ, and on meta steps m, SE(m), t, the
+    meta rule's Δμ and why (`ctl.meta_term`), with the estimator's diagnostics; gac: its measured noise."""
+    c = cfg.controller
+    record = {"step": step, "mu": mu, "mu_next": after.mu, "entropy": entropy, "target_entropy": after.target_entropy}
+    if c.method in ctl.USES_ENTROPY and after.target_entropy is not None:
+        record["entropy_delta"] = ctl.entropy_term(entropy, after.target_entropy, c.eta_h, c.entropy_tolerance)
+    if meta is not None:
+        delta, reason = ctl.meta_term(meta.meta_grad, meta.meta_grad_t, c)
+        record.update({k: _finite(v) for k, v in meta._asdict().items()}, delta_mu=delta, reason=reason)
+    if noise is not None:
+        target = gac.gac_target(noise)
+        record.update(noise._asdict(), gac_target=target, gac_ema=after.gac_ema, delta_mu=after.mu - mu,
+                      reason="gac: nothing measured: held" if target is None else
+                      f"gac: μ* = {target:.4f}, μ̄ = {after.gac_ema:.4f}, move capped at {c.gac_cap:g}")
+    return record
+
+
+def _finite(x):
+    """NaN and ±inf as JSON null (json.dumps would write the invalid tokens NaN/Infinity)."""
+    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def save_checkpoint(run: Recipe, state: TrainState) -> str:

@@ -18,6 +18,7 @@ BENCH_DIR = Path(__file__).resolve().parents[2] / "bench"
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "methods": ("bench_methods.py", "every method from one warm start, ≥3 seeds, paired CIs (--task countdown)"),
     "speed": ("bench_speed.py", "RL step vs TRL GRPOTrainer, rollout tokens/s, meta-gradient overhead, FLOP/s"),
+    "snr": ("bench_snr.py", "share of meta steps whose |t| = |m/SE(m)| >= 2 per lever, Countdown (issue 23)"),
     "step": ("bench_step.py", "one trainer step split into rollout / forward-backward / meta-gradient"),
     "data": ("bench_data.py", "data prepare + validate throughput"),
     "distributed": ("bench_distributed.py", "steps/s and tokens/s at world size 1 and 2 (torchrun DDP / FSDP2)"),

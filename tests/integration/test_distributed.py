@@ -45,6 +45,8 @@ SETS = ["model.tiny_hidden=64", "model.tiny_layers=2", "model.tiny_heads=2", "ro
         "rollout.group_size=4", "rollout.max_new_tokens=112", "rollout.temperature=0.7", "loss.sft_batch_size=8",
         "loss.micro_batch_size=4", "controller.method=amft", "controller.meta_interval=2",
         "controller.meta_val_prompts=4", "controller.meta_val_group=2", "eval_prompts=4", "eval_every=3",
+        # one estimator for every world size: FSDP2 shards have no JVP, so all runs take the central difference
+        "controller.meta_estimator=central_difference",
         "optim.lr=5e-4", "optim.warmup_steps=1"]
 FLOAT64 = ("--set", "model.dtype=float64")
 
@@ -103,6 +105,10 @@ def comparable(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING} for r in records(out)]
 
 
+def controller_records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "controller.jsonl").read_text().splitlines()]
+
+
 def weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "model" / "model.safetensors")
 
@@ -125,6 +131,12 @@ def test_two_ranks_train_what_one_process_trains(strategy, inputs, single, tmp_p
     assert any(r["meta_grad"] not in (None, 0.0) for r in steps_one), "degenerate test: no meta-gradient signal"
     assert all(b["world_size"] == 2 and b["mu_rank_spread"] == 0.0 for b in steps_two)  # one μ on both ranks
     assert_same_run(one, two, single, out, strategy)
+    # the evidence of every meta step: global per-group terms, so SE and t are the single process's
+    ctl_one, ctl_two = (controller_records(d) for d in (single, out))
+    assert len(ctl_one) == len(ctl_two) == STEPS // 2 and all(r["n_groups"] == 4 for r in ctl_two)
+    for a, b in zip(ctl_one, ctl_two, strict=True):
+        assert b["meta_grad_se"] == pytest.approx(a["meta_grad_se"], **TOL) and b["reason"] == a["reason"]
+        assert b["meta_grad_t"] == pytest.approx(a["meta_grad_t"], **TOL) and b["estimator"] == "central_difference"
     init = load_file(inputs[1] / "model.safetensors")
     wa = weights(single)
     assert any(not torch.equal(wa[k], init[k].double()) for k in wa), "nothing trained"
@@ -180,6 +192,10 @@ def test_meta_gradient_under_fsdp2_matches_single_process_and_finite_difference(
     assert two["m"] == pytest.approx(one["m"], rel=1e-10)  # float64: the sharded sums change nothing visible
     assert two["m"] == pytest.approx(two["fd"], rel=1e-4)  # and it is the derivative of the lookahead utility
     assert two["half_cosine"] == pytest.approx(one["half_cosine"], rel=1e-8)
+    # the per-rollout meta step on FSDP2 shards (central difference, group terms gathered) is the same m, with one t
+    assert two["n_groups"] == one["n_groups"] == 4
+    assert two["m_rollout"] == pytest.approx(one["m"], rel=1e-6)
+    assert two["t_rollout"] == pytest.approx(one["t_rollout"], rel=1e-6)
 
 
 def _rank_pids(launcher_pid: int) -> list[int]:

@@ -52,7 +52,7 @@ def test_help_field_carries_help_and_range_and_can_be_required():
 
 def test_the_method_registry_is_the_one_list_of_methods():
     assert METHODS == tuple(METHOD_HELP) == get_args(Method)
-    assert set(BASELINES) == set(METHODS) - {"amft"} and len(METHODS) == 9
+    assert set(BASELINES) == set(METHODS) - {"amft"} and len(METHODS) == 10
 
 
 def test_every_help_text_that_lists_methods_names_all_of_them():

@@ -16,7 +16,10 @@ from amft_lib.controller import (
 
 
 def cfg(**kw) -> ControllerConfig:
-    base = dict(method="amft", mu_init=0.5, mu_min=0.05, mu_max=0.95, eta_mu=0.1, eta_h=0.2, meta_interval=5)
+    # Eq. 6 as printed: η_μ·m (meta_update raw) and η_H·(H* − H_t) (no entropy tolerance); the evidence rule and
+    # the tolerance are checked in test_meta_evidence.py
+    base = dict(method="amft", mu_init=0.5, mu_min=0.05, mu_max=0.95, eta_mu=0.1, eta_h=0.2, meta_interval=5,
+                meta_update="raw", entropy_tolerance=0.0)
     base.update(kw)
     return ControllerConfig(**base)
 
@@ -92,7 +95,7 @@ def test_meta_gradient_formula_and_cosine():
     st = meta_gradient(gu, grl, gsft, alpha=0.1)
     assert st.raw_meta_grad == pytest.approx(0.0) and st.cosine == pytest.approx(0.0)
     gu2 = [torch.tensor([1.0, 0.0]), torch.tensor([0.0])]
-    st2 = meta_gradient(gu2, grl, gsft, alpha=0.1, normalize="cosine")
+    st2 = meta_gradient(gu2, grl, gsft, alpha=0.1, update="cosine")
     assert st2.raw_meta_grad == pytest.approx(0.1 * 2.0)
     assert st2.meta_grad == pytest.approx(2.0 / (1.0 * 5**0.5))  # cos = 2 / (‖∇U‖=1 · ‖d‖=√5)
     assert st2.grad_rl_norm == pytest.approx(10**0.5) and st2.grad_sft_norm == pytest.approx(3**0.5)

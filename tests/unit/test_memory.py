@@ -144,3 +144,34 @@ def test_7b_full_finetune_fits_80_gib_on_8_fsdp_ranks_not_on_8_ddp_ranks():
     assert fsdp.optimizer == -(-single.optimizer // 8) and fsdp.activations == single.activations
     print(f"7B full fine-tune: {single.total / GiB:.1f} GiB on 1 GPU; on 8 FSDP2 ranks {fsdp.total / GiB:.1f} GiB "
           f"per GPU (layer-wise sampling), {gather.total / GiB:.1f} GiB (gathered sampling)")
+
+
+def test_the_per_rollout_meta_step_counts_fewer_buffers_than_the_backward_one():
+    """bf16 full fine-tune, 20 bytes/param before the meta step (see above), lookahead_undo (no θ copy): the
+    backward ∇U keeps 3 θ-sized buffers (6 bytes/param), the per-rollout ones 1 (2)."""
+    per_param = {est: estimate_training_memory(10**6, 10**6, dtype="bfloat16", meta_buffers=n,
+                                               overhead_bytes=0).total / 10**6
+                 for est, n in ctl.META_BUFFERS.items()}
+    assert per_param == {"backward": 26, "jvp": 22, "central_difference": 22}
+    # at 7B: the per-rollout meta step saves 4 bytes/param = 28 GB per GPU over the backward one
+    assert (per_param["backward"] - per_param["jvp"]) * 7e9 / 1e9 == 28
+
+
+def test_estimate_for_a_train_config_follows_the_estimator():
+    from transformers import LlamaConfig
+
+    from amft_lib.config import TrainConfig
+
+    hf = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                     vocab_size=256)
+    sizes = {}
+    for est, update, at in (("backward", "raw", "lookahead"), ("jvp", "evidence", "lookahead"),
+                            ("central_difference", "evidence", "lookahead"), ("central_difference", "evidence",
+                                                                              "current")):
+        cfg = TrainConfig()
+        cfg.controller.meta_estimator, cfg.controller.meta_update, cfg.controller.meta_eval_at = est, update, at
+        sizes[est, at] = estimate_for_train_config(cfg, hf).meta_step
+    # lookahead: θ's copy + the estimator's buffers (3 or 1); current: the central difference's own copy + v
+    assert sizes["backward", "lookahead"] == 2 * sizes["jvp", "lookahead"] > 0
+    assert sizes["central_difference", "lookahead"] == sizes["jvp", "lookahead"] == sizes["central_difference",
+                                                                                          "current"]

@@ -29,23 +29,29 @@ def _rmsnorm_keep_dtype(self, hidden_states):
     return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
 
 
-@pytest.fixture(params=[False, True], ids=["full", "lora"])
-def setup(request, monkeypatch):
+def float64_tiny(lora: bool, monkeypatch):
+    """(model, tokenizer, trainable params) of a float64 tiny Llama in eval mode, full or LoRA."""
     # transformers' LlamaRMSNorm upcasts to float32 and back (right for bf16, wrong for a float64
     # gradient check: it would make U only float32-precise). Same maths, input dtype kept.
     from transformers.models.llama import modeling_llama
 
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _rmsnorm_keep_dtype)
     torch.manual_seed(0)
-    cfg = ModelConfig(name="tiny", dtype="float64", lora=request.param, lora_r=4, lora_dropout=0.0,
+    cfg = ModelConfig(name="tiny", dtype="float64", lora=lora, lora_r=4, lora_dropout=0.0,
                       tiny_hidden=32, tiny_layers=2, tiny_heads=2)
     model, tok = load_policy(cfg, seed=0)
     model.eval()  # no dropout: U must be a deterministic function of θ
     params = trainable_parameters(model)
-    if request.param:
+    if lora:
         with torch.no_grad():  # LoRA B starts at 0; move off it so every adapter weight matters
             for p in params:
                 p.add_(0.05 * torch.randn_like(p))
+    return model, tok, params
+
+
+@pytest.fixture(params=[False, True], ids=["full", "lora"])
+def setup(request, monkeypatch):
+    model, tok, params = float64_tiny(request.param, monkeypatch)
     gen = torch.Generator().manual_seed(1)
     vocab = len(tok)
     rl = random_batch(gen, 6, 5, 7, vocab)
@@ -85,7 +91,7 @@ def test_meta_gradient_matches_finite_difference(setup, mu):
     model, params, g_rl, g_sft, surrogate_u, grad_u = setup
     alpha, eps = 0.5, 1e-4
     before = [p.detach().clone() for p in params]
-    stats = compute_meta_gradient(params, g_rl, g_sft, mu, alpha, grad_u, eval_at="lookahead", normalize="none")
+    stats = compute_meta_gradient(params, g_rl, g_sft, mu, alpha, grad_u, eval_at="lookahead", update="raw")
     # θ must be restored bitwise after the temporary lookahead
     assert all(torch.equal(a, b) for a, b in zip(before, params))
     u_plus = u_at(params, surrogate_u, lookahead_params(params, g_rl, g_sft, mu + eps, alpha))
@@ -107,8 +113,8 @@ def test_meta_gradient_matches_finite_difference(setup, mu):
 
 def test_cosine_normalisation_keeps_the_sign(setup):
     model, params, g_rl, g_sft, surrogate_u, grad_u = setup
-    raw = compute_meta_gradient(params, g_rl, g_sft, 0.5, 0.5, grad_u, normalize="none")
-    cos = compute_meta_gradient(params, g_rl, g_sft, 0.5, 0.5, grad_u, normalize="cosine")
+    raw = compute_meta_gradient(params, g_rl, g_sft, 0.5, 0.5, grad_u, update="raw")
+    cos = compute_meta_gradient(params, g_rl, g_sft, 0.5, 0.5, grad_u, update="cosine")
     assert cos.meta_grad == pytest.approx(cos.cosine)
     assert -1.0 <= cos.meta_grad <= 1.0
     assert (cos.meta_grad > 0) == (raw.raw_meta_grad > 0)
@@ -150,7 +156,7 @@ def test_adam_lookahead_meta_gradient_matches_finite_difference(setup, mu):
     precond = adam_precond(params, g_rl, g_sft)
     # Adam moves every weight by ~α whatever |g|: α = 1e-3 keeps θ' in the region where U is smooth
     alpha, eps = 1e-3, 1e-5
-    stats = compute_meta_gradient(params, g_rl, g_sft, mu, alpha, grad_u, normalize="none", precond=precond)
+    stats = compute_meta_gradient(params, g_rl, g_sft, mu, alpha, grad_u, update="raw", precond=precond)
     assert stats.lookahead == "adam"
     u_plus = u_at(params, surrogate_u, lookahead_params(params, g_rl, g_sft, mu + eps, alpha, precond))
     u_minus = u_at(params, surrogate_u, lookahead_params(params, g_rl, g_sft, mu - eps, alpha, precond))
@@ -160,7 +166,7 @@ def test_adam_lookahead_meta_gradient_matches_finite_difference(setup, mu):
     print(f"adam mu={mu} m={stats.raw_meta_grad:.12e} fd={fd:.12e} rel_err={rel:.2e}")
     assert rel <= 1e-6, (stats.raw_meta_grad, fd, rel)
     # the preconditioned step is the one that matters: it differs from the SGD derivative
-    sgd = compute_meta_gradient(params, g_rl, g_sft, mu, alpha, grad_u, normalize="none")
+    sgd = compute_meta_gradient(params, g_rl, g_sft, mu, alpha, grad_u, update="raw")
     assert sgd.raw_meta_grad != pytest.approx(stats.raw_meta_grad, rel=1e-3)
 
 

@@ -82,3 +82,22 @@ def test_training_curves_carry_mu_bounds_and_meta_steps(tmp_path):
     assert "mu" in reports.plot_training_curves(curves)
     # no bounds or meta steps alone make a plot
     assert reports.plot_training_curves({"mu_min": [(0, 0.1)], "meta_step": [(1, 0.5)]}) == {}
+
+
+def test_training_page_plots_t_per_meta_step_with_the_t_min_band(tmp_path):
+    import json
+
+    import yaml
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "mu": 0.5}) + "\n" for s in range(4)))
+    records = [{"step": 0, "mu": 0.5, "meta_grad": 1e-4, "meta_grad_t": 0.4},
+               {"step": 2, "mu": 0.5, "meta_grad": -2e-4, "meta_grad_t": -3.1},
+               {"step": 3, "mu": 0.5, "meta_grad": 0.0, "meta_grad_t": None}]  # no t (one group): not plotted
+    (tmp_path / "controller.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"controller": {"meta_t_min": 2.0}}))
+    curves = reports.read_training_curves(str(tmp_path))
+    assert curves["meta_t"] == [(0, 0.4), (2, -3.1)]
+    assert curves["t_min_hi"] == [(0, 2.0), (2, 2.0)] and curves["t_min_lo"] == [(0, -2.0), (2, -2.0)]
+    pngs = reports.plot_training_curves(curves)
+    assert pngs["meta_t"].startswith(b"\x89PNG")
+    assert "meta_t" not in reports.plot_training_curves({"t_min_hi": [(0, 2.0)]})  # the band alone: no plot

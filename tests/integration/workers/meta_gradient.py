@@ -4,8 +4,9 @@ process or as one rank of `torchrun` under FSDP2, plus its central finite differ
 The problem is test_meta_gradient.py's (float64 tiny Llama, fixed random batches, a deterministic
 surrogate U), but each rank holds only its shard of the parameters and its block of every batch:
 g_RL, g_SFT and ∇U come out of FSDP2's reduce-scatter, and m from `compute_meta_gradient` with the
-shard-summing `Reduction`. U itself (for the finite difference) is summed over ranks. Rank 0 writes
-{"m", "fd", "world_size", "half_cosine"} as JSON to argv[1].
+shard-summing `Reduction`. U itself (for the finite difference) is summed over ranks. The per-rollout meta
+step (central difference on the shards, per-group terms gathered) runs on the same rollouts. Rank 0 writes
+{"m", "fd", "world_size", "half_cosine", "m_rollout", "t_rollout", "n_groups"} as JSON to argv[1].
 """
 
 import json
@@ -13,8 +14,9 @@ import sys
 
 import torch
 
+from amft_lib import meta_grad
 from amft_lib.config import DistributedConfig, ModelConfig
-from amft_lib.controller import UtilityGrad, compute_meta_gradient, utility_grad_in_place
+from amft_lib.controller import UtilityGrad, compute_meta_evidence, compute_meta_gradient, utility_grad_in_place
 from amft_lib.distributed import init, shutdown, wrap
 from amft_lib.model import load_policy, trainable_parameters
 from amft_lib.policy import sft_gradient, take_grads
@@ -90,14 +92,31 @@ def main(out_path: str) -> None:
 
     mu, alpha, eps = 0.3, 0.5, 1e-4
     stats = compute_meta_gradient(params, g_rl, g_sft, mu, alpha, utility_grad, eval_at="lookahead",
-                                  normalize="none", reduction=dist.reduction())
+                                  update="raw", reduction=dist.reduction())
+    # the per-rollout meta step (AMFT.md §6) on the same rollouts: D_i by central difference on the shards,
+    # per-group terms (G = 2) gathered over ranks; its mean must be m
+    per = len(val) // dist.world_size
+
+    def group_terms(v: list[torch.Tensor]) -> torch.Tensor:
+        b, w = mine(val), weights[dist.rank * per:(dist.rank + 1) * per]
+
+        def seq_lp() -> torch.Tensor:
+            return meta_grad.sequence_logprobs(completion_logprobs(model, b)[0], b.completion_mask)
+
+        d = meta_grad.central_difference_derivatives(params, v, seq_lp, dist.reduction(), step=1e-6)
+        return dist.gather(meta_grad.group_terms(w, d, 2))
+
+    per_rollout = compute_meta_evidence(params, g_rl, g_sft, mu, alpha, group_terms, reduction=dist.reduction(),
+                                        estimator="central_difference")
     u_plus = utility_grad_in_place(params, g_rl, g_sft, mu + eps, alpha, u_value)
     u_minus = utility_grad_in_place(params, g_rl, g_sft, mu - eps, alpha, u_value)
     fd = (u_plus - u_minus) / (2 * eps)
     if dist.is_main:
         with open(out_path, "w") as f:
             json.dump({"m": stats.raw_meta_grad, "fd": fd, "world_size": dist.world_size,
-                       "half_cosine": stats.half_cosine, "grad_u_norm": stats.grad_u_norm}, f)
+                       "half_cosine": stats.half_cosine, "grad_u_norm": stats.grad_u_norm,
+                       "m_rollout": per_rollout.meta_grad, "t_rollout": per_rollout.meta_grad_t,
+                       "n_groups": per_rollout.n_groups}, f)
     shutdown(dist)
 
 

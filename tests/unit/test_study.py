@@ -1,0 +1,121 @@
+"""The study harness (bench/study_countdown.py, bench/study_report.py): what each row trains, how tuning
+is picked, that a resumed study refuses another question, and that the verdict follows the paired CIs.
+Training itself is the trainer's tests' business; records here are synthetic so every number is known."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import study_countdown as sc  # noqa: E402
+import study_report as sr  # noqa: E402
+
+from amft_lib.config import apply_overrides, load_config  # noqa: E402
+
+CONFIG = str(BENCH.parent / "configs" / "tiny_countdown.yaml")
+
+
+def test_rows_train_what_their_names_say():
+    spec = sc.Spec(steps=200)
+    tuned = {"sft_grpo": 100, "fixed": 0.75}
+    assert sc.method_overrides("sft_grpo", spec, tuned) == ["controller.method=sft_grpo", "controller.switch_step=100"]
+    assert sc.method_overrides("sft_grpo_rl50", spec, tuned)[-1] == "controller.switch_step=150"  # 50 RL steps
+    assert sc.method_overrides("fixed", spec, tuned)[-1] == "controller.mu_init=0.75"
+    assert "controller.meta_update=evidence" in sc.method_overrides("amft", spec, tuned)
+    assert sc.method_overrides("grpo", spec, tuned) == ["controller.method=grpo"]
+
+
+def test_fixed_budget_gets_amfts_meta_rollouts_as_training_prompts():
+    amft = apply_overrides(load_config(CONFIG), ["controller.meta_val_prompts=64", "controller.meta_val_group=4",
+                                                 "controller.meta_interval=8", "rollout.prompts_per_step=8",
+                                                 "rollout.group_size=8"])
+    assert sc.meta_rollouts_per_step(amft) == 32.0  # 256 validation rollouts every 8 steps
+    over = sc.method_overrides("fixed_budget", sc.Spec(), {"fixed": 0.5}, amft)
+    assert over[-1] == "rollout.prompts_per_step=12"  # 8 prompts + 32 rollouts / G=8
+
+
+def test_tuning_picks_the_best_val_value_first_on_ties():
+    recs = [{"method": "fixed", "value": 0.25, "val_accuracy": 0.10}, {"method": "fixed", "value": 0.5,
+                                                                       "val_accuracy": 0.14},
+            {"method": "fixed", "value": 0.75, "val_accuracy": 0.14}, {"method": "sft_grpo", "value": 50,
+                                                                       "val_accuracy": 0.2}]
+    assert sc.pick_tuned(recs) == {"fixed": 0.5, "sft_grpo": 50}
+
+
+def test_a_resumed_study_refuses_another_question(tmp_path: Path):
+    spec = sc.Spec(steps=200, seeds=(0, 1, 2))
+    facts = {"data_card_sha256": "a" * 64, "warm_start_digest": "b" * 64}
+    sc.write_json(tmp_path / "study.json", {"fingerprint": {**spec.fingerprint(), **facts}})
+    sc.check_fingerprint(tmp_path, spec, facts)  # the same question: accepted (tuples vs JSON lists too)
+    sc.check_fingerprint(tmp_path, sc.Spec(steps=200, seeds=(0, 1, 2, 3), methods=("amft",)), facts)  # extends
+    with pytest.raises(SystemExit, match="field 'steps' is 200, this invocation asks 100"):
+        sc.check_fingerprint(tmp_path, sc.Spec(steps=100), facts)
+    with pytest.raises(SystemExit, match="'warm_start_digest'"):
+        sc.check_fingerprint(tmp_path, spec, {**facts, "warm_start_digest": "c" * 64})
+
+
+def test_plan_resumes_seed_major_and_holds_tuned_rows(tmp_path: Path):
+    spec = sc.Spec(steps=200, seeds=(0, 1), methods=("amft", "fixed"))
+    sc.write_json(sc.run_path(tmp_path, "amft", 0), {"done": True})
+    sc.write_json(tmp_path / "warm_start_scores.json", {})
+    jobs = sc.plan(spec, tmp_path, tmp_path / "out", {})
+    runs = [(j["method"], j["seed"], j["needs_tuning"]) for j in jobs if j["kind"] == "run"]
+    assert runs == [("fixed", 0, True), ("amft", 1, False), ("fixed", 1, True)]
+    assert [j["name"] for j in jobs if j["kind"] == "tune"] == [t["name"] for t in sc.tuning_jobs(spec)]
+    assert not any(j["kind"] == "warm_start" for j in jobs)
+
+
+def test_records_are_written_whole(tmp_path: Path):
+    path = tmp_path / "runs" / "x-s0.json.gz"
+    sc.write_json(path, {"a": [1, 2]})
+    assert sc.read_json(path) == {"a": [1, 2]}
+    assert [p.name for p in path.parent.iterdir()] == ["x-s0.json.gz"]  # no temp file left behind
+
+
+def _record(method: str, seed: int, p_id: float, p_ood: float, n: int = 400) -> dict:
+    rng = np.random.default_rng(seed)  # the same draws for every method: equal p ⇒ identical instances
+    inst = {}
+    for split, p in (("test_id", p_id), ("test_ood", p_ood)):
+        greedy = (rng.random(n) < p).astype(int).tolist()
+        inst[split] = {"ids": list(range(n)), "greedy": greedy, "correct_of_8": [8 * g for g in greedy[:50]]}
+    return {"method": method, "seed": seed, "steps": 200, "instances": inst, "accuracy": sc.summary_of(inst, 8),
+            "curves": {"step": [0, 1], "mu": [0.5, 0.5], "val": [[0, 0.1], [2, 0.2]],
+                       "meta": [{"step": 0, "meta_grad_t": 2.5}, {"step": 1, "meta_grad_t": 0.3}]},
+            "mu_final": 0.5, "rollouts_train": 12800, "rollouts_meta": 0, "train_s": 60.0, "eval_s": 30.0}
+
+
+@pytest.mark.parametrize("amft_ood, expected", [(0.6, "**Yes**"), (0.1, "**No**"), (0.3, "Not distinguishable")])
+def test_the_verdict_follows_the_paired_cis(tmp_path: Path, amft_ood: float, expected: str):
+    methods, seeds = ("sft_grpo", "fixed", "amft"), (0, 1)
+    for s in seeds:
+        sc.write_json(sc.run_path(tmp_path, "sft_grpo", s), _record("sft_grpo", s, 0.3, 0.3))
+        sc.write_json(sc.run_path(tmp_path, "fixed", s), _record("fixed", s, 0.3, 0.3))
+        sc.write_json(sc.run_path(tmp_path, "amft", s), _record("amft", s, 0.3, amft_ood))
+    meta = {"command": "x", "spec": {"steps": 200, "pass_k": 8, "pass_k_rows": 50}, "methods": list(methods),
+            "seeds": list(seeds), "tuned": {"fixed": 0.5}}
+    md = sr.report(tmp_path, meta, n_boot=300, out_dir=tmp_path)
+    assert expected in md
+    assert "2 seeds" not in md and "| amft | 2 |" in md  # seeds per row are counted, not assumed
+    assert "50% of 4" in md  # |t| ≥ 2 on one of the two meta steps of each of 2 seeds
+    assert (tmp_path / "methods_countdown_curves.png").stat().st_size > 10_000
+    sc.run_path(tmp_path, "fixed", 1).unlink()  # an unfinished study never claims an answer
+    assert "**Not answered yet**: 5 of 6 runs" in sr.report(tmp_path, meta, n_boot=300, out_dir=tmp_path)
+
+
+def test_a_changed_default_is_caught_but_a_new_setting_is_not(tmp_path: Path):
+    spec = sc.Spec(steps=200)
+    cfg = sc.flat_config(spec)
+    assert cfg["max_steps"] == 200 and cfg["rollout.group_size"] == 8 and "seed" not in cfg
+    facts = {"train_config": cfg}
+    sc.write_json(tmp_path / "study.json", {"fingerprint": {**spec.fingerprint(), "train_config": cfg}})
+    sc.check_fingerprint(tmp_path, spec, {"train_config": {**cfg, "engine.new_switch": True}})
+    with pytest.raises(SystemExit, match=r"setting .rollout\.group_size. was 8 when the study started and "
+                                         r"resolves to 4"):
+        sc.check_fingerprint(tmp_path, spec, {"train_config": {**cfg, "rollout.group_size": 4}})
+    assert facts["train_config"] is cfg  # the caller's facts are not consumed by the check
