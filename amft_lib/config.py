@@ -408,9 +408,9 @@ class EngineConfig:
     )
     compile_min_steps: int = help_field(
         "`compile=auto` compiles when the stage runs at least this many training steps: the break-even measured in "
-        "bench/results/speed.md (tiny model, 2 shared cores: a cold compile repaid after ~230 SFT steps, a warm "
-        "inductor cache after ~50).",
-        250, ge=1,
+        "bench/results/speed.md (tiny model, one thread: a cold compile repaid after ~130 SFT steps on the quiet "
+        "2-core box, ~230 with the box loaded; a warm inductor cache after ~40).",
+        200, ge=1,
     )
     length_bucket: int = help_field(
         "Compiled forwards pad sequence lengths up to a multiple of this (and rows to a multiple of 8), so "
