@@ -106,6 +106,7 @@ class WarmStartCheckpoints:
         # run-level results saved with every checkpoint: live references owned by run_warm_start
         self.progress: dict = {}
         self.uri: str | None = None  # the checkpoint resumed from
+        self.saved = 0  # checkpoints this process saved (the phase-end log line counts them)
         self._pending: tuple[dict, ckpt.CheckpointPayload] | None = None  # restored, not yet applied
 
     def load(self, resume: str, force: bool = False) -> dict:
@@ -163,8 +164,12 @@ class WarmStartCheckpoints:
             "world_size": dist.world_size, "strategy": dist.strategy,
             **progress, **({"rs": rs} if rs is not None else {}),
         }
-        ckpt.save_training_state(self.root, step, self.policy, optimizer, trainer_state=trainer_state,
-                                 config_hash=self.config_hash, keep_last=self.keep_last)
+        uri = ckpt.save_training_state(self.root, step, self.policy, optimizer, trainer_state=trainer_state,
+                                       config_hash=self.config_hash, keep_last=self.keep_last)
+        self.saved += 1
+        if done == total:  # one line per phase: each save and deletion is a DEBUG line (checkpoint/files.py)
+            log.info("%s: checkpointed, %d save(s) so far in this run, newest %s (the last %d kept)", phase,
+                     self.saved, uri, self.keep_last)
 
     def check_applied(self) -> None:
         if self._pending is not None:

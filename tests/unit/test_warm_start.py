@@ -1,6 +1,7 @@
 """Rejection-sampled warm start (AMFT.md §3)."""
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -253,3 +254,20 @@ def test_checkpoint_settings_are_validated(override):
 def test_cli_warm_start_resume_auto_needs_checkpoint_root(tmp_path, capsys):
     assert cli.main(["warm-start", "--out", str(tmp_path / "o"), "--resume", "auto"]) == 2
     assert "--resume auto needs --checkpoint-root" in capsys.readouterr().err
+
+
+def test_default_log_of_a_checkpointing_warm_start_has_no_per_save_lines(tmp_path, caplog):
+    """Issue 25: "saved checkpoint" / "retention: deleted" pairs were 80 % of the demo's log. At INFO a warm
+    start that saves 8 checkpoints and deletes 6 logs one checkpoint line per phase; the per-save lines are
+    still there at DEBUG for whoever needs them."""
+    splits = {"train": generate_rows(32, "face10", 1, "train"), "val": generate_rows(4, "face10", 2, "val")}
+    cfg = apply_overrides(WarmStartConfig(), [*RESUME_SETS[:-1], "checkpoint_keep_last=2"])
+    with caplog.at_level(logging.DEBUG, logger="amft_lib"):
+        run_warm_start(cfg, tmp_path / "out", splits=splits, checkpoint_root=str(tmp_path / "root"))
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert not [m for m in info if "saved checkpoint" in m or "retention" in m]
+    assert sum("saved checkpoint" in m for m in debug) == 8 and sum("retention: deleted" in m for m in debug) == 6
+    phase_lines = [m for m in info if "checkpointed" in m]
+    assert [m.split(":")[0] for m in phase_lines] == ["warmup", "rejection_sampling", "final_sft"]
+    assert "8 save(s)" in phase_lines[-1] and "step-0000008" in phase_lines[-1]
