@@ -230,7 +230,7 @@ def changes_table(changes: list[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def _verdict_reason(reason: Any) -> str:
+def verdict_reason(reason: Any) -> str:
     """The blessing reason without its leading "blessed: " / "not blessed: " (the summary line says it)."""
     text = str(reason or "")
     for prefix in ("not blessed: ", "blessed: "):
@@ -277,7 +277,7 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     if "eval" in stages:
         e = stages["eval"]
         verdict = "BLESSED" if e.get("blessed") else "not blessed"
-        lines.append(f"- evaluation: {verdict} — {_verdict_reason(e.get('reason'))}")
+        lines.append(f"- evaluation: {verdict} — {verdict_reason(e.get('reason'))}")
     if "register" in stages:
         r = stages["register"]
         what = f"{r.get('name')} version {r.get('version')}" if r.get("registered") else "nothing registered"
