@@ -148,7 +148,7 @@ def summarize_run(s3_root: str, run_id: str, job_id: str, state: str, error: str
         rs = ws.get("rejection_sampling") or {}
         stages["warm_start"] = {"acceptance_rate": rs.get("acceptance_rate"), "pass_at_k": rs.get("pass_at_k"),
                                 "target_entropy": ws.get("target_entropy"), "val_accuracy": ws.get("val_accuracy"),
-                                "model": run.warm_start_model}
+                                "kept": ws.get("kept"), "model": run.warm_start_model}
     train = read(run.train_result)
     if train:
         stages["train"] = {**train, "model": run.model, "checkpoints": run.path("checkpoints")}
@@ -267,8 +267,11 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         lines.append(f"- validation gate: {'passed' if v.get('passed') else 'FAILED'}{failed}; report `{v['report']}`")
     if "warm_start" in stages:
         w = stages["warm_start"]
+        val = w.get("val_accuracy") or {}
+        kept = (f"; val accuracy {_fmt(val.get('after_warmup'))} after the warm-up, {_fmt(val.get('final_sft'))} after "
+                f"the final SFT: kept the {str(w['kept']).replace('_', '-')} model") if w.get("kept") else ""
         lines.append(f"- warm start: acceptance {_fmt(w.get('acceptance_rate'))}, pass@k {_fmt(w.get('pass_at_k'))}, "
-                     f"H* {_fmt(w.get('target_entropy'))}")
+                     f"H* {_fmt(w.get('target_entropy'))}{kept}")
     if "train" in stages:
         t = stages["train"]
         resumed = f", resumed from step {t['resumed_from_step']}" if t.get("resumed_from_step") else ""
@@ -278,6 +281,11 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         e = stages["eval"]
         verdict = "BLESSED" if e.get("blessed") else "not blessed"
         lines.append(f"- evaluation: {verdict} — {verdict_reason(e.get('reason'))}")
+    training = [c for c in summary.get("changes") or [] if (c["from"], c["to"]) == ("warm_start", "candidate")]
+    if training:
+        lines.append("- what training changed (final − warm start, paired): " + "; ".join(
+            f"{c['split']} {c['verdict']} ({c['diff']:+.3f}, 95 % CI [{c['lo']:+.3f}, {c['hi']:+.3f}])"
+            for c in training))
     if "register" in stages:
         r = stages["register"]
         what = f"{r.get('name')} version {r.get('version')}" if r.get("registered") else "nothing registered"

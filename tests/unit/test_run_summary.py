@@ -51,6 +51,8 @@ def test_summary_prints_each_stage_change_in_words_and_the_verdict_once(tmp_path
     base, warm, final = block([0] * 200), block([1] * 40 + [0] * 160), block([1] * 39 + [0] * 161)
     run = RunRoot.resolve(str(tmp_path), "r-1")
     reason = "not blessed: significantly worse than its warm start on test_id.accuracy: …"
+    put_json(run.warm_start_stats, {"val_accuracy": {"after_warmup": 0.2, "final_sft": 0.1, "warm_start": 0.2},
+                                    "kept": "after_warmup"})
     put_json(run.eval_metrics, {**final, "blessed": False, "reason": reason,
                                 "comparisons": {"base": base, "warm_start": warm},
                                 "changes": paired_changes(final, {"base": base, "warm_start": warm})})
@@ -60,8 +62,10 @@ def test_summary_prints_each_stage_change_in_words_and_the_verdict_once(tmp_path
     text = summary_markdown(summary)
     assert "- evaluation: not blessed — significantly worse than its warm start" in text
     assert text.count("not blessed") == 1
+    assert "0.2000 after the warm-up, 0.1000 after the final SFT: kept the after-warmup model" in text
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert "**improved**" in rows["warm start (base → warm start)"]
     assert "+0.200" in rows["warm start (base → warm start)"]
     assert "no significant change" in rows["training (warm start → final)"] and "-0.005" in rows[
         "training (warm start → final)"]
+    assert "- what training changed (final − warm start, paired): test_id no significant change (-0.005" in text
