@@ -8,7 +8,7 @@
 
 The warm start never hands on a model worse than its warm-up (issue 25): the final SFT's model is
 kept only when its validation accuracy is at least the warm-up's; otherwise the after-warm-up
-weights are restored, and stats.json says which (`kept`, with both accuracies in `val_accuracy`).
+weights are restored, and stats.json says which (`kept_model`, with both accuracies in `val_accuracy`).
 Why a guard rather than a different final phase: the General Points demo lost 0.22 → 0.10 (50 val
 prompts; not significant, p ≈ 0.1), while on Countdown (500 val prompts, 3 seeds) today's final SFT
 changed val accuracy by a non-significant amount either way, and neither the data mix nor the
@@ -563,7 +563,7 @@ def teardown(ws: WarmStart, state: WarmStartState) -> WarmStartResult:
         "sft_rows_final": len(ws.inputs.demo_rows) + len(state.accepted),
         "warmup_steps": cfg.warmup_steps,
         "final_sft_steps": cfg.final_sft_steps,
-        "kept": state.kept,  # the model handed on: final_sft, or after_warmup when the final SFT scored lower on val
+        "kept_model": state.kept,  # final_sft, or after_warmup when the final SFT scored lower on val
         "elapsed_s": time.perf_counter() - ws.t_start,
     }
     stats_tmp = stats_path.with_suffix(".json.tmp")

@@ -101,7 +101,8 @@ _TABLE: tuple[Setting, ...] = (
     _s("p0_kueue_priority_class", str, "", "Kueue WorkloadPriorityClass (label kueue.x-k8s.io/priority-class, "
        "needs p0_kueue_queue), applied like the queue; empty: the queue's default priority."),
     # ── p1: data ──
-    _s("p1_data_task", str, FROM_CONFIG, "Task: general_points or countdown (generated) or math (ingested from input_uri).",
+    _s("p1_data_task", str, FROM_CONFIG, "Task: general_points or countdown (generated), or math (ingested from "
+       "input_uri).",
        warm_start="data.task", train="data.task"),
     _s("p1_data_input_uri", str, "", "User JSONL/parquet (local path or s3://); empty generates General Points."),
     _s("p1_data_train_size", int, 8000, "Generated training rows."),

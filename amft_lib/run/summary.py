@@ -148,7 +148,7 @@ def summarize_run(s3_root: str, run_id: str, job_id: str, state: str, error: str
         rs = ws.get("rejection_sampling") or {}
         stages["warm_start"] = {"acceptance_rate": rs.get("acceptance_rate"), "pass_at_k": rs.get("pass_at_k"),
                                 "target_entropy": ws.get("target_entropy"), "val_accuracy": ws.get("val_accuracy"),
-                                "kept": ws.get("kept"), "model": run.warm_start_model}
+                                "kept_model": ws.get("kept_model"), "model": run.warm_start_model}
     train = read(run.train_result)
     if train:
         stages["train"] = {**train, "model": run.model, "checkpoints": run.path("checkpoints")}
@@ -268,8 +268,9 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     if "warm_start" in stages:
         w = stages["warm_start"]
         val = w.get("val_accuracy") or {}
+        kept = w.get("kept_model")
         kept = (f"; val accuracy {_fmt(val.get('after_warmup'))} after the warm-up, {_fmt(val.get('final_sft'))} after "
-                f"the final SFT: kept the {str(w['kept']).replace('_', '-')} model") if w.get("kept") else ""
+                f"the final SFT: kept the {str(kept).replace('_', '-')} model") if kept else ""
         lines.append(f"- warm start: acceptance {_fmt(w.get('acceptance_rate'))}, pass@k {_fmt(w.get('pass_at_k'))}, "
                      f"H* {_fmt(w.get('target_entropy'))}{kept}")
     if "train" in stages:

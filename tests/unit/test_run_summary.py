@@ -52,7 +52,7 @@ def test_summary_prints_each_stage_change_in_words_and_the_verdict_once(tmp_path
     run = RunRoot.resolve(str(tmp_path), "r-1")
     reason = "not blessed: significantly worse than its warm start on test_id.accuracy: …"
     put_json(run.warm_start_stats, {"val_accuracy": {"after_warmup": 0.2, "final_sft": 0.1, "warm_start": 0.2},
-                                    "kept": "after_warmup"})
+                                    "kept_model": "after_warmup"})
     put_json(run.eval_metrics, {**final, "blessed": False, "reason": reason,
                                 "comparisons": {"base": base, "warm_start": warm},
                                 "changes": paired_changes(final, {"base": base, "warm_start": warm})})

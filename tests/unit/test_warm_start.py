@@ -86,7 +86,7 @@ def test_run_warm_start_writes_model_accepted_and_stats(tmp_path):
     assert 0.0 <= stats["rejection_sampling"]["acceptance_rate"] <= 1.0
     assert stats["target_entropy"] == pytest.approx(res.target_entropy) and res.target_entropy > 0
     assert set(stats["val_accuracy"]) == {"initial", "after_warmup", "final_sft", "warm_start"}
-    assert stats["val_accuracy"]["warm_start"] == stats["val_accuracy"][stats["kept"]]
+    assert stats["val_accuracy"]["warm_start"] == stats["val_accuracy"][stats["kept_model"]]
     assert (res.model_dir / "model.safetensors").exists()
     table = pq.read_table(res.accepted_path)
     assert table.column_names == ["id", "task", "prompt", "answer", "demonstration", "split", "meta"]
@@ -312,7 +312,7 @@ def test_a_final_sft_that_scores_lower_on_val_is_not_kept_even_after_a_resume(tm
     root = tmp_path / "root"
     run_warm_start(cfg, tmp_path / "a", splits=splits, checkpoint_root=str(root))
     stats = _stats(tmp_path / "a")
-    assert stats["kept"] == "after_warmup"
+    assert stats["kept_model"] == "after_warmup"
     assert stats["val_accuracy"] == {"initial": 0.0, "after_warmup": 0.5, "final_sft": 0.25, "warm_start": 0.5}
     # steps: warm-up 1-3, sampling 4-5, final SFT 6-8; retention kept the last two and step 5 (scored)
     kept = [s for s, _, complete in ckpt.list_checkpoints(str(root / "warm_start")) if complete]
@@ -337,7 +337,7 @@ def test_a_final_sft_that_scores_at_least_as_well_is_kept(tmp_path, monkeypatch)
     splits = {"train": generate_rows(32, "face10", 1, "train"), "val": generate_rows(4, "face10", 2, "val")}
     cfg = apply_overrides(WarmStartConfig(), [*RESUME_SETS[:-1], "checkpoint_keep_last=100"])
     run_warm_start(cfg, tmp_path / "a", splits=splits, checkpoint_root=str(tmp_path / "root"))
-    assert _stats(tmp_path / "a")["kept"] == "final_sft"
+    assert _stats(tmp_path / "a")["kept_model"] == "final_sft"
     out = _weights(tmp_path / "a" / "model" / "model.safetensors")
     last = _weights(tmp_path / "root" / "warm_start" / "checkpoints" / "step-0000008" / "model.safetensors")
     assert all(torch.equal(out[k].to(last[k].dtype), last[k]) for k in last)
