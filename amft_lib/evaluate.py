@@ -9,8 +9,18 @@ What is measured, per eval split present in the dataset (`test_id`, `test_ood`) 
 
 Blessing follows TFX's Evaluator (research anchors B, F.5): an absolute threshold on one chosen
 metric AND no regression beyond δ against the current champion on every eval split; the change
-check is skipped, and the reason says so, when there is no champion (first run). The decision is
-the pure function :func:`decide_blessing`, so it is table-tested without a model.
+check is skipped, and the reason says so, when there is no champion (first run). On top of that
+(issue 25, `warm_start_check`): a candidate *significantly worse than the warm start it trained
+from* — paired per instance on the gating split, 95 % bootstrap interval of candidate − warm start
+below 0 — is not blessed, even on a first run where the threshold is all that guards the registry
+(the demo once registered a model that training had made worse). "No significant change" leaves
+the decision to the rules above. The decision is the pure function :func:`decide_blessing`, so it
+is table-tested without a model.
+
+Every split block keeps its per-instance scores (`per_instance`: greedy 0/1 and per-prompt pass@k,
+in row order), so each pair of models — base → warm start → candidate, champion → candidate — gets
+a paired interval (`changes` in metrics.json, `significance.paired_change`); the run summary prints
+them.
 
 Outputs in `out_dir` (local folder or s3:// URI), each written atomically, `metrics.json` last so
 its presence means the evaluation finished: `report.md`, `report.html` (self-contained: inline
@@ -38,6 +48,7 @@ from amft_lib.config import ConfigError, EngineConfig, check_fields
 from amft_lib.config import help_field as _help
 from amft_lib.data.schema import DataError
 from amft_lib.reports import EVAL_SPLITS
+from amft_lib.significance import WORSE, change_text, paired_change
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +112,11 @@ class EvalConfig:
     max_regression: float = _help(
         "δ: the largest drop of FIELD vs the champion tolerated on any eval split (TFX change_threshold).", 0.0
     )
+    warm_start_check: bool = _help(
+        "Not blessed when the candidate is significantly worse than warm_start_model on the gating metric: paired "
+        "bootstrap per instance on its split, the 95 % interval of candidate − warm start entirely below 0. "
+        "No significant change: the threshold and champion rules decide. Skipped (and said so) without a warm "
+        "start.", True)
     report_samples: int = _help("Completions per split shown in the reports.", 3)
     engine: EngineConfig = field(default_factory=EngineConfig, metadata={
         "help": "How the model runs (engine.*, as in training): threads and the KV cache of decoding."})
@@ -199,12 +215,16 @@ def decide_blessing(
     metric: str = "test_id.accuracy",
     threshold: float = 0.0,
     max_regression: float = 0.0,
+    warm_start_change: Mapping[str, Any] | None = None,
 ) -> tuple[bool, str]:
-    """TFX-style blessing: `metric` (SPLIT.FIELD) >= `threshold` AND, when there is a champion, FIELD
-    dropped by at most `max_regression` (δ) on every eval split the champion was scored on.
+    """TFX-style blessing: `metric` (SPLIT.FIELD) >= `threshold` AND not significantly worse than the
+    warm start AND, when there is a champion, FIELD dropped by at most `max_regression` (δ) on every
+    eval split the champion was scored on.
 
     Metrics are dicts shaped like metrics.json: ``{"test_id": {"accuracy": 0.6, ...}, ...}``.
-    Returns (blessed, one-line reason). A missing or non-finite metric is never blessed.
+    `warm_start_change`: candidate − warm start on `metric` as `significance.paired_change` returns it
+    (verdict "worse" blocks; None: not checked). Returns (blessed, one-line reason). A missing or
+    non-finite metric is never blessed.
     """
     split, _, fld = metric.partition(".")
     if not split or not fld:
@@ -215,6 +235,11 @@ def decide_blessing(
     if value < threshold - _EPS:
         return False, f"not blessed: {metric}={value:.4f} is below the threshold {threshold:.4f}"
     passed = f"{metric}={value:.4f} >= threshold {threshold:.4f}"
+    if warm_start_change is not None:
+        vs_warm = f"vs its warm start {change_text(warm_start_change)}"
+        if warm_start_change["verdict"] == WORSE:
+            return False, f"not blessed: significantly worse than its warm start on {metric}: {vs_warm}"
+        passed += f"; {vs_warm}"
     if champion_metrics is None:
         return True, f"blessed: {passed}; no champion to compare with (first run), change check skipped"
 
@@ -242,6 +267,42 @@ def decide_blessing(
     return True, f"blessed: {passed}; vs champion within δ={max_regression:.4f}: {', '.join(compared)}{note}"
 
 
+# ── paired changes between models (pure) ────────────────────────────────────────────────────────
+
+# (from, to) model roles compared per instance; "candidate" is the model under evaluation
+CHANGE_PAIRS = (("base", "warm_start"), ("warm_start", "candidate"), ("base", "candidate"), ("champion", "candidate"))
+
+
+def _per_instance(block: Mapping[str, Any] | None, split: str, fld: str) -> list[float] | None:
+    values = (((block or {}).get(split) or {}).get("per_instance") or {}).get(fld)
+    return values if isinstance(values, list) and values else None
+
+
+def paired_changes(candidate: Mapping[str, Any], comparisons: Mapping[str, Mapping[str, Any]],
+                   fields: Sequence[str] = GATE_FIELDS) -> list[dict[str, Any]]:
+    """One record per (CHANGE_PAIRS pair, eval split, field) both models have per-instance scores for:
+    {"from", "to", "split", "field", diff, lo, hi, n, verdict} (significance.paired_change, after − before).
+    Pairs whose instance lists differ in length (scored on other rows) are left out, not guessed."""
+    models = {"candidate": candidate, **comparisons}
+    out = []
+    for before, after in CHANGE_PAIRS:
+        for split in EVAL_SPLITS:
+            for fld in fields:
+                a = _per_instance(models.get(after), split, fld)
+                b = _per_instance(models.get(before), split, fld)
+                if a is None or b is None or len(a) != len(b):
+                    continue
+                out.append({"from": before, "to": after, "split": split, "field": fld, **paired_change(a, b)})
+    return out
+
+
+def find_change(changes: Sequence[Mapping[str, Any]], before: str, after: str, metric: str) -> dict | None:
+    """The record of `changes` comparing `after` with `before` on `metric` (SPLIT.FIELD), or None."""
+    split, _, fld = metric.partition(".")
+    return next((dict(c) for c in changes if (c["from"], c["to"], c["split"], c["field"]) == (before, after, split,
+                                                                                             fld)), None)
+
+
 # ── scoring one model ───────────────────────────────────────────────────────────────────────────
 
 
@@ -264,6 +325,7 @@ def evaluate_split(model: Any, tokenizer: Any, task: Any, rows: Sequence[dict], 
     correct = fmt_errors = tokens = 0.0
     counts: list[int] = []
     samples: list[dict] = []
+    correct_each: list[float] = []  # greedy 0/1 per prompt, in row order: what paired comparisons resample
     t0 = time.perf_counter()
     for start in range(0, n_rows, cfg.batch_size):
         chunk = rows[start : start + cfg.batch_size]
@@ -273,6 +335,7 @@ def evaluate_split(model: Any, tokenizer: Any, task: Any, rows: Sequence[dict], 
         fmt_errors += greedy.format_error_rate * greedy.n
         tokens += greedy.mean_response_tokens * greedy.n
         samples.extend(greedy.samples)
+        correct_each.extend(s["reward"] for s in greedy.samples)
         if cfg.n_samples:
             sampled = sample_completions(
                 model, tokenizer, [r["prompt"] for r in chunk], group_size=cfg.n_samples,
@@ -295,6 +358,8 @@ def evaluate_split(model: Any, tokenizer: Any, task: Any, rows: Sequence[dict], 
         "n": n_rows,
         "format_error_rate": fmt_errors / n_rows,
         "mean_response_tokens": tokens / n_rows,
+        "per_instance": {"accuracy": correct_each,
+                         "pass_at_k": [pass_at_k(cfg.n_samples, c, cfg.pass_k) for c in counts] if counts else None},
     }
     return metrics, pick_samples(samples, cfg.report_samples)
 
@@ -478,12 +543,17 @@ def _same_content(a: str | None, b: str | None) -> bool:
 
 
 def _cached_scores(uri: str | None) -> dict[str, Any] | None:
+    """Cached scores, or None: absent, or written before scores kept their per-instance lists (such an
+    entry cannot be compared per instance, so the model is scored again and the entry replaced)."""
     if not uri:
         return None
     try:
-        return json.loads(storage.get_bytes(uri).decode("utf-8"))["scores"]
+        scores = json.loads(storage.get_bytes(uri).decode("utf-8"))["scores"]
     except storage.ObjectNotFoundError:
         return None
+    if not all(isinstance(block, Mapping) and "per_instance" in block for block in scores.values()):
+        return None
+    return scores
 
 
 def _check_out(out_dir: str) -> None:
@@ -535,8 +605,12 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
             comparisons[role] = {"model": uri, **scores}
         identical = _same_content(candidate_path, champion_path)  # while a downloaded champion still exists
 
+    changes = paired_changes(candidate, comparisons)
+    vs_warm = find_change(changes, "warm_start", "candidate", cfg.metric) if cfg.warm_start_check else None
     blessed, reason = decide_blessing(candidate, comparisons.get("champion"), cfg.metric, cfg.threshold,
-                                      cfg.max_regression)
+                                      cfg.max_regression, warm_start_change=vs_warm)
+    if cfg.warm_start_check and vs_warm is None:
+        reason += f"; warm-start check skipped (no warm start scored on {cfg.metric} per instance)"
     if blessed and identical:
         # δ = 0 lets an equal score pass; the same weights again must not become a new version
         blessed, reason = False, "not blessed: the candidate is identical to the champion (same content hash)"
@@ -565,8 +639,10 @@ def run_evaluate(cfg: EvalConfig) -> EvalResult:
         "blessed": blessed,
         "reason": reason,
         "blessing": {"metric": cfg.metric, "threshold": cfg.threshold, "max_regression": cfg.max_regression,
-                     "champion": cfg.champion_model if "champion" in comparisons else None},
+                     "champion": cfg.champion_model if "champion" in comparisons else None,
+                     "warm_start_check": cfg.warm_start_check, "vs_warm_start": vs_warm},
         "comparisons": comparisons,
+        "changes": changes,
         "decoding": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
                      "k": cfg.pass_k, "n_samples": cfg.n_samples, "seed": cfg.seed,
                      "max_examples": cfg.max_examples, "chat_template": cfg.chat_template},

@@ -77,3 +77,29 @@ def pass_at_k_any(correct_counts: np.ndarray, k: int) -> np.ndarray:
     if np.any(counts < 0) or np.any(counts > k):
         raise ValueError(f"correct counts must lie in [0, {k}]")
     return (counts > 0).astype(np.float64)
+
+
+# ── one model against another, one seed (the pipeline's evaluation) ─────────────────────────────
+
+IMPROVED, WORSE, NO_CHANGE = "improved", "worse", "no significant change"
+
+
+def paired_change(after: np.ndarray, before: np.ndarray, n_boot: int = 2000, seed: int = 0) -> dict:
+    """after − before on the same instances (one score per instance each: a single trained model, so
+    there are no seeds to resample), with its 95 % paired-bootstrap interval and the verdict in words:
+    "improved" / "worse" when the interval excludes 0, else "no significant change".
+
+    Why words: the run summary and the blessing say what a stage did, and a newcomer reading
+    "+0.010" on 500 instances cannot tell it from noise; the verdict can. Returns a JSON-ready dict
+    {diff, lo, hi, n, verdict}.
+    """
+    d = paired_bootstrap(np.asarray(after, dtype=np.float64)[None], np.asarray(before, dtype=np.float64)[None],
+                         n_boot=n_boot, seed=seed, resample_seeds=False)
+    verdict = IMPROVED if d.lo > 0 else WORSE if d.hi < 0 else NO_CHANGE
+    return {"diff": d.diff, "lo": d.lo, "hi": d.hi, "n": d.n_instances, "verdict": verdict}
+
+
+def change_text(change: dict) -> str:
+    """'+0.0250, 95 % CI [+0.0100, +0.0400], improved' — one phrase for summaries and reasons."""
+    return (f"{change['diff']:+.4f}, 95 % CI [{change['lo']:+.4f}, {change['hi']:+.4f}] on {change['n']} instances: "
+            f"{change['verdict']}")

@@ -6,6 +6,20 @@
     3. SFT on demonstrations ∪ accepted samples → the warm-start model; measure H* (the mean token
        entropy of its own rollouts), which the controller's entropy term steers towards.
 
+The warm start never hands on a model worse than its warm-up (issue 25): the final SFT's model is
+kept only when its validation accuracy is at least the warm-up's; otherwise the after-warm-up
+weights are restored, and stats.json says which (`kept_model`, with both accuracies in `val_accuracy`).
+Why a guard rather than a different final phase: the General Points demo's 0.22 → 0.10 was measured
+on 50 val prompts (11 vs 5 solved; the 95 % interval of the difference, about [−0.26, +0.02], holds
+0), and on Countdown (500 val prompts, seeds 0/1/2, W = 400) the final SFT did not lose anything:
++0.015 [−0.003, +0.035] over the warm-up, +0.005 on demonstrations alone, +0.007 with the warm-up's
+AdamW state carried over — neither the data mix nor the optimizer reset (nor the schedule: its peak,
+0.1 × lr, is where the warm-up's cosine ends) moves val measurably. What remains is noise and, on a
+memorising task, more epochs; keeping the better of two by val is cheap and always safe.
+Rejection-sampling checkpoints are scored with the after-warm-up accuracy, so retention keeps the
+newest of them (it holds exactly the after-warm-up weights: sampling does not train), and a run
+resumed inside the final SFT can still fall back.
+
 Why accepted samples join the demonstrations: they are correct answers in the model's own
 distribution, so the final SFT moves the policy less than fitting foreign demonstrations would,
 and RL starts from a model that already succeeds on some prompts (GRPO learns nothing from
@@ -32,6 +46,7 @@ import torch
 
 from amft_lib import checkpoint as ckpt
 from amft_lib import distributed, engine, storage
+from amft_lib.checkpoint.state import trainable_state
 from amft_lib.config import WarmStartConfig, config_hash, save_config
 from amft_lib.data.schema import DataError
 from amft_lib.dataset import check_prompts_fit
@@ -106,6 +121,7 @@ class WarmStartCheckpoints:
         # run-level results saved with every checkpoint: live references owned by run_warm_start
         self.progress: dict = {}
         self.uri: str | None = None  # the checkpoint resumed from
+        self.saved = 0  # checkpoints this process saved (the phase-end log line counts them)
         self._pending: tuple[dict, ckpt.CheckpointPayload] | None = None  # restored, not yet applied
 
     def load(self, resume: str, force: bool = False) -> dict:
@@ -148,7 +164,7 @@ class WarmStartCheckpoints:
         return state["phase_step"], state.get("rs", {})
 
     def step_done(self, phase: str, done: int, total: int, *, optimizer=None, cursor: Cursor | None = None,
-                  records: list[dict] | None = None, rs: dict | None = None) -> None:
+                  records: list[dict] | None = None, rs: dict | None = None, metric: float | None = None) -> None:
         """Checkpoint after step `done` of `total` in `phase` if it is due. `records`: this call's
         new SFT history records; `rs`: rejection sampling's partial results."""
         step = self.offsets[phase] + done
@@ -163,12 +179,42 @@ class WarmStartCheckpoints:
             "world_size": dist.world_size, "strategy": dist.strategy,
             **progress, **({"rs": rs} if rs is not None else {}),
         }
-        ckpt.save_training_state(self.root, step, self.policy, optimizer, trainer_state=trainer_state,
-                                 config_hash=self.config_hash, keep_last=self.keep_last)
+        uri = ckpt.save_training_state(self.root, step, self.policy, optimizer, trainer_state=trainer_state,
+                                       config_hash=self.config_hash, keep_last=self.keep_last, metric=metric)
+        self.saved += 1
+        if done == total:  # one line per phase: each save and deletion is a DEBUG line (checkpoint/files.py)
+            log.info("%s: checkpointed, %d save(s) so far in this run, newest %s (the last %d kept)", phase,
+                     self.saved, uri, self.keep_last)
+
+    def fallback_weights(self) -> dict[str, torch.Tensor] | None:
+        """The after-warm-up trainable weights a run resumed inside the final SFT falls back to: the last
+        rejection-sampling checkpoint (sampling does not train; retention keeps it as the only scored
+        one). None when no checkpoint is pending in the final SFT (the live weights are the ones)."""
+        if self._pending is None or self._pending[0]["phase"] != "final_sft":
+            return None
+        uri = ckpt.checkpoint_uri(self.root, self.offsets["final_sft"])
+        try:
+            _, payload = ckpt.load_checkpoint(uri)
+        except ckpt.CheckpointError as exc:
+            raise ckpt.CheckpointError(f"{self.uri} is inside the final SFT, whose fall-back to the after-warm-up "
+                                       f"weights needs the last rejection-sampling checkpoint: {exc}") from None
+        ckpt.restore_training_state(payload, self.policy, None)  # weights (and RNG: the pending restore resets it)
+        return snapshot(self.policy)
 
     def check_applied(self) -> None:
         if self._pending is not None:
             raise ckpt.CheckpointError(f"{self.uri}: phase {self._pending[0]['phase']!r} never ran; not resumed")
+
+
+def snapshot(policy: Policy) -> dict[str, torch.Tensor]:
+    """A copy of the trainable weights (this rank's shards under FSDP2; on their device)."""
+    return {name: p.detach().clone() for name, p in trainable_state(policy.generate)}
+
+
+def restore_snapshot(policy: Policy, weights: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in trainable_state(policy.generate):
+            p.copy_(weights[name])
 
 
 def sft_steps(
@@ -221,9 +267,11 @@ def sft_steps(
 
 
 def rejection_sample(model, tokenizer, task, rows: list[dict], cfg: WarmStartConfig,
-                     checkpoints: WarmStartCheckpoints | None = None) -> tuple[list[dict], dict]:
+                     checkpoints: WarmStartCheckpoints | None = None,
+                     keep_score: float | None = None) -> tuple[list[dict], dict]:
     """k samples per prompt → verifier → keep accepted, distinct, ≤ c per prompt. Returns (rows, stats).
-    With `checkpoints` it resumes a restored checkpoint taken after a chunk and checkpoints per chunk.
+    With `checkpoints` it resumes a restored checkpoint taken after a chunk and checkpoints per chunk,
+    each scored `keep_score` for retention (the after-warm-up accuracy: see the module docstring).
 
     Each completion is sampled from its own seed (prompt index, sample index), so the accepted rows do
     not depend on chunking or on the world size. Under torchrun (`model` a `Policy`) each rank samples
@@ -269,7 +317,7 @@ def rejection_sample(model, tokenizer, task, rows: list[dict], cfg: WarmStartCon
         log.info("rejection sampling: %d/%d prompts, %d accepted (%.1f prompts/s, ETA %.0f s)", done, len(rows),
                  len(accepted), rate, (len(rows) - done) / rate)
         if checkpoints is not None:
-            checkpoints.step_done("rejection_sampling", start // chunk + 1, n_chunks, rs={
+            checkpoints.step_done("rejection_sampling", start // chunk + 1, n_chunks, metric=keep_score, rs={
                 "accepted": accepted, "per_prompt_correct": per_prompt_correct, "by_group": dict(by_group)})
     n_sampled = k * len(per_prompt_correct)
     stats = {
@@ -366,6 +414,7 @@ class WarmStartState:
     accepted: list[dict] = field(default_factory=list)
     rs_stats: dict = field(default_factory=dict)
     target_entropy: float = float("nan")
+    kept: str = "final_sft"  # which model became the warm start: "final_sft" or "after_warmup" (keep_better)
 
 
 def run_warm_start(cfg: WarmStartConfig, out_dir: str | Path, splits: dict[str, list[dict]] | None = None,
@@ -449,18 +498,33 @@ def sample_accepted(ws: WarmStart, state: WarmStartState) -> None:
         state.accepted, state.rs_stats = state.restored["accepted"], state.restored["rs_stats"]
     else:
         state.accepted, state.rs_stats = rejection_sample(ws.policy, ws.policy.tokenizer, ws.task, rows, cfg,
-                                                          checkpoints=ws.checkpoints)
+                                                          checkpoints=ws.checkpoints,
+                                                          keep_score=state.accuracy["after_warmup"])
     ws.checkpoints.progress.update(accepted=state.accepted, rs_stats=state.rs_stats)
 
 
 def final_sft(ws: WarmStart, state: WarmStartState) -> None:
-    """Phase 3: SFT on demonstrations ∪ accepted samples at final_sft_lr_ratio × lr, then the accuracy."""
+    """Phase 3: SFT on demonstrations ∪ accepted samples at final_sft_lr_ratio × lr, then the accuracy;
+    the after-warm-up weights come back when the final SFT scored lower on val (`state.kept` says which)."""
     cfg = ws.cfg
+    fallback = ws.checkpoints.fallback_weights() or snapshot(ws.policy)  # before sft_steps restores its checkpoint
     state.history += sft_steps(ws.policy, ws.policy.tokenizer, ws.inputs.demo_rows + state.accepted,
                                cfg.final_sft_steps, cfg, cfg.seed + 1, "final_sft", lr=cfg.lr * cfg.final_sft_lr_ratio,
                                checkpoints=ws.checkpoints)
     ws.checkpoints.check_applied()
-    state.accuracy["warm_start"] = evaluate(ws)
+    state.accuracy["final_sft"] = evaluate(ws)
+    state.kept = keep_better(state.accuracy["after_warmup"], state.accuracy["final_sft"])
+    if state.kept == "after_warmup":
+        restore_snapshot(ws.policy, fallback)
+    state.accuracy["warm_start"] = state.accuracy[state.kept]
+    log.info("final SFT: val accuracy %.4f after the warm-up, %.4f after the final SFT: keeping the %s model",
+             state.accuracy["after_warmup"], state.accuracy["final_sft"], state.kept.replace("_", "-"))
+
+
+def keep_better(after_warmup: float, after_final_sft: float) -> str:
+    """Which model the warm start hands on: the final SFT's unless it scored lower on val than the
+    warm-up's (a tie keeps the final SFT's: it has also seen the accepted samples)."""
+    return "after_warmup" if after_final_sft < after_warmup else "final_sft"
 
 
 def measure_h_star(ws: WarmStart) -> float:
@@ -503,6 +567,7 @@ def teardown(ws: WarmStart, state: WarmStartState) -> WarmStartResult:
         "sft_rows_final": len(ws.inputs.demo_rows) + len(state.accepted),
         "warmup_steps": cfg.warmup_steps,
         "final_sft_steps": cfg.final_sft_steps,
+        "kept_model": state.kept,  # final_sft, or after_warmup when the final SFT scored lower on val
         "elapsed_s": time.perf_counter() - ws.t_start,
     }
     stats_tmp = stats_path.with_suffix(".json.tmp")

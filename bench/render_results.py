@@ -61,21 +61,29 @@ def methods_section() -> list[str]:
 
 
 def countdown_section() -> list[str]:
-    """The Countdown methods table with its paired CIs (bench/results/methods_countdown.md, written by
-    `bench_methods.py --task countdown`), the reading, and the curves."""
+    """The study (bench/study_countdown.py → bench/results/methods_countdown.md: its progress, verdict, table
+    and paired CIs), its reading, its curves, then the meta-gradient's signal-to-noise table."""
+    out = []
     table = RESULTS / "methods_countdown.md"
-    if not table.exists():
-        return []
-    out = ["**Countdown: every method on thousands of unseen instances, paired statistics** — tiny model from "
-           "scratch, one shared warm start, 3 numbers 1..20 to a target ≤ 100 (OOD: targets 101..200); "
-           "12,000 training prompts with a fixed pool of 2000 demonstrations; 2000 unseen instances per eval split.",
-           "", table.read_text().strip(), ""]
-    reading = RESULTS / "methods_countdown_reading.md"
-    if reading.exists():
-        out += [reading.read_text().strip(), ""]
-    if (RESULTS / "methods_countdown_curves.png").exists():
-        out += ["![countdown: val accuracy, μ, entropy and ∇U half-cosine per method (seed 0)]"
-                "(bench/results/methods_countdown_curves.png)", ""]
+    if table.exists():
+        out += ["**The study: does a meta-learned μ beat a tuned fixed μ and a bug-free SFT→RL at equal compute?** — "
+                "Countdown (3 numbers 1..20 to a target ≤ 100; OOD: targets 101..200), tiny model, one shared warm "
+                "start, the same rollouts and SFT batch per step for every method, every one of the 2000 test_id "
+                "and 2000 test_ood instances. `amft bench methods --task countdown` resumes it: each finished run's "
+                "record is committed under `bench/results/study_countdown/`.", "", table.read_text().strip(), ""]
+        reading = RESULTS / "methods_countdown_reading.md"
+        if reading.exists():
+            out += [reading.read_text().strip(), ""]
+        if (RESULTS / "methods_countdown_curves.png").exists():
+            out += ["![study: val accuracy per method, μ, and the meta-gradient's t per meta step]"
+                    "(bench/results/methods_countdown_curves.png)", ""]
+    snr = RESULTS / "snr_countdown.md"
+    if snr.exists():
+        lines = snr.read_text().strip().splitlines()
+        out += ["**Is the meta-gradient above noise?** " + "\n".join(x for x in lines if not x.startswith("# ")), ""]
+        reading = RESULTS / "snr_countdown_reading.md"
+        if reading.exists():
+            out += [reading.read_text().strip(), ""]
     return out
 
 

@@ -182,6 +182,7 @@ def build_pipeline(target: str = "cluster", kueue_queue: str = "", kueue_priorit
         p5_eval_metric: str = "test_id.accuracy",
         p5_eval_threshold: float = 0.0,
         p5_eval_max_regression: float = 0.0,
+        p5_eval_warm_start_check: bool = True,
         p5_eval_pass_k: int = 4,
         p5_eval_n_samples: int = 8,
         p5_eval_max_examples: int = 0,
@@ -266,7 +267,8 @@ def build_pipeline(target: str = "cluster", kueue_queue: str = "", kueue_priorit
                     dataset=data.outputs["dataset"], train_config=pre.outputs["train_config"], run_root=run_root,
                     s3_endpoint_url=p0_s3_endpoint_url, registry_model_name=p6_registry_model_name,
                     registry_tracking_uri=p6_registry_tracking_uri, metric=p5_eval_metric,
-                    threshold=p5_eval_threshold, max_regression=p5_eval_max_regression, pass_k=p5_eval_pass_k,
+                    threshold=p5_eval_threshold, max_regression=p5_eval_max_regression,
+                    warm_start_check=p5_eval_warm_start_check, pass_k=p5_eval_pass_k,
                     n_samples=p5_eval_n_samples, max_examples=p5_eval_max_examples)
                 scored.set_display_name("evaluate").set_caching_options(False)
                 scored.set_retry(num_retries=2, backoff_duration=gpu_backoff, backoff_factor=2.0,

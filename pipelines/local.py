@@ -36,7 +36,7 @@ from typing import Any
 
 from amft_lib.proclock import DirLock, descendants, process_alive, process_start_time
 from amft_lib.redact import RedactingFilter, RedactingStream, redact_text
-from amft_lib.run.summary import accuracy_table, summarize_run, summary_markdown
+from amft_lib.run.summary import accuracy_table, changes_table, summarize_run, summary_markdown, verdict_reason
 from pipelines.build import load_pipeline
 
 STAGES = ("preflight", "prepare-data", "validate-data", "stop-run", "warm-start", "train", "evaluate", "register",
@@ -421,10 +421,11 @@ def demo_markdown(record: Mapping[str, Any]) -> str:
         f"{fmt(ws.get('target_entropy'))} nats/token",
         f"- training: {tr.get('steps')} steps of {tr.get('method')}, μ final {fmt(tr.get('mu_final'))}, val accuracy "
         f"{fmt(tr.get('val_accuracy_initial'))} → {fmt(tr.get('val_accuracy_final'))}",
-        f"- evaluation: {'blessed' if ev.get('blessed') else 'not blessed'} ({ev.get('reason')})",
+        f"- evaluation: {'blessed' if ev.get('blessed') else 'not blessed'} ({verdict_reason(ev.get('reason'))})",
         f"- registry: {reg.get('name')} version {reg.get('version')}" if reg.get("registered") else
         "- registry: nothing registered",
         "",
         *accuracy_table(summary.get("accuracy") or {}),
+        *(["", *changes_table(summary["changes"])] if summary.get("changes") else []),
     ]
     return "\n".join(lines) + "\n"

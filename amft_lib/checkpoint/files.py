@@ -32,6 +32,11 @@ one by the caller's metric (``metric_mode`` "max" or "min"; ties go to the newer
 incomplete folder, never a complete-looking one with files missing. Incomplete folders are left
 alone (only a crashed save makes them; saving that step again clears it).
 
+**Logging**: each save and each retention deletion is a DEBUG line. A run saves every N steps, and at
+INFO those pairs were 80 % of the demo's log (issue 25); the loops log one line per phase or per
+evaluation instead (e.g. the warm start's "checkpoints: …" at each phase's end). Warnings (corrupt
+checkpoints, newer checkpoints present) stay warnings.
+
 Single writer: call the save on one rank (rank 0) per run root. Staging goes through a local temp
 dir (``$TMPDIR``; point it at a big or memory-backed disk for large models) that is removed even on
 failure. Files are uploaded three at a time while a background thread hashes them.
@@ -354,7 +359,7 @@ def commit_checkpoint(root: str, step: int, files: Mapping[str, Mapping[str, Any
     }
     storage.put_bytes(storage.join(uri, MANIFEST), (_dumps(manifest, indent=2) + "\n").encode())
     storage.put_bytes(storage.join(root, CHECKPOINTS, LATEST), (step_dir_name(step) + "\n").encode())
-    logger.info("saved checkpoint %s", uri)
+    logger.debug("saved checkpoint %s", uri)  # DEBUG: every N steps would drown the run's story; callers summarise
     complete = sorted({s for s, f in present.items() if MANIFEST in f} | {step})
     _apply_retention(root, complete, latest=step, keep_last=keep_last, metric_mode=metric_mode, known={step: metric})
     return uri
@@ -458,7 +463,7 @@ def _apply_retention(
         storage.delete_prefix(uri)
         deleted.append(s)
     if deleted:
-        logger.info("retention: deleted %s", ", ".join(step_dir_name(s) for s in deleted))
+        logger.debug("retention: deleted %s", ", ".join(step_dir_name(s) for s in deleted))
     return deleted
 
 

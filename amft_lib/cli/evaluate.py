@@ -50,6 +50,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", help="gating metric SPLIT.FIELD (default test_id.accuracy)")
     p.add_argument("--threshold", type=float, help="absolute lower bound of the gating metric (default 0)")
     p.add_argument("--max-regression", type=float, help="δ: largest tolerated drop vs the champion (default 0)")
+    p.add_argument("--no-warm-start-check", dest="warm_start_check", action="store_false", default=None,
+                   help="bless even when significantly worse than --warm-start (default: such a model is not blessed)")
     p.add_argument("--pass-k", type=int, help="k of pass@k (default 4)")
     p.add_argument("--n-samples", type=int, help="samples per prompt for pass@k (default 8; 0 skips)")
     p.add_argument("--temperature", type=float, help="sampling temperature for pass@k (default 1.0)")
@@ -79,6 +81,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "model": args.model, "data": args.data, "out_dir": args.out, "base_model": args.base,
         "warm_start_model": args.warm_start, "champion_model": args.champion, "run_dir": args.run_dir,
         "metric": args.metric, "threshold": args.threshold, "max_regression": args.max_regression,
+        "warm_start_check": args.warm_start_check,
         "pass_k": args.pass_k, "n_samples": args.n_samples, "temperature": args.temperature,
         "max_new_tokens": args.max_new_tokens, "max_examples": args.max_examples, "batch_size": args.batch_size,
         "task": args.task, "seed": args.seed, "device": args.device, "dtype": args.dtype,

@@ -101,7 +101,8 @@ _TABLE: tuple[Setting, ...] = (
     _s("p0_kueue_priority_class", str, "", "Kueue WorkloadPriorityClass (label kueue.x-k8s.io/priority-class, "
        "needs p0_kueue_queue), applied like the queue; empty: the queue's default priority."),
     # ── p1: data ──
-    _s("p1_data_task", str, FROM_CONFIG, "Task: general_points (generated) or math (ingested from input_uri).",
+    _s("p1_data_task", str, FROM_CONFIG, "Task: general_points or countdown (generated), or math (ingested from "
+       "input_uri).",
        warm_start="data.task", train="data.task"),
     _s("p1_data_input_uri", str, "", "User JSONL/parquet (local path or s3://); empty generates General Points."),
     _s("p1_data_train_size", int, 8000, "Generated training rows."),
@@ -172,6 +173,10 @@ _TABLE: tuple[Setting, ...] = (
     _s("p5_eval_metric", str, "test_id.accuracy", "Gating metric SPLIT.FIELD."),
     _s("p5_eval_threshold", float, 0.0, "Blessed only when the gating metric is at least this."),
     _s("p5_eval_max_regression", float, 0.0, "Largest drop allowed vs the champion on any split."),
+    _s("p5_eval_warm_start_check", bool, True, "Not blessed when the candidate is significantly worse than the "
+       "warm start it trained from: per-instance paired bootstrap on the gating metric's split, 95 % interval of "
+       "candidate − warm start below 0 (a first run's threshold alone once registered a model training had made "
+       "worse). No significant change: the threshold and champion rules decide."),
     _s("p5_eval_pass_k", int, 4, "k of pass@k."),
     _s("p5_eval_n_samples", int, 8, "Sampled completions per prompt for pass@k (0: greedy only)."),
     _s("p5_eval_max_examples", int, 0, "Prompts per split (0: all)."),

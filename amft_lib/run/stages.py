@@ -430,7 +430,8 @@ def arm_fault(env: str, checkpoint_root: str, marker: str) -> None:
 def evaluate_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model: str, base_model: str,
                    warm_start_model: str, train_run: str, registry_model_name: str, registry_tracking_uri: str,
                    metric: str, threshold: float, max_regression: float, pass_k: int, n_samples: int,
-                   max_examples: int, html_path: str, markdown_path: str) -> StageOutcome:
+                   max_examples: int, html_path: str, markdown_path: str,
+                   warm_start_check: bool = True) -> StageOutcome:
     """Score the candidate against base, warm start and champion into `<run>/eval/`; `value` is the
     blessing. Decoding follows the training config (max_new_tokens, chat template, seed, device)."""
     from amft_lib import storage
@@ -444,9 +445,9 @@ def evaluate_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model: s
         model=model_uri(model), data=dataset_dir, out_dir=run.eval, base_model=model_uri(base_model),
         warm_start_model=model_uri(warm_start_model), champion_model=f"models:/{registry_model_name}@champion",
         run_dir=train_run, tracking_uri=registry_tracking_uri or None, metric=metric, threshold=threshold,
-        max_regression=max_regression, pass_k=pass_k, n_samples=n_samples, max_examples=max_examples,
-        max_new_tokens=cfg.rollout.max_new_tokens, chat_template=cfg.model.chat_template, seed=cfg.seed,
-        device=cfg.device, engine=cfg.engine, score_cache=run.score_cache))
+        max_regression=max_regression, warm_start_check=warm_start_check, pass_k=pass_k, n_samples=n_samples,
+        max_examples=max_examples, max_new_tokens=cfg.rollout.max_new_tokens, chat_template=cfg.model.chat_template,
+        seed=cfg.seed, device=cfg.device, engine=cfg.engine, score_cache=run.score_cache))
     storage.get_file(run.path("eval", "report.html"), html_path)
     storage.get_file(run.path("eval", "report.md"), markdown_path)
     out = StageOutcome(value=result.blessed, metadata={"report": {"reason": result.reason}})

@@ -148,7 +148,7 @@ def summarize_run(s3_root: str, run_id: str, job_id: str, state: str, error: str
         rs = ws.get("rejection_sampling") or {}
         stages["warm_start"] = {"acceptance_rate": rs.get("acceptance_rate"), "pass_at_k": rs.get("pass_at_k"),
                                 "target_entropy": ws.get("target_entropy"), "val_accuracy": ws.get("val_accuracy"),
-                                "model": run.warm_start_model}
+                                "kept_model": ws.get("kept_model"), "model": run.warm_start_model}
     train = read(run.train_result)
     if train:
         stages["train"] = {**train, "model": run.model, "checkpoints": run.path("checkpoints")}
@@ -168,6 +168,7 @@ def summarize_run(s3_root: str, run_id: str, job_id: str, state: str, error: str
                         "n": block[split].get("n")}
                 for split in ("test_id", "test_ood") if isinstance(block.get(split), Mapping)
             }
+        summary["changes"] = stage_changes(metrics.get("changes"))
     reg = read(run.registry)
     if reg:
         stages["register"] = reg
@@ -189,6 +190,53 @@ def storage_exists(uri: str) -> bool:
         return storage.exists(uri)
     except storage.StorageError:
         return False
+
+
+# what each stage did, in run order: (from, to) roles of metrics.json's `changes`, and the row title
+STAGE_CHANGES = (("base", "warm_start", "warm start (base → warm start)"),
+                 ("warm_start", "candidate", "training (warm start → final)"),
+                 ("base", "candidate", "whole pipeline (base → final)"))
+
+
+def stage_changes(changes: Any) -> list[dict[str, Any]]:
+    """The greedy-accuracy records of metrics.json's `changes` for STAGE_CHANGES, in that order
+    (champion → final is the blessing's business and stays in the evaluation report)."""
+    if not isinstance(changes, list):
+        return []
+    wanted = [(a, b) for a, b, _ in STAGE_CHANGES]
+    picked = [c for c in changes if isinstance(c, Mapping) and c.get("field") == "accuracy"
+              and (c.get("from"), c.get("to")) in wanted]
+    return sorted(picked, key=lambda c: (wanted.index((c["from"], c["to"])), c.get("split", "")))
+
+
+def _change_cell(change: Mapping[str, Any] | None) -> str:
+    if not change:
+        return "–"
+    return (f"{change['diff']:+.3f} [{change['lo']:+.3f}, {change['hi']:+.3f}] "
+            f"{'**' + change['verdict'] + '**' if change['verdict'] != 'no significant change' else change['verdict']}")
+
+
+def changes_table(changes: list[Mapping[str, Any]]) -> list[str]:
+    """Markdown rows: one per stage, the paired change in greedy accuracy on test_id and test_ood with
+    its 95 % interval and the verdict in words ("no significant change" when the interval holds 0)."""
+    if not changes:
+        return []
+    lines = ["What each stage changed (greedy accuracy, after − before on the same instances, 95 % paired-bootstrap "
+             "interval):", "", "| stage | test_id | test_ood |", "|---|---|---|"]
+    for before, after, title in STAGE_CHANGES:
+        cells = {c["split"]: c for c in changes if (c["from"], c["to"]) == (before, after)}
+        if cells:
+            lines.append(f"| {title} | {_change_cell(cells.get('test_id'))} | {_change_cell(cells.get('test_ood'))} |")
+    return lines
+
+
+def verdict_reason(reason: Any) -> str:
+    """The blessing reason without its leading "blessed: " / "not blessed: " (the summary line says it)."""
+    text = str(reason or "")
+    for prefix in ("not blessed: ", "blessed: "):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
 
 
 def accuracy_table(accuracy: Mapping[str, Any]) -> list[str]:
@@ -219,8 +267,12 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         lines.append(f"- validation gate: {'passed' if v.get('passed') else 'FAILED'}{failed}; report `{v['report']}`")
     if "warm_start" in stages:
         w = stages["warm_start"]
+        val = w.get("val_accuracy") or {}
+        kept = w.get("kept_model")
+        kept = (f"; val accuracy {_fmt(val.get('after_warmup'))} after the warm-up, {_fmt(val.get('final_sft'))} after "
+                f"the final SFT: kept the {str(kept).replace('_', '-')} model") if kept else ""
         lines.append(f"- warm start: acceptance {_fmt(w.get('acceptance_rate'))}, pass@k {_fmt(w.get('pass_at_k'))}, "
-                     f"H* {_fmt(w.get('target_entropy'))}")
+                     f"H* {_fmt(w.get('target_entropy'))}{kept}")
     if "train" in stages:
         t = stages["train"]
         resumed = f", resumed from step {t['resumed_from_step']}" if t.get("resumed_from_step") else ""
@@ -228,7 +280,13 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
                      f"{_fmt(t.get('val_accuracy_initial'))} → {_fmt(t.get('val_accuracy_final'))}{resumed}")
     if "eval" in stages:
         e = stages["eval"]
-        lines.append(f"- evaluation: {'BLESSED' if e.get('blessed') else 'not blessed'} — {e.get('reason')}")
+        verdict = "BLESSED" if e.get("blessed") else "not blessed"
+        lines.append(f"- evaluation: {verdict} — {verdict_reason(e.get('reason'))}")
+    training = [c for c in summary.get("changes") or [] if (c["from"], c["to"]) == ("warm_start", "candidate")]
+    if training:
+        lines.append("- what training changed (final − warm start, paired): " + "; ".join(
+            f"{c['split']} {c['verdict']} ({c['diff']:+.3f}, 95 % CI [{c['lo']:+.3f}, {c['hi']:+.3f}])"
+            for c in training))
     if "register" in stages:
         r = stages["register"]
         what = f"{r.get('name')} version {r.get('version')}" if r.get("registered") else "nothing registered"
@@ -238,6 +296,8 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         lines.append(f"- lineage: `{stages['lineage']['uri']}`" + (f"; `{cmd}`" if cmd else ""))
     if summary.get("accuracy"):
         lines += ["", *accuracy_table(summary["accuracy"])]
+    if summary.get("changes"):
+        lines += ["", *changes_table(summary["changes"])]
     if summary.get("problems"):
         lines += ["", "Problems reading the run root:", *[f"- {p}" for p in summary["problems"]]]
     return "\n".join(lines) + "\n"

@@ -32,6 +32,7 @@ def evaluate(
     metric: str = "test_id.accuracy",
     threshold: float = 0.0,
     max_regression: float = 0.0,
+    warm_start_check: bool = True,
     pass_k: int = 4,
     n_samples: int = 8,
     max_examples: int = 0,
@@ -42,6 +43,7 @@ def evaluate(
         train_config: TrainConfig JSON; decoding follows it (max_new_tokens, chat template, seed).
         metric: gating metric SPLIT.FIELD; blessed when >= threshold and no split regresses by more
             than max_regression vs the champion (skipped on the first run).
+        warm_start_check: also not blessed when significantly worse than the warm start (paired, per instance).
         max_examples: prompts per split (0 = all).
     """
     from amft_lib.run.layout import RunRoot, use_s3_endpoint
@@ -52,7 +54,8 @@ def evaluate(
         RunRoot.at(run_root), dataset.path, train_config, model=model.path, base_model=base_model.path,
         warm_start_model=warm_start_model.path, train_run=train_run.path, registry_model_name=registry_model_name,
         registry_tracking_uri=registry_tracking_uri, metric=metric, threshold=threshold,
-        max_regression=max_regression, pass_k=pass_k, n_samples=n_samples, max_examples=max_examples,
+        max_regression=max_regression, warm_start_check=warm_start_check,
+        pass_k=pass_k, n_samples=n_samples, max_examples=max_examples,
         html_path=report.path, markdown_path=report_md.path)
     for key, value in out.metrics.items():
         metrics.log_metric(key, value)

@@ -258,3 +258,49 @@ def test_decoding_length_follows_the_model_when_not_given(tmp_path):
     model, tok = load_policy(ModelConfig(name="tiny", tiny_hidden=32, tiny_layers=1, tiny_heads=2), seed=0)
     assert trained_max_new_tokens(str(save_policy(model, tok, tmp_path / "a", max_new_tokens=112))) == 112
     assert trained_max_new_tokens(str(save_policy(model, tok, tmp_path / "b"))) == DEFAULT_MAX_NEW_TOKENS
+
+
+def test_per_instance_scores_give_paired_changes_and_the_warm_start_check(tiny_setup, tmp_path):
+    """metrics.json keeps each model's 0/1 per prompt (row order), pairs base → warm start → candidate
+    with a paired interval, and the blessing reason carries the candidate − warm start verdict."""
+    result = run_evaluate(_cfg(tiny_setup, tmp_path / "a", warm_start_model=str(tiny_setup["champion"]),
+                               base_model="tiny", n_samples=2, pass_k=1))
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    for block in (metrics, metrics["comparisons"]["warm_start"], metrics["comparisons"]["base"]):
+        for split in ("test_id", "test_ood"):
+            each = block[split]["per_instance"]
+            assert len(each["accuracy"]) == len(each["pass_at_k"]) == 3
+            assert sum(each["accuracy"]) / 3 == pytest.approx(block[split]["accuracy"])
+            assert sum(each["pass_at_k"]) / 3 == pytest.approx(block[split]["pass_at_k"])
+    pairs = {(c["from"], c["to"], c["split"], c["field"]) for c in metrics["changes"]}
+    assert ("warm_start", "candidate", "test_id", "accuracy") in pairs and ("base", "warm_start", "test_ood",
+                                                                            "pass_at_k") in pairs
+    vs_warm = metrics["blessing"]["vs_warm_start"]
+    assert vs_warm["n"] == 3 and vs_warm["lo"] <= vs_warm["diff"] <= vs_warm["hi"]
+    assert "vs its warm start" in result.reason and vs_warm["verdict"] in result.reason
+    off = run_evaluate(_cfg(tiny_setup, tmp_path / "b", warm_start_model=str(tiny_setup["champion"]),
+                            n_samples=0, splits=["test_id"], warm_start_check=False))
+    assert "warm start" not in off.reason and off.metrics["blessing"]["vs_warm_start"] is None
+    none = run_evaluate(_cfg(tiny_setup, tmp_path / "c", n_samples=0, splits=["test_id"]))
+    assert "warm-start check skipped" in none.reason
+
+
+def test_a_cache_entry_without_per_instance_scores_is_scored_again(tiny_setup, tmp_path, monkeypatch):
+    from amft_lib import evaluate
+
+    cache = str(tmp_path / "cache")
+    run_evaluate(_cfg(tiny_setup, tmp_path / "a", champion_model=str(tiny_setup["champion"]), n_samples=0,
+                      splits=["test_id"], score_cache=cache))
+    (entry,) = Path(cache).glob("*.json")
+    old = json.loads(entry.read_text())
+    for block in old["scores"].values():
+        del block["per_instance"]  # as written before issue 25
+    entry.write_text(json.dumps(old))
+    calls: list[str] = []
+    real = evaluate.evaluate_model
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda path, *a, **k: calls.append(a[-1]) or real(path, *a, **k))
+    again = run_evaluate(_cfg(tiny_setup, tmp_path / "b", champion_model=str(tiny_setup["champion"]), n_samples=0,
+                              splits=["test_id"], score_cache=cache))
+    assert calls == ["candidate", "champion"]
+    assert "per_instance" in again.metrics["comparisons"]["champion"]["test_id"]
+    assert "per_instance" in json.loads(entry.read_text())["scores"]["test_id"]

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from pipelines.local import demo_markdown
+from pipelines.profiles import LOCAL
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORD = ROOT / "bench" / "results" / "demo_run.json"
@@ -27,7 +28,7 @@ def test_the_record_is_a_whole_demo_run():
     stages = record["summary"]["stages"]
     assert {"preflight", "prepare-data", "validate-data", "warm-start", "train", "evaluate", "run-summary"} \
         <= set(record["tasks"])
-    assert stages["train"]["steps"] == 60  # the local profile's p4_train_max_steps
+    assert stages["train"]["steps"] == LOCAL["p4_train_max_steps"]  # a record of the profile the demo runs
     assert set(record["summary"]["accuracy"]) >= {"base", "warm_start", "final"}
 
 

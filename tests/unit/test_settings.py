@@ -90,7 +90,7 @@ def test_amft_pipeline_params_prints_descriptions_and_local_values(capsys):
 
     assert cli.main(["pipeline", "params"]) == 0
     out = capsys.readouterr().out
-    assert "p4_train_mu_init (Float) = 0.5  [local: 0.7]\n    Initial μ" in out
+    assert 'p1_data_task (String) = "general_points"  [local: "countdown"]\n    Task: ' in out
     assert out.count("\n    ") == len(settings.SETTINGS)
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from amft_lib.significance import paired_bootstrap, pass_at_k_any
+from amft_lib.significance import change_text, paired_bootstrap, paired_change, pass_at_k_any
 
 
 def test_identical_methods_give_a_zero_interval():
@@ -54,3 +54,21 @@ def test_pass_at_k_from_correct_counts():
     assert pass_at_k_any(np.array([0, 1, 8, 3]), 8).tolist() == [0.0, 1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="\\[0, 8\\]"):
         pass_at_k_any(np.array([9]), 8)
+
+
+def test_paired_change_names_the_verdict_and_covers_the_observed_difference():
+    rng = np.random.default_rng(3)
+    before = (rng.random(1000) < 0.2).astype(float)
+    noisy = before.copy()  # 25 solved ones lost and 25 others gained: churn, no net change
+    noisy[np.flatnonzero(before == 1.0)[:25]] = 0.0
+    noisy[np.flatnonzero(before == 0.0)[:25]] = 1.0
+    worse = np.where(before == 1.0, (rng.random(1000) < 0.5).astype(float), before)  # loses half its solved ones
+    same = paired_change(noisy, before)
+    assert same["verdict"] == "no significant change" and same["lo"] <= same["diff"] <= same["hi"]
+    assert same["diff"] == pytest.approx(noisy.mean() - before.mean()) and same["n"] == 1000
+    down = paired_change(worse, before)
+    assert down["verdict"] == "worse" and down["hi"] < 0
+    assert paired_change(before, worse)["verdict"] == "improved"
+    assert paired_change(before, before) == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "n": 1000,
+                                             "verdict": "no significant change"}
+    assert change_text(down).endswith("on 1000 instances: worse")
