@@ -524,6 +524,23 @@ def _given(items: Sequence[str] | None) -> tuple[tuple[str, float], ...]:
     return tuple(sorted(out))
 
 
+OPERATIONAL = {"--workers": 1, "--commit": 0, "--report-only": 0, "--no-report-every-run": 0, "--n-boot": 1}
+
+
+def canonical_command(argv: Sequence[str]) -> str:
+    """The command that asks the study's question: argv without the flags that only say how to run it
+    (workers, committing, reporting), so a resumed or report-only invocation names the same command."""
+    out, skip = [], 0
+    for arg in argv:
+        if skip:
+            skip -= 1
+        elif arg.split("=")[0] in OPERATIONAL:
+            skip = 0 if "=" in arg else OPERATIONAL[arg]
+        else:
+            out.append(arg)
+    return " ".join(["amft bench methods", *out])
+
+
 def spec_from_args(args) -> Spec:
     return Spec(given=_given(args.tuned), steps=args.steps, seeds=tuple(args.seeds), config=args.config,
                 warm_config=args.warm_config, overrides=tuple(args.set), eval_rows=args.eval_rows,
@@ -550,7 +567,7 @@ def main(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    command = "amft bench methods " + " ".join(sys.argv[1:])
+    command = canonical_command(sys.argv[1:])
     if args.commit:
         check_committable(study)
     prep = prepare(spec, study, out, args.commit)

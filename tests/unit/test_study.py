@@ -125,3 +125,8 @@ def test_records_land_where_git_can_commit_them(tmp_path: Path):
     sc.check_committable(sc.STUDY)  # the default study folder is inside the checkout and not ignored
     with pytest.raises(SystemExit, match="outside the checkout or ignored by git"):
         sc.check_committable(tmp_path / "study")
+
+
+def test_the_reported_command_is_the_question_not_how_it_ran():
+    argv = ["--task", "countdown", "--workers", "1", "--commit", "--seeds", "0", "1", "--n-boot=200", "--report-only"]
+    assert sc.canonical_command(argv) == "amft bench methods --task countdown --seeds 0 1"
