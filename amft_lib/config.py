@@ -383,6 +383,58 @@ class DistributedConfig:
     )
 
 
+ENGINE_PRECISIONS = ("auto", "fp32", "bf16-mixed")
+
+
+@dataclass
+class EngineConfig:
+    """How the model runs (amft_lib/engine.py, amft_lib/decode.py): precision, compilation, decoding and CPU
+    threads, the same section (`engine.*`) in every stage that runs the model (train, warm start, evaluate).
+    None of it changes what is trained beyond float rounding (decoding is token-identical), which is why
+    config_hash keeps only `engine.precision` (where `precision` was hashed before)."""
+
+    precision: Literal["auto", "fp32", "bf16-mixed"] = help_field(
+        "Training forwards: `fp32`; `bf16-mixed` (bf16 autocast with fp32 weights and optimizer; on CPU "
+        "attention stays fp32, whose bf16 backward was 3.4x slower); `auto` (bf16-mixed where measured to win: "
+        "a compiled forward on a CPU with native bf16, AVX-512-BF16/AMX; fp32 otherwise, GPU included). CPU "
+        "decoding always runs fp32, so rollouts are the tokens an fp32 policy samples.",
+        "auto",
+    )
+    compile: Literal["auto", "always", "never"] = help_field(
+        "torch.compile the training forward/backward. `auto`: only in a one-process stage of at least "
+        "`engine.compile_min_steps` steps (compiling costs tens of seconds to minutes on 2 cores); `always`: in "
+        "any one-process stage; `never`: eager. (Not on/off: YAML reads those as booleans.)",
+        "auto",
+    )
+    compile_min_steps: int = help_field(
+        "`compile=auto` compiles when the stage runs at least this many training steps: the break-even measured in "
+        "bench/results/speed.md (tiny model, one thread: a cold compile repaid after ~130 SFT steps on the quiet "
+        "2-core box, ~230 with the box loaded; a warm inductor cache after ~40).",
+        200, ge=1,
+    )
+    length_bucket: int = help_field(
+        "Compiled forwards pad sequence lengths up to a multiple of this (and rows to a multiple of 8), so "
+        "changing batch shapes reuse a few graphs instead of recompiling for every length.",
+        32, ge=1,
+    )
+    kv_cache: Literal["preallocated", "dynamic"] = help_field(
+        "KV cache of sampling/greedy decoding (rollouts, rejection sampling, evaluation): `preallocated` (one "
+        "buffer per call, sized prompt + max_new_tokens; the same tokens as `dynamic`, without its per-token "
+        "concatenation of the whole cache) or `dynamic` (transformers' DynamicCache). Models with sliding-window "
+        "or linear attention always use their own cache.",
+        "preallocated",
+    )
+    threads: int = help_field(
+        "CPU intra-op threads. 0 (auto): OMP_NUM_THREADS when set, otherwise one thread per CPU that other "
+        "processes leave at least half idle, measured from /proc/stat at stage start (2 threads were 1.8x "
+        "faster on an idle 2-core box, 0.47x on a busy one). > 0 forces the count.",
+        0, ge=0,
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self, "engine.")
+
+
 @dataclass
 class TrainConfig:
     seed: int = help_field("Seed for torch, numpy and python RNGs (same seed ⇒ same metrics on CPU).", 0)
@@ -401,10 +453,6 @@ class TrainConfig:
     checkpoint_keep_last: int = help_field("Newest complete checkpoints kept (the best by val reward is kept too).", 2,
                                            ge=1)
     device: str = help_field("`auto` (cuda if available), `cpu` or `cuda`.", "auto")
-    precision: Literal["fp32", "bf16-mixed"] = help_field(
-        "fp32 everywhere, or bf16 autocast for forwards/generation with fp32 weights and optimizer (GPU).",
-        "fp32",
-    )
     log_samples: int = help_field("Completions written to samples.jsonl at each periodic evaluation.", 4, ge=0)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -413,6 +461,7 @@ class TrainConfig:
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         check_fields(self, "")
@@ -430,7 +479,6 @@ class WarmStartConfig:
 
     seed: int = help_field("Seed for torch, numpy and python RNGs.", 0)
     device: str = help_field("`auto` (cuda if available), `cpu` or `cuda`.", "auto")
-    precision: Literal["fp32", "bf16-mixed"] = help_field("As in training.", "fp32")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     warmup_steps: int = help_field("W: SFT steps on demonstrations before rejection sampling (reference 50).", 300,
@@ -468,6 +516,7 @@ class WarmStartConfig:
     )
     checkpoint_keep_last: int = help_field("Newest complete warm-start checkpoints kept (>= 1).", 2, ge=1)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
         check_fields(self, "")
@@ -517,7 +566,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _from_dict(tp, value, where)
     if origin is Literal:
         if value not in get_args(tp):
-            raise ConfigError(f"{where}={value!r}: choose one of {', '.join(map(str, get_args(tp)))}")
+            hint = " (YAML reads on/off/yes/no as true/false)" if isinstance(value, bool) else ""
+            raise ConfigError(f"{where}={value!r}: choose one of {', '.join(map(str, get_args(tp)))}{hint}")
         return value
     if origin in (typing.Union, types.UnionType):
         args = get_args(tp)
@@ -560,10 +610,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+# Keys that moved into a section: a config written before the move gets the new name, not a bare "unknown key".
+MOVED_KEYS = {"precision": "engine.precision"}
+
+
 def _from_dict(cls: type, data: dict, where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    moved = [f"{k} is now {MOVED_KEYS[k]}" for k in unknown if k in MOVED_KEYS and "engine" in names]
+    if moved:
+        raise ConfigError(f"{where + ': ' if where else ''}{'; '.join(moved)} (issue 25: one engine section)")
     if unknown:
         raise ConfigError(
             f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}"
@@ -606,9 +663,26 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
                 raise ConfigError(f"override {item!r}: {part!r} is not a config section")
             node = node[part]
         if parts[-1] not in node:
-            raise ConfigError(f"override {item!r}: unknown key {key!r}")
+            moved = f" (now {MOVED_KEYS[key.strip()]})" if key.strip() in MOVED_KEYS and "engine" in data else ""
+            raise ConfigError(f"override {item!r}: unknown key {key!r}{moved}")
         node[parts[-1]] = parse_value(raw, f"override {item if len(item) <= 80 else item[:77] + '...'!r}")
     return config_from_dict(data, type(cfg))
+
+
+@dataclass
+class _EngineOnly:
+    """A config holding only `engine`, so --engine items are parsed and named as `engine.<key>` everywhere."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+def engine_overrides(items: list[str]) -> EngineConfig:
+    """An EngineConfig from KEY=VALUE items (`amft evaluate --engine kv_cache=dynamic`), validated; errors
+    name `--engine` and the key."""
+    try:
+        return apply_overrides(_EngineOnly(), [f"engine.{item}" for item in items]).engine
+    except ConfigError as exc:
+        raise ConfigError(f"--engine: {exc}") from None
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -621,9 +695,14 @@ def config_hash(cfg: Any) -> str:
 
     `distributed` is left out: it says how the run is launched, not what it trains (a 2-rank run trains
     what a 1-rank run of the same config does), so a resume under another launch gets the precise
-    world-size error instead of a config mismatch, and hashes from before the section existed hold."""
+    world-size error instead of a config mismatch, and hashes from before the section existed hold.
+    `engine` likewise, except `engine.precision`, which changes the numbers: it is hashed as the top-level
+    `precision` it was before it moved into the section, so such hashes hold too."""
     data = dict(cfg) if isinstance(cfg, Mapping) else config_to_dict(cfg)
     data.pop("distributed", None)
+    engine = data.pop("engine", None)
+    if isinstance(engine, Mapping) and "precision" in engine:
+        data["precision"] = engine["precision"]
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -39,12 +39,12 @@ import math
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from amft_lib import lineage, model_files, storage
-from amft_lib.config import ConfigError, check_fields
+from amft_lib import engine, lineage, model_files, storage
+from amft_lib.config import ConfigError, EngineConfig, check_fields
 from amft_lib.config import help_field as _help
 from amft_lib.data.schema import DataError
 from amft_lib.reports import EVAL_SPLITS
@@ -118,6 +118,8 @@ class EvalConfig:
         "No significant change: the threshold and champion rules decide. Skipped (and said so) without a warm "
         "start.", True)
     report_samples: int = _help("Completions per split shown in the reports.", 3)
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata={
+        "help": "How the model runs (engine.*, as in training): threads and the KV cache of decoding."})
     score_cache: str | None = _help(
         "Folder (or s3:// URI) of comparison-model scores keyed by model content hash, data and decoding: a "
         "base model or unchanged champion is generated once, not on every run. None: no cache.", None)
@@ -394,14 +396,15 @@ def evaluate_model(model_path: str, splits: Mapping[str, Sequence[dict]], task: 
     results: dict[str, dict] = {}
     samples: dict[str, list[dict]] = {}
     try:
-        for i, (split, rows) in enumerate(splits.items()):
-            with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
-                torch.manual_seed(cfg.seed * 1000 + i)
-                results[split], samples[split] = evaluate_split(model, tokenizer, task, rows, cfg, label, split)
-            m = results[split]
-            log.info("eval %s/%s: accuracy %.4f, pass@%d %s, format errors %.3f (n=%d)", label, split,
-                     m["accuracy"], cfg.pass_k, "-" if m["pass_at_k"] is None else f"{m['pass_at_k']:.4f}",
-                     m["format_error_rate"], m["n"])
+        with engine.decoding(cfg.engine, device):  # threads and KV cache (engine.*)
+            for i, (split, rows) in enumerate(splits.items()):
+                with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
+                    torch.manual_seed(cfg.seed * 1000 + i)
+                    results[split], samples[split] = evaluate_split(model, tokenizer, task, rows, cfg, label, split)
+                m = results[split]
+                log.info("eval %s/%s: accuracy %.4f, pass@%d %s, format errors %.3f (n=%d)", label, split,
+                         m["accuracy"], cfg.pass_k, "-" if m["pass_at_k"] is None else f"{m['pass_at_k']:.4f}",
+                         m["format_error_rate"], m["n"])
     finally:
         del model
         gc.collect()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from amft_lib.attention import use_amft_attention
 from amft_lib.config import ModelConfig
 
 # model_cache holds these so model_source need not import this module; they stay importable from here
@@ -111,6 +112,7 @@ def load_policy(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int 
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only generation needs left padding
     model.to(device=device, dtype=dtype)
+    use_amft_attention(model)  # SDPA as before, fp32 under CPU bf16 autocast, matmul decode steps (attention.py)
     model.config.use_cache = True  # generation; training forwards pass use_cache=False
     if cfg.gradient_checkpointing:
         # non-reentrant: works with LoRA (frozen inputs) without enable_input_require_grads; only active in

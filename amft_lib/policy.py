@@ -1,5 +1,5 @@
 """The policy as both training loops (trainer, warm start) see it: wrapped for torchrun, sampled,
-differentiated (the chunked SFT gradient, bf16 autocast) and saved at the end.
+differentiated (the chunked SFT gradient under the stage's engine: autocast, compile) and saved at the end.
 
 Why a module of its own: both loops need these, and importing them from each other (the warm start
 used to build a throw-away TrainConfig just to call the trainer's SFT gradient) tied the two loops
@@ -19,9 +19,10 @@ import torch
 
 from amft_lib import distributed
 from amft_lib.distributed import SINGLE, Dist
+from amft_lib.engine import EAGER, Engine
 from amft_lib.losses import sft_loss
 from amft_lib.model import load_policy, save_policy
-from amft_lib.rollout import TokenBatch, completion_logprobs
+from amft_lib.rollout import TokenBatch, completion_logprobs, kv_cache_mode
 
 log = logging.getLogger(__name__)
 
@@ -29,27 +30,38 @@ log = logging.getLogger(__name__)
 @dataclass
 class Policy:
     """The policy as each use needs it. `forward` is what anything that backpropagates calls (the DDP
-    wrapper, or the FSDP2-sharded model, whose hooks all-reduce / reduce-scatter the gradients);
-    `generate` is the HF model sampling runs on; `dist` is this rank's place (Dist() in one process)."""
+    wrapper, or the FSDP2-sharded model, whose hooks all-reduce / reduce-scatter the gradients, compiled
+    when the stage's engine says so); `generate` is the HF model sampling runs on; `dist` is this rank's
+    place (Dist() in one process); `engine` is how the stage runs the model (engine.plan of `engine.*`)."""
 
     forward: torch.nn.Module
     generate: torch.nn.Module
     tokenizer: object
     dist: Dist = SINGLE
+    engine: Engine = EAGER
 
     @classmethod
-    def of(cls, model: torch.nn.Module, tokenizer, dist: Dist, device: torch.device) -> Policy:
-        """Wrap `model` for `dist`'s strategy (DDP, FSDP2 or nothing). Take the parameters (for the
-        optimizer) from `policy.generate` afterwards: FSDP2 replaces them with sharded ones."""
-        forward = distributed.wrap(model, dist, device)
-        return cls(forward, distributed.unwrap(forward), tokenizer, dist)
+    def of(cls, model: torch.nn.Module, tokenizer, dist: Dist, device: torch.device, engine: Engine = EAGER) -> Policy:
+        """Wrap `model` for `dist`'s strategy (DDP, FSDP2 or nothing), then for `engine` (compile, threads).
+        Take the parameters (for the optimizer) from `policy.generate` afterwards: FSDP2 replaces them with
+        sharded ones."""
+        wrapped = distributed.wrap(model, dist, device)
+        engine.use_threads()
+        return cls(engine.prepare(wrapped), distributed.unwrap(wrapped), tokenizer, dist, engine)
 
+    def autocast(self):
+        """Context for the forwards that feed a loss (engine precision: bf16 autocast or nothing)."""
+        return self.engine.autocast()
+
+    @contextlib.contextmanager
     def sampling(self):
-        """Context for generate() calls: under FSDP2 the weights are gathered once for the whole block
-        (distributed.gathered) unless distributed.fsdp_gather_for_sampling is off."""
-        if self.dist.sharded and self.dist.gather_for_sampling:
-            return distributed.gathered(self.forward)
-        return contextlib.nullcontext()
+        """Context for generate() calls: the engine's decode precision and KV cache, and under FSDP2 the
+        weights gathered once for the whole block (distributed.gathered) unless
+        distributed.fsdp_gather_for_sampling is off."""
+        gather = self.dist.sharded and self.dist.gather_for_sampling
+        with self.engine.gpu_only_autocast(), kv_cache_mode(self.engine.kv_cache), (
+                distributed.gathered(self.forward) if gather else contextlib.nullcontext()):
+            yield
 
 
 def save_final_policy(policy: Policy, model_cfg, model_dir: Path) -> None:
@@ -69,13 +81,6 @@ def save_final_policy(policy: Policy, model_cfg, model_dir: Path) -> None:
     dist.barrier()  # the model directory exists on return, whichever rank returns first
 
 
-def autocast(precision: str):
-    """bf16 autocast for `bf16-mixed` on a GPU; a no-op otherwise (CPU autocast would change the numbers)."""
-    if precision == "bf16-mixed" and torch.cuda.is_available():
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def take_grads(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
     """The gradients `backward()` accumulated in `.grad` (zeros where a loss did not reach), leaving
     `.grad` empty for the next gradient. Why backward() and not torch.autograd.grad: DDP's all-reduce
@@ -87,7 +92,7 @@ def take_grads(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
 
 
 def sft_gradient(model, params: list[torch.nn.Parameter], batch: TokenBatch, *, micro_batch_size: int,
-                 precision: str = "fp32", dist: Dist = SINGLE) -> tuple[list[torch.Tensor], float]:
+                 engine: Engine = EAGER, dist: Dist = SINGLE) -> tuple[list[torch.Tensor], float]:
     """g_SFT = ∇_θ L_SFT (token-mean NLL of demonstration tokens; prompt tokens masked), summed over
     chunks of `micro_batch_size` sequences (memory is bounded; the result is the exact sum).
 
@@ -102,7 +107,7 @@ def sft_gradient(model, params: list[torch.nn.Parameter], batch: TokenBatch, *, 
     for s in range(0, len(batch), mb):
         chunk = batch.slice(s, s + mb)
         w = chunk.n_tokens / n_tok
-        with autocast(precision):
+        with engine.autocast():
             logprobs, _ = completion_logprobs(model, chunk)
         loss = sft_loss(logprobs, chunk.completion_mask.to(logprobs.device))
         (loss * (w * dist.world_size)).backward()

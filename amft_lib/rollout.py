@@ -10,8 +10,10 @@ so one function, `completion_logprobs`, scores both. The generation backend is i
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +109,7 @@ def sample_completions(
     batch_size: int = 256,
     seeds: Sequence[int] | None = None,
     synced: bool = False,
+    kv_cache: str | None = None,
 ) -> TokenBatch:
     """G completions per prompt, groups contiguous: rows [i*G, (i+1)*G) belong to prompts[i].
 
@@ -118,8 +121,13 @@ def sample_completions(
     each forward is a collective.
     top_k is forced off: HF's default top_k=50 would silently truncate the distribution the
     log-probs assume.
+    kv_cache: `preallocated` (decode.PreallocatedCache: the same tokens without DynamicCache's per-token
+    concatenation) or `dynamic`; None: the enclosing `kv_cache_mode` (Policy.sampling sets the stage's
+    `engine.kv_cache`), `preallocated` outside one. FSDP2's synced generation keeps `dynamic`.
     """
     from transformers import GenerationConfig
+
+    from amft_lib.decode import PreallocatedCache, supports_preallocated_cache  # lazy: imports transformers
 
     device = next(model.parameters()).device
     expanded = [p for p in prompts for _ in range(group_size)]
@@ -136,9 +144,13 @@ def sample_completions(
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    def extra(start: int) -> dict:
+    preallocate = (kv_cache or _KV_CACHE.get()) == "preallocated" and not synced and supports_preallocated_cache(model)
+
+    def extra(start: int, prompt_width: int) -> dict:
         """generate() arguments only where they apply (any HF-compatible `generate` takes the rest)."""
         kwargs: dict = {"synced_gpus": True} if synced else {}
+        if preallocate:
+            kwargs["cache"] = PreallocatedCache(prompt_width + max_new_tokens)
         if per_row:
             kwargs["logits_processor"] = _seeded_sampling(seeds[start : start + batch_size], temperature, top_p)
         return kwargs
@@ -153,7 +165,7 @@ def sample_completions(
                 input_ids=prompt_ids.to(device),
                 attention_mask=prompt_mask.to(device),
                 generation_config=gen_cfg,
-                **extra(start),
+                **extra(start, prompt_ids.shape[1]),
             )
             new = out[:, prompt_ids.shape[1] :].cpu()
             for row in new.tolist():
@@ -174,6 +186,22 @@ def sample_completions(
         skip_special_tokens=True,
     )
     return TokenBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, texts)
+
+
+_KV_CACHE: contextvars.ContextVar[str] = contextvars.ContextVar("amft_kv_cache", default="preallocated")
+
+
+@contextlib.contextmanager
+def kv_cache_mode(mode: str) -> Iterator[None]:
+    """The KV cache sample_completions uses inside this block when not told (`engine.kv_cache`).
+
+    Why a context and not an argument everywhere: rollouts, rejection sampling, H* and greedy evaluation
+    all sample inside the loops' `Policy.sampling()`, which sets it once for the stage."""
+    token = _KV_CACHE.set(mode)
+    try:
+        yield
+    finally:
+        _KV_CACHE.reset(token)
 
 
 def row_seeds(seed: int, stream: str, step: int, first_row: int, n: int) -> list[int]:

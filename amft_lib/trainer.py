@@ -35,7 +35,7 @@ import torch
 
 from amft_lib import checkpoint as ckpt
 from amft_lib import controller as ctl
-from amft_lib import distributed, gac, meta_grad, storage
+from amft_lib import distributed, engine, gac, meta_grad, storage
 from amft_lib.config import TrainConfig, check_target_entropy_temperature, config_hash, save_config
 from amft_lib.data.schema import DataError
 from amft_lib.dataset import check_prompts_fit
@@ -50,7 +50,7 @@ from amft_lib.loop_checks import (
 from amft_lib.losses import group_advantages, ppo_clip_loss
 from amft_lib.model import load_policy, trainable_parameters
 from amft_lib.optim import build_optimizer, lr_factor
-from amft_lib.policy import Policy, autocast, save_final_policy, sft_gradient, take_grads
+from amft_lib.policy import Policy, save_final_policy, sft_gradient, take_grads
 from amft_lib.rollout import TokenBatch, completion_logprobs, demonstration_batch, row_seeds, sample_completions
 from amft_lib.sampler import Cursor
 from amft_lib.scoring import greedy_eval, score_completions
@@ -106,7 +106,7 @@ def rl_gradient(
         mask = chunk.completion_mask.to(device)
         # token_mean weighs chunks by their token share; seq_mean and dr_grpo by their sequence share
         w = chunk.n_tokens / n_tok if cfg.loss.loss_agg == "token_mean" else len(chunk) / n
-        with autocast(cfg.precision):
+        with policy.autocast():
             logprobs, entropy = completion_logprobs(policy.forward, chunk, cfg.rollout.temperature,
                                                     with_entropy=old_logprobs is None)
         if entropy is not None:
@@ -174,7 +174,7 @@ def _utility_half(policy: Policy, params, task, rows: Sequence[dict], lo: int, h
         p.grad = None
     for s in range(0, len(batch), mb):
         chunk = batch.slice(s, s + mb)
-        with autocast(cfg.precision):
+        with policy.autocast():
             logprobs, _ = completion_logprobs(policy.forward, chunk, cfg.rollout.temperature)
         seq_logprob = (logprobs * chunk.completion_mask.to(device)).sum(-1)  # [mb]
         surrogate = (weights[s : s + len(chunk)].to(device) * seq_logprob).sum() / n_rows
@@ -211,7 +211,7 @@ def rollout_derivatives(policy: Policy, params, batch: TokenBatch, direction: li
     chunks = [batch.slice(s, s + mb) for s in range(0, len(batch), mb)]
 
     def seq_logprob(model, chunk: TokenBatch) -> torch.Tensor:
-        with autocast(cfg.precision):
+        with policy.engine.gpu_only_autocast():  # bf16 on GPUs as before; CPU fp32 (forward-mode AD untested in bf16)
             logprobs, _ = completion_logprobs(model, chunk, temperature)
         return meta_grad.sequence_logprobs(logprobs, chunk.completion_mask.to(device))
 
@@ -246,7 +246,7 @@ def sample_and_score(policy: Policy, task, rows: Sequence[dict], group_size: int
                      seeds: Sequence[int] | None = None):
     """G rollouts per row at the configured sampling settings, with verifier rewards [N] and format flags.
     `seeds` (one per rollout, `row_seeds`) make each rollout independent of the batch it is drawn in."""
-    with autocast(cfg.precision), policy.sampling():
+    with policy.sampling():  # the engine's decode precision and KV cache
         batch = sample_completions(
             policy.generate,
             policy.tokenizer,
@@ -427,7 +427,8 @@ def setup(cfg: TrainConfig, checked: _Checked, dist: distributed.Dist, device: t
     check_prompts_fit([*inputs.train_rows, *inputs.val_rows], tokenizer, model, cfg.rollout.max_new_tokens,
                       inputs.model_cfg.chat_template, cfg.data.path)  # refused before anything is written (dataset.py)
     model.train()
-    policy = Policy.of(model, tokenizer, dist, device)
+    policy = Policy.of(model, tokenizer, dist, device,
+                       engine.plan(cfg.engine, device, steps=cfg.max_steps, world_size=dist.world_size))
     params = trainable_parameters(policy.generate)  # after wrapping: FSDP2 swaps in sharded parameters
     task = get_task(cfg.data.task)
     if dist.is_main:
@@ -552,7 +553,7 @@ def _reference_logprobs(run: Recipe, batch: TokenBatch, on_policy: bool):
     cfg, dist = run.cfg, run.dist
     old_logprobs = ref_logprobs = None
     entropy = float("nan")
-    with autocast(cfg.precision):
+    with run.policy.autocast():
         if not on_policy:
             old_logprobs, entropy_tok = completion_logprobs(run.policy.forward, batch, cfg.rollout.temperature,
                                                             with_entropy=True)
@@ -632,7 +633,7 @@ def _sft_gradient(run: Recipe, batch: TokenBatch, halves: bool):
 
     def grad_fn(lo: int, hi: int):
         g, loss = sft_gradient(run.policy.forward, run.params, batch.slice(lo, hi),
-                               micro_batch_size=cfg.loss.micro_batch_size, precision=cfg.precision,
+                               micro_batch_size=cfg.loss.micro_batch_size, engine=run.policy.engine,
                                dist=run.policy.dist)
         return g, loss, {}
 

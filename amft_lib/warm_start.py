@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from amft_lib import checkpoint as ckpt
-from amft_lib import distributed, storage
+from amft_lib import distributed, engine, storage
 from amft_lib.checkpoint.state import trainable_state
 from amft_lib.config import WarmStartConfig, config_hash, save_config
 from amft_lib.data.schema import DataError
@@ -250,7 +250,7 @@ def sft_steps(
             cfg.model.chat_template,
         )
         grads, loss = sft_gradient(policy.forward, params, batch, micro_batch_size=cfg.micro_batch_size,
-                                   precision=cfg.precision, dist=dist)
+                                   engine=policy.engine, dist=dist)
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -460,7 +460,8 @@ def setup(cfg: WarmStartConfig, inputs: LoopInputs, dist: distributed.Dist, devi
     model, tokenizer = load_policy(inputs.model_cfg, device=device, seed=cfg.seed)
     check_prompts_fit([*inputs.train_rows, *inputs.eval_rows], tokenizer, model, cfg.max_new_tokens,
                       inputs.model_cfg.chat_template, cfg.data.path)  # refused before anything is written (dataset.py)
-    policy = Policy.of(model, tokenizer, dist, device)
+    policy = Policy.of(model, tokenizer, dist, device, engine.plan(
+        cfg.engine, device, steps=cfg.warmup_steps + cfg.final_sft_steps, world_size=dist.world_size))
     task = get_task(cfg.data.task)
     if dist.is_main:
         inputs.out.mkdir(parents=True, exist_ok=True)

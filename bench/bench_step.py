@@ -71,7 +71,7 @@ def main() -> None:
         model = str(smollm2_arch_dir(Path(tmp))) if args.model == "smollm2-135m-arch" else args.model
         cfg = apply_overrides(TrainConfig(), [
             "controller.method=amft", f"max_steps={args.steps}", "eval_every=0", "eval_prompts=0",
-            f"device={args.device}", f"precision={args.precision}", f"model.name={model}",
+            f"device={args.device}", f"engine.precision={args.precision}", f"model.name={model}",
             f"model.lora={str(args.lora).lower()}", f"rollout.prompts_per_step={args.prompts}",
             f"rollout.group_size={args.group}", f"rollout.max_new_tokens={args.max_new_tokens}",
             f"loss.sft_batch_size={args.sft_batch}", f"controller.meta_interval={args.meta_interval}",

@@ -39,7 +39,7 @@ def sft_sanity() -> dict:
     from amft_lib.tasks.general_points import generate_rows
     from amft_lib.warm_start import sft_steps
 
-    cfg = apply_overrides(WarmStartConfig(), ["device=cuda", "precision=bf16-mixed", "batch_size=64", "lr=3e-3"])
+    cfg = apply_overrides(WarmStartConfig(), ["device=cuda", "engine.precision=bf16-mixed", "batch_size=64", "lr=3e-3"])
     model, tok = load_policy(cfg.model, device="cuda", seed=0)
     rows = generate_rows(1000, "face10", 1, "train")
     t = time.perf_counter()

@@ -91,10 +91,12 @@ def speed_section() -> list[str]:
     out = []
     speed = RESULTS / "speed.md"
     if speed.exists():
-        text = speed.read_text()
+        text, _, engine = speed.read_text().partition("## Engine")
         table = [line for line in text.splitlines() if line.startswith("|")]
         out += ["**Speed vs TRL** (`python bench/bench_speed.py`, CPU, tiny model, B=8 × G=8, 64 new tokens):", "",
                 *table, ""]
+        if engine:  # issue 25's section: its own table and notes, kept apart from the one above
+            out += [f"**Engine{engine.splitlines()[0]}**", *engine.splitlines()[1:], ""]
     rows = sorted(RESULTS.glob("step_time_*.json"))
     if rows:
         out += ["**Step time split** (`bench/bench_step.py`; T_meta = 10; GPU rows from `bench/gpu_check.sh`):", "",

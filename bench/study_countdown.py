@@ -85,11 +85,17 @@ class Spec:
 # ── what each job trains ─────────────────────────────────────────────────────────────────────────
 
 
+# The study's numerics are pinned: `engine.precision=auto` resolves by the CPU's features and `compile=auto`
+# by the step count, so a session landing on another CPU would silently train later runs in another
+# precision than earlier ones. fp32 eager is what every CPU runs the same way; the KV cache is token-identical.
+ENGINE = ("engine.precision=fp32", "engine.compile=never")
+
+
 def base_overrides(spec: Spec) -> list[str]:
-    """Shared by every method: the budget (steps) and the learning-curve evaluation."""
+    """Shared by every method: the budget (steps), the learning-curve evaluation and the pinned engine."""
     return [f"max_steps={spec.steps}", f"eval_every={spec.eval_every}", f"eval_prompts={spec.eval_prompts}",
             "eval_samples=1", f"checkpoint_every={spec.checkpoint_every}",
-            f"controller.chord_decay_steps={spec.steps}", *spec.overrides]
+            f"controller.chord_decay_steps={spec.steps}", *ENGINE, *spec.overrides]
 
 
 def meta_rollouts_per_step(cfg) -> float:

@@ -151,7 +151,7 @@ def build_pipeline(target: str = "cluster", kueue_queue: str = "", kueue_priorit
         # ── phase 3: base model and warm start ──
         p3_model_name: str = "smollm2-135m",
         p3_model_allow_download: bool = False,
-        p3_model_settings: list = ["model.lora=true", "model.chat_template=true", "precision=bf16-mixed"],  # noqa: B006
+        p3_model_settings: list = ["model.lora=true", "model.chat_template=true", "engine.precision=bf16-mixed"],  # noqa: B006
         p3_model_max_new_tokens: int = 128,
         p3_warm_start_warmup_steps: int = 300,
         p3_warm_start_final_sft_steps: int = 100,

@@ -6,6 +6,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 bash scripts/bootstrap.sh
 export GX_ANALYTICS_ENABLED=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MLFLOW_ENABLE_TELEMETRY=false DO_NOT_TRACK=1
-# One torch thread per task: the numbers do not depend on the core count, and a second job on a 2-core box
-# cannot oversubscribe it (two OpenMP threads sharing one core ran the warm start 8× slower).
-exec .venv/bin/amft pipeline run-local --state-dir "${AMFT_DEMO_STATE:-runs/local-pipeline}" --threads 1 "$@"
+# Threads per task: the engine decides at each stage's start (engine.threads=0, amft_lib/engine.py): one per
+# core that other work leaves at least half idle (2 threads: 1.8× on an idle 2-core box; on a busy one two
+# threads sharing a core ran 0.47× as fast, so it takes one). `--threads N` forces N.
+exec .venv/bin/amft pipeline run-local --state-dir "${AMFT_DEMO_STATE:-runs/local-pipeline}" "$@"

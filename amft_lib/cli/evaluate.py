@@ -66,12 +66,15 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float64"),
                    help="parameter dtype (default auto: bfloat16 on a GPU, float32 on CPU)")
     p.add_argument("--chat-template", action="store_true", help="wrap prompts with the chat template")
+    p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine setting, repeatable, e.g. --engine kv_cache=dynamic (see engine.* in --help-config)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs")
     p.add_argument("--fail-if-not-blessed", action="store_true", help="exit 1 when the model is not blessed")
     p.set_defaults(handler=_evaluate)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from amft_lib.config import engine_overrides
     from amft_lib.evaluate import EvalConfig, run_evaluate
 
     kwargs = {
@@ -86,6 +89,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "splits": [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None,
         "chat_template": args.chat_template or None,
     }
+    kwargs["engine"] = engine_overrides(args.engine)
     cfg = EvalConfig(**{k: v for k, v in kwargs.items() if v is not None})
     result = run_evaluate(cfg)
     parts = []

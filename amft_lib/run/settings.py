@@ -121,8 +121,8 @@ _TABLE: tuple[Setting, ...] = (
     _s("p3_model_allow_download", bool, FROM_CONFIG, "Allow a model-hub id as p3_model_name (downloaded at load "
        "time); off, runs are offline and a hub id is refused.", warm_start="model.allow_download",
        train="model.allow_download"),
-    _s("p3_model_settings", list, ["model.lora=true", "model.chat_template=true", "precision=bf16-mixed"],
-       "KEY=VALUE applied to both configs (model.*, precision, device).", **BOTH),
+    _s("p3_model_settings", list, ["model.lora=true", "model.chat_template=true", "engine.precision=bf16-mixed"],
+       "KEY=VALUE applied to both configs (model.*, engine.*, device).", **BOTH),
     _s("p3_model_max_new_tokens", int, FROM_CONFIG, "Longest completion (tokens) in rejection sampling and rollouts.",
        warm_start="max_new_tokens", train="rollout.max_new_tokens"),
     _s("p3_warm_start_warmup_steps", int, FROM_CONFIG, "W: SFT steps on demonstrations before rejection sampling.",

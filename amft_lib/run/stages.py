@@ -447,7 +447,7 @@ def evaluate_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model: s
         run_dir=train_run, tracking_uri=registry_tracking_uri or None, metric=metric, threshold=threshold,
         max_regression=max_regression, warm_start_check=warm_start_check, pass_k=pass_k, n_samples=n_samples,
         max_examples=max_examples, max_new_tokens=cfg.rollout.max_new_tokens, chat_template=cfg.model.chat_template,
-        seed=cfg.seed, device=cfg.device, score_cache=run.score_cache))
+        seed=cfg.seed, device=cfg.device, engine=cfg.engine, score_cache=run.score_cache))
     storage.get_file(run.path("eval", "report.html"), html_path)
     storage.get_file(run.path("eval", "report.md"), markdown_path)
     out = StageOutcome(value=result.blessed, metadata={"report": {"reason": result.reason}})

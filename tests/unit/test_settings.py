@@ -59,10 +59,11 @@ def test_preflight_takes_exactly_the_settings_it_needs():
 
 def test_build_configs_order_named_then_model_settings_then_overrides():
     ws, tr = settings.build_configs({
-        "p4_train_max_steps": 7, "p3_model_settings": ["precision=bf16-mixed", "model.tiny_layers=1"],
-        "p4_train_overrides": ["max_steps=11", "precision=fp32"], "p3_model_max_new_tokens": 33, "p4_train_seed": 5})
+        "p4_train_max_steps": 7, "p3_model_settings": ["engine.precision=bf16-mixed", "model.tiny_layers=1"],
+        "p4_train_overrides": ["max_steps=11", "engine.precision=fp32"], "p3_model_max_new_tokens": 33,
+        "p4_train_seed": 5})
     assert tr.max_steps == 11 and tr.model.tiny_layers == 1 and ws.model.tiny_layers == 1
-    assert tr.precision == "fp32" and ws.precision == "bf16-mixed"  # the stage's own overrides come last
+    assert tr.engine.precision == "fp32" and ws.engine.precision == "bf16-mixed"  # the stage's own overrides come last
     assert ws.max_new_tokens == 33 and tr.rollout.max_new_tokens == 33 and ws.seed == tr.seed == 5
     with pytest.raises(ConfigError, match="train config"):
         settings.build_configs({"p4_train_mu_init": 2.0})
