@@ -13,7 +13,7 @@ bench/results/study_countdown/ is what the next invocation resumes from:
 - study.json: the question's fingerprint (steps, seeds, data card, warm-start digest, evaluation sizes);
   a later invocation whose fingerprint differs is refused, naming the field, instead of mixing two studies;
 - tuning/<job>.json: one val-only tuning run each (the switch step of sft_grpo, μ of fixed);
-- runs/<method>-s<seed>.json.gz: one finished run: its resolved config, rollout and wall-time budget, the
+- records/<method>-s<seed>.json.gz: one finished run: its resolved config, rollout and wall-time budget, the
   μ / meta-t / val-accuracy curves and the per-instance results (greedy on every test instance, the number
   correct of k samples on the first `--pass-k-rows`).
 Then bench/results/methods_countdown.{json,md} and methods_countdown_curves.png are rebuilt from whatever
@@ -165,7 +165,8 @@ def read_json(path: Path) -> dict | None:
 
 
 def run_path(study: Path, method: str, seed: int) -> Path:
-    return study / "runs" / f"{method}-s{seed}.json.gz"
+    # records/, not runs/: the checkout ignores runs/ (training output folders), and these must be committed
+    return study / "records" / f"{method}-s{seed}.json.gz"
 
 
 def check_fingerprint(study: Path, spec: Spec, facts: dict) -> None:
@@ -185,6 +186,15 @@ def check_fingerprint(study: Path, spec: Spec, facts: dict) -> None:
             raise SystemExit(f"error: {study / 'study.json'}: field {key!r} is {have['fingerprint'].get(key)!r}, "
                              f"this invocation asks {want.get(key)!r}: a study's budget and inputs are its question; "
                              "resume with the recorded settings or start a new study with --study DIR")
+
+
+def check_committable(study: Path) -> None:
+    """--commit: refuse at the start, not after the first hour's run, when git would ignore the records."""
+    probe = run_path(study, "probe", 0)
+    ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", "--no-index", str(probe)]).returncode == 0
+    if ignored or not study.is_relative_to(ROOT):
+        raise SystemExit(f"error: --commit: {probe.parent} is outside the checkout or ignored by git; "
+                         "records there cannot be committed")
 
 
 def commit(paths: Sequence[Path], message: str) -> None:
@@ -541,6 +551,8 @@ def main(args) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     command = "amft bench methods " + " ".join(sys.argv[1:])
+    if args.commit:
+        check_committable(study)
     prep = prepare(spec, study, out, args.commit)
     check_fingerprint(study, spec, prep["facts"])
     if not (study / "study.json").exists():

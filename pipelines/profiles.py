@@ -40,7 +40,8 @@ LOCAL: dict[str, Any] = {
     "p4_train_meta_interval": 8,
     "p4_train_checkpoint_every": 8,
     "p4_train_overrides": ["eval_every=8", "eval_prompts=500", "rollout.prompts_per_step=8", "rollout.group_size=8",
-                           "loss.sft_batch_size=32", "controller.meta_val_prompts=32", "controller.meta_val_group=4"],
+                           "loss.sft_batch_size=32", "controller.meta_val_prompts=32", "controller.meta_val_group=4",
+                           "controller.entropy_tolerance=0.05"],  # configs/tiny_countdown.yaml's (measured there)
     "p5_eval_n_samples": 0,  # greedy pass@1 only: per-instance 0/1 on 1000 rows buys more CI than pass@k on fewer
     "p5_eval_max_examples": 1000,  # per test split: a paired change of ≈ ±0.02 is resolved (CI half-width)
     "p5_eval_threshold": 0.01,

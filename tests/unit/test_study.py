@@ -119,3 +119,9 @@ def test_a_changed_default_is_caught_but_a_new_setting_is_not(tmp_path: Path):
                                          r"resolves to 4"):
         sc.check_fingerprint(tmp_path, spec, {"train_config": {**cfg, "rollout.group_size": 4}})
     assert facts["train_config"] is cfg  # the caller's facts are not consumed by the check
+
+
+def test_records_land_where_git_can_commit_them(tmp_path: Path):
+    sc.check_committable(sc.STUDY)  # the default study folder is inside the checkout and not ignored
+    with pytest.raises(SystemExit, match="outside the checkout or ignored by git"):
+        sc.check_committable(tmp_path / "study")
