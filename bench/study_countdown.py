@@ -329,7 +329,10 @@ def run_job(job: dict) -> dict:
                       n_val=len(inst["val"]["greedy"]), val_curve=run_curves["val"])
     else:
         inst = score(str(model_dir), cfg, job, TEST_SPLITS, job["eval_rows"], job["pass_k_rows"])
-        c, n_meta = cfg.controller, len(_jsonl(out / "controller.jsonl"))
+        # meta steps = controller.jsonl lines with a meta-gradient (gac logs its noise estimate every step and
+        # samples no validation rollouts)
+        c = cfg.controller
+        n_meta = sum(x.get("meta_grad") is not None for x in _jsonl(out / "controller.jsonl"))
         record.update(instances=inst, accuracy=summary_of(inst, job["pass_k"]), curves=run_curves,
                       rollouts_train=cfg.max_steps * cfg.rollout.prompts_per_step * cfg.rollout.group_size,
                       rollouts_meta=n_meta * c.meta_val_prompts * c.meta_val_group, n_meta_steps=n_meta,
