@@ -214,9 +214,11 @@ def main() -> None:
                     help="config overrides for every run (e.g. rollout.temperature=2.0), recorded in the results")
     cd = ap.add_argument_group("countdown (the study)")
     cd.add_argument("--pass-k", type=int, default=8, help="k of pass@k (samples per instance)")
-    cd.add_argument("--eval-rows", type=int, default=0,
-                    help="greedy pass@1 on the first this many instances of each test split (0: all)")
-    cd.add_argument("--pass-k-rows", type=int, default=500, help="pass@k on the first this many of each test split")
+    cd.add_argument("--eval-rows", type=int, default=None,
+                    help="greedy pass@1 on the first this many instances of each test split (0, the default: all; "
+                    "smollm2: 500)")
+    cd.add_argument("--pass-k-rows", type=int, default=None,
+                    help="pass@k on the first this many of each test split (default 500; smollm2: 100)")
     cd.add_argument("--n-boot", type=int, default=5000, help="bootstrap replicates per comparison")
     cd.add_argument("--switch-grid", type=int, nargs="+", default=[50, 100, 150],
                     help="sft_grpo: RL-start steps tuned on val")

@@ -224,20 +224,38 @@ def _train_config(job: dict):
 
 
 def _train(job: dict, cfg):
-    """run_train from the warm start; an interrupted run resumes from its newest checkpoint."""
+    """run_train from the warm start; an interrupted run resumes from its newest checkpoint. Returns the
+    result and the run's training wall time, earlier processes' share included (a run resumed in a later
+    session must not report only the minutes of its last piece)."""
     from amft_lib.trainer import run_train
 
     run_dir = Path(job["run_dir"])
     ckpt = run_dir / "checkpoints"
-    resume = "auto" if ckpt.exists() and any(ckpt.iterdir()) else "never"
+    steps = [int(p.name.split("-")[1]) for p in ckpt.glob("step-*") if p.name.split("-")[1].isdigit()]
+    resume = "auto" if steps else "never"
     t0 = time.perf_counter()
     res = run_train(cfg, run_dir / "out", init_model=job["warm_model"], progress=False,
                     checkpoint_root=str(run_dir), resume=resume)
-    return res, time.perf_counter() - t0
+    earlier = earlier_train_s(_jsonl(run_dir / "out" / "metrics.jsonl"), max(steps, default=0))
+    return res, earlier + time.perf_counter() - t0
 
 
 def _jsonl(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def earlier_train_s(metrics: Sequence[dict], resumed_at: int) -> float:
+    """Wall seconds that earlier processes spent on the steps a resumed run kept (step < `resumed_at`).
+    `elapsed_s` restarts in every process, so each earlier process's share is the `elapsed_s` of its last
+    kept step; the steps it ran after its last checkpoint were thrown away and are not counted."""
+    total, last = 0.0, None
+    for row in metrics:
+        if row.get("final") or row["step"] >= resumed_at or row.get("elapsed_s") is None:
+            continue
+        if last is not None and row["elapsed_s"] < last:  # a new process began
+            total += last
+        last = row["elapsed_s"]
+    return total + (last or 0.0)
 
 
 def curves(out: Path, val_initial: float) -> dict:
@@ -256,38 +274,39 @@ def curves(out: Path, val_initial: float) -> dict:
 
 
 def score(model_dir: str, cfg, job: dict, splits: Sequence[str], rows_cap: int, pass_k_rows: int) -> dict:
-    """Per instance of each split: greedy 0/1 on the first `rows_cap` rows (0: all) and the number correct
-    of k samples (rollout temperature, a fixed seed per split: every method sees the same stream) on the
-    first `pass_k_rows` (0: none)."""
+    """Per instance of each split: greedy 0/1 on the first `rows_cap` rows (0: all), by the library's
+    greedy scorer (the one `amft evaluate` uses, so the two cannot disagree), and the number correct of k
+    samples (rollout temperature, a fixed seed per split: every method sees the same stream) on the first
+    `pass_k_rows` (0: none). Prompts are rendered as the model was trained (`model.chat_template`)."""
     import torch
 
     from amft_lib.dataset import read_rows
     from amft_lib.model import load_policy
     from amft_lib.rollout import sample_completions
-    from amft_lib.scoring import score_completions
+    from amft_lib.scoring import greedy_eval, score_completions
     from amft_lib.tasks import get_task
 
     data = read_rows(job["data"])
     model, tok = load_policy(cfg.model.__class__(**{**cfg.model.__dict__, "name": str(model_dir)}))
     model.eval()
     task = get_task(cfg.data.task)
-    k, out = job["pass_k"], {}
+    k, chat, out = job["pass_k"], cfg.model.chat_template, {}
     for i, split in enumerate(splits):
         rows = data[split][: rows_cap or None]
         with torch.no_grad():
-            greedy = sample_completions(model, tok, [r["prompt"] for r in rows],
-                                        max_new_tokens=cfg.rollout.max_new_tokens, greedy=True, batch_size=256)
-            correct, _ = score_completions(task, [r["answer"] for r in rows], greedy.texts)
+            greedy = greedy_eval(model, tok, task, rows, cfg.rollout.max_new_tokens, chat, n_samples=len(rows),
+                                 batch_size=256)
             counts: list[int] = []
             if pass_k_rows:
                 torch.manual_seed(10_007 + i)
                 sub = rows[:pass_k_rows]
                 sampled = sample_completions(model, tok, [r["prompt"] for r in sub], group_size=k,
                                              max_new_tokens=cfg.rollout.max_new_tokens,
-                                             temperature=cfg.rollout.temperature, batch_size=256)
+                                             temperature=cfg.rollout.temperature, chat_template=chat,
+                                             batch_size=256)
                 rewards, _ = score_completions(task, [r["answer"] for r in sub for _ in range(k)], sampled.texts)
                 counts = rewards.view(-1, k).sum(dim=1).int().tolist()
-        out[split] = {"ids": [r["id"] for r in rows], "greedy": [int(x) for x in correct.tolist()],
+        out[split] = {"ids": [r["id"] for r in rows], "greedy": [int(x["reward"]) for x in greedy.samples],
                       f"correct_of_{k}": counts}
     return out
 
@@ -497,8 +516,14 @@ def _brief(record: dict) -> str:
     return ", ".join(f"{k} {acc[k]:.3f}" for k in TEST_SPLITS if k in acc)
 
 
+# The second model family (issue: "as many steps as fit ~1 hour of both cores", 500 test_id instances).
+# Measured on this machine (one thread, the tiny study running beside it): ~48 s per SmolLM2 + LoRA step and
+# ~130 s per meta step (every 5th), so 60 steps is ~50 min for amft on one core; three runs on two cores plus
+# the warm start and the scoring is ~1.5 h. Learning curves on 100 val prompts and a checkpoint every 10 steps
+# (a run is ~1 h: an interrupted one must not lose it). Greedy on 500 of each test split, pass@8 on 100.
 SMOLLM2 = {"config": "configs/smollm2_countdown_lora.yaml", "warm_config": "configs/smollm2_countdown_warm_start.yaml",
-           "study": "study_countdown_smollm2", "methods": ["amft", "sft_grpo", "fixed"], "seeds": [0]}
+           "study": "study_countdown_smollm2", "methods": ["amft", "sft_grpo", "fixed"], "seeds": [0],
+           "steps": 60, "eval_rows": 500, "pass_k_rows": 100, "eval_prompts": 100, "checkpoint_every": 10}
 
 
 def apply_model_preset(args) -> None:
@@ -511,6 +536,12 @@ def apply_model_preset(args) -> None:
         args.methods = args.methods or SMOLLM2["methods"]
         args.seeds = args.seeds or SMOLLM2["seeds"]
         args.out = args.out or "bench/out/study_countdown_smollm2"
+        args.steps = args.steps or SMOLLM2["steps"]
+        args.eval_rows = SMOLLM2["eval_rows"] if args.eval_rows is None else args.eval_rows
+        args.pass_k_rows = SMOLLM2["pass_k_rows"] if args.pass_k_rows is None else args.pass_k_rows
+        args.spec_extra = {k: SMOLLM2[k] for k in ("eval_prompts", "checkpoint_every")}
+    args.eval_rows = Spec.eval_rows if args.eval_rows is None else args.eval_rows
+    args.pass_k_rows = Spec.pass_k_rows if args.pass_k_rows is None else args.pass_k_rows
     args.config = args.config or Spec.config
     args.warm_config = args.warm_config or Spec.warm_config
 
@@ -548,7 +579,8 @@ def spec_from_args(args) -> Spec:
     return Spec(given=_given(args.tuned), steps=args.steps, seeds=tuple(args.seeds), config=args.config,
                 warm_config=args.warm_config, overrides=tuple(args.set), eval_rows=args.eval_rows,
                 pass_k=args.pass_k, pass_k_rows=args.pass_k_rows,
-                switch_grid=tuple(args.switch_grid), mu_grid=tuple(args.mu_grid), methods=tuple(args.methods))
+                switch_grid=tuple(args.switch_grid), mu_grid=tuple(args.mu_grid), methods=tuple(args.methods),
+                **getattr(args, "spec_extra", {}))
 
 
 def main(args) -> None:

@@ -130,3 +130,44 @@ def test_records_land_where_git_can_commit_them(tmp_path: Path):
 def test_the_reported_command_is_the_question_not_how_it_ran():
     argv = ["--task", "countdown", "--workers", "1", "--commit", "--seeds", "0", "1", "--n-boot=200", "--report-only"]
     assert sc.canonical_command(argv) == "amft bench methods --task countdown --seeds 0 1"
+
+
+def test_a_resumed_runs_wall_time_counts_its_earlier_processes():
+    # process 1 ran steps 0-4 (checkpoint at 4, step 4 thrown away), process 2 ran 4-7 (checkpoint at 8),
+    # the resuming process 3 starts at 8: earlier share = 3.0 (step 3) + 2.5 (step 7)
+    rows = [{"step": s, "elapsed_s": e} for s, e in [(0, 1.0), (1, 2.0), (2, 2.5), (3, 3.0),
+                                                      (4, 0.5), (5, 1.0), (6, 2.0), (7, 2.5),
+                                                      (8, 0.7), (9, 1.4)]]
+    rows.append({"step": 10, "final": True, "val_accuracy": 0.1})
+    assert sc.earlier_train_s(rows, 8) == pytest.approx(5.5)
+    assert sc.earlier_train_s(rows, 0) == 0.0  # a fresh run: nothing earlier
+    # resumed at the end (the previous process finished every step but died before scoring)
+    assert sc.earlier_train_s(rows[:10], 10) == pytest.approx(3.0 + 2.5 + 1.4)
+
+
+def _args(**kw):
+    from argparse import Namespace
+
+    base = dict(model="tiny", config=None, warm_config=None, study=None, methods=None, seeds=None, out=None,
+                steps=None, eval_rows=None, pass_k_rows=None, tuned=None, set=[], pass_k=8,
+                switch_grid=[50, 100, 150], mu_grid=[0.25, 0.5, 0.75])
+    return Namespace(**{**base, **kw})
+
+
+def test_the_model_presets_ask_their_own_question():
+    tiny = _args(steps=200, methods=list(sc.METHODS), seeds=[0, 1, 2])
+    sc.apply_model_preset(tiny)
+    # the tiny study's question is the default Spec's: a preset must not change a running study's fingerprint
+    assert sc.spec_from_args(tiny).fingerprint() == sc.Spec(steps=200).fingerprint()
+    smol = _args(model="smollm2", tuned=["sft_grpo=15", "fixed=0.25"])
+    sc.apply_model_preset(smol)
+    spec = sc.spec_from_args(smol)
+    assert (spec.steps, spec.eval_rows, spec.pass_k_rows, spec.eval_prompts, spec.checkpoint_every) == (60, 500, 100,
+                                                                                                       100, 10)
+    assert spec.methods == ("amft", "sft_grpo", "fixed") and spec.seeds == (0,)
+    assert spec.given == (("fixed", 0.25), ("sft_grpo", 15.0))
+    assert smol.study.endswith("study_countdown_smollm2") and spec.config.endswith("smollm2_countdown_lora.yaml")
+    # what the user says still wins over the preset
+    mine = _args(model="smollm2", steps=80, eval_rows=0)
+    sc.apply_model_preset(mine)
+    assert (mine.steps, mine.eval_rows, mine.pass_k_rows) == (80, 0, 100)
