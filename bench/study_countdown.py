@@ -593,7 +593,11 @@ def main(args) -> None:
         raise SystemExit(f"error: --methods: {', '.join(unknown)} not in the study; choose from {', '.join(METHODS)}")
     if spec.steps < 50:
         raise SystemExit(f"error: --steps={spec.steps}: the study's SFT→RL variant needs at least 50 RL steps")
-    bad = [s for s in spec.switch_grid if not 0 < s < spec.steps]
+    bad = [] if spec.given else [s for s in spec.switch_grid if not 0 < s < spec.steps]  # no sweep when given
+    bad += [v for m, v in spec.given if m == "sft_grpo" and not 0 < v < spec.steps]
+    if bad and spec.given:
+        raise SystemExit(f"error: --tuned sft_grpo={bad[-1]:g}: outside 1..{spec.steps - 1} "
+                         "(RL must start within the run)")
     if bad:
         raise SystemExit(f"error: --switch-grid: {bad} outside 1..{spec.steps - 1} (RL must start within the run)")
     study = Path(args.study).resolve() if args.study else STUDY

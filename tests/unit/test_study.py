@@ -171,3 +171,14 @@ def test_the_model_presets_ask_their_own_question():
     mine = _args(model="smollm2", steps=80, eval_rows=0)
     sc.apply_model_preset(mine)
     assert (mine.steps, mine.eval_rows, mine.pass_k_rows) == (80, 0, 100)
+
+
+def test_given_values_are_checked_and_the_unused_grid_is_not():
+    smol = _args(model="smollm2", tuned=["sft_grpo=70", "fixed=0.25"])  # 60 steps: RL would never start
+    sc.apply_model_preset(smol)
+    with pytest.raises(SystemExit, match=r"--tuned sft_grpo=70: outside 1\.\.59"):
+        sc.main(smol)
+    tiny = _args(steps=60, methods=list(sc.METHODS), seeds=[0])  # tuned on val: the grid must fit the steps
+    sc.apply_model_preset(tiny)
+    with pytest.raises(SystemExit, match=r"--switch-grid: \[100, 150\] outside 1\.\.59"):
+        sc.main(tiny)
