@@ -392,6 +392,17 @@ def _std_err_note(metrics: Mapping[str, Any]) -> str:
             + ", ".join(parts) + ") are marked (noise) and not counted as changes.") if parts else ""
 
 
+def _rule(b: Mapping[str, Any]) -> str:
+    """The blessing rule in one sentence, with the warm-start check when it was applied: a reader of the
+    report must see every condition that could have refused the candidate, not only the champion's."""
+    rule = (f"Rule: {b.get('metric')} ≥ {b.get('threshold')} and no drop larger than δ={b.get('max_regression')} "
+            "vs the champion on any eval split (change check skipped without a champion)")
+    if b.get("warm_start_check"):
+        rule += (f", and {b.get('metric')} not significantly below the warm start's (paired bootstrap per instance, "
+                 "95 % CI; skipped without a scored warm start)")
+    return rule + "."
+
+
 def evaluation_report(metrics: Mapping[str, Any], plots: Mapping[str, bytes],
                       samples: Mapping[str, list[dict]]) -> Report:
     """Verdict, the rule, comparison tables per split, improvements/regressions, training curves and
@@ -403,9 +414,7 @@ def evaluation_report(metrics: Mapping[str, Any], plots: Mapping[str, bytes],
     report.add(Text(str(metrics.get("reason")), strong="BLESSED —" if blessed else "NOT BLESSED —",
                     kind="yes" if blessed else "no"),
                Text(f"Candidate: {metrics.get('model')}; data: {metrics.get('data')}; task: {metrics.get('task')}."),
-               Text(f"Rule: {b.get('metric')} ≥ {b.get('threshold')} and no drop larger than "
-                    f"δ={b.get('max_regression')} vs the champion on any eval split (change check skipped "
-                    "without a champion)."))
+               Text(_rule(b)))
     for split in _eval_splits(metrics):
         header = ["metric", "candidate"]
         for role in roles:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from amft_lib.config import ConfigError
 from amft_lib.evaluate import EvalConfig, mean_pass_at_k, pass_at_k, run_evaluate
+from amft_lib.reports import evaluation_report, to_markdown
 
 # ── pass@k ──────────────────────────────────────────────────────────────────────────────────────
 
@@ -156,6 +157,11 @@ def test_run_evaluate_writes_contract_metrics_and_self_contained_report(tiny_set
     # images travel inside the report (the KFP UI shows the artifact without its folder)
     assert "![mu](data:image/png;base64," in md
     assert not re.search(r"!\[[^\]]*\]\((?!data:)", md)  # no relative image links
+    # the rule names every condition that could refuse the candidate, the warm-start check included
+    assert "not significantly below the warm start's" in md
+    off = to_markdown(evaluation_report({**metrics, "blessing": {**metrics["blessing"], "warm_start_check": False}},
+                                        {}, {}))
+    assert "Rule: " in off and "warm start's" not in off
 
 
 def test_champion_regression_blocks_blessing_and_first_run_is_explained(tiny_setup, tmp_path):
