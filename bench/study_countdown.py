@@ -31,6 +31,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -380,29 +381,45 @@ def prepare(spec: Spec, study: Path, out: Path, do_commit: bool) -> dict:
     if not (data / "card.json").exists():
         run_prepare(PrepareConfig(task="countdown", out_dir=str(data)))
     temperature = apply_overrides(load_config(spec.config), list(spec.overrides)).rollout.temperature
-    warm = study / "warm_start"
+    warm, built = study / "warm_start", out / "warm_start"
     if not (warm / "stats.json").exists():
-        built = out / "warm_start"
         if not (built / "stats.json").exists():
             wcfg = apply_overrides(load_config(spec.warm_config, WarmStartConfig),
                                    [f"data.path={data}", f"entropy_temperature={temperature}"])
-            run_warm_start(wcfg, built)
+            # a SmolLM2 warm start is ~30 min: an interrupted one continues from its checkpoints
+            run_warm_start(wcfg, built, checkpoint_root=str(out / "warm_start_checkpoints"), resume="auto")
         tmp = study / "warm_start.tmp"
-        subprocess.run(["rm", "-rf", str(tmp)], check=True)
-        (tmp / "model").mkdir(parents=True)
-        for f in (built / "model").iterdir():
-            if f.is_file():
-                (tmp / "model" / f.name).write_bytes(f.read_bytes())
-        (tmp / "stats.json").write_bytes((built / "stats.json").read_bytes())
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        big = _bytes(built / "model") > COMMIT_MODEL_MAX
+        if not big:  # committed, so a fresh checkout resumes from the same model
+            shutil.copytree(built / "model", tmp / "model")
+        shutil.copy2(built / "stats.json", tmp / "stats.json")
         os.replace(tmp, warm)
         if do_commit:
             commit([warm], f"study (countdown): the shared warm start, {spec.warm_config}")
+    model = warm / "model"
+    if not model.exists():  # too big for git: it stays in the working folder
+        model = built / "model"
+        if not (model / "config.json").exists():
+            raise SystemExit(f"error: the study's warm-start model is not committed (over "
+                             f"{COMMIT_MODEL_MAX >> 20} MiB) and {model} is missing: resume where it was built, "
+                             "or start a new --study folder")
     wstats = json.loads((warm / "stats.json").read_text())
     h_star = h_star_at(warm, wstats, temperature, spec.warm_config, data)
-    facts = {"data_card_sha256": card_digest(data), "warm_start_digest": content_digest(warm / "model"),
+    facts = {"data_card_sha256": card_digest(data), "warm_start_digest": content_digest(model),
              "train_config": flat_config(spec)}
-    return {"data": str(data), "warm_model": str(warm / "model"), "warm_stats": wstats, "target_entropy": h_star,
+    return {"data": str(data), "warm_model": str(model), "warm_stats": wstats, "target_entropy": h_star,
             "temperature": temperature, "facts": facts}
+
+
+# A warm-start model bigger than this is not committed (SmolLM2-135M merged is ~540 MB): the study keeps
+# only its stats, and its digest is in study.json, so a rebuilt one cannot be mistaken for it.
+COMMIT_MODEL_MAX = 32 << 20
+
+
+def _bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def flat_config(spec: Spec) -> dict:

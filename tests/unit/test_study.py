@@ -4,6 +4,7 @@ Training itself is the trainer's tests' business; records here are synthetic so 
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -182,3 +183,35 @@ def test_given_values_are_checked_and_the_unused_grid_is_not():
     sc.apply_model_preset(tiny)
     with pytest.raises(SystemExit, match=r"--switch-grid: \[100, 150\] outside 1\.\.59"):
         sc.main(tiny)
+
+
+def test_a_warm_start_too_big_for_git_stays_in_the_working_folder(tmp_path: Path, monkeypatch):
+    """SmolLM2's merged warm start is ~540 MB: only its stats are committed, runs read the model from the
+    working folder, its digest is in the fingerprint, and a checkout without it is refused in one line."""
+    from amft_lib.config import ModelConfig
+    from amft_lib.model import load_policy, save_policy
+    from amft_lib.model_files import content_digest
+
+    out, study = tmp_path / "out", tmp_path / "study"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "card.json").write_text('{"task": "countdown"}')  # prepare() skips a prepared folder
+    built = out / "warm_start"
+    model, tok = load_policy(ModelConfig(name="tiny", tiny_hidden=32, tiny_layers=1, tiny_heads=2), seed=0)
+    save_policy(model, tok, built / "model")
+    (built / "stats.json").write_text('{"target_entropy": 0.5, "target_entropy_temperature": 1.0}')
+    spec = sc.Spec(steps=60, config=CONFIG)
+    monkeypatch.setattr(sc, "COMMIT_MODEL_MAX", 1024)  # the tiny model (~100 kB) counts as big here
+    prep = sc.prepare(spec, study, out, do_commit=False)
+    assert sorted(p.name for p in (study / "warm_start").iterdir()) == ["stats.json"]
+    assert prep["warm_model"] == str(built / "model")
+    assert prep["facts"]["warm_start_digest"] == content_digest(built / "model")
+    shutil.rmtree(built)
+    with pytest.raises(SystemExit, match=r"warm-start model is not committed .* is missing"):
+        sc.prepare(spec, study, out, do_commit=False)
+    monkeypatch.setattr(sc, "COMMIT_MODEL_MAX", 32 << 20)  # small enough: committed whole, subfolders too
+    save_policy(model, tok, built / "model")
+    (built / "stats.json").write_text('{"target_entropy": 0.5, "target_entropy_temperature": 1.0}')
+    shutil.rmtree(study)
+    prep = sc.prepare(spec, study, out, do_commit=False)
+    assert prep["warm_model"] == str(study / "warm_start" / "model")
+    assert content_digest(study / "warm_start" / "model") == content_digest(built / "model")
