@@ -53,16 +53,20 @@ class ControllerState:
     n_meta: int = 0  # how many meta-gradients have been computed
     history: tuple[tuple[int, float], ...] = ()  # (step, μ) after every update: the audited trajectory
     gac_ema: float | None = None  # gac only: the EMA of its noise-aware target μ*
+    meta_pool: tuple[float, ...] = ()  # meta_accumulate > 1: prompt-group terms of the meta steps not decided yet
+    meta_pooled: int = 0  # how many meta steps `meta_pool` holds
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["history"] = [list(h) for h in self.history]
+        d["meta_pool"] = list(self.meta_pool)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ControllerState:
         d = dict(d)
         d["history"] = tuple((int(s), float(m)) for s, m in d.get("history", ()))
+        d["meta_pool"] = tuple(float(x) for x in d.get("meta_pool", ()))
         return cls(**d)
 
 
@@ -127,9 +131,43 @@ def meta_term(meta_grad: float, meta_t: float | None, cfg: ControllerConfig) -> 
     return delta, f"|t| = {abs(meta_t):.2f} >= {cfg.meta_t_min:g}: Δμ = η_μ·clip(t/{cfg.meta_t_ref:g}) = {delta:+.4f}"
 
 
+class MetaDecision(NamedTuple):
+    """What the meta term does on one meta step (`meta_decision`)."""
+
+    delta: float  # Δμ of the meta term
+    reason: str  # why, for controller.jsonl
+    pool: tuple[float, ...]  # the group terms still pooled afterwards
+    pooled: int  # meta steps in `pool`
+    pooled_t: float | None  # t of the pooled evidence, on the step that decided on it (meta_accumulate > 1)
+
+
+def meta_decision(state: ControllerState, meta_grad: float, meta_t: float | None, terms: Sequence[float],
+                  cfg: ControllerConfig) -> MetaDecision:
+    """The meta term of one meta step, pooling over `meta_accumulate` meta steps (evidence rule only).
+
+    Why pool: a single meta step's t is above noise ~10 % of the time on Countdown, while the drift it measures is
+    consistent (bench/results/snr_countdown.md); k meta steps' group terms together have ~√k × the t of one. The
+    pooled steps were measured at different θ — the assumption is that the drift of μ's gradient over k·T_meta
+    steps is small next to its noise, which is what the SNR runs found. While the pool fills, μ's meta term holds.
+    E.g. k = 2, terms [1, 2] then [3]: first step held (2 terms pooled), second decides on t([1, 2, 3]) ≈ 3.46.
+    """
+    k = cfg.meta_accumulate
+    if k <= 1 or cfg.meta_update != "evidence":
+        delta, reason = meta_term(meta_grad, meta_t, cfg)
+        return MetaDecision(delta, reason, (), 0, None)
+    from amft_lib.meta_grad import evidence
+
+    pool, n = (*state.meta_pool, *(float(x) for x in terms)), state.meta_pooled + 1
+    if n < k:
+        return MetaDecision(0.0, f"pooling meta step {n}/{k} ({len(pool)} group terms): held", pool, n, None)
+    ev = evidence(torch.tensor(pool, dtype=torch.float64))
+    delta, reason = meta_term(ev.meta_grad, ev.t, cfg)
+    return MetaDecision(delta, f"pooled {k} meta steps ({ev.n_groups} group terms): {reason}", (), 0, ev.t)
+
+
 def controller_step(
     state: ControllerState, entropy: float, meta_grad: float | None, cfg: ControllerConfig,
-    meta_t: float | None = None, noise: GradNoise | None = None,
+    meta_t: float | None = None, noise: GradNoise | None = None, meta_terms: Sequence[float] = (),
 ) -> ControllerState:
     """One update of μ after training step `state.step` (Eq. 6). Pure: returns a new state.
 
@@ -137,6 +175,7 @@ def controller_step(
     meta_grad: m_t when it was computed this step, else None (the meta term is 0 in between).
     meta_t: t = m/SE(m) of that m (the evidence rule moves on it, `meta_term`).
     noise: gac only, this step's measured gradient noise (`gac_step`; None: μ held).
+    meta_terms: that m's prompt-group terms (mean = m), pooled when controller.meta_accumulate > 1.
     """
     step = state.step + 1
     method = cfg.method
@@ -158,7 +197,9 @@ def controller_step(
     else:
         delta = 0.0
         if method in USES_META and meta_grad is not None:
-            delta += meta_term(meta_grad, meta_t, cfg)[0]
+            decision = meta_decision(state, meta_grad, meta_t, meta_terms, cfg)
+            delta += decision.delta
+            state = replace(state, meta_pool=decision.pool, meta_pooled=decision.pooled)
         if method in USES_ENTROPY:
             if state.target_entropy is None:
                 raise ValueError("controller: H* (target_entropy) must be measured before the first update")
@@ -184,13 +225,14 @@ def begin_step(state: ControllerState, rewards: torch.Tensor, group_size: int,
 
 
 def end_step(state: ControllerState, entropy: float, meta_grad: float | None, cfg: ControllerConfig,
-             meta_t: float | None = None, noise: GradNoise | None = None) -> ControllerState:
+             meta_t: float | None = None, noise: GradNoise | None = None,
+             meta_terms: Sequence[float] = ()) -> ControllerState:
     """μ_{t+1} after the update. Without a measured H* (no warm-start value in the config) the first
     step's entropy becomes H*: the starting policy's own rollouts, like-for-like with H_t. Then Eq. 6
     (`controller_step`)."""
     if state.target_entropy is None:
         state = replace(state, target_entropy=entropy)
-    return controller_step(state, entropy, meta_grad, cfg, meta_t, noise)
+    return controller_step(state, entropy, meta_grad, cfg, meta_t, noise, meta_terms)
 
 
 # ── the meta-gradient ────────────────────────────────────────────────────────────────────────────
@@ -211,6 +253,7 @@ class MetaGradStats(NamedTuple):
     meta_grad_t: float = math.nan  # t = m / SE(m)
     n_groups: int = 0  # prompt groups the SE rests on
     estimator: str = "backward"  # how m was computed (controller.meta_estimator)
+    terms: tuple[float, ...] = ()  # the prompt-group terms m is the mean of (pooled by meta_accumulate; not logged)
 
 
 class UtilityGrad(NamedTuple):
@@ -493,4 +536,5 @@ def compute_meta_evidence(
         meta_grad=ev.meta_grad, raw_meta_grad=ev.meta_grad, grad_u_norm=math.nan, grad_rl_norm=math.sqrt(norms[0]),
         grad_sft_norm=math.sqrt(norms[1]), cosine=math.nan, lookahead="sgd" if precond is None else "adam",
         meta_grad_se=ev.se, meta_grad_t=ev.t, n_groups=ev.n_groups, estimator=estimator,
+        terms=tuple(terms.double().tolist()),
     )

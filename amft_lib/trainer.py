@@ -525,10 +525,13 @@ def train_step(run: Recipe, state: TrainState) -> dict:
     t_update = time.perf_counter() - t1 - up.t_meta
     # ── 4. controller: μ_{t+1} = clip(μ_t + η_μ·m_t + η_H·(H* − H_t)) (H* = H_0 when not measured before) ──
     meta_grad, meta_t = (up.meta.meta_grad, up.meta.meta_grad_t) if up.meta is not None else (None, None)
-    state.controller = ctl.end_step(state.controller, up.entropy, meta_grad, cfg.controller, meta_t, up.noise)
+    before = state.controller
+    state.controller = ctl.end_step(before, up.entropy, meta_grad, cfg.controller, meta_t, up.noise,
+                                    up.meta.terms if up.meta is not None else ())
     state.step = step + 1
     if run.logs is not None and (up.meta is not None or up.noise is not None):
-        run.logs.controller(controller_record(step, mu, state.controller, up.entropy, up.meta, up.noise, cfg))
+        run.logs.controller(controller_record(step, mu, state.controller, up.entropy, up.meta, up.noise, cfg,
+                                              before))
     # ── 5. evaluate when due; the record (global numbers; rank 0 writes it) ──
     val_now: dict = {"val_reward": None, "val_accuracy": None}
     if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps and run.inputs.eval_rows:
@@ -725,16 +728,21 @@ def _record(run: Recipe, state: TrainState, step: int, mu: float, ro: _Rollouts,
 
 
 def controller_record(step: int, mu: float, after: ctl.ControllerState, entropy: float,
-                      meta: ctl.MetaGradStats | None, noise: gac.GradNoise | None, cfg: TrainConfig) -> dict:
+                      meta: ctl.MetaGradStats | None, noise: gac.GradNoise | None, cfg: TrainConfig,
+                      before: ctl.ControllerState | None = None) -> dict:
     """One controller.jsonl line: μ before and after, the entropy term's Δμ, and on meta steps m, SE(m), t, the
-    meta rule's Δμ and why (`ctl.meta_term`), with the estimator's diagnostics; gac: its measured noise."""
+    meta rule's Δμ and why (`ctl.meta_decision` on the state `before` the update, pooling included), with the
+    estimator's diagnostics; gac: its measured noise."""
     c = cfg.controller
     record = {"step": step, "mu": mu, "mu_next": after.mu, "entropy": entropy, "target_entropy": after.target_entropy}
     if c.method in ctl.USES_ENTROPY and after.target_entropy is not None:
         record["entropy_delta"] = ctl.entropy_term(entropy, after.target_entropy, c.eta_h, c.entropy_tolerance)
     if meta is not None:
-        delta, reason = ctl.meta_term(meta.meta_grad, meta.meta_grad_t, c)
-        record.update({k: _finite(v) for k, v in meta._asdict().items()}, delta_mu=delta, reason=reason)
+        d = ctl.meta_decision(before or after, meta.meta_grad, meta.meta_grad_t, meta.terms, c)
+        record.update({k: _finite(v) for k, v in meta._asdict().items() if k != "terms"}, delta_mu=d.delta,
+                      reason=d.reason)
+        if c.meta_accumulate > 1:
+            record.update(meta_pooled=d.pooled or c.meta_accumulate, meta_pooled_t=_finite(d.pooled_t))
     if noise is not None:
         target = gac.gac_target(noise)
         record.update(noise._asdict(), gac_target=target, gac_ema=after.gac_ema, delta_mu=after.mu - mu,

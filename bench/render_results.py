@@ -77,6 +77,14 @@ def countdown_section() -> list[str]:
         if (RESULTS / "methods_countdown_curves.png").exists():
             out += ["![study: val accuracy per method, μ, and the meta-gradient's t per meta step]"
                     "(bench/results/methods_countdown_curves.png)", ""]
+    second = RESULTS / "study_countdown_smollm2" / "methods_countdown.md"
+    if second.exists():  # issue 24 item 5: the same question on a second, pretrained model family
+        out += ["**The same question on a pretrained model: SmolLM2-135M-Instruct + LoRA** (amft vs the two tuned "
+                "baselines, one seed, the tiny study's tuned values transferred; "
+                "`bench/results/study_countdown_smollm2/`):", "", second.read_text().strip(), ""]
+        reading = second.with_name("reading.md")
+        if reading.exists():
+            out += [reading.read_text().strip(), ""]
     snr = RESULTS / "snr_countdown.md"
     if snr.exists():
         lines = snr.read_text().strip().splitlines()

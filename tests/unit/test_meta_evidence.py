@@ -6,6 +6,7 @@ the SGD and the Adam lookahead, full fine-tune and LoRA; the central difference 
 pure parts by hand: SE and t over prompt groups, the evidence rule, the entropy scale.
 """
 
+import json
 import math
 
 import pytest
@@ -14,7 +15,15 @@ from test_meta_gradient import adam_precond, float64_tiny, random_batch
 
 from amft_lib import meta_grad
 from amft_lib.config import ControllerConfig
-from amft_lib.controller import compute_meta_evidence, compute_meta_gradient, entropy_term, meta_term
+from amft_lib.controller import (
+    ControllerState,
+    compute_meta_evidence,
+    compute_meta_gradient,
+    controller_step,
+    entropy_term,
+    meta_decision,
+    meta_term,
+)
 from amft_lib.losses import group_advantages, ppo_clip_loss, sft_loss
 from amft_lib.rollout import completion_logprobs
 
@@ -149,3 +158,35 @@ def test_cosine_needs_the_backward_estimator_and_evidence_needs_per_rollout_term
     with pytest.raises(ConfigError, match="SE"):
         cfg(meta_update="evidence", meta_estimator="backward")
     assert cfg(meta_update="cosine", meta_estimator="backward").meta_update == "cosine"
+
+
+def test_pooling_decides_once_per_k_meta_steps_on_the_pooled_t():
+    """meta_accumulate = 2, group terms [1, 2] then [3]: the first meta step holds, the second decides on
+    t([1, 2, 3]) = 2√3 ≈ 3.46 → Δμ = 0.05·3.46/4 ≈ 0.0433 — whatever each step's own t was."""
+    c, s0 = cfg(meta_accumulate=2), ControllerState(mu=0.5, target_entropy=1.0)
+    first = meta_decision(s0, 1.5, 99.0, [1.0, 2.0], c)
+    assert (first.delta, first.pool, first.pooled, first.pooled_t) == (0.0, (1.0, 2.0), 1, None)
+    assert first.reason == "pooling meta step 1/2 (2 group terms): held"
+    second = meta_decision(ControllerState(mu=0.5, meta_pool=(1.0, 2.0), meta_pooled=1), 3.0, 0.1, [3.0], c)
+    assert second.pooled_t == pytest.approx(2 * math.sqrt(3)) and (second.pool, second.pooled) == ((), 0)
+    assert second.delta == pytest.approx(0.05 * 2 * math.sqrt(3) / 4)
+    assert second.reason.startswith("pooled 2 meta steps (3 group terms): |t| = 3.46 >= 2")
+    # k = 1 (the default) is exactly the per-step rule
+    assert meta_decision(s0, 1e-9, 3.0, [1.0], cfg())[:2] == meta_term(1e-9, 3.0, cfg())
+    # through the controller, with a checkpoint (JSON) taken while the pool is half full; η_H = 0: only m acts
+    c2 = cfg(meta_accumulate=2, eta_h=0.0)
+    held = controller_step(s0, 1.0, 1.5, c2, 99.0, meta_terms=[1.0, 2.0])
+    assert held.mu == 0.5 and held.meta_pool == (1.0, 2.0) and held.n_meta == 1
+    held = ControllerState.from_dict(json.loads(json.dumps(held.to_dict())))
+    moved = controller_step(held, 1.0, 3.0, c2, 0.1, meta_terms=[3.0])
+    assert moved.mu == pytest.approx(0.5 + 0.05 * 2 * math.sqrt(3) / 4) and moved.meta_pool == ()
+    assert ControllerState.from_dict({"mu": 0.3}).meta_pool == ()  # a checkpoint from before pooling
+
+
+def test_pooling_needs_the_evidence_rule():
+    from amft_lib.config_file import ConfigError
+
+    with pytest.raises(ConfigError, match=r"meta_accumulate=4 .* needs controller\.meta_update=evidence, not raw"):
+        cfg(meta_accumulate=4, meta_update="raw")
+    with pytest.raises(ConfigError, match="meta_accumulate"):
+        cfg(meta_accumulate=0)

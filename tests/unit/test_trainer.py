@@ -224,3 +224,19 @@ def test_the_three_estimators_give_the_same_first_meta_gradient_in_training(spli
     assert m["jvp"] != 0.0, "degenerate: no reward signal on the validation rollouts"
     assert m["backward"] == pytest.approx(m["jvp"], rel=1e-4)
     assert m["central_difference"] == pytest.approx(m["jvp"], rel=1e-2)
+
+
+def test_pooled_meta_steps_hold_mu_until_the_pool_decides(splits, tmp_path):
+    """controller.meta_accumulate=2, a meta step every step: steps 0 and 2 pool (the meta term holds: μ moves by
+    the entropy term alone), steps 1 and 3 decide on the pooled t, and the log says which is which."""
+    run_train(small_cfg("amft", steps=4, **{"controller.meta_accumulate": 2}), tmp_path, splits=splits,
+              progress=False)
+    rows = read_jsonl(tmp_path / "controller.jsonl")
+    assert [r["meta_pooled"] for r in rows] == [1, 2, 1, 2]
+    for r in rows[0::2]:
+        assert r["reason"].startswith("pooling meta step 1/2") and r["delta_mu"] == 0.0
+        assert r["meta_pooled_t"] is None and "terms" not in r
+        assert r["mu_next"] == pytest.approx(min(0.95, max(0.05, r["mu"] + r["entropy_delta"])))
+    for r in rows[1::2]:
+        assert r["reason"].startswith("pooled 2 meta steps (4 group terms)")
+        assert r["meta_pooled_t"] is not None and math.isfinite(r["meta_pooled_t"])
