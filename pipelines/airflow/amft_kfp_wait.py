@@ -9,7 +9,11 @@ id, connection *id*, deadline) — never a token — so a restarted triggerer re
 polling the same run. The deadline is fixed at submit time, so a retried wait gets no fresh timeout.
 
 When the deadline passes, the task terminates the KFP run (POST …/runs/{id}:terminate) and fails:
-the cluster stops spending GPUs on a run nobody waits for any more.
+the cluster stops spending GPUs on a run nobody waits for any more. The same happens when a person
+acts on the waiting task — marks it failed or succeeded, clears it, or fails its DAG run — through
+the trigger's `on_kill` (Airflow ≥ 3.3 calls it on a user's action only, never on a triggerer restart
+or redistribution, so a rolling deploy of the triggerers cannot cancel a training). The DAG param
+`terminate_on_kill` turns that off for teams that mark the wait succeeded to stop *watching* a run.
 
 The triggerer imports this module by its classpath (`amft_kfp_wait.KfpRunTrigger`): keep it beside
 the DAG file, in a folder on the triggerer's PYTHONPATH (the DAG folder is, on a default install).
@@ -49,15 +53,29 @@ class KfpRunTrigger(BaseTrigger):
     (API down, 5xx) is logged and retried at the next interval: an outage is not the run's end."""
 
     def __init__(self, kfp_run_id: str, conn_id: str, poll_interval_s: float = 60.0, deadline: float = 0.0,
-                 name: str = "") -> None:
+                 name: str = "", terminate_on_kill: bool = True) -> None:
         super().__init__()
         self.kfp_run_id, self.conn_id, self.name = kfp_run_id, conn_id, name
         self.poll_interval_s, self.deadline = float(poll_interval_s), float(deadline)
+        self.terminate_on_kill = bool(terminate_on_kill)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{__name__}.KfpRunTrigger", {"kfp_run_id": self.kfp_run_id, "conn_id": self.conn_id,
                                                "poll_interval_s": self.poll_interval_s, "deadline": self.deadline,
-                                               "name": self.name})
+                                               "name": self.name, "terminate_on_kill": self.terminate_on_kill})
+
+    async def on_kill(self) -> None:
+        """A person stopped waiting (failed, cleared or marked succeeded the task, or failed the DAG run):
+        terminate the KFP run, unless it already ended or `terminate_on_kill` is off. Bounded below the
+        triggerer's own on_kill limit (30 s by default) so a hung API cannot hold the event loop's slot."""
+        if not self.terminate_on_kill:
+            log.info("KFP run %s (%s): the wait was stopped by a user; the run keeps going (terminate_on_kill "
+                     "is off)", self.name, self.kfp_run_id)
+            return
+        state = await asyncio.wait_for(asyncio.to_thread(
+            lambda: amft_kfp.terminate(_client(self.conn_id), self.kfp_run_id)), timeout=20)
+        log.warning("KFP run %s (%s): the wait was stopped by a user; %s", self.name, self.kfp_run_id,
+                    f"it had already ended ({state})" if state in amft_kfp.FINAL_STATES else "terminated it")
 
     def _poll(self) -> tuple[str, str]:
         return amft_kfp.run_state(_client(self.conn_id), self.kfp_run_id)
@@ -101,8 +119,9 @@ class WaitForKfpRun(BaseOperator):
         deadline = float(handle.get("submitted_at") or time.time()) + self.wait_timeout_s
         log.info("deferring: waiting for KFP run %s (%s) until %s", handle["name"], handle["kfp_run_id"],
                  dt.datetime.fromtimestamp(deadline, dt.UTC).isoformat(timespec="seconds"))
-        self.defer(trigger=KfpRunTrigger(handle["kfp_run_id"], context["params"]["kfp_conn_id"],
-                                         self.poll_interval_s, deadline, handle["name"]),
+        params = context["params"]
+        self.defer(trigger=KfpRunTrigger(handle["kfp_run_id"], params["kfp_conn_id"], self.poll_interval_s, deadline,
+                                         handle["name"], params.get("terminate_on_kill", True)),
                    method_name="execute_complete")
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, str]:

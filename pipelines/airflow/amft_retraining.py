@@ -115,6 +115,9 @@ def _airflow_params(mode: str) -> dict[str, Param]:
                       description="kfp: submit to the KFP API server of connection kfp_conn_id. local: run "
                       "`amft pipeline run-local` on this worker (embedded SeaweedFS + MLflow, no cluster)."),
         "kfp_conn_id": Param("amft_kfp", type="string", section="Run", description="Connection of the KFP API"),
+        "terminate_on_kill": Param(True, type="boolean", section="Run",
+                                   description="A person failing, clearing or marking succeeded the waiting task "
+                                   "(or failing the DAG run) also terminates the KFP run. Off: the run keeps going."),
         "kfp_experiment": Param("amft", type="string", section="Run",
                                 description="KFP experiment (created if missing)"),
         "s3_conn_id": Param("amft_s3", type="string", section="Run",

@@ -90,6 +90,59 @@ def test_the_trigger_reattaches_from_what_airflow_stores(fake):
     assert asyncio.run(first_event()) == {"status": "done", "state": "FAILED", "reason": "OOMKilled"}
 
 
+def _running_run(fake, name: str) -> str:
+    import amft_kfp
+    import amft_kfp_wait
+
+    client = amft_kfp.kfp_client(amft_kfp.KfpTarget(host=fake.url, token=fake.token))
+    fake.outcome = Outcome(script=["RUNNING"])  # runs until someone stops it
+    return amft_kfp.submit_or_attach(client, name=name, package=amft_kfp_wait.Path(__file__).resolve().parents[2]
+                                     / "pipelines" / "amft_pipeline.yaml", arguments={}, experiment="amft").run_id
+
+
+def _in_the_triggerer(trigger, how: str) -> None:
+    """Run `trigger` in Airflow's own TriggerRunner.run_trigger (the triggerer's code path) and stop it the way
+    the triggerer does: "user" = a person acted on the task (cancel_triggers, Airflow's user-action message);
+    "shutdown" = the triggerer stops or hands the trigger to another one (a plain cancel)."""
+    from airflow.jobs.triggerer_job_runner import TriggerRunner
+
+    async def main() -> None:
+        runner = TriggerRunner()
+        runner.triggers[1] = {"name": "wait", "events": 0}
+        task = asyncio.create_task(runner.run_trigger(1, trigger))
+        runner.triggers[1]["task"] = task
+        await asyncio.sleep(0.3)  # polling
+        if how == "user":
+            runner.to_cancel.append(1)
+            await runner.cancel_triggers()
+        else:
+            task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(("how", "setting", "terminated"),
+                         [("user", True, True), ("shutdown", True, False), ("user", False, False)])
+def test_a_person_stopping_the_wait_terminates_the_run_but_a_triggerer_restart_does_not(fake, monkeypatch, how,
+                                                                                        setting, terminated):
+    """on_kill: marking the waiting task failed / succeeded, clearing it or failing its DAG run stops the GPUs;
+    a triggerer restart or redistribution must not (the trigger is rebuilt elsewhere and re-attaches), and
+    terminate_on_kill=False keeps the run going."""
+    import amft_kfp_wait
+
+    monkeypatch.setenv("AIRFLOW_DISABLE_GREENBACK_PORTAL", "true")
+    run_id = _running_run(fake, f"r-kill-{how}-{setting}")
+    trigger = amft_kfp_wait.KfpRunTrigger(run_id, "amft_kfp", 0.05, time.time() + 60, "r", terminate_on_kill=setting)
+    assert trigger.serialize()[1]["terminate_on_kill"] is setting  # survives a triggerer restart
+    _in_the_triggerer(trigger, how)
+    assert fake.terminated() == ([run_id] if terminated else [])
+    if terminated:  # once more, on a run that already ended: nothing to terminate
+        asyncio.run(trigger.on_kill())
+        assert fake.terminated() == [run_id]
+
+
 def test_timeout_terminates_the_kfp_run(test_dags, fake, s3_connection, s3_client, root, capfd):
     fake.outcome = Outcome(script=["RUNNING"])  # runs until someone stops it
     state, tasks, _ = run_dag(test_dags["amft_test_kfp_timeout"], {"p0_s3_root": root})

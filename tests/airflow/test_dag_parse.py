@@ -42,9 +42,9 @@ def test_dag_file_parses_fast_without_heavy_imports(airflow_db, tmp_path):
     # every pipeline parameter is a Param under its own name, beside the DAG's own settings
     pipeline = set(amft_kfp.read_package_params(REPO / "pipelines" / "amft_pipeline.yaml"))
     assert pipeline <= set(result["params"]) and {"p0_s3_root", "p4_train_max_steps"} <= pipeline
-    assert set(result["params"]) - pipeline == {"mode", "kfp_conn_id", "kfp_experiment", "s3_conn_id", "data_prefix",
-                                                "skip_if_no_new_data", "resubmit_failed", "local_state_dir",
-                                                "local_threads", "amft_bin", "mlflow_conn_id"}
+    assert set(result["params"]) - pipeline == {"mode", "kfp_conn_id", "terminate_on_kill", "kfp_experiment",
+                                                "s3_conn_id", "data_prefix", "skip_if_no_new_data", "resubmit_failed",
+                                                "local_state_dir", "local_threads", "amft_bin", "mlflow_conn_id"}
 
 
 def test_run_name_is_deterministic_and_a_valid_amft_run_id():
