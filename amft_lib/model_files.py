@@ -28,7 +28,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,49 +198,59 @@ class Tensor:
 
 
 def read_safetensors_header(path: Path) -> list[Tensor]:
+    """`parse_safetensors_header` of a local file."""
+    with path.open("rb") as f:
+        def read(start: int, length: int) -> bytes:
+            f.seek(start)
+            return f.read(length)
+
+        return parse_safetensors_header(str(path), path.stat().st_size, read)
+
+
+def parse_safetensors_header(where: str, size: int, read: Callable[[int, int], bytes]) -> list[Tensor]:
     """Parse a safetensors header ourselves, bounded, and check every entry against the file size.
 
+    `read(start, length)` returns the file's bytes there (a local file, or ranged GETs of an S3 object:
+    preflight checks a remote model's headers without downloading its weights).
     Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape,
     data_offsets: [begin, end]}} (offsets relative to byte 8 + N), then the data. Checked: N within
     MAX_HEADER_BYTES and the file, dtypes known, shapes non-negative ints, end − begin equal to the
     shape's size, no overlap, and the data ending exactly at the end of the file (a truncated or
     padded file is refused)."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ModelFilesError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-        n = int.from_bytes(raw, "little")
-        if n > MAX_HEADER_BYTES:
-            raise ModelFilesError(f"{path}: safetensors header claims {n} bytes (limit {MAX_HEADER_BYTES})")
-        if 8 + n > size:
-            raise ModelFilesError(f"{path}: truncated safetensors file (header of {n} bytes, file of {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise ModelFilesError(f"{path}: safetensors header is not valid JSON") from None
+    raw = read(0, 8) if size >= 8 else b""
+    if len(raw) < 8:
+        raise ModelFilesError(f"{where}: truncated safetensors file ({size} bytes, no header)")
+    n = int.from_bytes(raw, "little")
+    if n > MAX_HEADER_BYTES:
+        raise ModelFilesError(f"{where}: safetensors header claims {n} bytes (limit {MAX_HEADER_BYTES})")
+    if 8 + n > size:
+        raise ModelFilesError(f"{where}: truncated safetensors file (header of {n} bytes, file of {size})")
+    try:
+        header = json.loads(read(8, n))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ModelFilesError(f"{where}: safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
-        raise ModelFilesError(f"{path}: safetensors header is not a JSON object")
+        raise ModelFilesError(f"{where}: safetensors header is not a JSON object")
     data_start, tensors = 8 + n, []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        tensors.append(_tensor_entry(path, name, entry, data_start))
+        tensors.append(_tensor_entry(where, name, entry, data_start))
     tensors.sort(key=lambda t: (t.start, t.end))
     cursor = data_start
     for t in tensors:
         if t.start < cursor:
-            raise ModelFilesError(f"{path}: tensor '{t.name}' overlaps the one before it")
+            raise ModelFilesError(f"{where}: tensor '{t.name}' overlaps the one before it")
         cursor = t.end
     if cursor > size:
-        raise ModelFilesError(f"{path}: truncated safetensors file (tensors need {cursor} bytes, file has {size})")
+        raise ModelFilesError(f"{where}: truncated safetensors file (tensors need {cursor} bytes, file has {size})")
     if cursor < size and tensors:
-        raise ModelFilesError(f"{path}: {size - cursor} bytes after the last tensor (not a safetensors file)")
+        raise ModelFilesError(f"{where}: {size - cursor} bytes after the last tensor (not a safetensors file)")
     return tensors
 
 
-def _tensor_entry(path: Path, name: str, entry: Any, data_start: int) -> Tensor:
-    where = f"{path}: tensor '{name}'"
+def _tensor_entry(file: str, name: str, entry: Any, data_start: int) -> Tensor:
+    where = f"{file}: tensor '{name}'"
     if not isinstance(entry, dict):
         raise ModelFilesError(f"{where}: entry is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
@@ -280,7 +290,7 @@ def text_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return nested if isinstance(nested, Mapping) else config
 
 
-def _int_field(config: Mapping[str, Any], key: str, path: Path) -> int | None:
+def _int_field(config: Mapping[str, Any], key: str, path: Path | str) -> int | None:
     value = config.get(key)
     if value is None:
         return None
@@ -289,7 +299,7 @@ def _int_field(config: Mapping[str, Any], key: str, path: Path) -> int | None:
     return value
 
 
-def check_weights_match_config(config_path: Path, config: Mapping[str, Any], tensors: Iterable[Tensor]) -> None:
+def check_weights_match_config(config_path: Path | str, config: Mapping[str, Any], tensors: Iterable[Tensor]) -> None:
     """The weights' embedding, lm_head and layer count against config.json's vocab_size,
     hidden_size and num_hidden_layers: transformers allocates the model from the config before it
     reads any weight, so a config that lies costs memory (or a 64 GB allocation) before an error."""
@@ -312,21 +322,26 @@ def check_weights_match_config(config_path: Path, config: Mapping[str, Any], ten
                               f"{max(indices) + 1} layer(s)")
 
 
-def check_architecture(root: Path, tensors: Iterable[Tensor]) -> None:
+def check_architecture(root: Path | str, tensors: Iterable[Tensor], config: Mapping[str, Any] | None = None) -> None:
     """Every weight whose name the architecture has must have the architecture's shape.
 
-    The model is built from config.json on the `meta` device (shapes, no memory), with
-    trust_remote_code=False, after `check_no_remote_code` passed."""
+    The model is built from config.json (or the already-read `config` dict: an S3 folder) on the `meta` device
+    (shapes, no memory), with trust_remote_code=False, after `check_no_remote_code` passed."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    config_uri = f"{str(root).rstrip('/')}/config.json"
     try:
-        config = AutoConfig.from_pretrained(root, trust_remote_code=False)
+        if config is None:
+            built = AutoConfig.from_pretrained(root, trust_remote_code=False)
+        else:
+            data = dict(config)
+            built = AutoConfig.for_model(data.pop("model_type", None), **data)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_config(built, trust_remote_code=False)
     except (ValueError, KeyError, TypeError, OSError) as exc:
         first = " ".join(str(exc).split())[:240] or type(exc).__name__
-        raise ModelFilesError(f"{root / 'config.json'}: not a causal LM transformers can build: {first}") from None
+        raise ModelFilesError(f"{config_uri}: not a causal LM transformers can build: {first}") from None
     shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     tensors = list(tensors)
     matched = 0
@@ -336,7 +351,7 @@ def check_architecture(root: Path, tensors: Iterable[Tensor]) -> None:
             continue
         matched += 1
         if want != t.shape:
-            raise ModelFilesError(f"{root / 'config.json'}: the architecture wants {t.name} of shape {list(want)}, "
+            raise ModelFilesError(f"{config_uri}: the architecture wants {t.name} of shape {list(want)}, "
                                   f"the weights hold {list(t.shape)}")
     if tensors and not matched:
         raise ModelFilesError(f"{root}: no weight name matches the {type(model).__name__} built from config.json")

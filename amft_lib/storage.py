@@ -542,6 +542,27 @@ def get_bytes(uri: str, *, expected_sha256: str | None = None, config: S3Config 
     return data
 
 
+def get_range(uri: str, start: int, length: int, *, config: S3Config | None = None) -> bytes:
+    """Bytes [start, start + length) of an object (fewer at its end): a header without the body (preflight
+    reads safetensors headers of an S3 model this way instead of downloading gigabytes of weights)."""
+    if length <= 0:
+        return b""
+    if not is_s3(uri):
+        try:
+            with open(_local(uri), "rb") as f:
+                f.seek(start)
+                return f.read(length)
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"read {uri} failed: no such file", uri=uri, code="NoSuchKey") from None
+    cfg = _config(config)
+    bucket, key = split_s3(uri)
+    try:
+        response = _client(cfg).get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
+        return response["Body"].read(length)
+    except _boto_errors() as exc:
+        raise _wrap(exc, op="read", uri=uri, config=cfg) from None
+
+
 def get_file(
     uri: str,
     local_path: str | os.PathLike[str],

@@ -144,3 +144,37 @@ def test_an_s3_model_with_custom_code_or_only_pickles_is_refused_before_staging(
     storage.put_bytes(storage.join(pickled, "pytorch_model.bin"), b"\x80\x04")
     with pytest.raises(ModelFilesError, match=r"pickle-format weights only \(pytorch_model\.bin\)"):
         probe_model_source(pickled)
+
+
+def _upload_with(byo, uri: str, weights: bytes | None = None, config: dict | None = None) -> str:
+    for path in sorted(byo["model"].iterdir()):
+        storage.put_file(str(path), storage.join(uri, path.name))
+    if weights is not None:
+        storage.put_bytes(storage.join(uri, "model.safetensors"), weights)
+    if config is not None:
+        storage.put_bytes(storage.join(uri, "config.json"), json.dumps(config).encode())
+    return uri
+
+
+def test_preflight_reads_an_s3_models_safetensors_headers_without_downloading_it(byo, s3_prefix):
+    """A truncated upload, a header that lies about its size, and a config.json whose sizes disagree with the
+    weights all fail preflight's S3 probe with one line naming the object; the good folder passes and says how
+    many tensors it checked. Only ranged reads of the headers: the weights are never downloaded."""
+    from amft_lib.model_files import ModelFilesError
+
+    good = (byo["model"] / "model.safetensors").read_bytes()
+    detail = probe_model_source(_upload_with(byo, storage.join(s3_prefix, "ok")))
+    assert "tensors whose safetensors headers match config.json and its architecture" in detail
+    cut = _upload_with(byo, storage.join(s3_prefix, "cut"), weights=good[: len(good) - 100])
+    with pytest.raises(ModelFilesError, match=r"cut/model\.safetensors: truncated safetensors file"):
+        probe_model_source(cut)
+    liar = _upload_with(byo, storage.join(s3_prefix, "liar"), weights=(10**12).to_bytes(8, "little") + good[8:])
+    with pytest.raises(ModelFilesError, match=r"liar/model\.safetensors: safetensors header claims 1000000000000"):
+        probe_model_source(liar)
+    cfg = json.loads((byo["model"] / "config.json").read_text())
+    wrong = _upload_with(byo, storage.join(s3_prefix, "wrong"), config={**cfg, "num_hidden_layers": 4})
+    with pytest.raises(ModelFilesError, match=r"wrong/config\.json: num_hidden_layers=4 but the weights hold 1"):
+        probe_model_source(wrong)
+    shape = _upload_with(byo, storage.join(s3_prefix, "shape"), config={**cfg, "intermediate_size": 96})
+    with pytest.raises(ModelFilesError, match=r"shape/config\.json: the architecture wants .* of shape"):
+        probe_model_source(shape)

@@ -188,3 +188,15 @@ def test_error_messages_are_one_line_and_scrubbed_of_secrets() -> None:
 
     head_404 = ClientError({"Error": {"Code": "404", "Message": "Not Found"}}, "HeadObject")
     assert isinstance(storage._wrap(head_404, op="stat", uri="s3://b/k", config=cfg), storage.ObjectNotFoundError)
+
+
+def test_get_range_reads_a_slice_and_stops_at_the_end(tmp_path):
+    from amft_lib import storage
+
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(range(10)))
+    assert storage.get_range(str(path), 2, 3) == bytes([2, 3, 4])
+    assert storage.get_range(str(path), 8, 5) == bytes([8, 9])  # fewer at the end, as S3 answers a Range
+    assert storage.get_range(str(path), 0, 0) == b""
+    with pytest.raises(storage.ObjectNotFoundError, match="no such file"):
+        storage.get_range(str(tmp_path / "missing"), 0, 8)
