@@ -189,7 +189,7 @@ def check_prompts_fit(rows: Sequence[Mapping[str, Any]], tokenizer: Any, model: 
     """`check_prompt_lengths` with the tokenizer and context of a loaded model, counting tokens the way
     rollouts encode a prompt (chat template, BOS). The one-line hook train, warm-start and evaluate call
     after loading the model; logs the rule and the longest prompt."""
-    from amft_lib.rollout import render_prompt
+    from amft_lib.rollout import render_prompts
 
     context = model_context(getattr(model, "config", None))
     if context is None or not rows:
@@ -199,7 +199,7 @@ def check_prompts_fit(rows: Sequence[Mapping[str, Any]], tokenizer: Any, model: 
     backend = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer of a fast one: same ids, 1.5x less
 
     def count(prompts: list[str]) -> list[int]:
-        texts = [render_prompt(tokenizer, p, chat_template) for p in prompts]
+        texts = render_prompts(tokenizer, prompts, chat_template)  # every prompt, once, in a bounded child
         if backend is not None:
             return [len(e.ids) + bos for e in backend.encode_batch(texts, add_special_tokens=False)]
         return [len(ids) + bos for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]

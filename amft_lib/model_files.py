@@ -421,16 +421,68 @@ def check_chat_template(where: str, template: str, seconds: float = TEMPLATE_SEC
     happens in the child) and leaves with os._exit."""
     from transformers.utils import chat_template_utils  # imported here: the child imports nothing
 
-    status, detail = _render_in_child(chat_template_utils, template, seconds, max_output)
+    def render() -> bytes:
+        try:
+            compiled = chat_template_utils._compile_jinja_template(template)
+        except Exception as exc:  # a syntax error in user data, any jinja2 TemplateError
+            raise _Refused(f"not a valid Jinja template ({_one_line(exc)})") from None
+        total = 0
+        for chunk in compiled.generate(messages=SAMPLE_CHAT, add_generation_prompt=True, bos_token="<s>",
+                                       eos_token="</s>", tools=None, documents=None):
+            total += len(chunk.encode("utf-8", "replace"))
+            if total > max_output:
+                raise _Refused(f"renders more than {max_output} bytes for a one-line message")
+        return str(total).encode()
+
+    status, detail = run_bounded(render, seconds, "for a one-line message")
     if status != "ok":
-        raise ModelFilesError(f"{where}: {detail}")
+        raise ModelFilesError(f"{where}: {detail.decode('utf-8', 'replace')}")
     return int(detail)
 
 
 SAMPLE_CHAT = [{"role": "user", "content": "What is 1 + 1?"}]
+RENDER_SECONDS_PER_PROMPT = 0.02  # CPU seconds per prompt on top of TEMPLATE_SECONDS (real templates: ~0.1 ms)
+RENDER_BYTES_PER_PROMPT = 64 << 10  # rendered bytes a prompt may add beyond 4× its own length
 
 
-def _render_in_child(utils: Any, template: str, seconds: float, max_output: int) -> tuple[str, str]:
+def render_chat_prompts(tokenizer: Any, prompts: list[str]) -> list[str]:
+    """`tokenizer.apply_chat_template` of each prompt as one user message, in a bounded child process.
+
+    Why: preflight renders the model's chat template on one short sample, but a template can branch on the
+    message — `{% if messages[0].content|length > 40 %}` then a 10^10 loop or a gigabyte string — and training
+    renders every real prompt in the trainer's own process. Here all of them are rendered at once, by the
+    tokenizer's own code (identical text), with CPU time growing with the count (TEMPLATE_SECONDS + 0.02 s a
+    prompt), 512 MiB of extra memory and a bounded output; ModelFilesError (one line) otherwise."""
+    if not prompts:
+        return []
+
+    def render() -> bytes:
+        out, total = [], 0
+        for prompt in prompts:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+            total += len(text)
+            if len(text) > 4 * len(prompt) + RENDER_BYTES_PER_PROMPT:
+                raise _Refused(f"renders {len(text)} characters for a prompt of {len(prompt)}")
+            out.append(text)
+        return json.dumps(out).encode()
+
+    seconds = TEMPLATE_SECONDS + RENDER_SECONDS_PER_PROMPT * len(prompts)
+    status, payload = run_bounded(render, seconds, f"for {len(prompts)} prompt(s)")
+    if status != "ok":
+        raise ModelFilesError(f"the model's chat template: {payload.decode('utf-8', 'replace')}")
+    return json.loads(payload)
+
+
+class _Refused(Exception):
+    """Raised inside the child: the one-line reason it sends back."""
+
+
+def run_bounded(work: Callable[[], bytes], seconds: float, what: str,
+                memory: int = TEMPLATE_MAX_MEMORY) -> tuple[str, bytes]:
+    """Run `work()` in a forked child with `seconds` of CPU and wall time and `memory` extra address space;
+    returns ("ok", its bytes) or (status, a one-line reason). The child runs only already-imported pure Python
+    (no torch, no new imports) and leaves with os._exit, so forking a threaded process is safe here."""
     import resource
     import select
     import signal
@@ -439,8 +491,6 @@ def _render_in_child(utils: Any, template: str, seconds: float, max_output: int)
 
     read_fd, write_fd = os.pipe()
     with warnings.catch_warnings():
-        # fork in a threaded process: safe here because the child only runs already-imported pure
-        # Python (the compiled template) and leaves with os._exit
         warnings.simplefilter("ignore", DeprecationWarning)
         pid = os.fork()
     if pid == 0:  # child
@@ -448,24 +498,18 @@ def _render_in_child(utils: Any, template: str, seconds: float, max_output: int)
         try:
             cpu = max(1, int(seconds) + 1)
             resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-            _limit_memory(TEMPLATE_MAX_MEMORY)
+            _limit_memory(memory)
             try:
-                compiled = utils._compile_jinja_template(template)
-            except Exception as exc:  # a syntax error in user data, any jinja2 TemplateError
-                os.write(write_fd, f"error\0not a valid Jinja template ({_one_line(exc)})"[:500].encode())
-                os._exit(0)
-            total = 0
-            for chunk in compiled.generate(messages=SAMPLE_CHAT, add_generation_prompt=True, bos_token="<s>",
-                                           eos_token="</s>", tools=None, documents=None):
-                total += len(chunk.encode("utf-8", "replace"))
-                if total > max_output:
-                    os.write(write_fd, f"size\0renders more than {max_output} bytes for a one-line message".encode())
-                    os._exit(0)
-            os.write(write_fd, f"ok\0{total}".encode())
-        except MemoryError:
-            os.write(write_fd, f"error\0needs more than {TEMPLATE_MAX_MEMORY >> 20} MiB to render".encode())
-        except BaseException as exc:  # SecurityError, UndefinedError, raise_exception(...)
-            os.write(write_fd, f"error\0rendering failed: {_one_line(exc)}"[:500].encode())
+                reply = b"ok\0" + work()
+            except _Refused as exc:
+                reply = f"error\0{exc}"[:500].encode()
+            except MemoryError:
+                reply = f"error\0needs more than {memory >> 20} MiB to render".encode()
+            except BaseException as exc:  # SecurityError, UndefinedError, raise_exception(...)
+                reply = f"error\0rendering failed: {_one_line(exc)}"[:500].encode()
+            view = memoryview(reply)
+            while view:
+                view = view[os.write(write_fd, view):]
         finally:
             os._exit(0)
     os.close(write_fd)
@@ -477,21 +521,21 @@ def _render_in_child(utils: Any, template: str, seconds: float, max_output: int)
             ready, _, _ = select.select([read_fd], [], [], max(left, 0))
             if not ready:
                 os.kill(pid, signal.SIGKILL)
-                return "timeout", f"rendering took more than {seconds:g} s for a one-line message (a loop?)"
-            data = os.read(read_fd, 4096)
+                return "timeout", f"rendering took more than {seconds:g} s {what} (a loop?)".encode()
+            data = os.read(read_fd, 1 << 16)
             if not data:
                 break
             chunks.append(data)
     finally:
         os.close(read_fd)
         _, wait_status = os.waitpid(pid, 0)
-    text = b"".join(chunks).decode("utf-8", "replace")
-    if "\0" not in text:
+    reply = b"".join(chunks)
+    if b"\0" not in reply:
         if os.WIFSIGNALED(wait_status) and os.WTERMSIG(wait_status) in (signal.SIGXCPU, signal.SIGKILL):
-            return "timeout", f"rendering took more than {seconds:g} s of CPU for a one-line message (a loop?)"
-        return "error", f"rendering process ended without an answer (status {wait_status})"
-    status, detail = text.split("\0", 1)
-    return status, detail
+            return "timeout", f"rendering took more than {seconds:g} s of CPU {what} (a loop?)".encode()
+        return "error", f"rendering process ended without an answer (status {wait_status})".encode()
+    status, _, payload = reply.partition(b"\0")
+    return status.decode(), payload
 
 
 def _limit_memory(extra: int) -> None:

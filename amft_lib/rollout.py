@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -46,19 +47,36 @@ class TokenBatch:
         return int(self.completion_mask.sum())
 
 
+# prompt → its chat-templated text, per tokenizer: each distinct prompt is rendered once per process, in the
+# bounded child of model_files.render_chat_prompts (the first batch is every prompt, from check_prompts_fit)
+_RENDERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def render_prompts(tokenizer, prompts: Sequence[str], chat_template: bool) -> list[str]:
+    """The text the model sees for each prompt: the prompt itself, or with `chat_template` (and a tokenizer
+    that has one) its chat template applied to one user message. A model's template is its author's code:
+    it runs in a bounded child process (model_files.render_chat_prompts), never in the trainer's, and only
+    for prompts not rendered before."""
+    if not (chat_template and getattr(tokenizer, "chat_template", None)):
+        return list(prompts)
+    from amft_lib.model_files import render_chat_prompts
+
+    cache = _RENDERED.setdefault(tokenizer, {})
+    missing = list(dict.fromkeys(p for p in prompts if p not in cache))
+    if missing:
+        cache.update(zip(missing, render_chat_prompts(tokenizer, missing), strict=True))
+    return [cache[p] for p in prompts]
+
+
 def render_prompt(tokenizer, prompt: str, chat_template: bool) -> str:
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt
+    return render_prompts(tokenizer, [prompt], chat_template)[0]
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids and mask; BOS first when the tokenizer has one and no template adds it."""
     rows = []
-    for prompt in prompts:
-        ids = tokenizer.encode(render_prompt(tokenizer, prompt, chat_template), add_special_tokens=False)
+    for text in render_prompts(tokenizer, prompts, chat_template):
+        ids = tokenizer.encode(text, add_special_tokens=False)
         if tokenizer.bos_token_id is not None and not chat_template and (not ids or ids[0] != tokenizer.bos_token_id):
             ids = [tokenizer.bos_token_id, *ids]
         rows.append(ids)

@@ -265,6 +265,57 @@ def test_a_template_that_never_ends_is_stopped_in_time() -> None:
     assert time.monotonic() - started < 10
 
 
+# A template that passes the one-message probe above and attacks only the real prompts (longer than 40 chars).
+LONG_ONLY = "{% if messages[0]['content']|length > 40 %}"
+
+
+@pytest.fixture
+def char_tok():
+    from amft_lib.model import build_char_tokenizer
+
+    return build_char_tokenizer()
+
+
+def test_prompts_are_rendered_by_the_tokenizer_once_in_the_bounded_child(char_tok, monkeypatch) -> None:
+    from amft_lib import rollout
+
+    char_tok.chat_template = ("{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}"
+                              "{% if add_generation_prompt %}<a>{% endif %}")
+    calls: list[int] = []
+    real = mf.render_chat_prompts
+    monkeypatch.setattr(mf, "render_chat_prompts", lambda tok, ps: calls.append(len(ps)) or real(tok, ps))
+    prompts = ["1 + 1", "2 * 3", "1 + 1"]
+    texts = rollout.render_prompts(char_tok, prompts, chat_template=True)
+    assert texts == [char_tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                  add_generation_prompt=True) for p in prompts]
+    assert texts[0] == "<u>1 + 1</u><a>" and calls == [2]  # one child, the distinct prompts
+    assert rollout.render_prompts(char_tok, ["2 * 3"], chat_template=True) == ["<u>2 * 3</u><a>"]
+    assert calls == [2]  # cached: no second child
+    assert rollout.render_prompts(char_tok, prompts, chat_template=False) == prompts
+
+
+@pytest.mark.parametrize("attack, match", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     r"rendering took more than 1\.02 s (of CPU )?for 1 prompt\(s\)"),  # CPU or wall limit: a busy box
+    ("{{ messages[0]['content'] * 100000 }}", r"renders 4500045 characters for a prompt of 45"),
+])
+def test_a_template_that_attacks_only_real_prompts_is_stopped_at_render_time(char_tok, monkeypatch, attack,
+                                                                             match) -> None:
+    """It passes check_chat_template (the probe's message is short) and is stopped when training renders its
+    prompts: bounded CPU and output, one line, within seconds — not a hung or OOM-killed trainer."""
+    from amft_lib import rollout
+
+    template = LONG_ONLY + attack + "{% endif %}{{ messages[0]['content'] }}"
+    assert mf.check_chat_template("t", template) > 0
+    char_tok.chat_template = template
+    monkeypatch.setattr(mf, "TEMPLATE_SECONDS", 1.0)
+    started = time.monotonic()
+    with pytest.raises(mf.ModelFilesError, match=match) as err:
+        rollout.render_prompts(char_tok, ["Using the numbers 3, 7 and 12, make exactly 31"[:45]], chat_template=True)
+    assert str(err.value).startswith("the model's chat template: ") and "\n" not in str(err.value)
+    assert time.monotonic() - started < 10
+
+
 def test_templates_are_found_in_every_place_the_tokenizer_reads(tmp_path: Path) -> None:
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": [{"name": "default", "template": "A"}, {"name": "tool_use", "template": "B"}]}))
