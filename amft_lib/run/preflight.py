@@ -137,6 +137,11 @@ def run_preflight(params: Mapping[str, Any], *, job_id: str = "") -> Preflight:
             return True, "; ".join(details)
 
         attempt("scale-out", probe_scale_out)
+
+    if values.get("p0_kueue_queue"):
+        from amft_lib.run.kueue import probe_kueue
+
+        attempt("kueue", lambda: (True, probe_kueue(values["p0_kueue_queue"], values["p0_kueue_priority_class"])))
     data_uri = values["p1_data_input_uri"]
     if data_uri:
         def probe_data() -> tuple[bool, str]:

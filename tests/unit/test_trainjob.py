@@ -216,7 +216,7 @@ def test_rbac_grants_exactly_what_the_watcher_calls():
     (the log tail), bound to a service account; read from the calls the launcher's modules make."""
     import inspect
 
-    from amft_lib.run import trainjob_logs, trainjob_watch
+    from amft_lib.run import kueue, trainjob_logs, trainjob_watch
 
     role, binding = yaml.safe_load_all((Path(__file__).resolve().parents[2] / "pipelines" / "rbac" /
                                         "trainjob-launcher.yaml").read_text())
@@ -227,8 +227,10 @@ def test_rbac_grants_exactly_what_the_watcher_calls():
             if f".{verb}_namespaced_custom_object(" in source}
     logs_source = inspect.getsource(trainjob_logs)
     pods = {verb for verb in ("list", "read", "create", "delete", "patch") if f".{verb}_namespaced_pod(" in logs_source}
+    queues = {"get"} if ".get_namespaced_custom_object(" in inspect.getsource(kueue) else set()
     assert granted == {("trainer.kubeflow.org", "trainjobs"): jobs, ("", "pods"): pods,
-                       ("", "pods/log"): {"get"} if ".read_namespaced_pod_log(" in logs_source else set()}
+                       ("", "pods/log"): {"get"} if ".read_namespaced_pod_log(" in logs_source else set(),
+                       ("kueue.x-k8s.io", "localqueues"): queues}
     assert jobs == {"create", "get", "delete"} and pods == {"list"}
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"][0]["kind"] == "ServiceAccount"
