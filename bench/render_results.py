@@ -85,6 +85,9 @@ def countdown_section() -> list[str]:
         reading = second.with_name("reading.md")
         if reading.exists():
             out += [reading.read_text().strip(), ""]
+        if second.with_name("methods_countdown_curves.png").exists():
+            out += ["![SmolLM2 study: val accuracy, μ and t per meta step]"
+                    "(bench/results/study_countdown_smollm2/methods_countdown_curves.png)", ""]
     snr = RESULTS / "snr_countdown.md"
     if snr.exists():
         lines = snr.read_text().strip().splitlines()
