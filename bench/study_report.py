@@ -151,12 +151,16 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
-    for method in dict.fromkeys(r["method"] for r in runs):
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    palette = plt.get_cmap("tab20").colors  # 12+ rows: the default 10-colour cycle would repeat colours
+    for i, method in enumerate(methods):
         rs = [r for r in runs if r["method"] == method]
+        style = {"color": "black", "linewidth": 2.4} if method == "amft" else {"color": palette[(2 * i) % 20 + (
+            i >= 10)], "linewidth": 1.2}
         steps = [s for s, _ in rs[0]["curves"]["val"]]
         vals = [[v for _, v in r["curves"]["val"]] for r in rs if len(r["curves"]["val"]) == len(steps)]
-        axes[0].plot(steps, np.mean(vals, axis=0), marker=".", label=f"{method} (n={len(vals)})")
-        axes[1].plot(rs[0]["curves"]["step"], rs[0]["curves"]["mu"], label=method)
+        axes[0].plot(steps, np.mean(vals, axis=0), marker=".", label=f"{method} (n={len(vals)})", **style)
+        axes[1].plot(rs[0]["curves"]["step"], rs[0]["curves"]["mu"], label=method, **style)
         for r in rs:
             meta = [(m["step"], m["meta_grad_t"]) for m in r["curves"]["meta"] if m.get("meta_grad_t") is not None]
             if meta:
