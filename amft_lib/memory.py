@@ -17,6 +17,9 @@ trainable dtype's bytes (4 for fp32 and for peft's LoRA adapters, 2 for bf16 ful
                  central difference 1 — the direction ∂θ'/∂μ) plus the lookahead's full copies of θ
                  (`controller.LOOKAHEAD_COPIES`). At 7B full fine-tune in bf16 the per-rollout meta step saves
                  2·2 = 4 bytes/param over the backward one: 28 GB per GPU (e.g. lookahead_undo: 6 → 2 bytes/param).
+    gac          +3·t·trainable for method gac: each gradient comes as two half-batch gradients
+                 (trainer.gradient_halves); while the second loss's halves are recombined, its two halves, their
+                 mean-to-be and the first loss's half difference are alive beside g_RL — 3 buffers over the 3 above
     activations  per micro-batch, see `activation_bytes`
     overhead     CUDA context, cuBLAS workspaces, allocator fragmentation (a flat 2 GiB)
 
@@ -35,6 +38,7 @@ from amft_lib.errors import UserError
 GiB = 1 << 30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 GRAD_BUFFERS = 3  # g_RL, g_SFT, mixed .grad
+NOISE_BUFFERS = 3  # gac: the second loss's two half-batch gradients and the first loss's half difference (see above)
 OVERHEAD_BYTES = 2 * GiB
 
 
@@ -125,6 +129,7 @@ def estimate_training_memory(
     meta_buffers: int = 1,
     activations: ActivationSpec | None = None,
     kl_reference: bool = False,
+    noise_buffers: int = 0,
     overhead_bytes: int = OVERHEAD_BYTES,
     shards: int = 1,
     gathered_params: int = 0,
@@ -135,7 +140,8 @@ def estimate_training_memory(
     peft adapters, which peft keeps in fp32 whatever the base dtype. meta_step: the method computes the
     meta-gradient (meta, amft). lookahead_copies: full copies of θ the lookahead keeps (see
     controller.LOOKAHEAD_COPIES); meta_buffers: the estimator's θ-sized buffers (controller.META_BUFFERS).
-    activations: None counts none (e.g. a parameter-only estimate).
+    activations: None counts none (e.g. a parameter-only estimate). noise_buffers: θ-sized gradients gac's
+    half-batch noise estimate keeps beside the usual three (NOISE_BUFFERS).
     shards: FSDP2 world size: weights, master weights, the gradient buffers, AdamW, the meta step's
     copies and the reference model are split over it; `gathered_params` (full, unsharded) come on top
     while they are all-gathered — the whole model while sampling with distributed.fsdp_gather_for_sampling,
@@ -163,7 +169,7 @@ def estimate_training_memory(
     return MemoryEstimate(
         weights=weights,
         master_weights=per_rank(4 * trainable_params) if use_master else 0,
-        grads=per_rank(GRAD_BUFFERS * tb * trainable_params),
+        grads=per_rank((GRAD_BUFFERS + noise_buffers) * tb * trainable_params),
         optimizer=per_rank(2 * sb * trainable_params),
         meta_step=per_rank((meta_buffers + lookahead_copies) * tb * trainable_params) if meta_step else 0,
         activations=activation_bytes(activations, 2 if low_precision else wb) if activations else 0,
@@ -254,6 +260,7 @@ def estimate_for_train_config(cfg, hf_config, *, prompt_tokens: int = 256, world
         count.total, count.trainable, dtype=m.dtype, master_weights=m.master_weights, lora=m.lora,
         meta_step=meta, lookahead_copies=copies, meta_buffers=buffers, activations=spec,
         kl_reference=loss is not None and loss.kl_beta > 0,
+        noise_buffers=NOISE_BUFFERS if controller is not None and controller.method in ctl.USES_NOISE else 0,
         shards=shards, gathered_params=gathered,
     )
 

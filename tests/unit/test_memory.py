@@ -175,3 +175,23 @@ def test_estimate_for_a_train_config_follows_the_estimator():
     assert sizes["backward", "lookahead"] == 2 * sizes["jvp", "lookahead"] > 0
     assert sizes["central_difference", "lookahead"] == sizes["jvp", "lookahead"] == sizes["central_difference",
                                                                                           "current"]
+
+
+def test_gac_counts_its_half_batch_gradients():
+    """gac measures gradient noise from two half-batch gradients per loss (trainer.gradient_halves): 3 more
+    θ-sized buffers at the peak than the other methods, in the gradients' dtype, sharded like them."""
+    from transformers import LlamaConfig
+
+    from amft_lib.config import TrainConfig
+
+    hf = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                     vocab_size=256)
+    est = {}
+    for method in ("fixed", "gac"):
+        cfg = TrainConfig()
+        cfg.controller.method = method
+        est[method] = estimate_for_train_config(cfg, hf)
+    trainable = count_parameters(hf).trainable
+    assert est["gac"].grads - est["fixed"].grads == 3 * 4 * trainable  # fp32: 4 bytes each
+    assert est["gac"].total - est["fixed"].total == 3 * 4 * trainable
+    assert est["gac"].meta_step == est["fixed"].meta_step == 0  # gac samples no validation rollouts
