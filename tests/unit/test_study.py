@@ -102,6 +102,7 @@ def test_the_verdict_follows_the_paired_cis(tmp_path: Path, amft_ood: float, exp
             "seeds": list(seeds), "tuned": {"fixed": 0.5}}
     md = sr.report(tmp_path, meta, n_boot=300, out_dir=tmp_path)
     assert expected in md
+    assert "On test_id: AMFT − sft_grpo = +0.000" in md  # the other split is reported beside the target's
     assert "2 seeds" not in md and "| amft | 2 |" in md  # seeds per row are counted, not assumed
     assert "50% of 4" in md  # |t| ≥ 2 on one of the two meta steps of each of 2 seeds
     assert (tmp_path / "methods_countdown_curves.png").stat().st_size > 10_000
