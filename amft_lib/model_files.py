@@ -457,11 +457,10 @@ def render_chat_prompts(tokenizer: Any, prompts: list[str]) -> list[str]:
         return []
 
     def render() -> bytes:
-        out, total = [], 0
+        out = []
         for prompt in prompts:
             text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                  add_generation_prompt=True)
-            total += len(text)
             if len(text) > 4 * len(prompt) + RENDER_BYTES_PER_PROMPT:
                 raise _Refused(f"renders {len(text)} characters for a prompt of {len(prompt)}")
             out.append(text)
