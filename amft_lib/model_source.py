@@ -180,8 +180,7 @@ def probe_model_source(name: str, allow_download: bool = False) -> str:
         return f"hub id {name}: downloaded at load time (p3_model_allow_download=true){note}"
     if kind == "s3":
         objects = _list_s3(name)
-        _check_s3_listing(name, objects)
-        n_tensors = _check_s3_weights(name, objects)
+        n_tensors = _check_s3_weights(name, objects, _check_s3_listing(name, objects))
         total = sum(size for _, size, _ in objects)
         return (f"s3 model folder {name}: {len(objects)} files, {total / 1e9:.2f} GB, no custom code, "
                 f"{n_tensors} tensors whose safetensors headers match config.json and its architecture")
@@ -199,11 +198,7 @@ def read_model_config(name: str, allow_download: bool = False):
 
     kind = classify(name)
     if kind == "s3":
-        from amft_lib import storage
-
-        _check_s3_listing(name, _list_s3(name))  # clear error when the prefix holds no model; no auto_map
-        blob = storage.get_bytes(storage.join(name.rstrip("/"), "config.json"))
-        data = json.loads(blob)
+        data = dict(_check_s3_listing(name, _list_s3(name)))  # a clear error when no model is there; no auto_map
         return AutoConfig.for_model(data.pop("model_type"), **data)
     if kind == "hub":
         _require_download_opt_in(name, allow_download)
@@ -282,9 +277,10 @@ def _list_s3(uri: str) -> list[tuple[str, int, str]]:
     return rel
 
 
-def _check_s3_listing(uri: str, objects: list[tuple[str, int, str]]) -> None:
+def _check_s3_listing(uri: str, objects: list[tuple[str, int, str]]) -> dict:
     """Preflight's look at an S3 model folder without downloading weights: safetensors present,
-    and every config file (small, size-bounded) free of custom-code keys."""
+    and every config file (small, size-bounded) free of custom-code keys. Returns config.json, parsed
+    (the caller needs it next and must not fetch it twice)."""
     from amft_lib import storage
 
     names = [rel for rel, _, _ in objects]
@@ -292,6 +288,7 @@ def _check_s3_listing(uri: str, objects: list[tuple[str, int, str]]) -> None:
         pickled = [rel for rel in names if rel.lower().endswith(model_files.PICKLE_SUFFIXES)]
         why = f"pickle-format weights only ({', '.join(pickled[:3])})" if pickled else "no .safetensors weights"
         raise model_files.ModelFilesError(f"{uri}: {why}; only safetensors are loaded (pickles run code)")
+    config = None
     for rel, size, _ in objects:
         if rel.rsplit("/", 1)[-1] not in model_files.CONFIG_FILES:
             continue
@@ -302,9 +299,14 @@ def _check_s3_listing(uri: str, objects: list[tuple[str, int, str]]) -> None:
         except (UnicodeDecodeError, ValueError, RecursionError):
             raise model_files.ModelFilesError(f"{uri}/{rel}: not valid JSON") from None
         model_files.refuse_code(f"{uri.rstrip('/')}/{rel}", data)
+        if rel == "config.json":
+            config = data
+    if not isinstance(config, dict):  # _list_s3 saw config.json, so it was read above
+        raise model_files.ModelFilesError(f"{uri.rstrip('/')}/config.json: not a JSON object")
+    return config
 
 
-def _check_s3_weights(uri: str, objects: list[tuple[str, int, str]]) -> int:
+def _check_s3_weights(uri: str, objects: list[tuple[str, int, str]], config: dict) -> int:
     """The safetensors headers of an S3 model, read by ranged GETs (8 bytes, then the header: kilobytes, not the
     weights), checked as a local folder's are: offsets and sizes against each object's size, the embedding and
     layer count against config.json, every shape against the architecture built on the meta device. A corrupt
@@ -312,9 +314,6 @@ def _check_s3_weights(uri: str, objects: list[tuple[str, int, str]]) -> int:
     from amft_lib import storage
 
     base = uri.rstrip("/")
-    config = json.loads(storage.get_bytes(storage.join(base, "config.json")))  # bounded by _check_s3_listing
-    if not isinstance(config, dict):
-        raise model_files.ModelFilesError(f"{base}/config.json: not a JSON object")
     tensors = []
     for rel, size, _ in objects:
         if rel.endswith(".safetensors"):
