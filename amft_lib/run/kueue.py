@@ -100,6 +100,4 @@ def probe_kueue(queue: str, priority_class: str = "") -> str:
     from kubernetes import client, config
 
     config.load_incluster_config()
-    with open(scale_out.SERVICE_ACCOUNT_NAMESPACE, encoding="utf-8") as f:
-        namespace = f.read().strip()
-    return check_kueue(client.CustomObjectsApi(), namespace, queue, priority_class or "")
+    return check_kueue(client.CustomObjectsApi(), scale_out.pod_namespace(), queue, priority_class or "")

@@ -198,6 +198,13 @@ def trainjob_for(run: RunRoot, scale: ScaleOut, job: ClusterJob, namespace: str,
         active_deadline_s=job.timeout_s)
 
 
+def pod_namespace() -> str:
+    """The namespace this pod runs in, from its service account (what the pipeline's TrainJobs and Kueue
+    LocalQueue live in)."""
+    with open(SERVICE_ACCOUNT_NAMESPACE, encoding="utf-8") as f:
+        return f.read().strip()
+
+
 def launch_trainjob(run: RunRoot, scale: ScaleOut, job: ClusterJob, api: Any = None, namespace: str = "",
                     stage: str = TRAIN, core: Any = None) -> None:
     """Create (or re-attach to) `stage`'s TrainJob and wait for it (amft_lib.run.trainjob_watch),
@@ -211,9 +218,7 @@ def launch_trainjob(run: RunRoot, scale: ScaleOut, job: ClusterJob, api: Any = N
 
         config.load_incluster_config()
         api, core = client.CustomObjectsApi(), client.CoreV1Api()
-    if not namespace:
-        with open(SERVICE_ACCOUNT_NAMESPACE, encoding="utf-8") as f:
-            namespace = f.read().strip()
+    namespace = namespace or pod_namespace()
     import json
 
     from amft_lib import storage
