@@ -174,9 +174,11 @@ def plot(runs: list[dict], out: Path, stem: str = "methods") -> list[str]:
     return [str(path)]
 
 
-def h_star_at(warm: Path, wstats: dict, temperature: float, warm_config: str, data: Path) -> float:
-    """H* of the warm-start model at the rollout `temperature`: from its stats.json when measured there,
-    else measured now with the warm-start config's settings (an older warm start measured it at 1.0)."""
+def h_star_at(warm: Path, model_dir: Path, wstats: dict, temperature: float, warm_config: str, data: Path) -> float:
+    """H* of the warm-start model (in `model_dir`; its stats and the cached value in `warm`) at the rollout
+    `temperature`: from its stats.json when measured there, else measured now with the warm-start config's
+    settings (an older warm start measured it at 1.0). A warm start too big for git keeps its model apart
+    from its stats, hence the two folders."""
     if wstats.get("target_entropy_temperature", 1.0) == temperature:
         return wstats["target_entropy"]
     cache = warm / f"target_entropy_T{temperature}.json"
@@ -191,7 +193,7 @@ def h_star_at(warm: Path, wstats: dict, temperature: float, warm_config: str, da
     wcfg = apply_overrides(load_config(warm_config, WarmStartConfig), [f"entropy_temperature={temperature}"])
     rows = read_rows(data)["train"]
     h_rows = [rows[i] for i in Cursor(len(rows), wcfg.seed + 2).take(wcfg.entropy_prompts)]
-    model, tok = load_policy(wcfg.model.__class__(**{**wcfg.model.__dict__, "name": str(warm / "model")}))
+    model, tok = load_policy(wcfg.model.__class__(**{**wcfg.model.__dict__, "name": str(model_dir)}))
     value = measure_target_entropy(model, tok, h_rows, wcfg)
     cache.write_text(json.dumps({"target_entropy": value, "temperature": temperature}))
     return value
@@ -289,7 +291,7 @@ def general_points(args) -> None:
                                [f"data.path={data}", f"entropy_temperature={temperature}"])
         run_warm_start(wcfg, warm)
     wstats = json.loads((warm / "stats.json").read_text())
-    target_entropy = h_star_at(warm, wstats, temperature, args.warm_config, data)
+    target_entropy = h_star_at(warm, warm / "model", wstats, temperature, args.warm_config, data)
     common = {"config": args.config, "data": str(data), "warm_model": str(warm / "model"), "steps": args.steps,
               "target_entropy": target_entropy, "target_entropy_temperature": temperature, "extra": list(args.set)}
 

@@ -228,11 +228,11 @@ def _train(job: dict, cfg):
     """run_train from the warm start; an interrupted run resumes from its newest checkpoint. Returns the
     result and the run's training wall time, earlier processes' share included (a run resumed in a later
     session must not report only the minutes of its last piece)."""
+    from amft_lib.checkpoint import list_checkpoints
     from amft_lib.trainer import run_train
 
     run_dir = Path(job["run_dir"])
-    ckpt = run_dir / "checkpoints"
-    steps = [int(p.name.split("-")[1]) for p in ckpt.glob("step-*") if p.name.split("-")[1].isdigit()]
+    steps = [step for step, _, complete in list_checkpoints(str(run_dir)) if complete]  # what resume can use
     resume = "auto" if steps else "never"
     t0 = time.perf_counter()
     res = run_train(cfg, run_dir / "out", init_model=job["warm_model"], progress=False,
@@ -406,7 +406,7 @@ def prepare(spec: Spec, study: Path, out: Path, do_commit: bool) -> dict:
                              f"{COMMIT_MODEL_MAX >> 20} MiB) and {model} is missing: resume where it was built, "
                              "or start a new --study folder")
     wstats = json.loads((warm / "stats.json").read_text())
-    h_star = h_star_at(warm, wstats, temperature, spec.warm_config, data)
+    h_star = h_star_at(warm, model, wstats, temperature, spec.warm_config, data)
     facts = {"data_card_sha256": card_digest(data), "warm_start_digest": content_digest(model),
              "train_config": flat_config(spec)}
     return {"data": str(data), "warm_model": str(model), "warm_stats": wstats, "target_entropy": h_star,
