@@ -176,9 +176,10 @@ def test_bench_passes_h_star_measured_at_the_rollout_temperature(tmp_path):
     warm = tmp_path / "warm"
     warm.mkdir()
     stats = {"target_entropy": 0.25, "target_entropy_temperature": 2.0}
-    assert bench.h_star_at(warm, stats, 2.0, "unused.yaml", tmp_path) == 0.25  # measured there: used as is
+    model = warm / "model"
+    assert bench.h_star_at(warm, model, stats, 2.0, "unused.yaml", tmp_path) == 0.25  # measured there: used as is
     (warm / "target_entropy_T2.0.json").write_text(json.dumps({"target_entropy": 0.9, "temperature": 2.0}))
-    assert bench.h_star_at(warm, {"target_entropy": 0.25}, 2.0, "unused.yaml", tmp_path) == 0.9  # T=1 stats: not used
+    assert bench.h_star_at(warm, model, {"target_entropy": 0.25}, 2.0, "unused.yaml", tmp_path) == 0.9  # T=1: not used
 
 
 # ── checkpoints and resume (issue 12) ───────────────────────────────────────────────────────────────
