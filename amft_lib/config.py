@@ -52,12 +52,22 @@ def methods_help() -> str:
 
 
 def help_field(text: str, default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
-               le: float | None = None, lt: float | None = None) -> Any:
+               le: float | None = None, lt: float | None = None, added_later: bool = False) -> Any:
     """A dataclass field with its help text (`amft train --help-config`, the settings table) and, for
     numbers, the allowed range (checked by check_fields). The one definition every config dataclass uses
     (train, warm start, data preparation, validation, evaluation). A list or dict default is copied per
-    instance, nested lists too, so no two configs share one; no default makes the field required."""
+    instance, nested lists too, so no two configs share one; no default makes the field required.
+
+    `added_later`: a knob added after config hashes were already written into checkpoints and lineage
+    records, whose default trains exactly what the code did before it existed. While it holds that default
+    it is left out of :func:`config_hash`, so a run started before the upgrade resumes after it (the
+    SmolLM2 study's half-finished runs were refused when `controller.meta_accumulate` arrived); set to
+    anything else, it is hashed like every other field."""
     meta: dict[str, Any] = {"help": text}
+    if added_later:
+        if default is dataclasses.MISSING:
+            raise TypeError("added_later needs a default: the default is what older hashes were computed without")
+        meta["added_later"] = True
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
     if bounds:
         meta["range"] = bounds
@@ -265,7 +275,7 @@ class ControllerConfig:
         "the pooled t (μ holds in between). One meta step on Countdown is above noise (|t| ≥ 2) 10 % of the time; "
         "pooled over 4 or 8 it was 57 % / 3 of 3 (bench/results/snr_countdown.md). Every meta step still costs its "
         "validation rollouts: pooling buys evidence with decisions, not with compute. 1: decide every meta step.",
-        1, ge=1,
+        1, ge=1, added_later=True,
     )
     entropy_tolerance: float = help_field(
         "h_tol (nats): the entropy term is η_H·clip((H* − H_t)/h_tol, −1, 1), so a drift of h_tol moves μ by the full "
@@ -708,14 +718,32 @@ def config_hash(cfg: Any) -> str:
     what a 1-rank run of the same config does), so a resume under another launch gets the precise
     world-size error instead of a config mismatch, and hashes from before the section existed hold.
     `engine` likewise, except `engine.precision`, which changes the numbers: it is hashed as the top-level
-    `precision` it was before it moved into the section, so such hashes hold too."""
-    data = dict(cfg) if isinstance(cfg, Mapping) else config_to_dict(cfg)
+    `precision` it was before it moved into the section, so such hashes hold too. Fields marked
+    `added_later` (help_field) are left out while they hold their default, for the same reason. A plain dict
+    is read as a TrainConfig's (lineage records hash the dict they store)."""
+    data = copy.deepcopy(dict(cfg)) if isinstance(cfg, Mapping) else config_to_dict(cfg)
+    _drop_added_later_defaults(data, TrainConfig if isinstance(cfg, Mapping) else type(cfg))
     data.pop("distributed", None)
     engine = data.pop("engine", None)
     if isinstance(engine, Mapping) and "precision" in engine:
         data["precision"] = engine["precision"]
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _drop_added_later_defaults(data: dict, cls: type) -> None:
+    """Remove, in place, every `added_later` field of `cls` (nested sections too) whose value in `data` is
+    its default: the dict then hashes as it did before the field existed."""
+    if not dataclasses.is_dataclass(cls):
+        return
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]) and isinstance(data[f.name], dict):
+            _drop_added_later_defaults(data[f.name], hints[f.name])
+        elif f.metadata.get("added_later") and data[f.name] == f.default:
+            del data[f.name]
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

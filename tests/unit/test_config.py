@@ -95,6 +95,20 @@ def test_config_hash_follows_what_is_trained_not_how_it_is_launched():
     assert config_hash(apply_overrides(base, ["distributed.strategy=ddp"])) == config_hash(base)
 
 
+def test_a_knob_added_later_keeps_older_hashes_while_at_its_default():
+    """controller.meta_accumulate arrived after runs had written hashes; a config written before it (no key)
+    must hash like today's default, or a half-finished run is refused on resume after an upgrade."""
+    base = apply_overrides(TrainConfig(), ["controller.meta_update=evidence", "controller.meta_estimator=jvp"])
+    older = config_to_dict(base)
+    del older["controller"]["meta_accumulate"]
+    today = config_to_dict(base)
+    assert config_hash(older) == config_hash(base) == config_hash(today)
+    assert today["controller"]["meta_accumulate"] == 1  # the dict passed in is not mutated
+    pooled = apply_overrides(base, ["controller.meta_accumulate=4"])
+    assert config_hash(pooled) != config_hash(base)
+    assert config_hash(config_to_dict(pooled)) == config_hash(pooled)
+
+
 def test_describe_lists_every_leaf_key_with_its_help():
     rows = {key: (default, text) for key, default, text in describe()}
     assert rows["controller.method"][0] == "'amft'"
