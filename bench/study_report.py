@@ -95,7 +95,15 @@ def verdict(pairs: dict, progress: dict) -> str:
     if progress["done"] < progress["total"]:
         return (f"**Not answered yet**: {progress['done']} of {progress['total']} runs are finished "
                 "(the same command resumes the study); the tables below are partial.")
-    cells = {b: pairs["amft_minus"].get(b, {}).get("test_ood") for b in ("sft_grpo", "fixed")}
+
+    def found(split: str) -> dict:
+        return {b: pairs["amft_minus"].get(b, {}).get(split) for b in ("sft_grpo", "fixed")}
+
+    def detail(cells: dict) -> str:
+        return "; ".join(f"AMFT − {b} = {c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]{' **' * c['significant']}"
+                         for b, c in cells.items() if c is not None)
+
+    cells = found("test_ood")
     if any(c is None for c in cells.values()):
         return "**Not answerable**: amft, sft_grpo or fixed has no finished run."
     if all(c["significant"] and c["diff"] > 0 for c in cells.values()):
@@ -104,14 +112,9 @@ def verdict(pairs: dict, progress: dict) -> str:
         answer = "**No**: AMFT is significantly worse than at least one"
     else:
         answer = "**Not distinguishable at this budget**"
-    def detail(split: str) -> str:
-        found = {b: pairs["amft_minus"].get(b, {}).get(split) for b in ("sft_grpo", "fixed")}
-        return "; ".join(f"AMFT − {b} = {c['diff']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}]{' **' * c['significant']}"
-                         for b, c in found.items() if c is not None)
-
     # the target is out of distribution; in distribution is reported beside it so a trade is not hidden
-    return (f"{answer} on test_ood (95 % paired CI, instances × seeds; ** = excludes 0): {detail('test_ood')}. "
-            f"On test_id: {detail('test_id')}.")
+    return (f"{answer} on test_ood (95 % paired CI, instances × seeds; ** = excludes 0): {detail(cells)}. "
+            f"On test_id: {detail(found('test_id'))}.")
 
 
 def markdown(summary: dict, pairs: dict, meta: dict, k: int) -> str:
