@@ -21,19 +21,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from amft_lib.config import DataConfig
-from amft_lib.data.schema import CARD_NAME, MAX_CARD_BYTES, DataError, one_line, read_card
+from amft_lib.data.schema import CARD_NAME, MAX_CARD_BYTES, MAX_PARQUET_BYTES, DataError, one_line, read_card
 from amft_lib.regular_file import read_regular_file
 
 log = logging.getLogger(__name__)
 
-MAX_PARQUET_BYTES = 8 << 30  # 8 GiB per split file: far above any dataset here, below a /dev/zero fill
 # Columns every stage reads, as strings (id keys reports, task picks the verifier, split the role).
 REQUIRED_STRING_COLUMNS = ("id", "task", "prompt", "answer", "split")
 # Columns that may be absent or entirely null (pyarrow types an all-null column as `null`).
 OPTIONAL_STRING_COLUMNS = ("demonstration", "meta")
 
 
-def read_rows(path: str | Path) -> dict[str, list[dict]]:
+def read_rows(path: str | Path, card_sha256: str | None = None) -> dict[str, list[dict]]:
     """Rows grouped by their `split` column, in file order (deterministic).
 
     The one loader train, warm-start, evaluate and the pipeline stages use, so the integrity rules
@@ -43,13 +42,15 @@ def read_rows(path: str | Path) -> dict[str, list[dict]]:
     and a parquet file the card does not list is refused. Without a card (a single parquet file, or
     a folder of hand-written parquet) the files are read as they are, with a warning. Every file
     must hold the contract's columns as strings, and ids must be unique across the dataset.
+    `card_sha256` (a stage passes what the data gate recorded) pins the card itself the same way: the
+    card parsed is the card the gate validated, with no window between checking and reading.
 
     DataError (one line naming the file, and the column or row) for each of these.
     """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such dataset (give the folder `amft data prepare` wrote, or a parquet file)")
-    files = dataset_files(path)
+    files = dataset_files(path, card_sha256)
     splits: dict[str, list[dict]] = defaultdict(list)
     first_seen: dict[str, str] = {}
     for f, sha256 in files:
@@ -77,10 +78,13 @@ def card_digest(path: str | Path) -> str:
     return hashlib.sha256(read_regular_file(card, "dataset card", MAX_CARD_BYTES, DataError)).hexdigest()
 
 
-def dataset_files(path: Path) -> list[tuple[Path, str | None]]:
+def dataset_files(path: Path, card_sha256: str | None = None) -> list[tuple[Path, str | None]]:
     """(file, expected sha256 or None) to read: the card's files when there is a card, else the parquet
-    files found. DataError when a card-listed file is missing or escapes the folder, or a parquet file
-    is not in the card."""
+    files found. DataError when a card-listed file is missing or escapes the folder, a parquet file
+    is not in the card, or the card is not the pinned `card_sha256`."""
+    if card_sha256 is not None and not (path / CARD_NAME).exists():
+        raise DataError(f"{path / CARD_NAME}: the data gate validated a dataset card ({card_sha256[:12]}…) and "
+                        "there is none: the dataset changed after the gate")
     if not path.is_dir():
         return [(path, None)]
     try:
@@ -92,7 +96,7 @@ def dataset_files(path: Path) -> list[tuple[Path, str | None]]:
             raise DataError(f"{path}: no parquet files found (was `amft data prepare` run into it?)")
         log.warning("%s: no %s; reading %d parquet file(s) without an integrity check", path, CARD_NAME, len(found))
         return [(f, None) for f in found]
-    card = read_card(path)
+    card = read_card(path, card_sha256)
     listed: list[tuple[Path, str | None]] = []
     for split, info in sorted(card.splits.items()):
         name = str(info.file)

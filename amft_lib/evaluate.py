@@ -36,6 +36,7 @@ import gc
 import json
 import logging
 import math
+import re
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -67,6 +68,10 @@ class EvalConfig:
     model: str = _help("Candidate model: HF directory, s3:// folder, or models:/NAME@ALIAS|models:/NAME/VERSION.")
     data: str = _help("Prepared dataset (`amft data prepare` output): folder, parquet file or s3:// URI.")
     out_dir: str = _help("Where metrics.json, the reports and plots go (folder or s3:// URI).")
+    data_card_sha256: str | None = _help(
+        "sha256 of the dataset card the data gate validated: the card read must be that one (the pipeline's "
+        "evaluate stage passes the gate record's). Optional.", None
+    )
     base_model: str | None = _help(
         "Base model to compare with (same forms as `model`, or `tiny`/`smollm2-135m`). Optional.", None
     )
@@ -129,6 +134,9 @@ class EvalConfig:
         for name in ("model", "data", "out_dir"):
             if not getattr(self, name):
                 raise ConfigError(f"eval.{name} is required")
+        if self.data_card_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.data_card_sha256):
+            raise ConfigError(f"eval.data_card_sha256={self.data_card_sha256[:80]!r}: give 64 lowercase hex digits "
+                              "(the card's sha256, as the data gate records it)")
         split, _, fld = self.metric.partition(".")
         if not split or fld not in GATE_FIELDS:
             raise ConfigError(
@@ -454,7 +462,7 @@ def _load_splits(cfg: EvalConfig, work: Path) -> dict[str, list[dict]]:
         data = str(local)
     elif storage.is_s3(data):
         data = str(_stage_folder(data, work / "data"))
-    all_rows = read_rows(data)
+    all_rows = read_rows(data, cfg.data_card_sha256)
     splits = {}
     for split in cfg.splits:
         rows = all_rows.get(split) or []

@@ -69,6 +69,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE",
                    help="engine setting, repeatable, e.g. --engine kv_cache=dynamic (see engine.* in --help-config)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI for models:/ URIs")
+    p.add_argument("--data-card-sha256", help="refuse the data unless its card.json has this sha256 (the data gate's "
+                   "record; an audit re-runs evaluation on exactly the validated dataset)")
     p.add_argument("--fail-if-not-blessed", action="store_true", help="exit 1 when the model is not blessed")
     p.set_defaults(handler=_evaluate)
 
@@ -85,7 +87,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "pass_k": args.pass_k, "n_samples": args.n_samples, "temperature": args.temperature,
         "max_new_tokens": args.max_new_tokens, "max_examples": args.max_examples, "batch_size": args.batch_size,
         "task": args.task, "seed": args.seed, "device": args.device, "dtype": args.dtype,
-        "tracking_uri": args.tracking_uri,
+        "tracking_uri": args.tracking_uri, "data_card_sha256": args.data_card_sha256,
         "splits": [s.strip() for s in args.splits.split(",") if s.strip()] if args.splits else None,
         "chat_template": args.chat_template or None,
     }

@@ -220,10 +220,11 @@ def _parquet_records(path: Path, handle: pq.ParquetFile, max_row_bytes: int) -> 
         offset += len(rows)
 
 
-def read_parquet_table(path: Path) -> pa.Table:
-    """`pq.read_table` with every failure (not parquet, truncated, bad UTF-8) as one DataError line."""
+def read_parquet_table(path: Path, data: bytes | None = None) -> pa.Table:
+    """`pq.read_table` with every failure (not parquet, truncated, bad UTF-8) as one DataError line naming
+    `path`; from `data` when given (bytes already read and hashed), else from the file."""
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(pa.BufferReader(data) if data is not None else path)
         table.validate(full=True)  # checks string columns hold valid UTF-8
         _ = table.column_names  # non-UTF-8 column names only fail when decoded
         return table

@@ -32,6 +32,7 @@ EVAL_SPLITS: tuple[str, ...] = ("val", "test_id", "test_ood")
 NULLABLE_COLUMNS: frozenset[str] = frozenset({"demonstration"})
 CARD_NAME = "card.json"
 MAX_CARD_BYTES = 16 << 20  # a card lists a few splits and inputs: kilobytes
+MAX_PARQUET_BYTES = 8 << 30  # 8 GiB per split file: far above any dataset here, below a /dev/zero fill
 CARD_VERSION = 1
 
 # Every column is a string; only `demonstration` may be null (rows without a worked solution
@@ -228,19 +229,33 @@ class DatasetCard:
             raise DataError(f"dataset card is malformed: {one_line(exc)}") from None
 
 
-def read_card(dataset_dir: Path) -> DatasetCard:
-    """Read `card.json` from a prepared dataset directory (a regular file of at most MAX_CARD_BYTES: a
-    FIFO or device named card.json must not hang the loader of every stage)."""
+def read_card(dataset_dir: Path, sha256: str | None = None) -> DatasetCard:
+    """Read `card.json` from a prepared dataset directory; `sha256` pins it (see load_card)."""
+    return load_card(dataset_dir, sha256)[0]
+
+
+def load_card(dataset_dir: Path, sha256: str | None = None) -> tuple[DatasetCard, str]:
+    """`card.json` of a prepared dataset directory (a regular file of at most MAX_CARD_BYTES: a FIFO or
+    device named card.json must not hang the loader of every stage) and the sha256 of its bytes.
+
+    The bytes hashed are the bytes parsed: the data gate records the digest of the card it validated, and
+    a stage passes that digest back as `sha256`, so a card swapped at any moment after the gate (even
+    between a stage's check of the gate record and its read of the rows) is refused, not trusted."""
     path = dataset_dir / CARD_NAME
     if not path.exists() and not path.is_symlink():
         raise DataError(f"{path}: no dataset card (was `amft data prepare` run to completion?)")
+    raw = read_regular_file(path, "dataset card", MAX_CARD_BYTES, DataError)
+    digest = hashlib.sha256(raw).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise DataError(f"{path}: sha256 {digest[:12]}… is not the card the data gate validated ({sha256[:12]}…): "
+                        "the dataset changed after the gate")
     try:
-        data = json.loads(read_regular_file(path, "dataset card", MAX_CARD_BYTES, DataError).decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise DataError(f"{path}: cannot read dataset card: {one_line(exc)}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: dataset card must be a JSON object")
-    return DatasetCard.from_dict(data)
+    return DatasetCard.from_dict(data), digest
 
 
 def one_line(exc: BaseException) -> str:

@@ -14,6 +14,7 @@ actually runs, and one ephemeral context is reused for the life of the process.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import logging
@@ -33,6 +34,7 @@ from amft_lib.data.schema import (
     CARD_NAME,
     COLUMNS,
     EVAL_SPLITS,
+    MAX_PARQUET_BYTES,
     NULLABLE_COLUMNS,
     SPLITS,
     TEXT_COLUMNS,
@@ -40,12 +42,12 @@ from amft_lib.data.schema import (
     DatasetCard,
     DataWriteError,
     check_writable_dir,
+    load_card,
     one_line,
-    read_card,
     row_control_character,
-    sha256_file,
     write_text,
 )
+from amft_lib.regular_file import read_regular_file
 from amft_lib.tasks import Task, get_task, known_tasks
 
 TokenCounter = Callable[[str], int]
@@ -139,6 +141,7 @@ class ValidationResult:
     html_path: Path
     gx_result: dict[str, Any]
     timings: dict[str, float]
+    card_sha256: str | None = None  # of the card bytes validated: what the gate records and later stages pin
 
 
 def run_validate(cfg: ValidateConfig, count_tokens: TokenCounter | None = None) -> ValidationResult:
@@ -153,7 +156,7 @@ def run_validate(cfg: ValidateConfig, count_tokens: TokenCounter | None = None) 
     out_dir = Path(cfg.out_dir) if cfg.out_dir else (dataset if dataset.is_dir() else dataset.parent) / "validation"
     check_writable_dir(out_dir, "cannot write the validation reports")  # before GX (~3 s) and any write
     try:
-        tables, card = load_dataset(dataset, cfg.check_card)
+        tables, card, card_sha256 = load_dataset(dataset, cfg.check_card)
     except DataError:
         raise
     except OSError as exc:  # permission denied on a split file or the folder
@@ -188,7 +191,8 @@ def run_validate(cfg: ValidateConfig, count_tokens: TokenCounter | None = None) 
         raise DataWriteError(f"{out_dir}: cannot write the validation reports: {one_line(exc)}") from None
     t4 = time.perf_counter()
     timings = {"load_s": t1 - t0, "checks_s": t2 - t1, "gx_s": t3 - t2, "report_s": t4 - t3, "total_s": t4 - t0}
-    return ValidationResult(passed, task_name, statistics, failures, json_path, md_path, html_path, gx_result, timings)
+    return ValidationResult(passed, task_name, statistics, failures, json_path, md_path, html_path, gx_result, timings,
+                            card_sha256)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,25 +200,35 @@ def run_validate(cfg: ValidateConfig, count_tokens: TokenCounter | None = None) 
 
 
 
-def load_dataset(path: Path, check_card: bool = True) -> tuple[list[pa.Table], DatasetCard | None]:
-    """Read the split files of a prepared dataset (or one parquet file) as arrow tables."""
+def load_dataset(path: Path, check_card: bool = True) -> tuple[list[pa.Table], DatasetCard | None, str | None]:
+    """The split files of a prepared dataset (or one parquet file) as arrow tables, its card and the
+    card's sha256. With `check_card`, each file's bytes are hashed and parsed from one read, so the
+    tables validated are the bytes the card names (not a file swapped between hashing and parsing)."""
     if path.is_file():
-        return [read_parquet_table(path)], None
+        return [read_parquet_table(path)], None, None
     if not path.is_dir():
         raise DataError(f"{path}: no such dataset (expected a directory from `amft data prepare` or a parquet file)")
-    card = read_card(path) if (path / CARD_NAME).exists() else None
-    if card is not None:
-        files = [path / info.file for info in card.splits.values()]
-        for info, file in zip(card.splits.values(), files, strict=True):
-            if not file.is_file():
-                raise DataError(f"{file}: listed in {CARD_NAME} but missing")
-            if check_card and sha256_file(file) != info.sha256:
-                raise DataError(f"{file}: sha256 differs from {CARD_NAME}; the file changed after prepare")
-    else:
+    if not (path / CARD_NAME).exists():
         files = sorted(path.glob("*.parquet"))
-    if not files:
+        if not files:
+            raise DataError(f"{path}: no parquet files to validate")
+        return [read_parquet_table(file) for file in files], None, None
+    card, card_sha256 = load_card(path)
+    tables = []
+    for info in card.splits.values():
+        file = path / info.file
+        if not file.is_file():
+            raise DataError(f"{file}: listed in {CARD_NAME} but missing")
+        if not check_card:
+            tables.append(read_parquet_table(file))
+            continue
+        data = read_regular_file(file, "dataset file", MAX_PARQUET_BYTES, DataError)
+        if hashlib.sha256(data).hexdigest() != info.sha256:
+            raise DataError(f"{file}: sha256 differs from {CARD_NAME}; the file changed after prepare")
+        tables.append(read_parquet_table(file, data))
+    if not tables:
         raise DataError(f"{path}: no parquet files to validate")
-    return [read_parquet_table(file) for file in files], card
+    return tables, card, card_sha256
 
 
 def _resolve_task(name: str | None, card: DatasetCard | None, tables: list[pa.Table]) -> str:

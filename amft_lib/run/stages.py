@@ -107,10 +107,9 @@ def validate_stage(run: RunRoot, dataset_dir: str, *, html_path: str, markdown_p
         shutil.copyfile(result.markdown_path, markdown_path)
         publish(tmp, run.validation)
     failed = [f.check for f in result.failures]
-    from amft_lib.dataset import card_digest
-
+    # the digest of the card bytes the suite validated, not a second read that could see another card
     put_json(run.gate, {"passed": result.passed, "failed_checks": failed, "statistics": result.statistics,
-                        "card_sha256": card_digest(dataset_dir)})
+                        "card_sha256": result.card_sha256})
     out = StageOutcome(metadata={"report_md": {"failed_checks": failed}}, value=result.passed)
     keys = ("evaluated_expectations", "successful_expectations", "unsuccessful_expectations", "success_percent")
     out.add_metrics({k: result.statistics.get(k) for k in keys})
@@ -162,9 +161,10 @@ def warm_start_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model_
             result = _read_json(run.warm_start_result)
         else:
             work = Path(tmp, "warm_start")
-            check_gated(run, dataset_dir)
+            gated = check_gated(run, dataset_dir)
             # checkpoints under <run>/warm_start/checkpoints/; a retried task resumes from the newest verified one
-            result = _warm_start_record(run_warm_start(cfg, work, splits=read_rows(dataset_dir), init_model=str(base),
+            result = _warm_start_record(run_warm_start(cfg, work, splits=read_rows(dataset_dir, gated),
+                                                       init_model=str(base),
                                                        checkpoint_root=run.uri, resume="auto"))
             publish(work, run.warm_start)
             publish(base, run.base_model)
@@ -234,12 +234,12 @@ def train_stage(run: RunRoot, dataset_dir: str, config_json: str, *, target_entr
                                      resumed_from_step=max(done, default=0), run_dir=run_dir, model_dir=model_dir,
                                      curves_path=curves_path)
     arm_train_fault(run)
-    check_gated(run, dataset_dir)
+    gated = check_gated(run, dataset_dir)
     with tempfile.TemporaryDirectory(prefix="amft-init-model-") as staging, \
             track_stage(tracking_uri or None, run.run_id, "train", config_to_dict(cfg), run_dir,
                         artifact_root=run.mlflow_artifacts, checkpoint_root=run.uri):
-        result = run_train(cfg, run_dir, init_model=open_model(init_model, staging), splits=read_rows(dataset_dir),
-                       progress=False, checkpoint_root=run.uri, resume="auto")
+        result = run_train(cfg, run_dir, init_model=open_model(init_model, staging),
+                           splits=read_rows(dataset_dir, gated), progress=False, checkpoint_root=run.uri, resume="auto")
     summary = _publish_training(run, cfg, result, run_dir, resumed_from_step=max(done, default=0))
     return _train_outcome(run, summary, run_dir=run_dir, model_dir=model_dir, curves_path=curves_path)
 
@@ -338,8 +338,8 @@ def _worker_inputs(run: RunRoot, stage: str) -> Iterator[tuple[dict[str, Any], i
         data = Path(tmp, "data")
         if not storage.download_prefix(run.data, data):
             raise ScaleOutError(f"{run.data}: no prepared data under the run root")
-        check_gated(run, data)
-        yield spec, rank, read_rows(str(data)), stage_model(spec["init_model"], Path(tmp, "init_model")), tmp
+        gated = check_gated(run, data)
+        yield spec, rank, read_rows(str(data), gated), stage_model(spec["init_model"], Path(tmp, "init_model")), tmp
 
 
 def train_worker_stage(run: RunRoot) -> None:
@@ -370,21 +370,23 @@ def _read_json(uri: str) -> dict[str, Any]:
     return read_json(uri)
 
 
-def check_gated(run: RunRoot, dataset_dir: str | Path) -> None:
+def check_gated(run: RunRoot, dataset_dir: str | Path) -> str | None:
     """The dataset a GPU stage is about to read is the one the data gate passed: its card.json has the
     sha256 the gate recorded (and read_rows then checks every file against that card). Why: read_rows
     alone accepts a dataset whose files *and* card were rewritten together after the gate, since the
     card is the only reference it has; the gate record in the run root is a second, earlier one.
 
-    No gate record (a stage called outside the pipeline, e.g. in tests) is logged and allowed: the DAG
-    never reaches a GPU stage without one."""
+    Returns that sha256 for the stage to pass on as `read_rows(..., card_sha256=)`: checked here first so
+    a changed dataset fails before a model is staged, and again on the bytes read_rows parses, so a card
+    swapped in between is refused too. No gate record (a stage called outside the pipeline, e.g. in
+    tests) is logged and allowed (None): the DAG never reaches a GPU stage without one."""
     from amft_lib import storage
     from amft_lib.data.schema import DataError
     from amft_lib.dataset import card_digest
 
     if not storage.exists(run.gate):
         log.warning("%s: no data-gate record; the dataset is not bound to a gate verdict", run.gate)
-        return
+        return None
     gate = _read_json(run.gate)
     if gate.get("passed") is not True:
         raise DataError(f"{run.gate}: the data gate did not pass this run's dataset ({gate.get('failed_checks')})")
@@ -393,6 +395,7 @@ def check_gated(run: RunRoot, dataset_dir: str | Path) -> None:
         raise DataError(f"{Path(dataset_dir) / 'card.json'}: sha256 {digest[:12]}… is not the card the data gate "
                         f"validated ({str(gate.get('card_sha256'))[:12]}… in {run.gate}): the dataset changed after "
                         "the gate")
+    return digest
 
 
 def arm_train_fault(run: RunRoot) -> None:
@@ -439,10 +442,11 @@ def evaluate_stage(run: RunRoot, dataset_dir: str, config_json: str, *, model: s
     from amft_lib.evaluate import EvalConfig, run_evaluate
 
     cfg = config_from_dict(json.loads(config_json), TrainConfig)  # typed and validated, as the train stage reads it
-    check_gated(run, dataset_dir)
+    gated = check_gated(run, dataset_dir)
     # the models by their run-root URIs (what the report and metrics.json name); evaluate stages them
     result = run_evaluate(EvalConfig(
-        model=model_uri(model), data=dataset_dir, out_dir=run.eval, base_model=model_uri(base_model),
+        model=model_uri(model), data=dataset_dir, data_card_sha256=gated, out_dir=run.eval,
+        base_model=model_uri(base_model),
         warm_start_model=model_uri(warm_start_model), champion_model=f"models:/{registry_model_name}@champion",
         run_dir=train_run, tracking_uri=registry_tracking_uri or None, metric=metric, threshold=threshold,
         max_regression=max_regression, warm_start_check=warm_start_check, pass_k=pass_k, n_samples=n_samples,

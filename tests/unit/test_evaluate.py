@@ -74,6 +74,7 @@ def test_pass_at_k_rejects_impossible_counts(n, c, k):
         ({"threshold": 1.5}, r"\[0, 1\]"),
         ({"splits": ["test"]}, "choose from"),
         ({"model": ""}, "eval.model is required"),
+        ({"data_card_sha256": "ABC"}, r"eval.data_card_sha256='ABC': give 64 lowercase hex"),
     ],
 )
 def test_eval_config_rejects_bad_values(overrides, match):
@@ -202,6 +203,14 @@ def test_cli_evaluate_and_error_line(tiny_setup, tmp_path, capsys):
     assert cli.main(["evaluate", "--model", "x", "--data", str(tmp_path / "nope"), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
+
+    # a pinned card (an audit re-scoring exactly the dataset the gate validated): this folder has none
+    pinned = tmp_path / "pinned"
+    assert cli.main(["evaluate", "--model", str(tiny_setup["candidate"]), "--data", str(tiny_setup["data"]),
+                     "--out", str(pinned), "--data-card-sha256", "0" * 64, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "card.json: the data gate validated a dataset card (000000000000…)" in err[0]
+    assert not (pinned / "metrics.json").exists()
 
 
 def test_comparison_scores_are_cached_by_model_content(tiny_setup, tmp_path, monkeypatch):

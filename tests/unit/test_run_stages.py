@@ -77,7 +77,8 @@ def test_a_gpu_stage_reads_only_the_dataset_the_gate_passed(gated):
     from amft_lib.run.stages import check_gated
 
     run, data = gated
-    check_gated(run, data)  # untouched: allowed
+    pinned = check_gated(run, data)  # untouched: allowed, and the card the gate validated is returned
+    assert pinned == card_digest(data)
     # Rewrite a split file AND its card together: read_rows alone has no other reference and accepts it ...
     card = json.loads((data / "card.json").read_text())
     train = data / card["splits"]["train"]["file"]
@@ -90,6 +91,28 @@ def test_a_gpu_stage_reads_only_the_dataset_the_gate_passed(gated):
     with pytest.raises(DataError, match=r"card\.json: sha256 .* is not the card the data gate validated"):
         check_gated(run, data)
     assert card_digest(data) != json.loads(Path(run.gate).read_text())["card_sha256"]
+    # a stage that checked the gate *before* the rewrite reads with the digest it got: the swapped card is
+    # refused on the bytes read_rows parses, so there is no window between the check and the read
+    with pytest.raises(DataError, match=r"card\.json: sha256 .* is not the card the data gate validated"):
+        read_rows(data, pinned)
+    (data / "card.json").unlink()
+    with pytest.raises(DataError, match=r"card\.json: the data gate validated a dataset card .* there is none"):
+        read_rows(data, pinned)
+
+
+def test_the_gate_records_the_card_it_validated(tmp_path):
+    """validate_stage writes the digest of the card bytes the suite read (run_validate's), so the record
+    cannot name a card that arrived after the validation."""
+    from amft_lib.data.prepare import PrepareConfig, run_prepare
+    from amft_lib.data.validate import ValidateConfig, run_validate
+    from amft_lib.dataset import card_digest
+
+    data = tmp_path / "data"
+    run_prepare(PrepareConfig(out_dir=str(data), train_size=20, val_size=4, test_id_size=4, test_ood_size=4))
+    result = run_validate(ValidateConfig(dataset=str(data), out_dir=str(tmp_path / "v"), min_rows={"train": 1}))
+    assert result.card_sha256 == card_digest(data)
+    one = sorted(data.glob("*.parquet"))[0]
+    assert run_validate(ValidateConfig(dataset=str(one), out_dir=str(tmp_path / "v1"))).card_sha256 is None
 
 
 def test_a_failed_or_missing_gate_record(gated, caplog):
@@ -104,5 +127,5 @@ def test_a_failed_or_missing_gate_record(gated, caplog):
     import os
 
     os.remove(run.gate)
-    check_gated(run, data)  # outside the pipeline (no gate ran): allowed, and said
+    assert check_gated(run, data) is None  # outside the pipeline (no gate ran): allowed, and said
     assert "no data-gate record" in caplog.text
