@@ -48,6 +48,13 @@ STUDY = RESULTS / "study_countdown"
 # with amft's meta rollouts given to it as training rollouts.
 METHODS = ("sft", "grpo", "sft_grpo", "sft_grpo_rl50", "fixed", "fixed_budget", "chord", "hpt", "gac", "entropy",
            "meta", "amft")
+# Follow-up rows, run only when named with --methods and reported beside the question's rows (never counted
+# in its progress or verdict). The answer found μ decided by the entropy term (h_tol 0.05 drove amft to mu_max)
+# and a meta term above noise on 9 % of meta steps; these give the meta term its best chance: its evidence
+# pooled over 4 meta steps (the SNR records: pooled |t| ≥ 2 on 57 %), with and without the entropy drive
+# (entropy_tolerance 0 is the raw Eq. 6 term, ≤ 0.0025 a step here). Each is amft plus these overrides.
+FOLLOW_UPS = {"amft_pooled": ("controller.meta_accumulate=4",),
+              "amft_pooled_raw_entropy": ("controller.meta_accumulate=4", "controller.entropy_tolerance=0")}
 TEST_SPLITS = ("test_id", "test_ood")
 TUNED = {"sft_grpo": "controller.switch_step", "fixed": "controller.mu_init"}
 EVIDENCE = ("meta", "amft")  # run with the evidence-scaled controller (controller.meta_update=evidence)
@@ -120,6 +127,8 @@ def method_overrides(method: str, spec: Spec, tuned: dict[str, float], amft_cfg=
                 f"rollout.prompts_per_step={amft_cfg.rollout.prompts_per_step + extra_prompts}"]
     if method in EVIDENCE:
         return [f"controller.method={method}", "controller.meta_update=evidence"]
+    if method in FOLLOW_UPS:
+        return [*method_overrides("amft", spec, tuned), *FOLLOW_UPS[method]]
     return [f"controller.method={method}"]
 
 
@@ -551,6 +560,7 @@ def apply_model_preset(args) -> None:
         args.warm_config = args.warm_config or SMOLLM2["warm_config"]
         args.study = args.study or str(RESULTS / SMOLLM2["study"])
         args.methods = args.methods or SMOLLM2["methods"]
+        args.question = SMOLLM2["methods"]
         args.seeds = args.seeds or SMOLLM2["seeds"]
         args.out = args.out or "bench/out/study_countdown_smollm2"
         args.steps = args.steps or SMOLLM2["steps"]
@@ -592,6 +602,20 @@ def canonical_command(argv: Sequence[str]) -> str:
     return " ".join(["amft bench methods", *out])
 
 
+def without_methods(argv: Sequence[str]) -> list[str]:
+    """argv without `--methods A B …`: which rows an invocation runs is not the study's question."""
+    out, dropping = [], False
+    for arg in argv:
+        if arg == "--methods" or arg.startswith("--methods="):
+            dropping = arg == "--methods"
+            continue
+        if dropping and not arg.startswith("-"):
+            continue
+        dropping = False
+        out.append(arg)
+    return out
+
+
 def spec_from_args(args) -> Spec:
     return Spec(given=_given(args.tuned), steps=args.steps, seeds=tuple(args.seeds), config=args.config,
                 warm_config=args.warm_config, overrides=tuple(args.set), eval_rows=args.eval_rows,
@@ -605,9 +629,11 @@ def main(args) -> None:
     import study_report
 
     spec = spec_from_args(args)
-    unknown = [m for m in spec.methods if m not in METHODS]
+    known = (*METHODS, *FOLLOW_UPS)
+    unknown = [m for m in spec.methods if m not in known]
     if unknown:
-        raise SystemExit(f"error: --methods: {', '.join(unknown)} not in the study; choose from {', '.join(METHODS)}")
+        raise SystemExit(f"error: --methods: {', '.join(unknown)} not in the study; choose from {', '.join(known)}")
+    question = list(getattr(args, "question", METHODS))  # the rows the verdict and its progress count
     if spec.steps < 50:
         raise SystemExit(f"error: --steps={spec.steps}: the study's SFT→RL variant needs at least 50 RL steps")
     bad = [] if spec.given else [s for s in spec.switch_grid if not 0 < s < spec.steps]  # no sweep when given
@@ -623,7 +649,7 @@ def main(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    command = canonical_command(sys.argv[1:])
+    command = canonical_command(without_methods(sys.argv[1:]))  # the question's, whichever rows run now
     if args.commit:
         check_committable(study)
     prep = prepare(spec, study, out, args.commit)
@@ -638,7 +664,12 @@ def main(args) -> None:
     def meta() -> dict:
         tuned = load_tuned(spec, study)
         tuning = [read_json(study / "tuning" / f"{t['name']}.json") for t in tuning_jobs(spec)]
-        return {"command": command, "spec": asdict(spec), "methods": list(spec.methods), "seeds": list(spec.seeds),
+        # the question's rows, then any row asked for now or already recorded (a follow-up run last session)
+        extra = [m for m in (*METHODS, *FOLLOW_UPS) if m not in question and (
+            m in spec.methods or any(run_path(study, m, s).exists() for s in spec.seeds))]
+        follow = {"rows": extra, "command": f"{command} --methods {' '.join(extra)}"} if extra else None
+        return {"command": command, "spec": asdict(spec), "methods": question + extra, "question": question,
+                "follow_up": follow, "seeds": list(spec.seeds),
                 "tuned": tuned, "tuning": [{k: r[k] for k in ("name", "value", "val_accuracy", "n_val", "overrides")}
                                            for r in tuning if r is not None],
                 "warm_start": prep["warm_stats"], "target_entropy": prep["target_entropy"], **prep["facts"]}

@@ -120,7 +120,10 @@ def verdict(pairs: dict, progress: dict) -> str:
 def markdown(summary: dict, pairs: dict, meta: dict, k: int) -> str:
     names = [n for n, _, _ in metric_names(k)]
     p = meta["progress"]
+    follow = meta.get("follow_up")
     lines = [f"Command: `{meta['command']}`  ",
+             *([f"Follow-up rows (beside the question's; not in its verdict or progress): "
+                f"{', '.join(follow['rows'])} — `{follow['command']}`  "] if follow else []),
              f"Progress: {p['done']}/{p['total']} runs ({meta['spec']['steps']} RL steps each, seeds "
              f"{list(meta['seeds'])}); tuned on val: {meta['tuned'] or 'pending'}", "", verdict(pairs, p), "",
              f"Greedy pass@1 on every instance of each test split, pass@{k} on the first {meta['spec']['pass_k_rows']} "
@@ -201,7 +204,9 @@ def report(study: Path, meta: dict, n_boot: int, out_dir: Path = RESULTS, out_st
 
     methods, seeds, k = tuple(meta["methods"]), tuple(meta["seeds"]), meta["spec"]["pass_k"]
     warm, runs = load(study, methods, seeds)
-    meta = {**meta, "progress": {"done": len(runs), "total": len(methods) * len(seeds)}}
+    question = set(meta.get("question", methods))  # follow-up rows are reported, not counted as progress
+    meta = {**meta, "progress": {"done": sum(r["method"] in question for r in runs),
+                                 "total": len(question) * len(seeds)}}
     summary = summarise(warm, runs, k)
     pairs = paired(warm, runs, k, n_boot) if runs else {"amft_minus": {}, "minus_warm_start": {}}
     light = [{k2: v for k2, v in r.items() if k2 not in ("instances", "curves", "config")}

@@ -30,6 +30,11 @@ def test_rows_train_what_their_names_say():
     assert sc.method_overrides("fixed", spec, tuned)[-1] == "controller.mu_init=0.75"
     assert "controller.meta_update=evidence" in sc.method_overrides("amft", spec, tuned)
     assert sc.method_overrides("grpo", spec, tuned) == ["controller.method=grpo"]
+    # follow-up rows are amft plus their own settings, each of which the config accepts
+    pooled = sc.method_overrides("amft_pooled_raw_entropy", spec, tuned)
+    assert pooled[:2] == sc.method_overrides("amft", spec, tuned)
+    cfg = apply_overrides(load_config(CONFIG), pooled)
+    assert (cfg.controller.method, cfg.controller.meta_accumulate, cfg.controller.entropy_tolerance) == ("amft", 4, 0)
 
 
 def test_fixed_budget_gets_amfts_meta_rollouts_as_training_prompts():
@@ -106,6 +111,13 @@ def test_the_verdict_follows_the_paired_cis(tmp_path: Path, amft_ood: float, exp
     assert "2 seeds" not in md and "| amft | 2 |" in md  # seeds per row are counted, not assumed
     assert "50% of 4" in md  # |t| ≥ 2 on one of the two meta steps of each of 2 seeds
     assert (tmp_path / "methods_countdown_curves.png").stat().st_size > 10_000
+    # a follow-up row is reported beside the question's rows but counts in neither its progress nor verdict
+    sc.write_json(sc.run_path(tmp_path, "amft_pooled", 0), _record("amft_pooled", 0, 0.3, 0.3))
+    follow = {**meta, "methods": [*methods, "amft_pooled"], "question": list(methods),
+              "follow_up": {"rows": ["amft_pooled"], "command": "x --methods amft_pooled"}}
+    md = sr.report(tmp_path, follow, n_boot=300, out_dir=tmp_path)
+    assert expected in md and "| amft_pooled | 1 |" in md and "6/6 runs" in md
+    assert "Follow-up rows (beside the question's; not in its verdict or progress): amft_pooled" in md
     sc.run_path(tmp_path, "fixed", 1).unlink()  # an unfinished study never claims an answer
     assert "**Not answered yet**: 5 of 6 runs" in sr.report(tmp_path, meta, n_boot=300, out_dir=tmp_path)
 
@@ -132,6 +144,10 @@ def test_records_land_where_git_can_commit_them(tmp_path: Path):
 def test_the_reported_command_is_the_question_not_how_it_ran():
     argv = ["--task", "countdown", "--workers", "1", "--commit", "--seeds", "0", "1", "--n-boot=200", "--report-only"]
     assert sc.canonical_command(argv) == "amft bench methods --task countdown --seeds 0 1"
+    # which rows run is not the question either: a follow-up invocation names the study it extends
+    argv = ["--task", "countdown", "--methods", "amft_pooled", "amft_pooled_raw_entropy", "--commit", "--seeds", "0"]
+    assert sc.canonical_command(sc.without_methods(argv)) == "amft bench methods --task countdown --seeds 0"
+    assert sc.without_methods(["--methods=amft", "--steps", "60"]) == ["--steps", "60"]
 
 
 def test_a_resumed_runs_wall_time_counts_its_earlier_processes():
