@@ -175,3 +175,51 @@ def save_policy(model: torch.nn.Module, tokenizer, out_dir: str | Path, *, max_n
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def save_adapter(model: torch.nn.Module, out_dir: str | Path) -> Path:
+    """The LoRA adapter alone, in PEFT's format (adapter_config.json + adapter_model.safetensors), beside
+    the merged model save_policy writes. Why both: the merged folder is what evaluation, the registry and
+    serving load without peft; the adapter is what the run *added* — ~5 MB for SmolLM2-135M r=16 against
+    ~540 MB merged — so it can be kept where the merged model cannot (a study's git history, a registry of
+    adapters), and merge_adapter turns it back into the same merged weights."""
+    import shutil
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)  # a PeftModel saves only its adapter
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def merge_adapter(cfg: ModelConfig, adapter_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
+    """Rebuild a LoRA run's merged model from its base (`cfg`, LoRA-wrapped exactly as training wrapped
+    it; `seed` rebuilds a `tiny` base) and the adapter save_adapter wrote: the merge is the same
+    W + scale·B·A on the same base weights, so the folder has the content digest the run's own did.
+    ModelError when the adapter does not fit the base (a missing or unexpected LoRA tensor)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if not cfg.lora:
+        raise ModelError(f"{adapter_dir}: merging an adapter needs model.lora=true (the base config it was trained on)")
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise ModelError(f"{weights}: no adapter weights (save_adapter writes {ADAPTER_WEIGHTS})")
+    model, tokenizer = load_policy(cfg, device="cpu", seed=seed)
+    state = load_file(str(weights))
+    fits = f"does not fit model.name={cfg.name!r} with r={cfg.lora_r} on {list(cfg.lora_targets)}"
+    try:
+        loaded = set_peft_model_state_dict(model, state)
+    except RuntimeError as exc:  # a tensor of another shape (another rank or base)
+        raise ModelError(f"{weights}: {fits}: {' '.join(str(exc).split())[:200]}") from None
+    missing = [k for k in loaded.missing_keys if "lora_" in k]
+    if missing or loaded.unexpected_keys or not state:
+        first = (missing or list(loaded.unexpected_keys) or ["no tensors"])[0]
+        raise ModelError(f"{weights}: {fits} ({len(missing)} LoRA tensors missing, "
+                         f"{len(loaded.unexpected_keys)} unexpected; first: {first})")
+    return save_policy(model, tokenizer, out_dir)

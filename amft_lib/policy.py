@@ -21,7 +21,7 @@ from amft_lib import distributed
 from amft_lib.distributed import SINGLE, Dist
 from amft_lib.engine import EAGER, Engine
 from amft_lib.losses import sft_loss
-from amft_lib.model import load_policy, save_policy
+from amft_lib.model import load_policy, save_adapter, save_policy
 from amft_lib.rollout import TokenBatch, completion_logprobs, kv_cache_mode
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,8 @@ class Policy:
 def save_final_policy(policy: Policy, model_cfg, model_dir: Path) -> None:
     """The final model as a plain HF directory, written by rank 0. Under FSDP2 no rank holds the whole
     model: every rank takes part in gathering the full state dict (to CPU), and rank 0 loads it into a
-    fresh, unsharded copy of the model to save that."""
+    fresh, unsharded copy of the model to save that. A LoRA run also leaves its adapter in `adapter/`
+    beside `model_dir` (save_adapter: a few MB, from which merge_adapter rebuilds the merged folder)."""
     model, dist = policy.generate, policy.dist
     if dist.sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -78,6 +79,8 @@ def save_final_policy(policy: Policy, model_cfg, model_dir: Path) -> None:
             model.load_state_dict(full)
     if dist.is_main:
         save_policy(model, policy.tokenizer, model_dir)
+        if model_cfg.lora:
+            save_adapter(model, Path(model_dir).with_name("adapter"))
     dist.barrier()  # the model directory exists on return, whichever rank returns first
 
 

@@ -403,13 +403,21 @@ def prepare(spec: Spec, study: Path, out: Path, do_commit: bool) -> dict:
         big = _bytes(built / "model") > COMMIT_MODEL_MAX
         if not big:  # committed, so a fresh checkout resumes from the same model
             shutil.copytree(built / "model", tmp / "model")
+        elif (built / "adapter").is_dir() and _bytes(built / "adapter") <= COMMIT_MODEL_MAX:
+            shutil.copytree(built / "adapter", tmp / "adapter")  # a LoRA warm start: merged back on resume
         shutil.copy2(built / "stats.json", tmp / "stats.json")
         os.replace(tmp, warm)
         if do_commit:
             commit([warm], f"study (countdown): the shared warm start, {spec.warm_config}")
     model = warm / "model"
-    if not model.exists():  # too big for git: it stays in the working folder
+    if not model.exists():  # too big for git: it stays in the working folder, or is rebuilt from its adapter
         model = built / "model"
+        if not (model / "config.json").exists() and (warm / "adapter").is_dir():
+            from amft_lib.model import merge_adapter
+
+            wcfg = load_config(spec.warm_config, WarmStartConfig)
+            print(f"study: rebuilding the warm start from its committed adapter ({warm / 'adapter'})", flush=True)
+            merge_adapter(wcfg.model, warm / "adapter", model, seed=wcfg.seed)  # its digest is checked below
         if not (model / "config.json").exists():
             raise SystemExit(f"error: the study's warm-start model is not committed (over "
                              f"{COMMIT_MODEL_MAX >> 20} MiB) and {model} is missing: resume where it was built, "

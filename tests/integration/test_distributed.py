@@ -178,6 +178,10 @@ def test_lora_under_fsdp2_matches_one_process(inputs, tmp_path):
             assert b[key] == pytest.approx(a[key], **TOL), (a["step"], key)
     wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")  # merged adapters, plain HF weights
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < WEIGHT_ATOL
+    # the adapter alone, saved by rank 0 from the gathered full state dict under FSDP2
+    aa, ab = (load_file(tmp_path / n / "adapter" / "adapter_model.safetensors") for n in ("one", "two"))
+    assert aa.keys() == ab.keys() and aa
+    assert max(float((aa[k] - ab[k]).abs().max()) for k in aa) < WEIGHT_ATOL
 
 
 def test_meta_gradient_under_fsdp2_matches_single_process_and_finite_difference(tmp_path):

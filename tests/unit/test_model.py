@@ -49,6 +49,35 @@ def test_lora_leaves_only_the_adapters_trainable():
     assert all("lora_" in name for name, p in lora.named_parameters() if p.requires_grad)
 
 
+def test_a_lora_run_leaves_an_adapter_that_merges_back_to_the_same_model(tmp_path):
+    """save_final_policy writes the merged folder and adapter/ beside it; merge_adapter on the base config
+    rebuilds a folder with the same content digest (what lets a study keep a few MB in git instead of the
+    merged model). An adapter for another rank is refused in one line."""
+    from amft_lib.distributed import SINGLE
+    from amft_lib.model import merge_adapter
+    from amft_lib.model_cache import ModelError
+    from amft_lib.model_files import content_digest
+    from amft_lib.policy import Policy, save_final_policy
+
+    cfg = ModelConfig(name="tiny", tiny_hidden=32, tiny_layers=1, tiny_heads=2, lora=True, lora_r=4)
+    model, tok = load_policy(cfg, seed=3)
+    with torch.no_grad():  # a trained adapter: B is zero at init, so the merge would be a no-op
+        for p in trainable_parameters(model):
+            p.add_(torch.randn_like(p) * 0.1)
+    save_final_policy(Policy.of(model, tok, SINGLE, torch.device("cpu")), cfg, tmp_path / "run" / "model")
+    adapter = tmp_path / "run" / "adapter"
+    assert (adapter / "adapter_config.json").is_file()
+    assert (adapter / "adapter_model.safetensors").stat().st_size < (tmp_path / "run" / "model" /
+                                                                     "model.safetensors").stat().st_size / 4
+    rebuilt = merge_adapter(cfg, adapter, tmp_path / "rebuilt", seed=3)
+    assert content_digest(rebuilt) == content_digest(tmp_path / "run" / "model")
+    assert content_digest(merge_adapter(cfg, adapter, tmp_path / "other-base", seed=4)) != content_digest(rebuilt)
+    with pytest.raises(ModelError, match=r"adapter_model\.safetensors: does not fit model\.name='tiny' with r=8"):
+        merge_adapter(ModelConfig(name="tiny", tiny_hidden=32, tiny_layers=1, tiny_heads=2, lora=True, lora_r=8),
+                      adapter, tmp_path / "wrong")
+    assert not (tmp_path / "wrong").exists()
+
+
 def test_saved_policy_loads_back_equal_with_its_generation_length(tmp_path):
     model, tok = load_policy(TINY, seed=0)
     out = save_policy(model, tok, tmp_path / "m", max_new_tokens=37)

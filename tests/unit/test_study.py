@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
@@ -232,3 +233,38 @@ def test_a_warm_start_too_big_for_git_stays_in_the_working_folder(tmp_path: Path
     prep = sc.prepare(spec, study, out, do_commit=False)
     assert prep["warm_model"] == str(study / "warm_start" / "model")
     assert content_digest(study / "warm_start" / "model") == content_digest(built / "model")
+
+
+def test_a_lora_warm_start_too_big_for_git_is_rebuilt_from_its_committed_adapter(tmp_path: Path, monkeypatch):
+    """A LoRA warm start whose merged model is over the limit commits its adapter (a few MB for SmolLM2);
+    a checkout without the working folder merges it back onto the base and gets the same digest."""
+    import yaml
+
+    from amft_lib.config import ModelConfig
+    from amft_lib.distributed import SINGLE
+    from amft_lib.model import load_policy, trainable_parameters
+    from amft_lib.policy import Policy, save_final_policy
+
+    out, study = tmp_path / "out", tmp_path / "study"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "card.json").write_text('{"task": "countdown"}')  # prepare() skips a prepared folder
+    lora = {"name": "tiny", "tiny_hidden": 32, "tiny_layers": 1, "tiny_heads": 2, "lora": True, "lora_r": 4}
+    warm_config = tmp_path / "warm.yaml"
+    warm_config.write_text(yaml.safe_dump({"seed": 3, "model": lora, "data": {"task": "countdown"}}))
+    model, tok = load_policy(ModelConfig(**lora), seed=3)  # what the warm start trained from its seed
+    with torch.no_grad():
+        for p in trainable_parameters(model):
+            p.add_(torch.randn_like(p) * 0.1)
+    built = out / "warm_start"
+    save_final_policy(Policy.of(model, tok, SINGLE, torch.device("cpu")), ModelConfig(**lora), built / "model")
+    (built / "stats.json").write_text('{"target_entropy": 0.5, "target_entropy_temperature": 1.0}')
+    adapter_bytes, model_bytes = sc._bytes(built / "adapter"), sc._bytes(built / "model")
+    assert adapter_bytes < model_bytes
+    monkeypatch.setattr(sc, "COMMIT_MODEL_MAX", (adapter_bytes + model_bytes) // 2)
+    spec = sc.Spec(steps=60, config=CONFIG, warm_config=str(warm_config))
+    first = sc.prepare(spec, study, out, do_commit=False)
+    assert sorted(p.name for p in (study / "warm_start").iterdir()) == ["adapter", "stats.json"]
+    shutil.rmtree(built)  # another checkout: only what git holds
+    again = sc.prepare(spec, study, out, do_commit=False)
+    assert again["warm_model"] == str(built / "model")
+    assert again["facts"]["warm_start_digest"] == first["facts"]["warm_start_digest"]

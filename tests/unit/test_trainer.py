@@ -109,6 +109,8 @@ def test_lora_training_only_moves_adapters(splits, tmp_path):
                 progress=False)
     assert res.steps == 2
     assert "lora" not in " ".join(load_file(res.model_dir / "model.safetensors"))  # saved merged
+    adapter = load_file(res.model_dir.with_name("adapter") / "adapter_model.safetensors")  # and the adapter alone
+    assert adapter and all("lora_" in name for name in adapter)
 
 
 def test_lr_schedule_warmup_then_cosine():
