@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from amft_lib.config import DataConfig
-from amft_lib.data.schema import CARD_NAME, MAX_CARD_BYTES, MAX_PARQUET_BYTES, DataError, one_line, read_card
+from amft_lib.data.schema import CARD_NAME, MAX_CARD_BYTES, DataError, one_line, read_card, read_split_bytes
 from amft_lib.regular_file import read_regular_file
 
 log = logging.getLogger(__name__)
@@ -118,10 +118,8 @@ def dataset_files(path: Path, card_sha256: str | None = None) -> list[tuple[Path
 
 def _read_parquet_rows(f: Path, sha256: str | None) -> list[dict]:
     """Rows of one parquet file, after its sha256 (when given) and column types are checked."""
-    data = read_regular_file(f, "dataset file", MAX_PARQUET_BYTES, DataError)
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise DataError(f"{f}: sha256 differs from {CARD_NAME}; the file changed after prepare "
-                        "(and after the data gate validated it): prepare and validate it again")
+    data = read_split_bytes(f, sha256, "the file changed after prepare (and after the data gate validated it): "
+                                       "prepare and validate it again")
     try:
         table = pq.read_table(pa.BufferReader(data))
     except Exception as exc:  # not parquet, truncated: pyarrow raises many types

@@ -229,6 +229,16 @@ class DatasetCard:
             raise DataError(f"dataset card is malformed: {one_line(exc)}") from None
 
 
+def read_split_bytes(file: Path, sha256: str | None, changed: str) -> bytes:
+    """A split file's bytes (a regular file under MAX_PARQUET_BYTES), checked against the card's sha256 when
+    given. The caller parses these same bytes: nothing can swap the file between hashing and parsing.
+    `changed` ends the one-line error (what the reader should do about a file changed since prepare)."""
+    data = read_regular_file(file, "dataset file", MAX_PARQUET_BYTES, DataError)
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise DataError(f"{file}: sha256 differs from {CARD_NAME}; {changed}")
+    return data
+
+
 def read_card(dataset_dir: Path, sha256: str | None = None) -> DatasetCard:
     """Read `card.json` from a prepared dataset directory; `sha256` pins it (see load_card)."""
     return load_card(dataset_dir, sha256)[0]

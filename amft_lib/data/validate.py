@@ -14,7 +14,6 @@ actually runs, and one ephemeral context is reused for the life of the process.
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import logging
@@ -34,7 +33,6 @@ from amft_lib.data.schema import (
     CARD_NAME,
     COLUMNS,
     EVAL_SPLITS,
-    MAX_PARQUET_BYTES,
     NULLABLE_COLUMNS,
     SPLITS,
     TEXT_COLUMNS,
@@ -44,10 +42,10 @@ from amft_lib.data.schema import (
     check_writable_dir,
     load_card,
     one_line,
+    read_split_bytes,
     row_control_character,
     write_text,
 )
-from amft_lib.regular_file import read_regular_file
 from amft_lib.tasks import Task, get_task, known_tasks
 
 TokenCounter = Callable[[str], int]
@@ -222,10 +220,7 @@ def load_dataset(path: Path, check_card: bool = True) -> tuple[list[pa.Table], D
         if not check_card:
             tables.append(read_parquet_table(file))
             continue
-        data = read_regular_file(file, "dataset file", MAX_PARQUET_BYTES, DataError)
-        if hashlib.sha256(data).hexdigest() != info.sha256:
-            raise DataError(f"{file}: sha256 differs from {CARD_NAME}; the file changed after prepare")
-        tables.append(read_parquet_table(file, data))
+        tables.append(read_parquet_table(file, read_split_bytes(file, info.sha256, "the file changed after prepare")))
     if not tables:
         raise DataError(f"{path}: no parquet files to validate")
     return tables, card, card_sha256
